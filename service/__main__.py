@@ -1,0 +1,5 @@
+"""`python -m service` is `qbo-broker`."""
+
+from service.cli import main
+
+main()

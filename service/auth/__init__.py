@@ -1,0 +1,1 @@
+"""Who is calling: cieTrade users (JWTs) and internal services (API keys)."""

@@ -1,0 +1,52 @@
+"""The one authentication dependency: a Bearer JWT or an X-API-Key, offered in Swagger UI."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request, Security
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+
+from service.auth.api_keys import find_active_key
+from service.auth.callers import Caller
+from service.auth.jwt import JWTVerifier
+from service.db.engine import SessionDep
+from service.errors import Unauthorized
+
+bearer_scheme = HTTPBearer(
+    auto_error=False, scheme_name="UserJWT",
+    description="A cieTrade user's JWT (claims sub, tenant_id, exp).",
+)
+api_key_scheme = APIKeyHeader(
+    name="X-API-Key", auto_error=False, scheme_name="ServiceAPIKey",
+    description="An internal service's API key (created with `qbo-broker api-key create`).",
+)
+
+
+async def authenticate(
+    request: Request,
+    session: SessionDep,
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Security(bearer_scheme)],
+    api_key: Annotated[str | None, Security(api_key_scheme)],
+) -> Caller:
+    if api_key:
+        if len(api_key) > 200:
+            raise Unauthorized("The API key is not valid.")
+        row = await find_active_key(session, api_key)
+        if row is None:
+            raise Unauthorized("The API key is not valid or has been revoked.")
+        caller = Caller(kind="service", subject=row.name, scopes=frozenset(row.scopes),
+                        api_key_id=row.id)
+    elif bearer is not None:
+        verifier: JWTVerifier = request.app.state.jwt_verifier
+        if not verifier.configured:
+            raise Unauthorized("User tokens are not accepted: no JWT verification is configured.")
+        claims = await verifier.verify(bearer.credentials)
+        caller = Caller(kind="user", subject=claims["sub"], tenant_id=claims["tenant_id"])
+    else:
+        raise Unauthorized("Send a Bearer JWT or an X-API-Key.")
+    request.state.caller = caller
+    return caller
+
+
+CurrentCaller = Annotated[Caller, Depends(authenticate)]

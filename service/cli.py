@@ -1,0 +1,223 @@
+"""The `qbo-broker` command: serve, migrate, dev, api-key, dev-token, rotate-keys."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import sys
+import uuid
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from service.config import ConfigurationError, Settings
+from service.tokens.crypto import generate_key
+
+app = typer.Typer(no_args_is_help=True, add_completion=False,
+                  help="qbo-broker: cieTrade's OAuth 2.0 broker for QuickBooks Online.")
+api_key_app = typer.Typer(no_args_is_help=True, help="Service API keys.")
+app.add_typer(api_key_app, name="api-key")
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+def _settings() -> Settings:
+    try:
+        return Settings()
+    except ValueError as exc:  # pydantic's ValidationError is a ValueError
+        _fail(f"invalid configuration: {exc}")
+        raise  # unreachable; keeps type checkers content
+
+
+def _migrated_database(settings: Settings) -> str:
+    """The database URL (starting the embedded server if needed), migrated to head."""
+    from service.db.migrations import upgrade_to_head
+    from service.main import database_url_for
+
+    url = database_url_for(settings)
+    upgrade_to_head(url)
+    return url
+
+
+@app.command()
+def serve(host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+          port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+          workers: Annotated[int, typer.Option(min=1, help="Worker processes.")] = 1) -> None:
+    """Migrate to head (under an advisory lock, so replicas don't race), then serve."""
+    import uvicorn
+
+    from service.observability import configure_logging
+
+    settings = _settings()
+    try:
+        settings.check_for_serving()
+    except ConfigurationError as exc:
+        _fail(str(exc))
+    configure_logging(settings.log_level)
+    url = _migrated_database(settings)
+    # Workers read their settings from the environment; hand them the resolved database.
+    os.environ["DATABASE_URL"] = url
+    uvicorn.run("service.main:create_app", factory=True, host=host, port=port, workers=workers,
+                proxy_headers=True, log_config=None, access_log=False)
+
+
+@app.command()
+def migrate() -> None:
+    """Alembic upgrade to head."""
+    from service.db.migrations import head_revision
+
+    _migrated_database(_settings())
+    typer.echo(f"database at {head_revision()}")
+
+
+@app.command("generate-key")
+def generate_key_command(kid: Annotated[str, typer.Option(help="Key id.")] = "k1") -> None:
+    """Print a new entry for BROKER_ENCRYPTION_KEYS."""
+    typer.echo(f"{kid}:{generate_key()}")
+
+
+def _jwt_secret(settings: Settings) -> str | None:
+    if settings.jwt_secret:
+        return settings.jwt_secret
+    dev_secret = settings.data_dir / "dev-jwt-secret"
+    return dev_secret.read_text().strip() if dev_secret.is_file() else None
+
+
+@app.command("dev-token")
+def dev_token(tenant: Annotated[str, typer.Option(help="tenant_id claim.")],
+              user: Annotated[str, typer.Option(help="sub claim: the cieTrade user id.")],
+              ttl: Annotated[int, typer.Option(help="Lifetime in seconds.")] = 12 * 3600) -> None:
+    """Print a JWT signed with BROKER_JWT_SECRET (or `dev`'s secret)."""
+    from service.auth.jwt import issue_dev_token
+
+    settings = _settings()
+    secret = _jwt_secret(settings)
+    if not secret:
+        _fail("BROKER_JWT_SECRET is not set (and no dev secret exists under BROKER_DATA_DIR)")
+        return
+    typer.echo(issue_dev_token(secret, tenant_id=tenant, user_id=user, ttl_seconds=ttl,
+                               issuer=settings.jwt_issuer, audience=settings.jwt_audience))
+
+
+async def _with_session(settings: Settings, work):  # type: ignore[no-untyped-def]
+    from service.db.engine import build_engine, build_sessionmaker
+
+    engine = build_engine(_migrated_database(settings), pool_size=2)
+    try:
+        async with build_sessionmaker(engine)() as session, session.begin():
+            return await work(session)
+    finally:
+        await engine.dispose()
+
+
+@api_key_app.command("create")
+def api_key_create(name: Annotated[str, typer.Option(help="Who uses the key.")],
+                   scope: Annotated[list[str], typer.Option(
+                       help="status:read, tokens:read or connections:write (repeatable).")]) -> None:
+    """Create a key; the key itself is printed alone on the last line."""
+    from service.auth.api_keys import create_api_key, validate_scopes
+
+    try:
+        validate_scopes(scope)
+    except ValueError as exc:
+        _fail(str(exc))
+
+    async def work(session):  # type: ignore[no-untyped-def]
+        return await create_api_key(session, name=name, scopes=scope)
+
+    row, key = asyncio.run(_with_session(_settings(), work))
+    typer.echo(f"created API key {row.id} ({row.name}) with scopes {' '.join(row.scopes)}")
+    typer.echo("store it now; it is not shown again:")
+    typer.echo(key)
+
+
+@api_key_app.command("list")
+def api_key_list() -> None:
+    """List keys (never the keys themselves)."""
+    from service.auth.api_keys import list_api_keys
+
+    rows = asyncio.run(_with_session(_settings(), list_api_keys))
+    for row in rows:
+        state = f"revoked {row.revoked_at:%Y-%m-%d}" if row.revoked_at else "active"
+        typer.echo(f"{row.id}  {row.name}  qbk_{row.prefix}_…  {','.join(row.scopes)}  {state}")
+
+
+@api_key_app.command("revoke")
+def api_key_revoke(key_id: Annotated[str, typer.Argument(help="The key's id.")]) -> None:
+    """Revoke a key at once."""
+    from service.auth.api_keys import revoke_api_key
+
+    try:
+        ident = uuid.UUID(key_id)
+    except ValueError:
+        _fail(f"not a key id: {key_id!r}")
+        return
+
+    async def work(session):  # type: ignore[no-untyped-def]
+        return await revoke_api_key(session, ident)
+
+    if not asyncio.run(_with_session(_settings(), work)):
+        _fail(f"no active key {key_id}")
+    typer.echo(f"revoked {key_id}")
+
+
+@app.command("rotate-keys")
+def rotate_keys_command(batch: Annotated[int, typer.Option(min=1, help="Rows per transaction.")] = 200) -> None:
+    """Re-encrypt every stored secret under the first key of BROKER_ENCRYPTION_KEYS."""
+    from service.db.engine import build_engine, build_sessionmaker
+    from service.tokens.crypto import SecretBox
+    from service.tokens.rotation import rotate_keys
+
+    settings = _settings()
+    try:
+        box = SecretBox(settings.parsed_encryption_keys)
+    except ConfigurationError as exc:
+        _fail(str(exc))
+        return
+
+    async def run() -> int:
+        engine = build_engine(_migrated_database(settings), pool_size=2)
+        try:
+            return await rotate_keys(build_sessionmaker(engine), box, batch=batch)
+        finally:
+            await engine.dispose()
+
+    moved = asyncio.run(run())
+    typer.echo(f"re-encrypted {moved} secrets under key {box.primary_kid}")
+
+
+@app.command()
+def dev(port: Annotated[int, typer.Option(help="The broker's port.")] = 8000,
+        emulator_port: Annotated[int, typer.Option(help="The Intuit emulator's port.")] = 9100,
+        host: Annotated[str, typer.Option(help="Interface for both.")] = "127.0.0.1") -> None:
+    """Embedded PostgreSQL + the local Intuit emulator + the broker, wired together."""
+    from service.devserver import run_dev
+
+    run_dev(host=host, port=port, emulator_port=emulator_port)
+
+
+def dev_secret(path: Path, make: str) -> str:
+    """A value kept under BROKER_DATA_DIR so `dev` keeps its keys across restarts."""
+    if path.is_file():
+        return path.read_text().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(make + "\n")
+    path.chmod(0o600)
+    return make
+
+
+def new_secret() -> str:
+    return secrets.token_urlsafe(48)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

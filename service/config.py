@@ -1,0 +1,156 @@
+"""Settings for the broker, read from environment variables (see CONTRACT.md, Configuration)."""
+
+from __future__ import annotations
+
+import base64
+from functools import cached_property
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+INTUIT_DISCOVERY_URLS = {
+    "production": "https://developer.api.intuit.com/.well-known/openid_configuration",
+    "sandbox": "https://developer.api.intuit.com/.well-known/openid_sandbox_configuration",
+}
+INTUIT_API_BASE_URLS = {
+    "production": "https://quickbooks.api.intuit.com",
+    "sandbox": "https://sandbox-quickbooks.api.intuit.com",
+}
+
+CommaList = Annotated[list[str], NoDecode]
+
+
+def _split_commas(value: object) -> object:
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+class ConfigurationError(Exception):
+    """A setting is missing or malformed; raised at startup with a message for the operator."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=None, extra="ignore", populate_by_name=True)
+
+    database_url: str | None = Field(default=None, alias="DATABASE_URL")
+    data_dir: Path = Field(default=Path("./.broker-data"), alias="BROKER_DATA_DIR")
+
+    intuit_client_id: str | None = Field(default=None, alias="INTUIT_CLIENT_ID")
+    intuit_client_secret: str | None = Field(default=None, alias="INTUIT_CLIENT_SECRET", repr=False)
+    intuit_environment: Literal["sandbox", "production"] = Field(
+        default="sandbox", alias="INTUIT_ENVIRONMENT"
+    )
+    intuit_discovery_url_override: str | None = Field(default=None, alias="INTUIT_DISCOVERY_URL")
+    intuit_api_base_url_override: str | None = Field(default=None, alias="INTUIT_API_BASE_URL")
+    intuit_scopes: str = Field(
+        default="com.intuit.quickbooks.accounting openid email profile", alias="INTUIT_SCOPES"
+    )
+    intuit_timeout_seconds: float = Field(default=15.0, alias="INTUIT_TIMEOUT_SECONDS", gt=0)
+    intuit_max_attempts: int = Field(default=3, alias="INTUIT_MAX_ATTEMPTS", ge=1, le=10)
+    intuit_backoff_seconds: float = Field(default=0.5, alias="INTUIT_BACKOFF_SECONDS", ge=0)
+    intuit_backoff_max_seconds: float = Field(default=5.0, alias="INTUIT_BACKOFF_MAX_SECONDS", ge=0)
+
+    public_url: str = Field(default="http://localhost:8000", alias="BROKER_PUBLIC_URL")
+    return_url_allowlist: CommaList = Field(default_factory=list, alias="BROKER_RETURN_URL_ALLOWLIST")
+    cors_origins_setting: CommaList | None = Field(default=None, alias="BROKER_CORS_ORIGINS")
+    encryption_keys: str | None = Field(default=None, alias="BROKER_ENCRYPTION_KEYS", repr=False)
+
+    jwt_secret: str | None = Field(default=None, alias="BROKER_JWT_SECRET", repr=False)
+    jwt_public_key: str | None = Field(default=None, alias="BROKER_JWT_PUBLIC_KEY")
+    jwt_jwks_url: str | None = Field(default=None, alias="BROKER_JWT_JWKS_URL")
+    jwt_issuer: str | None = Field(default=None, alias="BROKER_JWT_ISSUER")
+    jwt_audience: str | None = Field(default=None, alias="BROKER_JWT_AUDIENCE")
+
+    db_pool_size: int = Field(default=10, alias="BROKER_DB_POOL_SIZE", ge=1)
+    max_body_bytes: int = Field(default=64 * 1024, alias="BROKER_MAX_BODY_BYTES", ge=1024)
+    log_level: str = Field(default="INFO", alias="BROKER_LOG_LEVEL")
+
+    # Background work (token keep-alive, pending-link expiry, revocation retries).
+    background_enabled: bool = Field(default=True, alias="BROKER_BACKGROUND_ENABLED")
+    background_interval_seconds: float = Field(default=30.0, alias="BROKER_BACKGROUND_INTERVAL", gt=0)
+    keepalive_refresh_age_seconds: int = Field(
+        default=24 * 3600, alias="BROKER_KEEPALIVE_REFRESH_AGE", ge=60
+    )
+    keepalive_refresh_access_tokens: bool = Field(
+        default=False, alias="BROKER_KEEPALIVE_REFRESH_ACCESS_TOKENS"
+    )
+    keepalive_concurrency: int = Field(default=8, alias="BROKER_KEEPALIVE_CONCURRENCY", ge=1)
+
+    _split = field_validator("return_url_allowlist", "cors_origins_setting", mode="before")(
+        _split_commas
+    )
+
+    @field_validator("public_url")
+    @classmethod
+    def _strip_slash(cls, value: str) -> str:
+        return value.rstrip("/")
+
+    @property
+    def redirect_uri(self) -> str:
+        return f"{self.public_url}/callback"
+
+    @property
+    def cors_origins(self) -> list[str]:
+        if self.cors_origins_setting is not None:
+            return self.cors_origins_setting
+        return self.return_url_allowlist
+
+    @property
+    def intuit_discovery_url(self) -> str:
+        return self.intuit_discovery_url_override or INTUIT_DISCOVERY_URLS[self.intuit_environment]
+
+    @property
+    def intuit_api_base_url(self) -> str:
+        base = self.intuit_api_base_url_override or INTUIT_API_BASE_URLS[self.intuit_environment]
+        return base.rstrip("/")
+
+    @cached_property
+    def parsed_encryption_keys(self) -> list[tuple[str, bytes]]:
+        """`kid:base64key` pairs, first one encrypting. Raises ConfigurationError when malformed."""
+        if not self.encryption_keys:
+            raise ConfigurationError(
+                "BROKER_ENCRYPTION_KEYS is required: comma-separated kid:base64key entries "
+                "with 32-byte keys (generate one with: qbo-broker generate-key)"
+            )
+        keys: list[tuple[str, bytes]] = []
+        for entry in self.encryption_keys.split(","):
+            kid, sep, encoded = entry.strip().partition(":")
+            if not sep or not kid:
+                raise ConfigurationError(
+                    "BROKER_ENCRYPTION_KEYS entries must look like kid:base64key"
+                )
+            try:
+                key = base64.b64decode(encoded, validate=True)
+            except ValueError:
+                raise ConfigurationError(
+                    f"BROKER_ENCRYPTION_KEYS key {kid!r} is not valid base64"
+                ) from None
+            if len(key) != 32:
+                raise ConfigurationError(
+                    f"BROKER_ENCRYPTION_KEYS key {kid!r} must be 32 bytes, got {len(key)}"
+                )
+            if any(existing == kid for existing, _ in keys):
+                raise ConfigurationError(f"BROKER_ENCRYPTION_KEYS repeats key id {kid!r}")
+            keys.append((kid, key))
+        return keys
+
+    def check_for_serving(self) -> None:
+        """Refuse to start without what every request will need, instead of failing later."""
+        problems = []
+        if not self.intuit_client_id or not self.intuit_client_secret:
+            problems.append("INTUIT_CLIENT_ID and INTUIT_CLIENT_SECRET are required")
+        try:
+            _ = self.parsed_encryption_keys
+        except ConfigurationError as exc:
+            problems.append(str(exc))
+        if not (self.jwt_secret or self.jwt_public_key or self.jwt_jwks_url):
+            problems.append(
+                "one of BROKER_JWT_SECRET, BROKER_JWT_PUBLIC_KEY or BROKER_JWT_JWKS_URL is required"
+            )
+        if self.jwt_secret is not None and len(self.jwt_secret) < 32:
+            problems.append("BROKER_JWT_SECRET must be at least 32 characters")
+        if problems:
+            raise ConfigurationError("; ".join(problems))

@@ -1,0 +1,151 @@
+"""All SQL about connections, pending links, events and QuickBooks user claims."""
+
+from __future__ import annotations
+
+import base64
+import uuid
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from service.db.models import Connection, ConnectionEvent, PendingLink, QuickBooksUserClaim
+from service.errors import ValidationFailed
+
+C = Connection.__table__.c  # type: ignore[attr-defined]
+P = PendingLink.__table__.c  # type: ignore[attr-defined]
+E = ConnectionEvent.__table__.c  # type: ignore[attr-defined]
+
+
+def _bad_cursor() -> ValidationFailed:
+    return ValidationFailed("The cursor is not valid.", errors=[
+        {"loc": ["query", "cursor"], "msg": "not a cursor from this API", "type": "value_error"}])
+
+
+def encode_cursor(*parts: str) -> str:
+    return base64.urlsafe_b64encode("|".join(parts).encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str, count: int) -> list[str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+    except (ValueError, UnicodeDecodeError):
+        raise _bad_cursor() from None
+    parts = raw.split("|")
+    if len(parts) != count:
+        raise _bad_cursor()
+    return parts
+
+
+async def create_connection(session: AsyncSession, *, tenant_id: str) -> Connection:
+    conn = Connection(tenant_id=tenant_id)
+    session.add(conn)
+    await session.flush()
+    await session.refresh(conn)
+    return conn
+
+
+async def get_connection(session: AsyncSession, connection_id: uuid.UUID, *,
+                         for_update: bool = False) -> Connection | None:
+    stmt = sa.select(Connection).where(C.id == connection_id)
+    if for_update:
+        stmt = stmt.with_for_update()
+    return (await session.execute(stmt)).scalar_one_or_none()
+
+
+async def get_pending_link(session: AsyncSession, connection_id: uuid.UUID, *,
+                           for_update: bool = False) -> PendingLink | None:
+    stmt = sa.select(PendingLink).where(P.connection_id == connection_id)
+    if for_update:
+        stmt = stmt.with_for_update()
+    return (await session.execute(stmt)).scalar_one_or_none()
+
+
+async def list_connections(
+    session: AsyncSession, *, tenant_id: str, status: str | None, limit: int, cursor: str | None
+) -> tuple[list[tuple[Connection, PendingLink | None]], str | None]:
+    stmt = (sa.select(Connection, PendingLink)
+            .outerjoin(PendingLink, P.connection_id == C.id)
+            .where(C.tenant_id == tenant_id)
+            .order_by(C.created_at.desc(), C.id.desc())
+            .limit(limit + 1))
+    if status is not None:
+        stmt = stmt.where(C.status == status)
+    if cursor is not None:
+        created, ident = decode_cursor(cursor, 2)
+        try:
+            after = (datetime.fromisoformat(created), uuid.UUID(ident))
+        except ValueError:
+            raise _bad_cursor() from None
+        stmt = stmt.where(sa.tuple_(C.created_at, C.id) < sa.tuple_(*after))
+    rows = [(row[0], row[1]) for row in (await session.execute(stmt)).all()]
+    next_cursor = None
+    if len(rows) > limit:
+        rows = rows[:limit]
+        last = rows[-1][0]
+        next_cursor = encode_cursor(last.created_at.isoformat(), str(last.id))
+    return rows, next_cursor
+
+
+async def tenant_connections(session: AsyncSession, tenant_id: str) -> list[Connection]:
+    stmt = (sa.select(Connection).where(C.tenant_id == tenant_id)
+            .order_by(C.created_at.desc(), C.id.desc()))
+    return list((await session.execute(stmt)).scalars())
+
+
+async def delete_connection(session: AsyncSession, connection_id: uuid.UUID) -> None:
+    await session.execute(sa.delete(Connection).where(C.id == connection_id))
+
+
+async def realm_linked_elsewhere(session: AsyncSession, *, realm_id: str,
+                                 connection_id: uuid.UUID) -> bool:
+    stmt = sa.select(sa.exists().where(
+        C.realm_id == realm_id, C.id != connection_id,
+        C.status.in_(("connected", "reauthorization_required"))))
+    return bool((await session.execute(stmt)).scalar_one())
+
+
+async def claimed_by(session: AsyncSession, *, tenant_id: str, qb_sub: str) -> str | None:
+    stmt = sa.select(QuickBooksUserClaim.user_id).where(  # type: ignore[call-overload]
+        QuickBooksUserClaim.tenant_id == tenant_id, QuickBooksUserClaim.qb_sub == qb_sub)
+    return (await session.execute(stmt)).scalar_one_or_none()
+
+
+async def claim_quickbooks_user(session: AsyncSession, *, tenant_id: str, qb_sub: str,
+                                user_id: str) -> None:
+    await session.execute(
+        pg_insert(QuickBooksUserClaim)
+        .values(tenant_id=tenant_id, qb_sub=qb_sub, user_id=user_id)
+        .on_conflict_do_nothing()
+    )
+
+
+async def add_event(session: AsyncSession, conn: Connection, type_: str, *,
+                    actor: str | None, **details: Any) -> None:
+    session.add(ConnectionEvent(connection_id=conn.id, tenant_id=conn.tenant_id, type=type_,
+                                actor=actor, details={k: v for k, v in details.items()
+                                                      if v is not None}))
+
+
+async def list_events(session: AsyncSession, *, connection_id: uuid.UUID, limit: int,
+                      cursor: str | None) -> tuple[list[ConnectionEvent], str | None]:
+    stmt = (sa.select(ConnectionEvent).where(E.connection_id == connection_id)
+            .order_by(E.id.desc()).limit(limit + 1))
+    if cursor is not None:
+        (before,) = decode_cursor(cursor, 1)
+        if not before.isdigit():
+            raise _bad_cursor()
+        stmt = stmt.where(E.id < int(before))
+    events = list((await session.execute(stmt)).scalars())
+    next_cursor = None
+    if len(events) > limit:
+        events = events[:limit]
+        next_cursor = encode_cursor(str(events[-1].id))
+    return events, next_cursor
+
+
+async def count_by_status(session: AsyncSession) -> dict[str, int]:
+    rows = await session.execute(sa.select(C.status, sa.func.count()).group_by(C.status))
+    return {status: count for status, count in rows.all()}

@@ -1,0 +1,153 @@
+"""HTTP endpoints for connections, their events, fresh tokens, and the link status."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Annotated
+
+from fastapi import APIRouter, Body, Path, Query, Response
+from pydantic import BaseModel
+
+from service.auth.callers import Scope
+from service.auth.dependencies import CurrentCaller
+from service.connections import repository as repo
+from service.connections import service
+from service.connections.schemas import (
+    ConnectionCreate,
+    ConnectionOut,
+    ConnectionPatch,
+    ConnectionStatusOut,
+    EventOut,
+    LinkStatusOut,
+    Modules,
+    Page,
+    Status,
+    TenantId,
+    accounting_link,
+    connection_out,
+    owner_of,
+)
+from service.db.engine import SessionDep
+from service.errors import NotFound
+from service.runtime import RuntimeDep
+
+router = APIRouter(tags=["connections"])
+
+ConnectionID = Annotated[uuid.UUID, Path(description="The connection's id.")]
+Limit = Annotated[int, Query(ge=1, le=100, description="Page size (at most 100).")]
+Cursor = Annotated[str | None, Query(max_length=200, description="`next_cursor` of the previous page.")]
+TenantQuery = Annotated[TenantId | None, Query(description="Services only: the tenant to look at.")]
+
+PROBLEM = {"content": {"application/problem+json": {}}}
+ERRORS = {401: PROBLEM, 403: PROBLEM, 404: PROBLEM, 422: PROBLEM}
+
+
+class AccessTokenOut(BaseModel):
+    access_token: str
+    token_type: str
+    expires_at: datetime
+    realm_id: str
+    api_base_url: str
+
+
+@router.post("/connections", status_code=201, response_model=ConnectionOut, responses=ERRORS,
+             summary="Create a connection for the tenant")
+async def create_connection(session: SessionDep, caller: CurrentCaller,
+                            body: Annotated[ConnectionCreate | None, Body()] = None) -> ConnectionOut:
+    tenant_id = caller.tenant_for_write(body.tenant_id if body else None)
+    conn = await service.create(session, tenant_id=tenant_id, caller=caller)
+    return connection_out(conn, None)
+
+
+@router.get("/connections", response_model=Page[ConnectionOut], responses=ERRORS,
+            summary="List the tenant's connections")
+async def list_connections(session: SessionDep, caller: CurrentCaller, tenant_id: TenantQuery = None,
+                           status: Status | None = None, limit: Limit = 50,
+                           cursor: Cursor = None) -> Page[ConnectionOut]:
+    tenant = caller.tenant_for_read(tenant_id)
+    rows, next_cursor = await repo.list_connections(session, tenant_id=tenant,
+                                                    status=status.value if status else None,
+                                                    limit=limit, cursor=cursor)
+    return Page[ConnectionOut](items=[connection_out(c, p) for c, p in rows], next_cursor=next_cursor)
+
+
+@router.get("/connections/{connection_id}", response_model=ConnectionOut, responses=ERRORS,
+            summary="One connection")
+async def get_connection(session: SessionDep, caller: CurrentCaller,
+                         connection_id: ConnectionID) -> ConnectionOut:
+    conn = await service.load_for_read(session, caller, connection_id)
+    return await service.present(session, conn)
+
+
+@router.patch("/connections/{connection_id}", response_model=ConnectionOut, responses=ERRORS,
+              summary="Turn modules on or off (the Integration page's Save)")
+async def patch_connection(session: SessionDep, caller: CurrentCaller, connection_id: ConnectionID,
+                           body: ConnectionPatch) -> ConnectionOut:
+    conn = await service.load_for_write(session, caller, connection_id)
+    await service.change_modules(session, conn, body.modules, caller=caller)
+    return await service.present(session, conn)
+
+
+@router.post("/connections/{connection_id}/disconnect", response_model=ConnectionOut,
+             responses={**ERRORS, 409: PROBLEM}, summary="Disconnect from QuickBooks")
+async def disconnect_connection(session: SessionDep, rt: RuntimeDep, caller: CurrentCaller,
+                                connection_id: ConnectionID) -> ConnectionOut:
+    conn = await service.load_for_write(session, caller, connection_id)
+    await service.disconnect(session, rt, conn, caller=caller)
+    return await service.present(session, conn)
+
+
+@router.delete("/connections/{connection_id}", status_code=204, responses=ERRORS,
+               summary="Disconnect, then delete the connection")
+async def delete_connection(session: SessionDep, rt: RuntimeDep, caller: CurrentCaller,
+                            connection_id: ConnectionID) -> Response:
+    conn = await service.load_for_write(session, caller, connection_id)
+    await service.delete(session, rt, conn, caller=caller)
+    return Response(status_code=204)
+
+
+@router.get("/connections/{connection_id}/events", response_model=Page[EventOut], responses=ERRORS,
+            summary="The connection's audit trail, newest first")
+async def list_events(session: SessionDep, caller: CurrentCaller, connection_id: ConnectionID,
+                      limit: Limit = 50, cursor: Cursor = None) -> Page[EventOut]:
+    await service.load_for_read(session, caller, connection_id)
+    events, next_cursor = await repo.list_events(session, connection_id=connection_id, limit=limit,
+                                                 cursor=cursor)
+    return Page[EventOut](items=[EventOut.of(e) for e in events], next_cursor=next_cursor)
+
+
+@router.get("/connections/{connection_id}/token", response_model=AccessTokenOut,
+            responses={**ERRORS, 409: PROBLEM, 502: PROBLEM, 503: PROBLEM},
+            summary="A fresh QuickBooks access token (internal services, scope tokens:read)")
+async def get_token(session: SessionDep, rt: RuntimeDep, caller: CurrentCaller,
+                    connection_id: ConnectionID, response: Response,
+                    force_refresh: bool = False) -> AccessTokenOut:
+    caller.require_scope(Scope.TOKENS_READ)
+    conn = await repo.get_connection(session, connection_id)
+    if conn is None:
+        raise NotFound("No such connection.", connection_id=str(connection_id))
+    # The read transaction ends here: a refresh must not wait on this request's snapshot.
+    await session.commit()
+    token = await rt.refresher.access_token(conn, force=force_refresh)
+    response.headers["Cache-Control"] = "no-store"
+    return AccessTokenOut(access_token=token.access_token, token_type="bearer",
+                          expires_at=token.expires_at, realm_id=token.realm_id,
+                          api_base_url=rt.intuit.api_base_url)
+
+
+@router.get("/status", response_model=LinkStatusOut, responses=ERRORS, tags=["status"],
+            summary="The accounting link's status (the link icon)")
+async def link_status(session: SessionDep, caller: CurrentCaller,
+                      tenant_id: TenantQuery = None) -> LinkStatusOut:
+    tenant = caller.tenant_for_read(tenant_id)
+    connections = await repo.tenant_connections(session, tenant)
+    items = [ConnectionStatusOut(
+        id=c.id, status=Status(c.status), realm_id=c.realm_id, company_name=c.company_name,
+        owner=owner_of(c), modules=Modules(accounts_receivable=c.module_ar,
+                                           accounts_payable=c.module_ap),
+        accounting_link=accounting_link(c), access_token_expires_at=c.access_token_expires_at)
+        for c in connections]
+    overall = "enabled" if any(i.accounting_link == "enabled" for i in items) else "disabled"
+    return LinkStatusOut(tenant_id=tenant, accounting_link=overall,  # type: ignore[arg-type]
+                         connections=items)

@@ -1,0 +1,101 @@
+"""The rules for connections: creating, modules, disconnecting, deleting, the link status."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from service.auth.callers import Caller
+from service.connections import repository as repo
+from service.connections.schemas import ConnectionOut, ModulesPatch, Status, connection_out
+from service.db.models import Connection
+from service.errors import NotConnected, NotFound
+from service.runtime import Runtime
+from service.tokens import credentials
+from service.tokens.revocation import revoke_or_queue
+
+
+async def load_for_read(session: AsyncSession, caller: Caller, connection_id: uuid.UUID) -> Connection:
+    conn = await repo.get_connection(session, connection_id)
+    if conn is None:
+        raise NotFound("No such connection.", connection_id=str(connection_id))
+    caller.can_read(conn.tenant_id)
+    return conn
+
+
+async def load_for_write(session: AsyncSession, caller: Caller, connection_id: uuid.UUID) -> Connection:
+    """The connection, row-locked for this transaction, if the caller may change it."""
+    conn = await repo.get_connection(session, connection_id)
+    if conn is None:
+        raise NotFound("No such connection.", connection_id=str(connection_id))
+    caller.can_write(conn.tenant_id)
+    locked = await repo.get_connection(session, connection_id, for_update=True)
+    if locked is None:
+        raise NotFound("No such connection.", connection_id=str(connection_id))
+    return locked
+
+
+async def present(session: AsyncSession, conn: Connection) -> ConnectionOut:
+    return connection_out(conn, await repo.get_pending_link(session, conn.id))
+
+
+async def create(session: AsyncSession, *, tenant_id: str, caller: Caller) -> Connection:
+    conn = await repo.create_connection(session, tenant_id=tenant_id)
+    await repo.add_event(session, conn, "created", actor=caller.actor)
+    return conn
+
+
+async def change_modules(session: AsyncSession, conn: Connection, patch: ModulesPatch, *,
+                         caller: Caller) -> None:
+    changes = {}
+    if patch.accounts_receivable is not None and patch.accounts_receivable != conn.module_ar:
+        conn.module_ar = patch.accounts_receivable
+        changes["accounts_receivable"] = patch.accounts_receivable
+    if patch.accounts_payable is not None and patch.accounts_payable != conn.module_ap:
+        conn.module_ap = patch.accounts_payable
+        changes["accounts_payable"] = patch.accounts_payable
+    if changes:
+        conn.updated_at = datetime.now(UTC)
+        await repo.add_event(session, conn, "modules_changed", actor=caller.actor, **changes)
+
+
+async def disconnect(session: AsyncSession, rt: Runtime, conn: Connection, *, caller: Caller) -> None:
+    """Revoke at Intuit (or queue the revocation), wipe the tokens, remember the last owner."""
+    if conn.status == Status.DISCONNECTED:
+        return  # already done; disconnecting twice is not an error
+    if conn.status == Status.PENDING:
+        raise NotConnected("The connection was never linked to QuickBooks.",
+                           connection_id=str(conn.id), status=conn.status)
+    revoked = None
+    if conn.refresh_token is not None:
+        revoked = await revoke_or_queue(session, rt.intuit, rt.box, connection_id=conn.id,
+                                        token=credentials.open_refresh_token(conn, rt.box),
+                                        reason="disconnected")
+    pending = await repo.get_pending_link(session, conn.id, for_update=True)
+    if pending is not None:
+        await revoke_or_queue(session, rt.intuit, rt.box, connection_id=conn.id,
+                              token=credentials.open_pending(pending, rt.box).refresh_token,
+                              reason="disconnected")
+        await session.delete(pending)
+    now = datetime.now(UTC)
+    credentials.wipe_tokens(conn)
+    conn.status = Status.DISCONNECTED
+    conn.disconnected_at = now
+    conn.updated_at = now
+    await repo.add_event(session, conn, "disconnected", actor=caller.actor,
+                         revoked_at_intuit=revoked, revocation_queued=revoked is False or None)
+
+
+async def delete(session: AsyncSession, rt: Runtime, conn: Connection, *, caller: Caller) -> None:
+    if conn.status in (Status.CONNECTED, Status.REAUTHORIZATION_REQUIRED):
+        await disconnect(session, rt, conn, caller=caller)
+    else:
+        pending = await repo.get_pending_link(session, conn.id, for_update=True)
+        if pending is not None:
+            await revoke_or_queue(session, rt.intuit, rt.box, connection_id=conn.id,
+                                  token=credentials.open_pending(pending, rt.box).refresh_token,
+                                  reason="deleted")
+    await session.flush()
+    await repo.delete_connection(session, conn.id)

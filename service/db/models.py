@@ -1,0 +1,178 @@
+"""The broker's tables. Secrets are stored only as ciphertext (see service.tokens.crypto)."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql as pg
+from sqlmodel import Field, SQLModel
+
+TZ = sa.DateTime(timezone=True)
+
+
+def _ts(nullable: bool = True, **kwargs: Any) -> Any:
+    return Field(default=None, sa_column=sa.Column(TZ, nullable=nullable, **kwargs))
+
+
+class Connection(SQLModel, table=True):
+    __tablename__ = "connections"
+    __table_args__ = (
+        sa.CheckConstraint(
+            "status IN ('pending', 'connected', 'reauthorization_required', 'disconnected')",
+            name="connections_status_check",
+        ),
+        sa.Index("ix_connections_tenant_created", "tenant_id", sa.text("created_at DESC"),
+                 sa.text("id DESC")),
+        # One live link per QuickBooks company, as at Intuit: a race of two callbacks loses here.
+        sa.Index("uq_connections_live_realm", "realm_id", unique=True,
+                 postgresql_where=sa.text("status IN ('connected', 'reauthorization_required')")),
+        sa.Index("ix_connections_keepalive_due", "keepalive_due_at",
+                 postgresql_where=sa.text("status = 'connected'")),
+        sa.Index("ix_connections_access_expiry", "access_token_expires_at",
+                 postgresql_where=sa.text("status = 'connected'")),
+    )
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    tenant_id: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    status: str = Field(default="pending", sa_column=sa.Column(sa.Text, nullable=False))
+    realm_id: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
+    company_name: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
+    owner_user_id: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
+    owner_qb_sub: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
+    owner_qb_email: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
+    owner_qb_name: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
+    module_ar: bool = Field(default=False, sa_column=sa.Column(sa.Boolean, nullable=False,
+                                                               server_default=sa.false()))
+    module_ap: bool = Field(default=False, sa_column=sa.Column(sa.Boolean, nullable=False,
+                                                               server_default=sa.false()))
+    access_token: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
+    refresh_token: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
+    access_token_expires_at: datetime | None = _ts()
+    refresh_token_expires_at: datetime | None = _ts()
+    refresh_token_issued_at: datetime | None = _ts()
+    keepalive_due_at: datetime | None = _ts()
+    last_refreshed_at: datetime | None = _ts()
+    connected_at: datetime | None = _ts()
+    disconnected_at: datetime | None = _ts()
+    last_error_code: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
+    last_error_message: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
+    last_error_at: datetime | None = _ts()
+    created_at: datetime = Field(sa_column=sa.Column(TZ, nullable=False,
+                                                      server_default=sa.func.now()))
+    updated_at: datetime = Field(sa_column=sa.Column(TZ, nullable=False,
+                                                      server_default=sa.func.now()))
+
+
+class PendingLink(SQLModel, table=True):
+    """Credentials of a different QuickBooks user or company, held until a user confirms."""
+
+    __tablename__ = "pending_links"
+    __table_args__ = (sa.Index("ix_pending_links_expires", "expires_at"),)
+
+    connection_id: uuid.UUID = Field(
+        sa_column=sa.Column(pg.UUID(as_uuid=True),
+                            sa.ForeignKey("connections.id", ondelete="CASCADE"), primary_key=True)
+    )
+    user_id: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    reasons: list[str] = Field(sa_column=sa.Column(pg.ARRAY(sa.Text), nullable=False))
+    qb_sub: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    qb_email: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
+    qb_name: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
+    realm_id: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    company_name: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
+    access_token: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    refresh_token: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    access_token_expires_at: datetime = Field(sa_column=sa.Column(TZ, nullable=False))
+    refresh_token_expires_at: datetime = Field(sa_column=sa.Column(TZ, nullable=False))
+    expires_at: datetime = Field(sa_column=sa.Column(TZ, nullable=False))
+    created_at: datetime = Field(sa_column=sa.Column(TZ, nullable=False,
+                                                      server_default=sa.func.now()))
+
+
+class AuthorizationState(SQLModel, table=True):
+    """A pending authorization: the `state` sent to Intuit, stored only as its SHA-256."""
+
+    __tablename__ = "authorization_states"
+    __table_args__ = (sa.Index("ix_authorization_states_expires", "expires_at"),)
+
+    state_hash: str = Field(sa_column=sa.Column(sa.Text, primary_key=True))
+    connection_id: uuid.UUID = Field(
+        sa_column=sa.Column(pg.UUID(as_uuid=True),
+                            sa.ForeignKey("connections.id", ondelete="CASCADE"), nullable=False)
+    )
+    tenant_id: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    user_id: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    return_url: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
+    force: bool = Field(default=False, sa_column=sa.Column(sa.Boolean, nullable=False))
+    expires_at: datetime = Field(sa_column=sa.Column(TZ, nullable=False))
+    used_at: datetime | None = _ts()
+    created_at: datetime = Field(sa_column=sa.Column(TZ, nullable=False,
+                                                      server_default=sa.func.now()))
+
+
+class ConnectionEvent(SQLModel, table=True):
+    __tablename__ = "connection_events"
+    __table_args__ = (sa.Index("ix_connection_events_connection", "connection_id",
+                               sa.text("id DESC")),)
+
+    id: int | None = Field(default=None, sa_column=sa.Column(sa.BigInteger, sa.Identity(),
+                                                              primary_key=True))
+    connection_id: uuid.UUID = Field(
+        sa_column=sa.Column(pg.UUID(as_uuid=True),
+                            sa.ForeignKey("connections.id", ondelete="CASCADE"), nullable=False)
+    )
+    tenant_id: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    type: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    actor: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
+    details: dict[str, Any] = Field(default_factory=dict,
+                                    sa_column=sa.Column(pg.JSONB, nullable=False))
+    created_at: datetime = Field(sa_column=sa.Column(TZ, nullable=False,
+                                                      server_default=sa.func.now()))
+
+
+class QuickBooksUserClaim(SQLModel, table=True):
+    """Which cieTrade user first linked a QuickBooks user, per tenant (the own-credentials rule)."""
+
+    __tablename__ = "quickbooks_user_claims"
+
+    tenant_id: str = Field(sa_column=sa.Column(sa.Text, primary_key=True))
+    qb_sub: str = Field(sa_column=sa.Column(sa.Text, primary_key=True))
+    user_id: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    created_at: datetime = Field(sa_column=sa.Column(TZ, nullable=False,
+                                                      server_default=sa.func.now()))
+
+
+class PendingRevocation(SQLModel, table=True):
+    """A token to revoke at Intuit that could not be revoked yet; retried in the background."""
+
+    __tablename__ = "pending_revocations"
+    __table_args__ = (sa.Index("ix_pending_revocations_next", "next_attempt_at"),)
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    connection_id: uuid.UUID = Field(sa_column=sa.Column(pg.UUID(as_uuid=True), nullable=False))
+    token: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    reason: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    attempts: int = Field(default=0, sa_column=sa.Column(sa.Integer, nullable=False,
+                                                         server_default="0"))
+    next_attempt_at: datetime = Field(sa_column=sa.Column(TZ, nullable=False,
+                                                           server_default=sa.func.now()))
+    last_error: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
+    created_at: datetime = Field(sa_column=sa.Column(TZ, nullable=False,
+                                                      server_default=sa.func.now()))
+
+
+class ApiKey(SQLModel, table=True):
+    __tablename__ = "api_keys"
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    name: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    prefix: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    key_hash: str = Field(sa_column=sa.Column(sa.Text, nullable=False, unique=True))
+    scopes: list[str] = Field(sa_column=sa.Column(pg.ARRAY(sa.Text), nullable=False))
+    created_at: datetime = Field(sa_column=sa.Column(TZ, nullable=False,
+                                                      server_default=sa.func.now()))
+    last_used_at: datetime | None = _ts()
+    revoked_at: datetime | None = _ts()

@@ -1,0 +1,108 @@
+"""`qbo-broker dev`: embedded PostgreSQL, the local Intuit emulator and the broker, wired
+together, with a dev JWT and API key printed, so a newcomer can click through Connect."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import uvicorn
+
+DEV_TENANT = "dev-tenant"
+DEV_USER = "dev-user"
+DEV_CLIENT_ID = "dev-client-id"
+DEV_CLIENT_SECRET = "dev-client-secret"  # noqa: S105 (the emulator's, never Intuit's)
+
+
+def _prepare_environment(host: str, port: int, emulator_port: int) -> Path:
+    from service.cli import dev_secret, new_secret
+    from service.tokens.crypto import generate_key
+
+    data_dir = Path(os.environ.get("BROKER_DATA_DIR", "./.broker-data")).resolve()
+    emulator_url = f"http://{host}:{emulator_port}"
+    defaults = {
+        "BROKER_DATA_DIR": str(data_dir),
+        "BROKER_PUBLIC_URL": f"http://localhost:{port}",
+        "INTUIT_CLIENT_ID": DEV_CLIENT_ID,
+        "INTUIT_CLIENT_SECRET": DEV_CLIENT_SECRET,
+        "INTUIT_DISCOVERY_URL": f"{emulator_url}/.well-known/openid_sandbox_configuration",
+        "INTUIT_API_BASE_URL": emulator_url,
+        "BROKER_RETURN_URL_ALLOWLIST": f"http://localhost:{port},http://127.0.0.1:{port}",
+        "BROKER_ENCRYPTION_KEYS": "dev:" + dev_secret(data_dir / "dev-encryption-key", generate_key()),
+        "BROKER_JWT_SECRET": dev_secret(data_dir / "dev-jwt-secret", new_secret()),
+    }
+    for name, value in defaults.items():
+        os.environ.setdefault(name, value)
+    return data_dir
+
+
+async def _dev_api_key(data_dir: Path, database_url: str) -> str:
+    from service.auth.api_keys import create_api_key, find_active_key
+    from service.db.engine import build_engine, build_sessionmaker
+
+    engine = build_engine(database_url, pool_size=1)
+    saved = data_dir / "dev-api-key"
+    try:
+        async with build_sessionmaker(engine)() as session, session.begin():
+            if saved.is_file() and await find_active_key(session, saved.read_text().strip()):
+                return saved.read_text().strip()
+            _, key = await create_api_key(session, name="dev",
+                                          scopes=["status:read", "tokens:read", "connections:write"])
+    finally:
+        await engine.dispose()
+    saved.write_text(key + "\n")
+    saved.chmod(0o600)
+    return key
+
+
+def run_dev(*, host: str, port: int, emulator_port: int) -> None:
+    from service.auth.jwt import issue_dev_token
+    from service.config import Settings
+    from service.db.migrations import upgrade_to_head
+    from service.emulator import EmulatorSettings
+    from service.emulator import create_app as create_emulator
+    from service.main import create_app, database_url_for
+    from service.observability import configure_logging
+
+    data_dir = _prepare_environment(host, port, emulator_port)
+    settings = Settings()
+    configure_logging(settings.log_level)
+    database_url = database_url_for(settings)
+    os.environ["DATABASE_URL"] = database_url
+    upgrade_to_head(database_url)
+    settings = Settings()
+    api_key = asyncio.run(_dev_api_key(data_dir, database_url))
+    assert settings.jwt_secret is not None
+    jwt = issue_dev_token(settings.jwt_secret, tenant_id=DEV_TENANT, user_id=DEV_USER)
+
+    emulator = create_emulator(EmulatorSettings(
+        public_url=f"http://{host}:{emulator_port}", client_id=DEV_CLIENT_ID,
+        client_secret=DEV_CLIENT_SECRET, redirect_uris=[settings.redirect_uri],
+        state_file=str(data_dir / "emulator-state.json")))
+    servers = [
+        uvicorn.Server(uvicorn.Config(emulator, host=host, port=emulator_port, log_config=None,
+                                      access_log=False)),
+        uvicorn.Server(uvicorn.Config(create_app(settings), host=host, port=port, log_config=None,
+                                      access_log=False)),
+    ]
+    print(f"""
+qbo-broker dev is starting.
+
+  Swagger UI        http://localhost:{port}/docs
+  Intuit emulator   http://{host}:{emulator_port}  (sign in as alice@example.com, an admin)
+  Data              {data_dir}  (kept across restarts)
+
+  Dev user JWT (tenant {DEV_TENANT}, user {DEV_USER}); paste into Authorize → UserJWT:
+{jwt}
+
+  Dev service API key (all scopes); paste into Authorize → ServiceAPIKey:
+{api_key}
+
+  Try: POST /connections, then POST /connections/{{id}}/authorize, open authorization_url.
+""", flush=True)
+
+    async def serve_all() -> None:
+        await asyncio.gather(*(server.serve() for server in servers))
+
+    asyncio.run(serve_all())

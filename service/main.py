@@ -1,0 +1,87 @@
+"""create_app(): settings, lifespan (database, Intuit client, keys), middleware, errors, routers."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from service import ops
+from service.auth.jwt import JWTVerifier
+from service.config import Settings
+from service.connections.router import router as connections_router
+from service.db.embedded import start_embedded_postgres
+from service.db.engine import build_engine, build_sessionmaker
+from service.errors import install_error_handlers
+from service.intuit.client import IntuitClient
+from service.oauth.router import router as oauth_router
+from service.observability import BodySizeLimitMiddleware, RequestContextMiddleware
+from service.runtime import Runtime
+from service.tokens.background import BackgroundWorker
+from service.tokens.crypto import SecretBox
+from service.tokens.refresh import TokenRefresher
+
+log = logging.getLogger(__name__)
+
+DESCRIPTION = """
+qbo-broker owns cieTrade's links to QuickBooks Online: connections, the Connect flow with Intuit,
+encrypted per-user credentials, and fresh access tokens for internal services.
+
+Authorize in Swagger UI with a user's JWT (`UserJWT`, e.g. from `qbo-broker dev-token`) or a
+service API key (`ServiceAPIKey`, from `qbo-broker api-key create`). Errors are
+`application/problem+json` with a stable `code`.
+"""
+
+
+def database_url_for(settings: Settings) -> str:
+    return settings.database_url or start_embedded_postgres(settings.data_dir)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = build_engine(database_url_for(settings), pool_size=settings.db_pool_size)
+        sessionmaker = build_sessionmaker(engine)
+        intuit = IntuitClient(settings)
+        box = SecretBox(settings.parsed_encryption_keys)
+        refresher = TokenRefresher(settings, sessionmaker, intuit, box)
+        runtime = Runtime(settings=settings, engine=engine, sessionmaker=sessionmaker,
+                          intuit=intuit, box=box, refresher=refresher)
+        app.state.runtime = runtime
+        app.state.sessionmaker = sessionmaker
+        app.state.jwt_verifier = JWTVerifier(settings)
+        worker = BackgroundWorker(runtime) if settings.background_enabled else None
+        if worker is not None:
+            worker.start()
+        try:
+            yield
+        finally:
+            if worker is not None:
+                await worker.stop()
+            await intuit.aclose()
+            await engine.dispose()
+
+    app = FastAPI(
+        title="qbo-broker",
+        version="0.1.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        swagger_ui_parameters={"persistAuthorization": True},
+    )
+    install_error_handlers(app)
+    app.include_router(connections_router)
+    app.include_router(oauth_router)
+    app.include_router(ops.router)
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
+                           allow_methods=["GET", "POST", "PATCH", "DELETE"],
+                           allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
+                           expose_headers=["X-Request-ID", "Retry-After"], max_age=600)
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestContextMiddleware)
+    return app

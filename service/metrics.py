@@ -1,0 +1,40 @@
+"""Prometheus metrics, defined once per process."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+HTTP_REQUESTS = Counter(
+    "qbo_broker_http_requests_total", "HTTP requests served", ["method", "route", "status"]
+)
+HTTP_LATENCY = Histogram(
+    "qbo_broker_http_request_seconds", "HTTP request latency", ["method", "route"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+INTUIT_CALLS = Counter(
+    "qbo_broker_intuit_calls_total", "Calls to Intuit", ["endpoint", "outcome"]
+)
+INTUIT_LATENCY = Histogram(
+    "qbo_broker_intuit_call_seconds", "Latency of calls to Intuit", ["endpoint"],
+    buckets=(0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+REFRESHES = Counter(
+    "qbo_broker_token_refreshes_total", "Token refreshes by outcome and trigger",
+    ["outcome", "trigger"],
+)
+REFRESH_TOKENS_LOST = Counter(
+    "qbo_broker_refresh_tokens_lost_total",
+    "Refreshes whose answer was lost after Intuit may have rotated the refresh token",
+)
+CONNECTIONS_BY_STATUS = Gauge(
+    "qbo_broker_connections", "Connections by status", ["status"]
+)
+SECRETS_BY_KEY = Gauge(
+    "qbo_broker_encrypted_secrets", "Stored encrypted secrets by encryption key id", ["key_id"]
+)
+LINK_RESULTS = Counter(
+    "qbo_broker_link_results_total", "Outcomes of the OAuth callback", ["result", "code"]
+)
+BACKGROUND_RUNS = Counter(
+    "qbo_broker_background_tasks_total", "Background work done", ["task", "outcome"]
+)

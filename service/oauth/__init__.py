@@ -1,0 +1,1 @@
+"""The Connect flow: authorization state, the callback, the linking rules, pending links."""

@@ -1,0 +1,1 @@
+"""Credential storage, encryption, refresh and keep-alive."""

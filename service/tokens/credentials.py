@@ -1,0 +1,75 @@
+"""Where a connection's (and a pending link's) tokens are sealed, opened and wiped."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from service.db.models import Connection, PendingLink
+from service.intuit.client import TokenSet
+from service.tokens.crypto import SecretBox
+
+# Keep-alive refreshes a refresh token well before Intuit's rolling expiry.
+REFRESH_EXPIRY_MARGIN = timedelta(days=7)
+
+
+def _aad(connection: Connection | PendingLink, purpose: str) -> str:
+    connection_id = connection.id if isinstance(connection, Connection) else connection.connection_id
+    return f"{connection_id}:{purpose}"
+
+
+def refresh_token_expiry(tokens: TokenSet, now: datetime) -> datetime:
+    rolling = now + timedelta(seconds=tokens.refresh_token_expires_in)
+    if tokens.refresh_token_hard_expires_in is not None:
+        return min(rolling, now + timedelta(seconds=tokens.refresh_token_hard_expires_in))
+    return rolling
+
+
+def store_tokens(conn: Connection, tokens: TokenSet, box: SecretBox, *, now: datetime,
+                 keepalive_age: timedelta) -> None:
+    conn.access_token = box.encrypt(tokens.access_token, _aad(conn, "access"))
+    conn.refresh_token = box.encrypt(tokens.refresh_token, _aad(conn, "refresh"))
+    conn.access_token_expires_at = now + timedelta(seconds=tokens.expires_in)
+    conn.refresh_token_expires_at = refresh_token_expiry(tokens, now)
+    conn.refresh_token_issued_at = now
+    conn.last_refreshed_at = now
+    conn.keepalive_due_at = min(now + keepalive_age,
+                                conn.refresh_token_expires_at - REFRESH_EXPIRY_MARGIN)
+
+
+def wipe_tokens(conn: Connection) -> None:
+    conn.access_token = None
+    conn.refresh_token = None
+    conn.access_token_expires_at = None
+    conn.refresh_token_expires_at = None
+    conn.refresh_token_issued_at = None
+    conn.keepalive_due_at = None
+
+
+def open_access_token(conn: Connection, box: SecretBox) -> str:
+    assert conn.access_token is not None
+    return box.decrypt(conn.access_token, _aad(conn, "access"))
+
+
+def open_refresh_token(conn: Connection, box: SecretBox) -> str:
+    assert conn.refresh_token is not None
+    return box.decrypt(conn.refresh_token, _aad(conn, "refresh"))
+
+
+def seal_pending(pending: PendingLink, tokens: TokenSet, box: SecretBox, *, now: datetime) -> None:
+    pending.access_token = box.encrypt(tokens.access_token, _aad(pending, "pending-access"))
+    pending.refresh_token = box.encrypt(tokens.refresh_token, _aad(pending, "pending-refresh"))
+    pending.access_token_expires_at = now + timedelta(seconds=tokens.expires_in)
+    pending.refresh_token_expires_at = refresh_token_expiry(tokens, now)
+
+
+def open_pending(pending: PendingLink, box: SecretBox) -> TokenSet:
+    """The pending grant's tokens, with lifetimes counted from now (as if just issued)."""
+    now = datetime.now(pending.expires_at.tzinfo)
+    return TokenSet(
+        access_token=box.decrypt(pending.access_token, _aad(pending, "pending-access")),
+        refresh_token=box.decrypt(pending.refresh_token, _aad(pending, "pending-refresh")),
+        expires_in=max(0, int((pending.access_token_expires_at - now).total_seconds())),
+        refresh_token_expires_in=max(0, int((pending.refresh_token_expires_at - now).total_seconds())),
+        refresh_token_hard_expires_in=None,
+        intuit_tid=None,
+    )

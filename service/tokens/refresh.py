@@ -1,0 +1,201 @@
+"""Fresh access tokens, refreshed once per expiry however many callers and replicas ask.
+
+Two layers: inside a process, concurrent callers for one connection share one refresh (a future
+per connection), so waiters hold no database connection; across processes, the refresh runs
+under the connection's row lock (`SELECT … FOR UPDATE`) and re-reads the row under it, so a
+replica that waited finds the new token instead of spending the dead refresh token. The lock is
+a transaction's: a killed process releases it. New tokens are committed before anyone sees them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from service.config import Settings
+from service.connections import repository as repo
+from service.connections.schemas import Status
+from service.db.models import Connection, ConnectionEvent
+from service.errors import (
+    IntuitRejected,
+    IntuitUnavailable,
+    NotConnected,
+    NotFound,
+    ReauthorizationRequired,
+)
+from service.intuit import errors as intuit_errors
+from service.intuit.client import IntuitClient
+from service.metrics import REFRESH_TOKENS_LOST, REFRESHES
+from service.tokens import credentials
+from service.tokens.crypto import SecretBox
+
+log = logging.getLogger(__name__)
+
+MIN_VALIDITY = timedelta(minutes=5)
+
+_Needed = Callable[[Connection, datetime], bool]
+
+
+@dataclass(frozen=True)
+class AccessToken:
+    access_token: str
+    expires_at: datetime
+    realm_id: str
+
+    def __repr__(self) -> str:
+        return f"AccessToken(realm_id={self.realm_id!r}, expires_at={self.expires_at!r})"
+
+
+def _fresh_enough(conn: Connection, now: datetime) -> bool:
+    return (conn.access_token is not None and conn.access_token_expires_at is not None
+            and conn.access_token_expires_at - now >= MIN_VALIDITY)
+
+
+def _usable_or_raise(conn: Connection) -> None:
+    if conn.status == Status.REAUTHORIZATION_REQUIRED:
+        raise ReauthorizationRequired(
+            "QuickBooks refused this connection's credentials; a user must Connect again.",
+            connection_id=str(conn.id), status=conn.status)
+    if conn.status != Status.CONNECTED or conn.refresh_token is None:
+        raise NotConnected("The connection is not connected to QuickBooks.",
+                           connection_id=str(conn.id), status=conn.status)
+
+
+class TokenRefresher:
+    def __init__(self, settings: Settings, sessionmaker: async_sessionmaker[AsyncSession],
+                 intuit: IntuitClient, box: SecretBox) -> None:
+        self._settings = settings
+        self._sessionmaker = sessionmaker
+        self._intuit = intuit
+        self._box = box
+        self._inflight: dict[uuid.UUID, asyncio.Future[tuple[AccessToken, bool]]] = {}
+
+    def _token_of(self, conn: Connection) -> AccessToken:
+        assert conn.access_token_expires_at is not None and conn.realm_id is not None
+        return AccessToken(access_token=credentials.open_access_token(conn, self._box),
+                           expires_at=conn.access_token_expires_at, realm_id=conn.realm_id)
+
+    async def access_token(self, conn: Connection, *, force: bool = False) -> AccessToken:
+        """A token valid for at least five minutes (a new one when force is set)."""
+        _usable_or_raise(conn)
+        if not force and _fresh_enough(conn, datetime.now(UTC)):
+            return self._token_of(conn)
+        asked_at = datetime.now(UTC)
+
+        def needed(row: Connection, now: datetime) -> bool:
+            if not _fresh_enough(row, now):
+                return True
+            # A forced refresh is satisfied by any refresh that happened after it was asked for.
+            return force and (row.last_refreshed_at is None or row.last_refreshed_at < asked_at)
+
+        token, _ = await self._single_flight(conn.id, needed, trigger="request")
+        return token
+
+    async def keep_alive(self, connection_id: uuid.UUID) -> bool:
+        """Refresh if the connection is still due when its lock is ours. True if refreshed."""
+        include_access = self._settings.keepalive_refresh_access_tokens
+
+        def needed(row: Connection, now: datetime) -> bool:
+            if row.keepalive_due_at is not None and row.keepalive_due_at <= now:
+                return True
+            return include_access and not _fresh_enough(row, now + timedelta(minutes=5))
+
+        _, refreshed = await self._single_flight(connection_id, needed, trigger="keepalive")
+        return refreshed
+
+    async def _single_flight(self, connection_id: uuid.UUID, needed: _Needed, *,
+                             trigger: str) -> tuple[AccessToken, bool]:
+        """Coalesce concurrent refreshes of one connection inside this process."""
+        running = self._inflight.get(connection_id)
+        if running is not None:
+            return await asyncio.shield(running)
+        future: asyncio.Future[tuple[AccessToken, bool]] = asyncio.get_running_loop().create_future()
+        self._inflight[connection_id] = future
+        try:
+            result = await self._refresh_locked(connection_id, needed, trigger=trigger)
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # mark retrieved: waiters re-raise it themselves
+            raise
+        else:
+            future.set_result(result)
+            return result
+        finally:
+            del self._inflight[connection_id]
+
+    async def _refresh_locked(self, connection_id: uuid.UUID, needed: _Needed, *,
+                              trigger: str) -> tuple[AccessToken, bool]:
+        async with self._sessionmaker() as session:
+            async with session.begin():
+                conn = await repo.get_connection(session, connection_id, for_update=True)
+                if conn is None:
+                    raise NotFound("No such connection.")
+                _usable_or_raise(conn)
+                # Re-read under the lock: another replica may have refreshed while we waited.
+                if not needed(conn, datetime.now(UTC)):
+                    return self._token_of(conn), False
+                refresh_token = credentials.open_refresh_token(conn, self._box)
+                try:
+                    tokens = await self._intuit.refresh(refresh_token)
+                except intuit_errors.IntuitUnavailable as exc:
+                    REFRESHES.labels("unavailable", trigger).inc()
+                    raise IntuitUnavailable(
+                        "Intuit is not reachable right now; the stored credentials are "
+                        "unchanged. Retry later.", retry_after=exc.retry_after or 30,
+                        connection_id=str(conn.id)) from None
+                except intuit_errors.InvalidGrant as exc:
+                    self._mark_reauthorization_required(session, conn, exc, trigger)
+                    error: Exception = ReauthorizationRequired(
+                        "QuickBooks refused the refresh token (revoked in QuickBooks, expired, "
+                        "or replaced); a user must Connect again.",
+                        connection_id=str(conn.id), status=Status.REAUTHORIZATION_REQUIRED)
+                except intuit_errors.IntuitError as exc:
+                    REFRESHES.labels("error", trigger).inc()
+                    log.error("refresh failed: %s", type(exc).__name__,
+                              extra={"connection_id": str(conn.id), "intuit_tid": exc.intuit_tid})
+                    raise IntuitRejected("Intuit refused the refresh request; the stored "
+                                         "credentials are unchanged.",
+                                         connection_id=str(conn.id)) from None
+                else:
+                    # Persist the new refresh token before anything else can happen.
+                    now = datetime.now(UTC)
+                    credentials.store_tokens(conn, tokens, self._box, now=now, keepalive_age=timedelta(
+                        seconds=self._settings.keepalive_refresh_age_seconds))
+                    conn.updated_at = now
+                    await repo.add_event(session, conn, "refreshed", actor=trigger)
+                    REFRESHES.labels("ok", trigger).inc()
+                    return self._token_of(conn), True
+            # The invalid_grant outcome is committed; now tell the caller.
+            raise error
+
+    def _mark_reauthorization_required(self, session: AsyncSession, conn: Connection,
+                                       exc: intuit_errors.InvalidGrant, trigger: str) -> None:
+        """Status, last_error and an event; the stored tokens stay as they are."""
+        now = datetime.now(UTC)
+        lost = exc.after_lost_response
+        if lost:
+            REFRESH_TOKENS_LOST.inc()
+            log.error("refresh token lost: an answer to a refresh was lost and Intuit has since "
+                      "refused the token", extra={"connection_id": str(conn.id),
+                                                  "intuit_tid": exc.intuit_tid})
+        conn.status = Status.REAUTHORIZATION_REQUIRED
+        conn.last_error_code = "refresh_token_lost" if lost else "invalid_grant"
+        conn.last_error_message = (
+            "Intuit's answer to a refresh was lost after it may have issued a new refresh token; "
+            "a user must Connect again." if lost else
+            "Intuit refused the refresh token (the app was disconnected in QuickBooks, the token "
+            "expired, or it was replaced); a user must Connect again.")
+        conn.last_error_at = now
+        conn.updated_at = now
+        REFRESHES.labels("invalid_grant", trigger).inc()
+        session.add(ConnectionEvent(connection_id=conn.id, tenant_id=conn.tenant_id,
+                                    type="refresh_failed", actor=trigger,
+                                    details={"code": conn.last_error_code,
+                                             **({"intuit_tid": exc.intuit_tid}
+                                                if exc.intuit_tid else {})}))

@@ -1,0 +1,80 @@
+"""Revoking grants at Intuit, and remembering the ones Intuit could not be told about yet."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from service.db.models import PendingRevocation
+from service.intuit.client import IntuitClient
+from service.intuit.errors import IntuitError
+from service.metrics import BACKGROUND_RUNS
+from service.tokens.crypto import DecryptionError, SecretBox
+
+log = logging.getLogger(__name__)
+
+R = PendingRevocation.__table__.c  # type: ignore[attr-defined]
+_MAX_BACKOFF = timedelta(hours=6)
+
+
+def _aad(row: PendingRevocation) -> str:
+    return f"{row.connection_id}:revocation:{row.id}"
+
+
+def queue_revocation(session: AsyncSession, box: SecretBox, *, connection_id: uuid.UUID,
+                     token: str, reason: str, error: str | None = None) -> None:
+    row = PendingRevocation(id=uuid.uuid4(), connection_id=connection_id, token="",
+                            reason=reason, last_error=error,
+                            next_attempt_at=datetime.now(UTC) + timedelta(seconds=30))
+    row.token = box.encrypt(token, _aad(row))
+    session.add(row)
+
+
+async def revoke_or_queue(session: AsyncSession, intuit: IntuitClient, box: SecretBox, *,
+                          connection_id: uuid.UUID, token: str, reason: str) -> bool:
+    """Revoke now if Intuit answers; otherwise queue it in this transaction. True if revoked."""
+    try:
+        await intuit.revoke(token)
+        return True
+    except IntuitError as exc:
+        log.warning("revocation deferred: %s", type(exc).__name__,
+                    extra={"connection_id": str(connection_id), "intuit_tid": exc.intuit_tid})
+        queue_revocation(session, box, connection_id=connection_id, token=token, reason=reason,
+                         error=type(exc).__name__)
+        return False
+
+
+async def retry_pending_revocations(sessionmaker: async_sessionmaker[AsyncSession],
+                                    intuit: IntuitClient, box: SecretBox, *,
+                                    batch: int = 20) -> int:
+    """One pass over due revocations. Replicas share the work through SKIP LOCKED."""
+    done = 0
+    async with sessionmaker() as session, session.begin():
+        rows = list((await session.execute(
+            sa.select(PendingRevocation).where(R.next_attempt_at <= sa.func.now())
+            .order_by(R.next_attempt_at).limit(batch).with_for_update(skip_locked=True)
+        )).scalars())
+        for row in rows:
+            try:
+                token = box.decrypt(row.token, _aad(row))
+            except DecryptionError:
+                log.error("pending revocation %s cannot be decrypted; dropped", row.id)
+                await session.delete(row)
+                continue
+            try:
+                await intuit.revoke(token)
+            except IntuitError as exc:
+                row.attempts += 1
+                row.last_error = type(exc).__name__
+                row.next_attempt_at = datetime.now(UTC) + min(
+                    timedelta(seconds=30 * 2 ** min(row.attempts, 10)), _MAX_BACKOFF)
+                BACKGROUND_RUNS.labels("revocation", "deferred").inc()
+                continue
+            await session.delete(row)
+            done += 1
+            BACKGROUND_RUNS.labels("revocation", "revoked").inc()
+    return done

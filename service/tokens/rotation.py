@@ -1,0 +1,87 @@
+"""Key rotation: re-encrypt every stored secret under the first key, in batches, online."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from service.tokens.crypto import SecretBox
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SecretColumn:
+    table: str
+    key: str  # primary key column
+    column: str
+    aad: Callable[[sa.Row], str]  # type: ignore[type-arg]
+    aad_columns: str = ""  # further columns the associated data needs
+
+
+# Every place a ciphertext lives, with the associated data it was sealed with.
+SECRET_COLUMNS = [
+    SecretColumn("connections", "id", "access_token", lambda r: f"{r.id}:access"),
+    SecretColumn("connections", "id", "refresh_token", lambda r: f"{r.id}:refresh"),
+    SecretColumn("pending_links", "connection_id", "access_token",
+                 lambda r: f"{r.connection_id}:pending-access"),
+    SecretColumn("pending_links", "connection_id", "refresh_token",
+                 lambda r: f"{r.connection_id}:pending-refresh"),
+    SecretColumn("pending_revocations", "id", "token",
+                 lambda r: f"{r.connection_id}:revocation:{r.id}", aad_columns=", connection_id"),
+]
+
+
+async def count_secrets_by_key(session: AsyncSession) -> dict[str, int]:
+    parts = [f"SELECT split_part({c.column}, '.', 1) AS kid FROM {c.table} "  # noqa: S608 (fixed names)
+             f"WHERE {c.column} IS NOT NULL" for c in SECRET_COLUMNS]
+    rows = await session.execute(sa.text(
+        f"SELECT kid, count(*) FROM ({' UNION ALL '.join(parts)}) s GROUP BY kid"))  # noqa: S608
+    return {kid: count for kid, count in rows.all()}
+
+
+async def _rotate_batch(session: AsyncSession, box: SecretBox, col: SecretColumn, batch: int) -> int:
+    rows = (await session.execute(sa.text(
+        f"SELECT {col.key}{col.aad_columns}, {col.column} AS secret FROM {col.table} "  # noqa: S608 (fixed names)
+        f"WHERE {col.column} IS NOT NULL AND split_part({col.column}, '.', 1) <> :kid "
+        f"LIMIT :batch FOR UPDATE SKIP LOCKED"), {"kid": box.primary_kid, "batch": batch})).all()
+    for row in rows:
+        aad = col.aad(row)
+        resealed = box.encrypt(box.decrypt(row.secret, aad), aad)
+        await session.execute(sa.text(
+            f"UPDATE {col.table} SET {col.column} = :value WHERE {col.key} = :key"),  # noqa: S608
+            {"value": resealed, "key": getattr(row, col.key)})
+    return len(rows)
+
+
+async def rotate_keys(sessionmaker: async_sessionmaker[AsyncSession], box: SecretBox, *,
+                      batch: int = 200, pause: float = 0.0) -> int:
+    """Re-encrypt until no secret remains under another key. Rows being refreshed right now are
+    skipped (SKIP LOCKED) and picked up on a later pass. Returns how many were re-encrypted."""
+    total = 0
+    while True:
+        moved = 0
+        for col in SECRET_COLUMNS:
+            while True:
+                async with sessionmaker() as session, session.begin():
+                    done = await _rotate_batch(session, box, col, batch)
+                moved += done
+                if done < batch:
+                    break
+                if pause:
+                    await asyncio.sleep(pause)
+        total += moved
+        async with sessionmaker() as session:
+            remaining = {k: n for k, n in (await count_secrets_by_key(session)).items()
+                         if k != box.primary_kid}
+        if not remaining:
+            log.info("key rotation finished: %d secrets re-encrypted under %s", total,
+                     box.primary_kid)
+            return total
+        if moved == 0:
+            await asyncio.sleep(0.2)  # only locked rows remain; let their holders finish
