@@ -201,6 +201,26 @@ def dev(port: Annotated[int, typer.Option(help="The broker's port.")] = 8000,
     run_dev(host=host, port=port, emulator_port=emulator_port)
 
 
+@app.command()
+def openapi(output: Annotated[Path | None, typer.Option(help="Write here instead of stdout.")] = None) -> None:
+    """Print the OpenAPI document the app serves, as YAML (openapi.yaml is this output)."""
+    from service.main import openapi_yaml
+
+    text = openapi_yaml()
+    if output is None:
+        typer.echo(text, nl=False)
+    else:
+        output.write_text(text)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def emulator(ctx: typer.Context) -> None:
+    """Run the local Intuit emulator (options: see `qbo-broker emulator --help`)."""
+    from service.emulator.__main__ import main as emulator_main
+
+    emulator_main(ctx.args)
+
+
 def dev_secret(path: Path, make: str) -> str:
     """A value kept under BROKER_DATA_DIR so `dev` keeps its keys across restarts."""
     if path.is_file():

@@ -15,7 +15,7 @@ from service.config import Settings
 from service.connections.router import router as connections_router
 from service.db.embedded import start_embedded_postgres
 from service.db.engine import build_engine, build_sessionmaker
-from service.errors import install_error_handlers
+from service.errors import Problem, install_error_handlers
 from service.intuit.client import IntuitClient
 from service.oauth.router import router as oauth_router
 from service.observability import BodySizeLimitMiddleware, RequestContextMiddleware
@@ -34,6 +34,21 @@ Authorize in Swagger UI with a user's JWT (`UserJWT`, e.g. from `qbo-broker dev-
 service API key (`ServiceAPIKey`, from `qbo-broker api-key create`). Errors are
 `application/problem+json` with a stable `code`.
 """
+
+
+def _document_problems(app: FastAPI) -> None:
+    """Add the Problem schema that every error response refers to."""
+    build = app.openapi
+
+    def openapi() -> dict:  # type: ignore[type-arg]
+        if app.openapi_schema is None:
+            schema = build()
+            schema.setdefault("components", {}).setdefault("schemas", {})["Problem"] = (
+                Problem.model_json_schema())
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def database_url_for(settings: Settings) -> str:
@@ -69,11 +84,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(
         title="qbo-broker",
         version="0.1.0",
-        description=DESCRIPTION,
+        description=DESCRIPTION.strip(),
         lifespan=lifespan,
         swagger_ui_parameters={"persistAuthorization": True},
     )
     install_error_handlers(app)
+    _document_problems(app)
     app.include_router(connections_router)
     app.include_router(oauth_router)
     app.include_router(ops.router)
@@ -85,3 +101,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestContextMiddleware)
     return app
+
+
+def openapi_yaml() -> str:
+    """The OpenAPI document as YAML, independent of any environment the process runs in."""
+    import yaml
+
+    document = create_app(Settings(_env_file=None, BROKER_RETURN_URL_ALLOWLIST="")).openapi()  # type: ignore[call-arg]
+    return yaml.safe_dump(document, sort_keys=False, allow_unicode=True, width=100)

@@ -124,23 +124,36 @@ class BodySizeLimitMiddleware:
         if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
             await self._refuse(send)
             return
+        if scope["method"] in ("GET", "HEAD", "OPTIONS", "DELETE") and length is None:
+            await self.app(scope, receive, send)
+            return
+        # Read the (small, bounded) body up front, so an oversized stream is refused with 413
+        # before any handler sees a part of it; then replay it to the app.
+        chunks: list[bytes] = []
         seen = 0
-        too_large = False
-
-        async def limited_receive() -> Message:
-            nonlocal seen, too_large
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    too_large = True
-                    raise _TooLarge
-            return message
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            seen += len(chunk)
+            if seen > self.max_bytes:
+                await self._refuse(send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        replayed = False
 
-        try:
-            await self.app(scope, limited_receive, send)
-        except _TooLarge:
-            await self._refuse(send)
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
 
     async def _refuse(self, send: Send) -> None:
         body = json.dumps({"type": "https://qbo-broker.cietrade.dev/problems/payload_too_large",
@@ -151,7 +164,3 @@ class BodySizeLimitMiddleware:
                     "headers": [(b"content-type", b"application/problem+json"),
                                 (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
-
-
-class _TooLarge(Exception):
-    pass

@@ -29,7 +29,7 @@ from service.connections.schemas import (
     owner_of,
 )
 from service.db.engine import SessionDep
-from service.errors import NotFound
+from service.errors import NotFound, problem_responses
 from service.runtime import RuntimeDep
 
 router = APIRouter(tags=["connections"])
@@ -39,8 +39,9 @@ Limit = Annotated[int, Query(ge=1, le=100, description="Page size (at most 100).
 Cursor = Annotated[str | None, Query(max_length=200, description="`next_cursor` of the previous page.")]
 TenantQuery = Annotated[TenantId | None, Query(description="Services only: the tenant to look at.")]
 
-PROBLEM = {"content": {"application/problem+json": {}}}
-ERRORS = {401: PROBLEM, 403: PROBLEM, 404: PROBLEM, 422: PROBLEM}
+ERRORS = problem_responses(401, 403, 404, 413, 422)
+CONFLICT = problem_responses(409)
+UPSTREAM = problem_responses(502, 503)
 
 
 class AccessTokenOut(BaseModel):
@@ -90,7 +91,7 @@ async def patch_connection(session: SessionDep, caller: CurrentCaller, connectio
 
 
 @router.post("/connections/{connection_id}/disconnect", response_model=ConnectionOut,
-             responses={**ERRORS, 409: PROBLEM}, summary="Disconnect from QuickBooks")
+             responses={**ERRORS, **CONFLICT}, summary="Disconnect from QuickBooks")
 async def disconnect_connection(session: SessionDep, rt: RuntimeDep, caller: CurrentCaller,
                                 connection_id: ConnectionID) -> ConnectionOut:
     conn = await service.load_for_write(session, caller, connection_id)
@@ -118,7 +119,7 @@ async def list_events(session: SessionDep, caller: CurrentCaller, connection_id:
 
 
 @router.get("/connections/{connection_id}/token", response_model=AccessTokenOut,
-            responses={**ERRORS, 409: PROBLEM, 502: PROBLEM, 503: PROBLEM},
+            responses={**ERRORS, **CONFLICT, **UPSTREAM},
             summary="A fresh QuickBooks access token (internal services, scope tokens:read)")
 async def get_token(session: SessionDep, rt: RuntimeDep, caller: CurrentCaller,
                     connection_id: ConnectionID, response: Response,

@@ -7,7 +7,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, Generic, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StringConstraints
 
 from service.db.models import Connection, ConnectionEvent, PendingLink
 
@@ -122,8 +122,8 @@ class ConnectionCreate(Strict):
 
 
 class ModulesPatch(Strict):
-    accounts_receivable: bool | None = None
-    accounts_payable: bool | None = None
+    accounts_receivable: StrictBool | None = None
+    accounts_payable: StrictBool | None = None
 
 
 class ConnectionPatch(Strict):

@@ -17,6 +17,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=9100)
     parser.add_argument("--public-url", help="its own base URL (default http://HOST:PORT)")
+    parser.add_argument("--internal-url", help="base URL for the token, revoke, userinfo and "
+                        "JWKS endpoints in the discovery document (default: the public URL)")
     parser.add_argument("--client-id", default=defaults.client_id)
     parser.add_argument("--client-secret", default=defaults.client_secret)
     parser.add_argument("--redirect-uri", action="append", dest="redirect_uris",
@@ -33,6 +35,7 @@ def main(argv: list[str] | None = None) -> None:
 
     settings = EmulatorSettings(
         public_url=args.public_url or f"http://{args.host}:{args.port}",
+        internal_url=args.internal_url,
         client_id=args.client_id,
         client_secret=args.client_secret,
         redirect_uris=args.redirect_uris or defaults.redirect_uris,

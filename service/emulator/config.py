@@ -55,6 +55,10 @@ class EmulatorSettings(BaseModel):
     """How one emulator instance is configured (one Intuit app = one client)."""
 
     public_url: str = "http://127.0.0.1:9100"
+    # Where the app reaches the server-to-server endpoints (token, revoke, userinfo, JWKS) when
+    # that differs from what the browser sees, e.g. a compose network name. Like Intuit, whose
+    # authorize page and token endpoint live on different hosts.
+    internal_url: str | None = None
     client_id: str = "dev-client-id"
     client_secret: str = "dev-client-secret"  # noqa: S105 - a development default
     redirect_uris: list[str] = Field(default_factory=lambda: ["http://localhost:8000/callback"])
@@ -70,10 +74,14 @@ class EmulatorSettings(BaseModel):
     # How long a browser flow (authorize request -> consent) stays usable.
     flow_ttl: int = 1800
 
-    @field_validator("public_url")
+    @field_validator("public_url", "internal_url")
     @classmethod
-    def _no_trailing_slash(cls, value: str) -> str:
-        return value.rstrip("/")
+    def _no_trailing_slash(cls, value: str | None) -> str | None:
+        return value.rstrip("/") if value is not None else None
+
+    @property
+    def api_url(self) -> str:
+        return self.internal_url or self.public_url
 
     @property
     def issuer(self) -> str:

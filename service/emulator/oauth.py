@@ -124,10 +124,10 @@ def oauth_router(store: Store) -> APIRouter:
         return _json(_fault_body(endpoint, status, store.now()), status, tid, **extra)
 
     def discovery() -> dict[str, Any]:
-        base = settings.public_url
+        base = settings.api_url  # machine endpoints; the browser only visits authorize
         return {
             "issuer": settings.issuer,
-            "authorization_endpoint": f"{base}/connect/oauth2",
+            "authorization_endpoint": f"{settings.public_url}/connect/oauth2",
             "token_endpoint": f"{base}/oauth2/v1/tokens/bearer",
             "userinfo_endpoint": f"{base}/v1/openid_connect/userinfo",
             "revocation_endpoint": f"{base}/v2/oauth2/tokens/revoke",

@@ -9,14 +9,14 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import HTMLResponse, RedirectResponse
-from pydantic import AnyHttpUrl, BaseModel, Field
+from pydantic import AnyHttpUrl, BaseModel, Field, StrictBool
 
 from service.auth.dependencies import CurrentCaller
 from service.connections import service
-from service.connections.router import ERRORS, PROBLEM, ConnectionID
+from service.connections.router import CONFLICT, ERRORS, UPSTREAM, ConnectionID
 from service.connections.schemas import ConnectionOut, Strict, UserId
 from service.db.engine import SessionDep
-from service.errors import IntuitUnavailable, problem_response
+from service.errors import IntuitUnavailable, problem_response, problem_responses
 from service.intuit import errors as intuit_errors
 from service.oauth import flows
 from service.oauth.state import check_return_url, create_state
@@ -32,7 +32,7 @@ class AuthorizeRequest(Strict):
     return_url: AnyHttpUrl | None = Field(
         default=None, description="Where the browser returns after Intuit; its origin must be in "
                                   "BROKER_RETURN_URL_ALLOWLIST.")
-    force: bool = Field(default=False, description="\"Connect anyway\": a different QuickBooks user "
+    force: StrictBool = Field(default=False, description="\"Connect anyway\": a different QuickBooks user "
                                                    "or company replaces the current one.")
     user_id: UserId | None = Field(default=None, description="Services only: the cieTrade user "
                                                             "who will sign in to Intuit.")
@@ -44,7 +44,7 @@ class AuthorizeResponse(BaseModel):
 
 
 @router.post("/connections/{connection_id}/authorize", response_model=AuthorizeResponse,
-             responses={**ERRORS, 400: PROBLEM, 503: PROBLEM},
+             responses={**ERRORS, **problem_responses(400), **UPSTREAM},
              summary="Start the Connect flow: get Intuit's authorization URL")
 async def authorize(session: SessionDep, rt: RuntimeDep, caller: CurrentCaller,
                     connection_id: ConnectionID, body: AuthorizeRequest | None = None) -> AuthorizeResponse:
@@ -92,8 +92,16 @@ def _result_page(outcome: flows.CallbackOutcome) -> str:
 @router.get("/callback", include_in_schema=True, response_class=HTMLResponse,
             responses={303: {"description": "Back to the return_url with connection_id, result and "
                                             "error"},
-                       400: {"description": "The authorization state is unknown, used or expired",
-                             "content": {"text/html": {}, "application/problem+json": {}}}},
+                       400: {"description": "The authorization failed (HTML page, or problem+json "
+                                            "for a client that accepts only JSON)",
+                             "content": {"text/html": {"schema": {"type": "string"}},
+                                         "application/problem+json": {
+                                             "schema": {"$ref": "#/components/schemas/Problem"}}}},
+                       **problem_responses(413, 422),
+                       502: {"description": "Intuit failed; an HTML page says so",
+                             "content": {"text/html": {"schema": {"type": "string"}},
+                                         "application/problem+json": {
+                                             "schema": {"$ref": "#/components/schemas/Problem"}}}}},
             summary="Intuit's redirect back to the broker (browser only)")
 async def callback(request: Request, rt: RuntimeDep,
                    code: Annotated[str | None, Query(max_length=2000)] = None,
@@ -119,7 +127,7 @@ async def callback(request: Request, rt: RuntimeDep,
 
 
 @router.post("/connections/{connection_id}/pending-link/confirm", response_model=ConnectionOut,
-             responses={**ERRORS, 409: PROBLEM}, summary="\"Connect anyway\" after the fact")
+             responses={**ERRORS, **CONFLICT}, summary="\"Connect anyway\" after the fact")
 async def confirm_pending_link(session: SessionDep, rt: RuntimeDep, caller: CurrentCaller,
                                connection_id: ConnectionID) -> ConnectionOut:
     conn = await service.load_for_write(session, caller, connection_id)

@@ -263,7 +263,8 @@ def test_module_runs_with_uvicorn(tmp_path: Any) -> None:
     state = tmp_path / "state.json"
     process = subprocess.Popen(
         [sys.executable, "-m", "service.emulator", "--host", "127.0.0.1", "--port", str(port),
-         "--public-url", "http://emulator.test:1234", "--client-id", "cid",
+         "--public-url", "http://emulator.test:1234", "--internal-url", "http://emu:9100/",
+         "--client-id", "cid",
          "--client-secret", "csecret", "--redirect-uri", REDIRECT_URI,
          "--redirect-uri", "http://localhost:9999/cb", "--state-file", str(state),
          "--log-level", "warning"])
@@ -277,7 +278,9 @@ def test_module_runs_with_uvicorn(tmp_path: Any) -> None:
                 assert process.poll() is None, "the emulator exited"
                 assert time.monotonic() < deadline, "the emulator did not start"
                 time.sleep(0.1)
-        assert doc.json()["token_endpoint"] == "http://emulator.test:1234/oauth2/v1/tokens/bearer"
+        assert doc.json()["token_endpoint"] == "http://emu:9100/oauth2/v1/tokens/bearer"
+        assert doc.json()["jwks_uri"] == "http://emu:9100/op/v1/jwks"
+        assert doc.json()["authorization_endpoint"] == "http://emulator.test:1234/connect/oauth2"
         authorize = httpx.get(f"http://127.0.0.1:{port}/connect/oauth2", params={
             "client_id": "cid", "response_type": "code", "scope": "openid",
             "redirect_uri": "http://localhost:9999/cb", "state": "s"})
