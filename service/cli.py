@@ -104,15 +104,21 @@ def dev_token(tenant: Annotated[str, typer.Option(help="tenant_id claim.")],
                                issuer=settings.jwt_issuer, audience=settings.jwt_audience))
 
 
-async def _with_session(settings: Settings, work):  # type: ignore[no-untyped-def]
+def _in_session(work):  # type: ignore[no-untyped-def]
+    """Run `work(session)` in one transaction on the migrated database."""
     from service.db.engine import build_engine, build_sessionmaker
 
-    engine = build_engine(_migrated_database(settings), pool_size=2)
-    try:
-        async with build_sessionmaker(engine)() as session, session.begin():
-            return await work(session)
-    finally:
-        await engine.dispose()
+    url = _migrated_database(_settings())  # blocking: Alembic runs its own event loop
+
+    async def run():  # type: ignore[no-untyped-def]
+        engine = build_engine(url, pool_size=2)
+        try:
+            async with build_sessionmaker(engine)() as session, session.begin():
+                return await work(session)
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(run())
 
 
 @api_key_app.command("create")
@@ -130,7 +136,7 @@ def api_key_create(name: Annotated[str, typer.Option(help="Who uses the key.")],
     async def work(session):  # type: ignore[no-untyped-def]
         return await create_api_key(session, name=name, scopes=scope)
 
-    row, key = asyncio.run(_with_session(_settings(), work))
+    row, key = _in_session(work)
     typer.echo(f"created API key {row.id} ({row.name}) with scopes {' '.join(row.scopes)}")
     typer.echo("store it now; it is not shown again:")
     typer.echo(key)
@@ -141,7 +147,7 @@ def api_key_list() -> None:
     """List keys (never the keys themselves)."""
     from service.auth.api_keys import list_api_keys
 
-    rows = asyncio.run(_with_session(_settings(), list_api_keys))
+    rows = _in_session(list_api_keys)
     for row in rows:
         state = f"revoked {row.revoked_at:%Y-%m-%d}" if row.revoked_at else "active"
         typer.echo(f"{row.id}  {row.name}  qbk_{row.prefix}_…  {','.join(row.scopes)}  {state}")
@@ -161,7 +167,7 @@ def api_key_revoke(key_id: Annotated[str, typer.Argument(help="The key's id.")])
     async def work(session):  # type: ignore[no-untyped-def]
         return await revoke_api_key(session, ident)
 
-    if not asyncio.run(_with_session(_settings(), work)):
+    if not _in_session(work):
         _fail(f"no active key {key_id}")
     typer.echo(f"revoked {key_id}")
 
@@ -180,8 +186,10 @@ def rotate_keys_command(batch: Annotated[int, typer.Option(min=1, help="Rows per
         _fail(str(exc))
         return
 
+    url = _migrated_database(settings)
+
     async def run() -> int:
-        engine = build_engine(_migrated_database(settings), pool_size=2)
+        engine = build_engine(url, pool_size=2)
         try:
             return await rotate_keys(build_sessionmaker(engine), box, batch=batch)
         finally:
@@ -215,7 +223,7 @@ def openapi(output: Annotated[Path | None, typer.Option(help="Write here instead
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def emulator(ctx: typer.Context) -> None:
-    """Run the local Intuit emulator (options: see `qbo-broker emulator --help`)."""
+    """Run the local Intuit emulator (its options: `python -m service.emulator --help`)."""
     from service.emulator.__main__ import main as emulator_main
 
     emulator_main(ctx.args)

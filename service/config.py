@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import re
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Literal
@@ -20,6 +21,7 @@ INTUIT_API_BASE_URLS = {
 }
 
 CommaList = Annotated[list[str], NoDecode]
+_KEY_ID = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
 
 
 def _split_commas(value: object) -> object:
@@ -122,6 +124,11 @@ class Settings(BaseSettings):
                 raise ConfigurationError(
                     "BROKER_ENCRYPTION_KEYS entries must look like kid:base64key"
                 )
+            if not _KEY_ID.match(kid):
+                # Ciphertexts read "kid.payload": a dot or colon in a key id would be ambiguous.
+                raise ConfigurationError(
+                    f"BROKER_ENCRYPTION_KEYS key id {kid!r} must be 1-32 letters, digits, _ or -"
+                )
             try:
                 key = base64.b64decode(encoded, validate=True)
             except ValueError:
@@ -152,5 +159,8 @@ class Settings(BaseSettings):
             )
         if self.jwt_secret is not None and len(self.jwt_secret) < 32:
             problems.append("BROKER_JWT_SECRET must be at least 32 characters")
+        if self.intuit_environment == "production" and not self.public_url.startswith("https://"):
+            # Intuit accepts only https redirect URIs (and no localhost) for production apps.
+            problems.append("BROKER_PUBLIC_URL must be https:// when INTUIT_ENVIRONMENT=production")
         if problems:
             raise ConfigurationError("; ".join(problems))

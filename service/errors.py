@@ -55,13 +55,14 @@ class ProblemError(Exception):
         super().__init__(self.detail)
 
     def body(self) -> dict[str, Any]:
+        # Extra fields help (connection_id, connection_status); they never replace the core ones.
         return {
+            **self.extra,
             "type": f"https://qbo-broker.cietrade.dev/problems/{self.code}",
             "title": self.title,
             "status": self.status,
             "detail": self.detail,
             "code": self.code,
-            **self.extra,
         }
 
 

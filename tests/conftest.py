@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -38,12 +40,15 @@ ALICE, BOB, CAROL, DAVE = ("alice@example.com", "bob@example.com", "carol@exampl
 
 
 @pytest.fixture(scope="session")
-def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    admin = database.server_url(tmp_path_factory.mktemp("pg"))
-    url = asyncio.run(database.create_database(admin))
-    upgrade_to_head(url)  # the real migrations, as in production
-    yield url
-    asyncio.run(database.drop_database(admin, url))
+def database_url() -> Iterator[str]:
+    # A directory of our own (not pytest's tmp tree, which concurrent runs prune): the embedded
+    # server runs as another system user when the tests run as root, and must reach it.
+    with tempfile.TemporaryDirectory(prefix="qbo-test-pg-") as pg_dir, \
+            database.postgres_server(Path(pg_dir)) as admin:
+        url = asyncio.run(database.create_database(admin))
+        upgrade_to_head(url)  # the real migrations, as in production
+        yield url
+        asyncio.run(database.drop_database(admin, url))
 
 
 @dataclass
@@ -159,3 +164,21 @@ def new_connection(client: httpx.AsyncClient) -> Callable[..., Awaitable[dict[st
     return make
 
 
+
+
+@pytest.fixture
+async def runtime(stack: Stack) -> AsyncIterator[Any]:
+    """The broker's runtime objects, for driving background work directly in a test."""
+    from service.intuit.client import IntuitClient
+    from service.runtime import Runtime
+    from service.tokens.crypto import SecretBox
+    from service.tokens.refresh import TokenRefresher
+
+    engine = build_engine(stack.database_url, pool_size=4)
+    sessionmaker = build_sessionmaker(engine)
+    intuit = IntuitClient(stack.settings)
+    box = SecretBox(stack.settings.parsed_encryption_keys)
+    yield Runtime(settings=stack.settings, engine=engine, sessionmaker=sessionmaker, intuit=intuit,
+                  box=box, refresher=TokenRefresher(stack.settings, sessionmaker, intuit, box))
+    await intuit.aclose()
+    await engine.dispose()

@@ -67,7 +67,7 @@ async def disconnect(session: AsyncSession, rt: Runtime, conn: Connection, *, ca
         return  # already done; disconnecting twice is not an error
     if conn.status == Status.PENDING:
         raise NotConnected("The connection was never linked to QuickBooks.",
-                           connection_id=str(conn.id), status=conn.status)
+                           connection_id=str(conn.id), connection_status=conn.status)
     revoked = None
     if conn.refresh_token is not None:
         revoked = await revoke_or_queue(session, rt.intuit, rt.box, connection_id=conn.id,

@@ -36,7 +36,7 @@ def build_engine(database_url: str, *, pool_size: int = 10) -> AsyncEngine:
         max_overflow=pool_size,
         pool_pre_ping=True,
         pool_recycle=1800,
-        # Statements are short; a stuck one must not hold a pooled connection forever.
+        # Named in pg_stat_activity, so operators can tell the broker's sessions apart.
         connect_args={"server_settings": {"application_name": "qbo-broker"}},
     )
 

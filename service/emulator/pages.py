@@ -36,8 +36,8 @@ button, .button {{ font: inherit; font-weight: 600; border-radius: 4px; padding:
 button.secondary {{ background: #fff; color: {INTUIT_GREEN}; }}
 button.link {{ border: none; background: none; color: #0077c5; padding: 0; font-weight: 400; }}
 button.choice {{ width: 100%; text-align: left; background: #fff; color: #393a3d;
-  border: 1px solid #babec5; margin-bottom: 10px; display: flex; justify-content: space-between;
-  align-items: center; }}
+  font-weight: 400; border: 1px solid #babec5; margin-bottom: 10px; display: flex;
+  justify-content: space-between; align-items: center; }}
 button.choice:hover {{ border-color: {INTUIT_GREEN}; }}
 .actions {{ display: flex; gap: 12px; justify-content: flex-end; margin-top: 24px; }}
 .actions form {{ margin: 0; }}

@@ -16,6 +16,7 @@ from service.connections import repository as repo
 from service.connections.schemas import Status
 from service.db.models import Connection, PendingLink
 from service.errors import (
+    IntuitRejected,
     IntuitUnavailable,
     InvalidState,
     NoPendingLink,
@@ -71,10 +72,6 @@ class CallbackError(ProblemError):
 
 class AuthorizationCodeRejected(ProblemError):
     status, code, title = 400, "authorization_code_rejected", "Intuit rejected the authorization"
-
-
-class IntuitAnswerUnusable(ProblemError):
-    status, code, title = 502, "intuit_error", "Intuit answered something the broker cannot use"
 
 
 async def complete_callback(rt: Runtime, *, state: str | None, code: str | None,
@@ -134,7 +131,7 @@ async def _obtain_grant(rt: Runtime, *, code: str, realm_id: str) -> _Grant:
     except intuit_errors.IntuitError as exc:
         log.warning("callback: Intuit answer unusable: %s", type(exc).__name__,
                     extra={"intuit_tid": exc.intuit_tid})
-        raise IntuitAnswerUnusable("Intuit's answer could not be used; try Connect again.") from None
+        raise IntuitRejected("Intuit's answer could not be used; try Connect again.") from None
     return _Grant(tokens=tokens, user=user, realm_id=realm_id, company_name=company_name)
 
 

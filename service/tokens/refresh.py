@@ -61,10 +61,10 @@ def _usable_or_raise(conn: Connection) -> None:
     if conn.status == Status.REAUTHORIZATION_REQUIRED:
         raise ReauthorizationRequired(
             "QuickBooks refused this connection's credentials; a user must Connect again.",
-            connection_id=str(conn.id), status=conn.status)
+            connection_id=str(conn.id), connection_status=conn.status)
     if conn.status != Status.CONNECTED or conn.refresh_token is None:
         raise NotConnected("The connection is not connected to QuickBooks.",
-                           connection_id=str(conn.id), status=conn.status)
+                           connection_id=str(conn.id), connection_status=conn.status)
 
 
 class TokenRefresher:
@@ -154,7 +154,7 @@ class TokenRefresher:
                     error: Exception = ReauthorizationRequired(
                         "QuickBooks refused the refresh token (revoked in QuickBooks, expired, "
                         "or replaced); a user must Connect again.",
-                        connection_id=str(conn.id), status=Status.REAUTHORIZATION_REQUIRED)
+                        connection_id=str(conn.id), connection_status=Status.REAUTHORIZATION_REQUIRED)
                 except intuit_errors.IntuitError as exc:
                     REFRESHES.labels("error", trigger).inc()
                     log.error("refresh failed: %s", type(exc).__name__,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import asyncpg
@@ -15,12 +17,19 @@ TABLES = ["connection_events", "pending_links", "authorization_states", "pending
           "quickbooks_user_claims", "api_keys", "connections"]
 
 
-def server_url(tmp_dir: Path) -> str:
+@contextmanager
+def postgres_server(tmp_dir: Path) -> Iterator[str]:
+    """The admin URL of a server to create test databases on; an embedded one is stopped after."""
     if os.environ.get("DATABASE_URL"):
-        return os.environ["DATABASE_URL"]
-    from service.db.embedded import start_embedded_postgres
+        yield os.environ["DATABASE_URL"]
+        return
+    import pgserver
 
-    return start_embedded_postgres(tmp_dir, database="postgres")
+    server = pgserver.get_server(tmp_dir, cleanup_mode="stop")
+    try:
+        yield f"postgresql://postgres:@/postgres?host={tmp_dir}"
+    finally:
+        server.cleanup()
 
 
 async def create_database(admin_url: str) -> str:

@@ -106,7 +106,10 @@ async def test_disconnected_in_quickbooks_becomes_reauthorization_required(
     await expire_access_token(stack.database_url, cid)
     response = await client.get(f"/connections/{cid}/token", headers=headers)
     assert response.status_code == 409
-    assert response.json()["code"] == "reauthorization_required"
+    problem = response.json()
+    assert problem["code"] == "reauthorization_required" and problem["status"] == 409
+    assert problem["connection_id"] == cid
+    assert problem["connection_status"] == "reauthorization_required"
     body = (await client.get(f"/connections/{cid}", headers=user_headers())).json()
     assert body["status"] == "reauthorization_required"
     assert body["last_error"]["code"] == "invalid_grant"
