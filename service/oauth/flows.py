@@ -295,8 +295,27 @@ async def decline_pending_link(session: AsyncSession, rt: Runtime, conn: Connect
     pending = await repo.get_pending_link(session, conn.id, for_update=True)
     if pending is None:
         raise NoPendingLink("There is no pending link to decline.", connection_id=str(conn.id))
-    await _discard_pending(session, rt, pending, revoke=True, reason="pending_link_declined")
-    conn.updated_at = datetime.now(UTC)
-    await repo.add_event(session, conn, "pending_link_declined", actor=actor,
-                         realm_id=pending.realm_id, quickbooks_user_sub=pending.qb_sub)
+    await discard_pending_link(session, rt, conn, pending, event="pending_link_declined", actor=actor)
 
+
+async def discard_pending_link(session: AsyncSession, rt: Runtime, conn: Connection,
+                               pending: PendingLink, *, event: str, actor: str) -> None:
+    """Revoke the pending grant at Intuit and drop it (declined, or expired after 10 minutes).
+
+    Revoking ends the app's connection to that company at Intuit. When the pending grant is for
+    the connection's own company (another admin's "Connect anyway"), Intuit had already retired
+    the connection's grant in its favour, so the connection cannot stay `connected`.
+    """
+    await _discard_pending(session, rt, pending, revoke=True, reason=event)
+    now = datetime.now(UTC)
+    conn.updated_at = now
+    await repo.add_event(session, conn, event, actor=actor, realm_id=pending.realm_id,
+                         quickbooks_user_sub=pending.qb_sub)
+    if pending.realm_id == conn.realm_id and conn.status == Status.CONNECTED:
+        conn.status = Status.REAUTHORIZATION_REQUIRED
+        conn.last_error_code = "quickbooks_connection_revoked"
+        conn.last_error_message = (
+            "Another QuickBooks admin took over this company's connection at Intuit and the "
+            "change was not confirmed, so Intuit no longer honours the earlier credentials. "
+            "Connect again.")
+        conn.last_error_at = now

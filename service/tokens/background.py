@@ -17,9 +17,9 @@ from service.connections import repository as repo
 from service.db.models import Connection, PendingLink
 from service.errors import ProblemError
 from service.metrics import BACKGROUND_RUNS
+from service.oauth.flows import discard_pending_link
 from service.runtime import Runtime
-from service.tokens import credentials
-from service.tokens.revocation import retry_pending_revocations, revoke_or_queue
+from service.tokens.revocation import retry_pending_revocations
 
 log = logging.getLogger(__name__)
 
@@ -116,13 +116,10 @@ async def expire_pending_links(rt: Runtime, *, batch: int = 50) -> int:
             sa.select(PendingLink).where(P.expires_at <= sa.func.now()).limit(batch)
             .with_for_update(skip_locked=True))).scalars())
         for pending in rows:
-            conn = await repo.get_connection(session, pending.connection_id)
-            await revoke_or_queue(session, rt.intuit, rt.box, connection_id=pending.connection_id,
-                                  token=credentials.open_pending(pending, rt.box).refresh_token,
-                                  reason="pending_link_expired")
-            await session.delete(pending)
-            if conn is not None:
-                await repo.add_event(session, conn, "pending_link_expired", actor="broker",
-                                     realm_id=pending.realm_id, quickbooks_user_sub=pending.qb_sub)
+            conn = await repo.get_connection(session, pending.connection_id, for_update=True)
+            if conn is None:
+                continue  # deleted meanwhile; the cascade removes the pending link
+            await discard_pending_link(session, rt, conn, pending, event="pending_link_expired",
+                                       actor="broker")
             BACKGROUND_RUNS.labels("pending_link", "expired").inc()
     return len(rows)

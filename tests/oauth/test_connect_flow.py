@@ -206,3 +206,22 @@ async def test_callback_without_return_url_shows_a_result_page(client, new_conne
     result = await connect(conn["id"], return_url=None)
     assert result.status_code == 200
     assert "Connected to QuickBooks" in result.body
+
+
+async def test_declining_another_admins_takeover_is_truthful_about_the_old_grant(
+        client, new_connection, connect, emulator, service_headers) -> None:
+    conn = await new_connection()
+    await connect(conn["id"], email=BOB)
+    # Alice clicks "Connect anyway" at Intuit: Intuit retires Bob's grant in favour of hers.
+    result = await connect(conn["id"], email=ALICE, connect_anyway=True)
+    assert result.params["result"] == "confirmation_required"
+    declined = await client.delete(f"/connections/{conn['id']}/pending-link", headers=user_headers())
+    assert declined.status_code == 204
+    assert (await emulator.get("/grants")).json() == []  # nothing is live at Intuit any more
+    body = (await client.get(f"/connections/{conn['id']}", headers=user_headers())).json()
+    assert body["status"] == "reauthorization_required"
+    assert body["owner"]["quickbooks_user"]["email"] == BOB  # still remembered
+    assert body["last_error"]["code"] == "quickbooks_connection_revoked"
+    token = await client.get(f"/connections/{conn['id']}/token",
+                             headers=await service_headers("tokens:read"))
+    assert token.json()["code"] == "reauthorization_required"

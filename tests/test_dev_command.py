@@ -1,0 +1,84 @@
+"""`qbo-broker dev` as a newcomer runs it: everything wired, Connect works, data survives a restart."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+from tests.support.intuit_user import sign_in_and_decide
+from tests.support.servers import free_port
+
+
+@contextmanager
+def dev_process(data_dir: Path, port: int, emulator_port: int, log: Path) -> Iterator[dict[str, str]]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BROKER_", "INTUIT_", "DATABASE_"))}
+    env["BROKER_DATA_DIR"] = str(data_dir)
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "service", "dev", "--port", str(port),
+                                 "--emulator-port", str(emulator_port)], stdout=out,
+                                stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.3)
+        text = log.read_text()
+        jwt = re.search(r"UserJWT:\n(\S+)", text)
+        key = re.search(r"ServiceAPIKey:\n(\S+)", text)
+        assert jwt and key, text
+        assert f"http://localhost:{port}/docs" in text
+        yield {"jwt": jwt.group(1), "api_key": key.group(1)}
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+async def test_dev_connects_and_survives_a_restart(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    port, emulator_port = free_port(), free_port()
+    broker = f"http://127.0.0.1:{port}"
+    with dev_process(data_dir, port, emulator_port, tmp_path / "dev-1.log") as first:
+        user = {"Authorization": f"Bearer {first['jwt']}"}
+        async with httpx.AsyncClient(base_url=broker, timeout=30) as http:
+            assert (await http.get("/docs")).status_code == 200
+            created = await http.post("/connections", json={}, headers=user)
+            assert created.status_code == 201, created.text
+            cid = created.json()["id"]
+            started = await http.post(f"/connections/{cid}/authorize", json={}, headers=user)
+            assert started.status_code == 200, started.text
+            url = started.json()["authorization_url"]
+            assert url.startswith(f"http://127.0.0.1:{emulator_port}/connect/oauth2?")
+            result = await sign_in_and_decide(url, email="alice@example.com",
+                                              realm_id="9341452988354102")
+            assert result.status_code == 200 and "Connected to QuickBooks" in result.body
+            assert (await http.get(f"/connections/{cid}", headers=user)).json()["status"] == "connected"
+
+    with dev_process(data_dir, port, emulator_port, tmp_path / "dev-2.log") as second:
+        assert second["api_key"] == first["api_key"]  # kept under BROKER_DATA_DIR
+        async with httpx.AsyncClient(base_url=broker, timeout=30) as http:
+            body = (await http.get(f"/connections/{cid}",
+                                   headers={"Authorization": f"Bearer {second['jwt']}"})).json()
+            assert body["status"] == "connected"
+            # The emulator kept its grants too: a forced refresh with the stored token works.
+            token = await http.get(f"/connections/{cid}/token", params={"force_refresh": "true"},
+                                   headers={"X-API-Key": second["api_key"]})
+            assert token.status_code == 200, token.text
