@@ -107,5 +107,5 @@ def openapi_yaml() -> str:
     """The OpenAPI document as YAML, independent of any environment the process runs in."""
     import yaml
 
-    document = create_app(Settings(_env_file=None, BROKER_RETURN_URL_ALLOWLIST="")).openapi()  # type: ignore[call-arg]
+    document = create_app(Settings(BROKER_RETURN_URL_ALLOWLIST=[])).openapi()  # type: ignore[call-arg]
     return yaml.safe_dump(document, sort_keys=False, allow_unicode=True, width=100)

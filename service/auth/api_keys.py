@@ -52,7 +52,8 @@ async def find_active_key(session: AsyncSession, key: str) -> ApiKey | None:
 
 
 async def list_api_keys(session: AsyncSession) -> list[ApiKey]:
-    return list((await session.execute(sa.select(ApiKey).order_by(ApiKey.created_at))).scalars())
+    created = ApiKey.__table__.c.created_at  # type: ignore[attr-defined]
+    return list((await session.execute(sa.select(ApiKey).order_by(created))).scalars())
 
 
 async def revoke_api_key(session: AsyncSession, key_id: uuid.UUID) -> bool:

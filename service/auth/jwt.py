@@ -45,12 +45,11 @@ class JWTVerifier:
                 raise Unauthorized("The bearer token's signing key is unknown.") from None
         else:
             raise Unauthorized("The bearer token's algorithm is not accepted.")
-        options: dict[str, Any] = {"require": list(_REQUIRED_CLAIMS)}
         try:
             claims = jwt.decode(
                 token, key, algorithms=[alg],
                 audience=s.jwt_audience, issuer=s.jwt_issuer,
-                options={**options, "verify_aud": s.jwt_audience is not None},
+                options={"require": list(_REQUIRED_CLAIMS), "verify_aud": s.jwt_audience is not None},
                 leeway=30,
             )
         except jwt.ExpiredSignatureError:

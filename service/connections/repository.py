@@ -43,7 +43,6 @@ async def create_connection(session: AsyncSession, *, tenant_id: str) -> Connect
     conn = Connection(tenant_id=tenant_id)
     session.add(conn)
     await session.flush()
-    await session.refresh(conn)
     return conn
 
 
@@ -80,7 +79,8 @@ async def list_connections(
         except ValueError:
             raise _bad_cursor() from None
         stmt = stmt.where(sa.tuple_(C.created_at, C.id) < sa.tuple_(*after))
-    rows = [(row[0], row[1]) for row in (await session.execute(stmt)).all()]
+    rows: list[tuple[Connection, PendingLink | None]] = [
+        (row[0], row[1]) for row in (await session.execute(stmt)).all()]
     next_cursor = None
     if len(rows) > limit:
         rows = rows[:limit]

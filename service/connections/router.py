@@ -40,6 +40,8 @@ Cursor = Annotated[str | None, Query(max_length=200, description="`next_cursor` 
 TenantQuery = Annotated[TenantId | None, Query(description="Services only: the tenant to look at.")]
 
 ERRORS = problem_responses(401, 403, 404, 413, 422)
+# A request body that is not even text (FastAPI: "There was an error parsing the body").
+MALFORMED = problem_responses(400)
 CONFLICT = problem_responses(409)
 UPSTREAM = problem_responses(502, 503)
 
@@ -52,7 +54,8 @@ class AccessTokenOut(BaseModel):
     api_base_url: str
 
 
-@router.post("/connections", status_code=201, response_model=ConnectionOut, responses=ERRORS,
+@router.post("/connections", status_code=201, response_model=ConnectionOut,
+             responses={**ERRORS, **MALFORMED},
              summary="Create a connection for the tenant")
 async def create_connection(session: SessionDep, caller: CurrentCaller,
                             body: Annotated[ConnectionCreate | None, Body()] = None) -> ConnectionOut:
@@ -81,7 +84,8 @@ async def get_connection(session: SessionDep, caller: CurrentCaller,
     return await service.present(session, conn)
 
 
-@router.patch("/connections/{connection_id}", response_model=ConnectionOut, responses=ERRORS,
+@router.patch("/connections/{connection_id}", response_model=ConnectionOut,
+              responses={**ERRORS, **MALFORMED},
               summary="Turn modules on or off (the Integration page's Save)")
 async def patch_connection(session: SessionDep, caller: CurrentCaller, connection_id: ConnectionID,
                            body: ConnectionPatch) -> ConnectionOut:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -11,6 +11,12 @@ from sqlalchemy.dialects import postgresql as pg
 from sqlmodel import Field, SQLModel
 
 TZ = sa.DateTime(timezone=True)
+
+
+def _now_field() -> Any:
+    # Set in Python (so new objects need no refresh) and defaulted in SQL (for raw inserts).
+    return Field(default_factory=lambda: datetime.now(UTC),
+                 sa_column=sa.Column(TZ, nullable=False, server_default=sa.func.now()))
 
 
 def _ts(nullable: bool = True, **kwargs: Any) -> Any:
@@ -60,10 +66,8 @@ class Connection(SQLModel, table=True):
     last_error_code: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
     last_error_message: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
     last_error_at: datetime | None = _ts()
-    created_at: datetime = Field(sa_column=sa.Column(TZ, nullable=False,
-                                                      server_default=sa.func.now()))
-    updated_at: datetime = Field(sa_column=sa.Column(TZ, nullable=False,
-                                                      server_default=sa.func.now()))
+    created_at: datetime = _now_field()
+    updated_at: datetime = _now_field()
 
 
 class PendingLink(SQLModel, table=True):
@@ -88,8 +92,7 @@ class PendingLink(SQLModel, table=True):
     access_token_expires_at: datetime = Field(sa_column=sa.Column(TZ, nullable=False))
     refresh_token_expires_at: datetime = Field(sa_column=sa.Column(TZ, nullable=False))
     expires_at: datetime = Field(sa_column=sa.Column(TZ, nullable=False))
-    created_at: datetime = Field(sa_column=sa.Column(TZ, nullable=False,
-                                                      server_default=sa.func.now()))
+    created_at: datetime = _now_field()
 
 
 class AuthorizationState(SQLModel, table=True):
@@ -109,8 +112,7 @@ class AuthorizationState(SQLModel, table=True):
     force: bool = Field(default=False, sa_column=sa.Column(sa.Boolean, nullable=False))
     expires_at: datetime = Field(sa_column=sa.Column(TZ, nullable=False))
     used_at: datetime | None = _ts()
-    created_at: datetime = Field(sa_column=sa.Column(TZ, nullable=False,
-                                                      server_default=sa.func.now()))
+    created_at: datetime = _now_field()
 
 
 class ConnectionEvent(SQLModel, table=True):
@@ -129,8 +131,7 @@ class ConnectionEvent(SQLModel, table=True):
     actor: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
     details: dict[str, Any] = Field(default_factory=dict,
                                     sa_column=sa.Column(pg.JSONB, nullable=False))
-    created_at: datetime = Field(sa_column=sa.Column(TZ, nullable=False,
-                                                      server_default=sa.func.now()))
+    created_at: datetime = _now_field()
 
 
 class QuickBooksUserClaim(SQLModel, table=True):
@@ -141,8 +142,7 @@ class QuickBooksUserClaim(SQLModel, table=True):
     tenant_id: str = Field(sa_column=sa.Column(sa.Text, primary_key=True))
     qb_sub: str = Field(sa_column=sa.Column(sa.Text, primary_key=True))
     user_id: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
-    created_at: datetime = Field(sa_column=sa.Column(TZ, nullable=False,
-                                                      server_default=sa.func.now()))
+    created_at: datetime = _now_field()
 
 
 class PendingRevocation(SQLModel, table=True):
@@ -160,8 +160,7 @@ class PendingRevocation(SQLModel, table=True):
     next_attempt_at: datetime = Field(sa_column=sa.Column(TZ, nullable=False,
                                                            server_default=sa.func.now()))
     last_error: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
-    created_at: datetime = Field(sa_column=sa.Column(TZ, nullable=False,
-                                                      server_default=sa.func.now()))
+    created_at: datetime = _now_field()
 
 
 class ApiKey(SQLModel, table=True):
@@ -172,7 +171,6 @@ class ApiKey(SQLModel, table=True):
     prefix: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
     key_hash: str = Field(sa_column=sa.Column(sa.Text, nullable=False, unique=True))
     scopes: list[str] = Field(sa_column=sa.Column(pg.ARRAY(sa.Text), nullable=False))
-    created_at: datetime = Field(sa_column=sa.Column(TZ, nullable=False,
-                                                      server_default=sa.func.now()))
+    created_at: datetime = _now_field()
     last_used_at: datetime | None = _ts()
     revoked_at: datetime | None = _ts()

@@ -325,6 +325,8 @@ class IntuitClient:
         """
         attempts = self._settings.intuit_max_attempts
         last: IntuitUnavailable | None = None
+        # Any attempt whose answer was lost may have been carried out, whatever came after it.
+        maybe_processed = False
         for attempt in range(1, attempts + 1):
             try:
                 result = await self._call(endpoint, call)
@@ -332,7 +334,7 @@ class IntuitClient:
                     _raise_for_unavailable(result)
                 return result
             except OAuthError as exc:
-                exc.after_lost_response = bool(last and last.maybe_processed)  # type: ignore[attr-defined]
+                exc.after_lost_response = maybe_processed  # type: ignore[attr-defined]
                 raise
             except IntuitUnavailable as exc:
                 last = exc
@@ -343,9 +345,11 @@ class IntuitClient:
                                          maybe_processed=True)
                 if not retry_after_send:
                     raise last from None
+            maybe_processed = maybe_processed or last.maybe_processed
             if attempt < attempts:
                 await self._sleep(self._backoff(attempt, last.retry_after))
         assert last is not None
+        last.maybe_processed = maybe_processed
         log.warning("intuit %s unavailable after %d attempts: %s", endpoint, attempts, last,
                     extra={"intuit_tid": last.intuit_tid})
         raise last

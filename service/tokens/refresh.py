@@ -2,9 +2,15 @@
 
 Two layers: inside a process, concurrent callers for one connection share one refresh (a future
 per connection), so waiters hold no database connection; across processes, the refresh runs
-under the connection's row lock (`SELECT … FOR UPDATE`) and re-reads the row under it, so a
+under the connection's row lock (`SELECT … FOR NO KEY UPDATE`) and re-reads the row under it, so a
 replica that waited finds the new token instead of spending the dead refresh token. The lock is
 a transaction's: a killed process releases it. New tokens are committed before anyone sees them.
+
+What a killed process cannot release is Intuit's side: it may have rotated the refresh token for
+an answer that never arrived. So each refresh first commits a `refresh_attempt` record (its own
+short transaction) and removes it with the outcome. A record left behind means "a refresh with
+the stored token may have reached Intuit": a later `invalid_grant` is then reported as
+`refresh_token_lost` (and counted), not blamed on a disconnect in QuickBooks.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
+import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from service.config import Settings
@@ -38,6 +45,9 @@ from service.tokens.crypto import SecretBox
 log = logging.getLogger(__name__)
 
 MIN_VALIDITY = timedelta(minutes=5)
+REFRESH_ATTEMPT = "refresh_attempt"
+
+_E = ConnectionEvent.__table__.c  # type: ignore[attr-defined]
 
 _Needed = Callable[[Connection, datetime], bool]
 
@@ -67,6 +77,42 @@ def _usable_or_raise(conn: Connection) -> None:
                            connection_id=str(conn.id), connection_status=conn.status)
 
 
+async def _lock(session: AsyncSession, connection_id: uuid.UUID) -> Connection | None:
+    """The connection row, locked until the transaction ends.
+
+    FOR NO KEY UPDATE rather than FOR UPDATE: it excludes every other refresher and every
+    FOR UPDATE writer just the same, but lets the refresh_attempt record (a row whose foreign
+    key takes FOR KEY SHARE on this one) be committed from a second session meanwhile.
+    """
+    stmt = sa.select(Connection).where(
+        Connection.id == connection_id).with_for_update(key_share=True)  # type: ignore[arg-type]
+    return (await session.execute(stmt)).scalar_one_or_none()
+
+
+def _issued_at(conn: Connection) -> str | None:
+    """Names the stored refresh token (not secret): it changes whenever a new one is stored."""
+    return conn.refresh_token_issued_at.isoformat() if conn.refresh_token_issued_at else None
+
+
+async def _unresolved_attempt(session: AsyncSession, conn: Connection) -> bool:
+    """Did an earlier refresh send the stored refresh token to Intuit and never learn the outcome?"""
+    rows = await session.execute(sa.select(_E.details).where(
+        _E.connection_id == conn.id, _E.type == REFRESH_ATTEMPT))
+    issued_at = _issued_at(conn)
+    return any(details.get("refresh_token_issued_at") == issued_at for (details,) in rows.all())
+
+
+async def _settle_attempts(session: AsyncSession, conn: Connection, *,
+                           only: int | None = None) -> None:
+    """Drop refresh_attempt records: all of them once Intuit has told the stored token's fate
+    (it refreshed, or refused it), or just one attempt's when Intuit never saw its request."""
+    stmt = sa.delete(ConnectionEvent).where(_E.connection_id == conn.id,
+                                            _E.type == REFRESH_ATTEMPT)
+    if only is not None:
+        stmt = stmt.where(_E.id == only)
+    await session.execute(stmt)
+
+
 class TokenRefresher:
     def __init__(self, settings: Settings, sessionmaker: async_sessionmaker[AsyncSession],
                  intuit: IntuitClient, box: SecretBox) -> None:
@@ -75,6 +121,10 @@ class TokenRefresher:
         self._intuit = intuit
         self._box = box
         self._inflight: dict[uuid.UUID, asyncio.Future[tuple[AccessToken, bool]]] = {}
+        # A refresh holds a pooled connection (its lock) while it takes a second one for the
+        # refresh_attempt record; capping refreshes at half the pool's base size keeps a second
+        # one free, so refreshes of many connections at once cannot starve each other.
+        self._slots = asyncio.Semaphore(max(1, settings.db_pool_size // 2))
 
     def _token_of(self, conn: Connection) -> AccessToken:
         assert conn.access_token_expires_at is not None and conn.realm_id is not None
@@ -131,9 +181,9 @@ class TokenRefresher:
 
     async def _refresh_locked(self, connection_id: uuid.UUID, needed: _Needed, *,
                               trigger: str) -> tuple[AccessToken, bool]:
-        async with self._sessionmaker() as session:
+        async with self._slots, self._sessionmaker() as session:
             async with session.begin():
-                conn = await repo.get_connection(session, connection_id, for_update=True)
+                conn = await _lock(session, connection_id)
                 if conn is None:
                     raise NotFound("No such connection.")
                 _usable_or_raise(conn)
@@ -141,17 +191,23 @@ class TokenRefresher:
                 if not needed(conn, datetime.now(UTC)):
                     return self._token_of(conn), False
                 refresh_token = credentials.open_refresh_token(conn, self._box)
+                unresolved = await _unresolved_attempt(session, conn)
+                attempt = await self._record_attempt(conn, trigger)
                 try:
                     tokens = await self._intuit.refresh(refresh_token)
                 except intuit_errors.IntuitUnavailable as exc:
                     REFRESHES.labels("unavailable", trigger).inc()
-                    raise IntuitUnavailable(
+                    if not exc.maybe_processed:  # Intuit never carried it out
+                        await _settle_attempts(session, conn, only=attempt)
+                    error: Exception = IntuitUnavailable(
                         "Intuit is not reachable right now; the stored credentials are "
                         "unchanged. Retry later.", retry_after=exc.retry_after or 30,
-                        connection_id=str(conn.id)) from None
+                        connection_id=str(conn.id))
                 except intuit_errors.InvalidGrant as exc:
-                    self._mark_reauthorization_required(session, conn, exc, trigger)
-                    error: Exception = ReauthorizationRequired(
+                    self._mark_reauthorization_required(
+                        session, conn, exc, trigger, lost=exc.after_lost_response or unresolved)
+                    await _settle_attempts(session, conn)
+                    error = ReauthorizationRequired(
                         "QuickBooks refused the refresh token (revoked in QuickBooks, expired, "
                         "or replaced); a user must Connect again.",
                         connection_id=str(conn.id), connection_status=Status.REAUTHORIZATION_REQUIRED)
@@ -159,26 +215,42 @@ class TokenRefresher:
                     REFRESHES.labels("error", trigger).inc()
                     log.error("refresh failed: %s", type(exc).__name__,
                               extra={"connection_id": str(conn.id), "intuit_tid": exc.intuit_tid})
-                    raise IntuitRejected("Intuit refused the refresh request; the stored "
-                                         "credentials are unchanged.",
-                                         connection_id=str(conn.id)) from None
+                    if isinstance(exc, intuit_errors.InvalidClient):  # refused before the token
+                        await _settle_attempts(session, conn, only=attempt)
+                    error = IntuitRejected("Intuit refused the refresh request; the stored "
+                                           "credentials are unchanged.", connection_id=str(conn.id))
                 else:
                     # Persist the new refresh token before anything else can happen.
                     now = datetime.now(UTC)
                     credentials.store_tokens(conn, tokens, self._box, now=now, keepalive_age=timedelta(
                         seconds=self._settings.keepalive_refresh_age_seconds))
                     conn.updated_at = now
+                    await _settle_attempts(session, conn)
                     await repo.add_event(session, conn, "refreshed", actor=trigger)
                     REFRESHES.labels("ok", trigger).inc()
                     return self._token_of(conn), True
-            # The invalid_grant outcome is committed; now tell the caller.
+            # The outcome is committed (the stored credentials untouched); now tell the caller.
             raise error
 
+    async def _record_attempt(self, conn: Connection, trigger: str) -> int:
+        """Commit, on its own, that this refresh token is about to be sent to Intuit.
+
+        Everything in the locked transaction dies with this process; this record does not. A
+        refresher that finds it left behind knows Intuit may have rotated the stored token for
+        an answer nobody received, and can say so if Intuit then refuses the token.
+        """
+        async with self._sessionmaker() as session, session.begin():
+            inserted = await session.execute(sa.insert(ConnectionEvent).values(
+                connection_id=conn.id, tenant_id=conn.tenant_id, type=REFRESH_ATTEMPT,
+                actor=trigger, details={"refresh_token_issued_at": _issued_at(conn)},
+            ).returning(_E.id))
+            return int(inserted.scalar_one())
+
     def _mark_reauthorization_required(self, session: AsyncSession, conn: Connection,
-                                       exc: intuit_errors.InvalidGrant, trigger: str) -> None:
+                                       exc: intuit_errors.InvalidGrant, trigger: str, *,
+                                       lost: bool) -> None:
         """Status, last_error and an event; the stored tokens stay as they are."""
         now = datetime.now(UTC)
-        lost = exc.after_lost_response
         if lost:
             REFRESH_TOKENS_LOST.inc()
             log.error("refresh token lost: an answer to a refresh was lost and Intuit has since "

@@ -1,0 +1,1 @@
+"""qbo-broker: cieTrade's OAuth 2.0 broker for QuickBooks Online."""
