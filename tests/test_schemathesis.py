@@ -1,40 +1,67 @@
 """Property-based conformance: every operation in the OpenAPI document, fed generated valid and
 invalid requests, answers without a server error and as the document says (status codes, content
-types, headers, bodies), and refuses requests without valid credentials.
+types, headers, bodies), accepts what the document calls valid, rejects what it calls invalid, and
+refuses requests without valid credentials. All of schemathesis' checks run.
 
 Every operation is its own test against the live broker, from a fresh database seeded with
 connections in each interesting state, so that destructive operations (delete, disconnect) cannot
-starve the ones after them of real ids. Secured operations run twice: as a cieTrade user (JWT) and
-as an internal service (API key with every scope).
+starve the ones after them of real ids. Secured operations run as a cieTrade user (JWT) and as an
+internal service (an API key with every scope).
 """
 
 from __future__ import annotations
 
-import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import httpx
 import pytest
 import schemathesis
 import yaml
+from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from schemathesis import Case, GenerationMode
-from schemathesis.config import HealthCheck
+from pydantic import AnyHttpUrl, TypeAdapter, ValidationError
+from schemathesis import Case
+from schemathesis.core import NOT_SET
 from schemathesis.generation.hypothesis.builder import ApiOperationMark
-from schemathesis.schemas import APIOperation, BaseSchema
+from schemathesis.schemas import APIOperation
 
 from service.connections.schemas import TenantId
 from service.main import openapi_yaml
-from tests.conftest import ALICE, COMPANY_1, COMPANY_2, DAVE, TENANT, Stack, user_headers
+from tests.conftest import ALICE, COMPANY_1, COMPANY_2, DAVE, RETURN_URL, TENANT, Stack, user_headers
 from tests.support.intuit_user import CallbackResult
 
-# Fuzzed cases per operation and identity, on top of the deterministic coverage cases (boundaries,
-# missing and malformed parameters); enough to find what this suite is for within a minute or so.
-MAX_EXAMPLES = 25
 TOKEN_PATH = "/connections/{connection_id}/token"
-_TENANT_PATTERN = re.compile(next(m.pattern for m in TenantId.__metadata__ if hasattr(m, "pattern")))
+CALLBACK = "GET /callback"
+_TENANT_ID: TypeAdapter[str] = TypeAdapter(TenantId)
+_HTTP_URL: TypeAdapter[AnyHttpUrl] = TypeAdapter(AnyHttpUrl)
+
+CONFIG = schemathesis.Config.from_dict({
+    "request-timeout": 10,
+    "generation": {
+        "mode": "all",  # valid and invalid requests
+        # Fuzzed cases per operation and caller, on top of the deterministic coverage cases
+        # (boundaries, missing and malformed parameters): the module runs in about a minute.
+        "max-examples": 25,
+        # No example database in the working tree.
+        "database": ":memory:",
+        # The test's caller signs every request (test_operation); random Authorization and
+        # X-API-Key values next to it would only turn cases into 401s. Missing and invalid
+        # credentials are still tried: `ignored_auth` strips or garbles them on every success.
+        "with-security-parameters": False,
+    },
+    "operations": [{
+        # Intuit's redirect back can only succeed with a `state` the broker issued moments ago and a
+        # `code` Intuit issued for it; for anything a generator can make, the documented answer is
+        # 400 (invalid_state: the HTML page, or problem+json). That answer, and the linking rules
+        # behind a real callback, are tested in tests/oauth/test_connect_flow.py.
+        "include-name": CALLBACK,
+        "checks": {"positive_data_acceptance": {
+            "expected-statuses": ["2xx", "3xx", "400", "401", "403", "404", "409", "429", "5xx"]}},
+    }],
+})
 
 
 @dataclass
@@ -42,43 +69,14 @@ class Seeded:
     """What the running test seeded; read while Hypothesis draws and while requests are sent."""
 
     connection_ids: list[str] = field(default_factory=list)
+    cursors: dict[str, str] = field(default_factory=dict)
     headers: dict[str, str] = field(default_factory=dict)
 
 
 SEEDED = Seeded()
 
-
-def _schema() -> BaseSchema:
-    """The app's document (tests/test_openapi.py: the one the broker serves), configured for this
-    suite."""
-    schema = schemathesis.openapi.from_dict(yaml.safe_load(openapi_yaml()))
-    config = schema.config
-    config.update(request_timeout=10,
-                  # Seeding and the live server make a slow-looking first draw; that is not a bug.
-                  suppress_health_check=[HealthCheck.too_slow])
-    config.generation.update(modes=list(GenerationMode), max_examples=MAX_EXAMPLES,
-                             # Keep no example database in the working tree.
-                             database=":memory:")
-
-    @schema.hook("flatmap_path_parameters")
-    def real_connection_ids(ctx: schemathesis.HookContext, path_parameters: dict[str, Any]) -> Any:
-        # A generated well-formed id never exists; use a seeded one about half of the time, so the
-        # operations' success answers are exercised too. Malformed ids stay: negative cases must
-        # remain negative.
-        if not _is_uuid(path_parameters.get("connection_id")):
-            return st.just(path_parameters)
-        return st.one_of(st.just(path_parameters), st.sampled_from(SEEDED.connection_ids).map(
-            lambda real: {**path_parameters, "connection_id": real}))
-
-    @schema.hook("flatmap_query")
-    def seeded_tenant(ctx: schemathesis.HookContext, query: dict[str, Any] | None) -> Any:
-        # Likewise a service's ?tenant_id=: sometimes the tenant that has connections.
-        value = (query or {}).get("tenant_id")
-        if not (isinstance(value, str) and _TENANT_PATTERN.fullmatch(value)):
-            return st.just(query)
-        return st.one_of(st.just(query), st.just({**(query or {}), "tenant_id": TENANT}))
-
-    return schema
+# The app's document (tests/test_openapi.py: the one the broker serves).
+schema = schemathesis.openapi.from_dict(yaml.safe_load(openapi_yaml()), config=CONFIG)
 
 
 def _is_uuid(value: object) -> bool:
@@ -88,18 +86,83 @@ def _is_uuid(value: object) -> bool:
         return False
 
 
-class Credentials:
-    """The running test's caller, on every generated request (none for anonymous tests)."""
+def _valid(adapter: TypeAdapter[Any], value: object) -> bool:
+    """Whether the value is a string the broker's own model accepts."""
+    if not isinstance(value, str):
+        return False
+    try:
+        adapter.validate_python(value)
+    except ValidationError:
+        return False
+    return True
 
-    def get(self, case: Case, ctx: schemathesis.AuthContext) -> dict[str, str] | None:
-        return SEEDED.headers or None
 
-    def set(self, case: Case, data: dict[str, str], ctx: schemathesis.AuthContext) -> None:
-        case.headers = {**(case.headers or {}), **data}
+@schema.hook("flatmap_path_parameters")
+def real_connection_ids(ctx: schemathesis.HookContext, path_parameters: dict[str, Any] | None) -> Any:
+    # A generated well-formed id never exists; use a seeded one about half of the time, so the
+    # operations' success answers are exercised too. Malformed ids stay: negative cases must remain
+    # negative.
+    if not path_parameters or not _is_uuid(path_parameters.get("connection_id")):
+        return st.just(path_parameters)
+    return st.one_of(st.just(path_parameters), st.sampled_from(SEEDED.connection_ids).map(
+        lambda real: {**path_parameters, "connection_id": real}))
 
 
-schema = _schema()
-schema.auth(refresh_interval=None)(Credentials)
+@schema.hook("flatmap_query")
+def seeded_tenant(ctx: schemathesis.HookContext, query: dict[str, Any] | None) -> Any:
+    # Likewise a service's ?tenant_id=: sometimes the tenant that has connections.
+    if not _valid(_TENANT_ID, (query or {}).get("tenant_id")):
+        return st.just(query)
+    return st.one_of(st.just(query), st.just({**(query or {}), "tenant_id": TENANT}))
+
+
+# Values a document cannot describe, put right on every case just before it is sent: Coverage
+# cases are built at collection time, when nothing is seeded yet, and pass no value hooks. Only
+# values the document calls valid are replaced, by other valid ones, so negative cases stay
+# negative.
+
+
+def _issued_cursor(case: Case) -> None:
+    # A page cursor is opaque: only one the broker issued is valid, and it rightly refuses others
+    # (422, tests/connections/test_connections_api.py). A well-formed generated cursor becomes one
+    # the broker issued for this operation; a malformed one (too long) stays, to be refused.
+    value = (case.query or {}).get("cursor")
+    if isinstance(value, str) and len(value) <= 200:
+        case.query = {**case.query, "cursor": SEEDED.cursors[case.path]}
+
+
+def _allowed_return_url(case: Case) -> None:
+    # Where the browser may return is configuration (BROKER_RETURN_URL_ALLOWLIST); refusing other
+    # origins (400 return_url_not_allowed) is tested in tests/auth/test_authentication.py. A valid
+    # generated return_url becomes the allowlisted one.
+    if isinstance(case.body, dict) and _valid(_HTTP_URL, case.body.get("return_url")):
+        case.body = {**case.body, "return_url": RETURN_URL}
+
+
+# What a service must name where a user's JWT implies it; leaving it out is refused with 422
+# (test_a_service_must_name_the_tenant_and_the_user below).
+_SERVICE_NAMES = {
+    ("GET", "/connections"): ("query", "tenant_id", TENANT),
+    ("GET", "/status"): ("query", "tenant_id", TENANT),
+    ("POST", "/connections"): ("body", "tenant_id", TENANT),
+    ("POST", "/connections/{connection_id}/authorize"): ("body", "user_id", "user-1"),
+}
+
+
+def _as_a_service_would(case: Case) -> None:
+    """Name the tenant or the user, where a service must and the generated case did not."""
+    where = _SERVICE_NAMES.get((case.method.upper(), case.path))
+    if where is None:
+        return
+    location, name, value = where
+    if location == "query":
+        if (case.query or {}).get(name) is None:
+            case.query = {**(case.query or {}), name: value}
+    elif isinstance(case.body, dict):
+        if case.body.get(name) is None:  # absent, or an explicit null: not named either way
+            case.body = {**case.body, name: value}
+    elif case.body is None or case.body is NOT_SET:  # a JSON null, or no body at all
+        case.body, case.media_type = {name: value}, "application/json"
 
 
 def _identities(operation: APIOperation) -> list[str]:
@@ -112,19 +175,24 @@ def _identities(operation: APIOperation) -> list[str]:
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    # Secured operations run as a cieTrade user (JWT) and as an internal service (an API key with
-    # every scope). This also gives each test its own node id: pytest 9.2 builds it from the test's
-    # original name and parameters, and would drop the operation's label for unparametrized tests.
+    # Secured operations run as a cieTrade user and as an internal service. This also gives each
+    # test its own node id: pytest 9.2 builds it from the test's original name and parameters, and
+    # would drop the operation schemathesis puts in an unparametrized test's name.
     if "identity" in metafunc.fixturenames:
         operation = ApiOperationMark.get(metafunc.definition.obj)
         metafunc.parametrize("identity", _identities(operation) if operation else ["anonymous"])
 
 
 @pytest.fixture
-async def seeded(identity: str, new_connection: Callable[..., Awaitable[dict[str, Any]]],
+async def seeded(identity: str, client: httpx.AsyncClient,
+                 new_connection: Callable[..., Awaitable[dict[str, Any]]],
                  connect: Callable[..., Awaitable[CallbackResult]],
                  service_headers: Callable[..., Awaitable[dict[str, str]]]) -> AsyncIterator[Seeded]:
-    """Connections in every state the operations tell apart, and a service's API key."""
+    """Connections in every state the operations tell apart, page cursors, the caller's
+    credentials. Operations open to anyone (health, metrics, Intuit's callback) need none."""
+    if identity == "anonymous":
+        yield SEEDED
+        return
     pending = await new_connection()
     connected = await new_connection()
     linked = await connect(connected["id"], email=ALICE, realm_id=COMPANY_1)
@@ -137,12 +205,20 @@ async def seeded(identity: str, new_connection: Callable[..., Awaitable[dict[str
     assert second.params["result"] == "confirmation_required", second
     foreign = await new_connection(tenant="tenant-b")
     SEEDED.connection_ids = [pending["id"], connected["id"], awaiting["id"], foreign["id"]]
+
+    pages = {"/connections": "/connections",
+             "/connections/{connection_id}/events": f"/connections/{awaiting['id']}/events"}
+    for template, url in pages.items():
+        page = await client.get(url, params={"limit": 1}, headers=user_headers())
+        SEEDED.cursors[template] = page.raise_for_status().json()["next_cursor"]
+        assert SEEDED.cursors[template], (url, page.text)
+
     if identity == "user":
         SEEDED.headers = user_headers()
     elif identity == "service":
         SEEDED.headers = await service_headers("status:read", "tokens:read", "connections:write")
     yield SEEDED
-    SEEDED.connection_ids, SEEDED.headers = [], {}
+    SEEDED.connection_ids, SEEDED.cursors, SEEDED.headers = [], {}, {}
 
 
 @pytest.fixture
@@ -151,5 +227,54 @@ def broker(stack: Stack, seeded: Seeded) -> Iterator[str]:
 
 
 @schema.parametrize()
-def test_operation(case: Case, broker: str) -> None:
-    case.call_and_validate(base_url=broker)
+# The seeded state belongs to the operation's test, not to each generated case: cases that delete
+# or disconnect a seeded connection leave the later ones fewer real ids, which is fine. Cases
+# against a live server are slow to run, not slow to generate.
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+def test_operation(case: Case, broker: str, identity: str) -> None:
+    _issued_cursor(case)
+    _allowed_return_url(case)
+    if identity == "service":
+        _as_a_service_would(case)
+    # Credentials go on at call time: coverage cases are built at collection, before any exist.
+    case.call_and_validate(base_url=broker, headers=SEEDED.headers)
+
+
+async def test_a_service_must_name_the_tenant_and_the_user(
+        client: httpx.AsyncClient, service_headers: Callable[..., Awaitable[dict[str, str]]],
+        new_connection: Callable[..., Awaitable[dict[str, Any]]]) -> None:
+    headers = await service_headers("status:read", "connections:write")
+    connection = await new_connection()
+    requests: list[tuple[str, str, dict[str, str] | None]] = [
+        ("GET", "/connections", None), ("GET", "/status", None), ("POST", "/connections", {}),
+        ("POST", f"/connections/{connection['id']}/authorize", {})]
+    for method, url, body in requests:
+        response = await client.request(method, url, json=body, headers=headers)
+        assert response.status_code == 422, (method, url, response.text)
+        assert response.headers["content-type"] == "application/problem+json"
+        assert response.json()["code"] == "validation_error"
+
+
+# What the run above found, pinned.
+
+
+async def test_method_not_allowed_names_every_method_of_the_path(client: httpx.AsyncClient) -> None:
+    # Each route carries one operation; the router's own 405 named only the first route's methods.
+    for method, url, allowed in [("PUT", "/connections", "GET, POST"),
+                                 ("POST", f"/connections/{uuid.uuid4()}", "GET, PATCH, DELETE"),
+                                 ("DELETE", "/status", "GET")]:
+        response = await client.request(method, url, headers=user_headers())
+        assert response.status_code == 405, (method, url)
+        assert response.headers["allow"] == allowed
+        assert response.json()["code"] == "method_not_allowed"
+
+
+async def test_a_body_that_is_not_text_is_a_documented_400(client: httpx.AsyncClient) -> None:
+    document = yaml.safe_load(openapi_yaml())
+    for method, url, template in [("POST", "/connections", "/connections"),
+                                  ("PATCH", f"/connections/{uuid.uuid4()}", "/connections/{connection_id}")]:
+        response = await client.request(method, url, content=b"\xff\xfe{", headers={
+            **user_headers(), "Content-Type": "application/json"})
+        assert response.status_code == 400, (method, url, response.text)
+        assert response.headers["content-type"] == "application/problem+json"
+        assert "400" in document["paths"][template][method.lower()]["responses"]

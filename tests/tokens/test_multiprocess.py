@@ -32,26 +32,34 @@ LOCK_WAITERS = ("SELECT count(*) AS n FROM pg_stat_activity WHERE wait_event_typ
                 "AND datname = current_database()")
 
 
+# A second encryption key: the rotation test's brokers encrypt under k2 and still read k1.
+NEW_KEYS = f"k2:{base64.b64encode(os.urandom(32)).decode()},{ENCRYPTION_KEY}"
+
+
 @dataclass
 class Replicas:
     a: BrokerProcess
     b: BrokerProcess
     doomed: list[BrokerProcess]  # each is SIGKILLed by one test
     short_timeout: BrokerProcess  # INTUIT_TIMEOUT_SECONDS=1
+    new_keys: tuple[BrokerProcess, BrokerProcess]  # BROKER_ENCRYPTION_KEYS=NEW_KEYS
 
 
 @pytest.fixture(scope="module")
 async def replicas(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Replicas]:
-    """Every broker process the module needs, started together (startup is the slow part)."""
+    """Every broker process the module needs, started together: a process takes seconds to
+    start, and they start in parallel. Each test makes its own data; processes keep none."""
     processes = BrokerProcesses(tmp_path_factory.mktemp("brokers"))
     try:
         env = settings_env(stack.settings)
         started = [processes.spawn(name, env) for name in ("a", "b", "doomed-1", "doomed-2")]
         started.append(processes.spawn("short-timeout", settings_env(
             stack.settings, INTUIT_TIMEOUT_SECONDS=1)))
+        new_keys_env = settings_env(stack.settings, BROKER_ENCRYPTION_KEYS=NEW_KEYS)
+        started += [processes.spawn(name, new_keys_env) for name in ("k2-a", "k2-b")]
         await processes.ready(*started)
-        a, b, doomed_1, doomed_2, short_timeout = started
-        yield Replicas(a, b, [doomed_1, doomed_2], short_timeout)
+        a, b, doomed_1, doomed_2, short_timeout, k2_a, k2_b = started
+        yield Replicas(a, b, [doomed_1, doomed_2], short_timeout, (k2_a, k2_b))
     finally:
         processes.close()
 
@@ -169,6 +177,9 @@ async def test_requests_across_two_processes_share_one_refresh(
     assert after["refresh_token"] != before["refresh_token"]  # the rotated one was kept
     await emulator.post("/config", json={"latency_ms": 0})
     assert await _works_at_intuit(http, responses[0].json())
+    events = (await client.get(f"/connections/{cid}/events", headers=user_headers())).json()
+    assert [e["type"] for e in events["items"]].count("refreshed") == 1
+    assert "refresh_attempt" not in {e["type"] for e in events["items"]}  # settled, so gone
 
 
 async def test_fifty_expired_connections_are_refreshed_once_each(
@@ -179,8 +190,8 @@ async def test_fifty_expired_connections_are_refreshed_once_each(
         await expire_access_token(stack.database_url, cid, seconds_left=10)
     await emulator.post("/config", json={"latency_ms": 200})
 
-    # Four requests per connection, two to each process, all at once.
-    requests = [(cid, broker) for cid, _ in links for broker in (replicas.a, replicas.b) * 2]
+    # Two requests per connection, one to each process, all at once.
+    requests = [(cid, broker) for cid, _ in links for broker in (replicas.a, replicas.b)]
     responses = await asyncio.gather(*(http.get(_token_url(broker, cid), headers=headers)
                                        for cid, broker in requests))
 
@@ -267,7 +278,9 @@ async def test_process_killed_before_its_refresh_left_loses_nothing(
         doomed_request = asyncio.create_task(http.get(_token_url(doomed, cid), headers=headers))
 
         async def doomed_waits() -> bool:
-            return int((await holder.fetchrow(LOCK_WAITERS))["n"]) >= 1
+            # From another connection: a transaction sees pg_stat_activity frozen at first use.
+            waiting = await fetchrow(stack.database_url, LOCK_WAITERS)
+            return waiting is not None and int(waiting["n"]) >= 1
 
         await _until(doomed_waits, "the doomed process to wait for the row lock")
         doomed.kill()
@@ -356,6 +369,11 @@ async def test_timeouts_are_reported_as_what_really_happened_at_intuit(
         return _refresh_outcomes(await _stats(emulator)) == {"ok": 2, "invalid_grant": attempts}
 
     await _until(all_attempts_done, "the timed-out refreshes to finish at the emulator")
+    # An outage in between (Intuit never sees those requests) does not make the broker forget.
+    await emulator.post("/faults", json={"endpoint": "token", "kind": "status", "status": 503,
+                                         "count": attempts})
+    outage = await http.get(_token_url(other, cid), headers=headers)
+    assert outage.json()["code"] == "intuit_unavailable"
     # The stored refresh token is dead now; the next refresh (on another process) finds out,
     # and says what happened instead of blaming a disconnect in QuickBooks.
     answer = await http.get(_token_url(other, cid), headers=headers)
@@ -367,6 +385,27 @@ async def test_timeouts_are_reported_as_what_really_happened_at_intuit(
     assert await _metric(http, other, LOST) == (lost_before or 0) + 1
     stored_after = await _stored_tokens(stack, cid)
     assert stored_after["refresh_token"] == stored["refresh_token"]
+    assert _refresh_outcomes(await _stats(emulator)) == {
+        "ok": 2, "invalid_grant": attempts + 1, "status_503": attempts}
+
+
+async def test_an_answer_lost_early_in_the_retries_is_not_forgotten_by_a_later_one(
+        replicas, http, client, new_connection, connect, service_headers, emulator, stack) -> None:
+    cid = await _link(new_connection, connect)
+    headers = await service_headers("tokens:read")
+    lost_before = await _metric(http, replicas.short_timeout, LOST)
+    await expire_access_token(stack.database_url, cid, seconds_left=10)
+    # Attempt 1 times out (Intuit rotates at 2 s, unheard); attempt 2 gets 429 "retry after
+    # 2 s"; attempt 3 then offers the rotated-away token and gets invalid_grant.
+    await emulator.post("/faults", json={"endpoint": "token", "kind": "timeout", "delay_s": 2})
+    await emulator.post("/faults", json={"endpoint": "token", "kind": "status", "status": 429,
+                                         "delay_s": 2})
+    answer = await http.get(_token_url(replicas.short_timeout, cid), headers=headers)
+    assert answer.status_code == 409, answer.text
+    assert _refresh_outcomes(await _stats(emulator)) == {
+        "ok": 1, "status_429": 1, "invalid_grant": 1}
+    assert (await _connection(client, cid))["last_error"]["code"] == "refresh_token_lost"
+    assert await _metric(http, replicas.short_timeout, LOST) == (lost_before or 0) + 1
 
 
 async def test_invalid_grant_is_asked_once_across_processes(
@@ -400,47 +439,35 @@ async def test_invalid_grant_is_asked_once_across_processes(
 
 # -- key rotation ----------------------------------------------------------------------------
 
-@pytest.fixture
-async def broker_processes(tmp_path) -> AsyncIterator[BrokerProcesses]:
-    processes = BrokerProcesses(tmp_path)
-    try:
-        yield processes
-    finally:
-        processes.close()
-
-
 async def test_key_rotation_under_concurrent_reads_on_two_processes(
-        broker_processes, tmp_path, http, new_connection, connect, service_headers, emulator,
+        replicas, tmp_path, http, new_connection, connect, service_headers, emulator,
         stack) -> None:
-    links = await _link_many(emulator, new_connection, connect, 12)
+    # Written by the in-thread broker, whose only key is k1.
+    links = await _link_many(emulator, new_connection, connect, 8)
     headers = await service_headers("tokens:read")
     ids = [cid for cid, _ in links]
     key_count = ("SELECT count(*) FILTER (WHERE access_token LIKE $1) + "
                  "count(*) FILTER (WHERE refresh_token LIKE $1) AS n FROM connections")
-    assert (await fetchrow(stack.database_url, key_count, "k1.%"))["n"] == 24
-
-    # Brokers that encrypt under a new key k2 and still read k1; one connection needs a refresh.
-    keys = f"k2:{base64.b64encode(os.urandom(32)).decode()},{ENCRYPTION_KEY}"
-    first, second = await broker_processes.start(
-        settings_env(stack.settings, BROKER_ENCRYPTION_KEYS=keys), "k2-a", "k2-b")
-    await expire_access_token(stack.database_url, ids[0], seconds_left=10)
+    assert (await fetchrow(stack.database_url, key_count, "k1.%"))["n"] == 16
+    first, second = replicas.new_keys  # k2 first: they encrypt under k2 and still read k1
+    await expire_access_token(stack.database_url, ids[0], seconds_left=10)  # one refresh too
     await emulator.post("/config", json={"latency_ms": 50})
 
     rotation = asyncio.create_task(run_cli(
         ["rotate-keys", "--batch", "1"],
-        {"DATABASE_URL": stack.database_url, "BROKER_ENCRYPTION_KEYS": keys}, tmp_path))
+        {"DATABASE_URL": stack.database_url, "BROKER_ENCRYPTION_KEYS": NEW_KEYS}, tmp_path))
     served: list[tuple[str, int, str]] = []
 
     async def reader(worker: int) -> None:
         turn = worker
-        while not rotation.done() or len(served) < 300:
+        while not rotation.done() or len(served) < 200:
             cid, broker = ids[turn % len(ids)], (first, second)[turn % 2]
-            turn += 7
+            turn += 5
             response = await http.get(_token_url(broker, cid), headers=headers)
             served.append((cid, response.status_code, response.text if response.status_code
                            != 200 else response.json()["access_token"]))
 
-    await asyncio.gather(*(reader(w) for w in range(12)))
+    await asyncio.gather(*(reader(w) for w in range(6)))
     result = await rotation
 
     assert result.returncode == 0, result.stderr
@@ -451,7 +478,7 @@ async def test_key_rotation_under_concurrent_reads_on_two_processes(
         by_connection.setdefault(cid, set()).add(token)
     assert all(len(tokens) == 1 for tokens in by_connection.values())  # same secret, either key
     assert (await fetchrow(stack.database_url, key_count, "k1.%"))["n"] == 0
-    assert (await fetchrow(stack.database_url, key_count, "k2.%"))["n"] == 24
+    assert (await fetchrow(stack.database_url, key_count, "k2.%"))["n"] == 16
     for broker in (first, second):
-        assert await _metric(http, broker, "qbo_broker_encrypted_secrets", key_id="k2") == 24
+        assert await _metric(http, broker, "qbo_broker_encrypted_secrets", key_id="k2") == 16
         assert not await _metric(http, broker, "qbo_broker_encrypted_secrets", key_id="k1")
