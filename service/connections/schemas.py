@@ -117,6 +117,9 @@ def connection_out(conn: Connection, pending: PendingLink | None) -> ConnectionO
 
 
 class ConnectionCreate(Strict):
+    # A user's tenant comes from their JWT: the empty body is the usual request.
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{}]})
+
     tenant_id: TenantId | None = Field(
         default=None, description="Services only: the tenant the connection is for.")
 
@@ -127,6 +130,9 @@ class ModulesPatch(Strict):
 
 
 class ConnectionPatch(Strict):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={
+        "examples": [{"modules": {"accounts_receivable": True}}]})
+
     modules: ModulesPatch
 
 

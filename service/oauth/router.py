@@ -9,7 +9,7 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import HTMLResponse, RedirectResponse
-from pydantic import AnyHttpUrl, BaseModel, Field, StrictBool
+from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, StrictBool
 
 from service.auth.dependencies import CurrentCaller
 from service.connections import service
@@ -29,6 +29,8 @@ _CALLBACK_HEADERS = {"Referrer-Policy": "no-referrer", "Cache-Control": "no-stor
 
 
 class AuthorizeRequest(Strict):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"force": False}]})
+
     return_url: AnyHttpUrl | None = Field(
         default=None, description="Where the browser returns after Intuit; its origin must be in "
                                   "BROKER_RETURN_URL_ALLOWLIST.")
@@ -89,19 +91,26 @@ def _result_page(outcome: flows.CallbackOutcome) -> str:
     )
 
 
-@router.get("/callback", include_in_schema=True, response_class=HTMLResponse,
+_PAGE_OR_PROBLEM = {"text/html": {"schema": {"type": "string"}},
+                    "application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
+_CALLBACK_FAILURES = {
+    400: "The authorization state is unknown, used or expired, or Intuit's callback is not usable",
+    403: "The user declined, or is not a Master admin or Company Administrator",
+    404: "The connection was deleted during the authorization",
+    409: "A linking rule refused the QuickBooks user or company",
+    502: "Intuit answered something the broker cannot use",
+    503: "Intuit could not be reached (with Retry-After)",
+}
+
+
+@router.get("/callback", response_class=HTMLResponse,
             responses={303: {"description": "Back to the return_url with connection_id, result and "
-                                            "error"},
-                       400: {"description": "The authorization failed (HTML page, or problem+json "
-                                            "for a client that accepts only JSON)",
-                             "content": {"text/html": {"schema": {"type": "string"}},
-                                         "application/problem+json": {
-                                             "schema": {"$ref": "#/components/schemas/Problem"}}}},
-                       **problem_responses(413, 422),
-                       502: {"description": "Intuit failed; an HTML page says so",
-                             "content": {"text/html": {"schema": {"type": "string"}},
-                                         "application/problem+json": {
-                                             "schema": {"$ref": "#/components/schemas/Problem"}}}}},
+                                            "error (never a code, token or state)"},
+                       **{status: {"description": f"{text}: a small HTML page says so, or "
+                                                  "problem+json for a client that accepts only JSON",
+                                   "content": _PAGE_OR_PROBLEM}
+                          for status, text in _CALLBACK_FAILURES.items()},
+                       **problem_responses(413, 422)},
             summary="Intuit's redirect back to the broker (browser only)")
 async def callback(request: Request, rt: RuntimeDep,
                    code: Annotated[str | None, Query(max_length=2000)] = None,
@@ -116,14 +125,15 @@ async def callback(request: Request, rt: RuntimeDep,
             params["error"] = outcome.error.code
         return RedirectResponse(_with_query(outcome.return_url, params), status_code=303,
                                 headers=_CALLBACK_HEADERS)
-    status = 200 if outcome.error is None else (400 if outcome.error.status < 500 else 502)
+    if outcome.error is None:
+        return HTMLResponse(_result_page(outcome), headers=_CALLBACK_HEADERS)
+    headers = {**outcome.error.headers, **_CALLBACK_HEADERS}
     accept = request.headers.get("accept", "")
-    if outcome.error is not None and "html" not in accept and "json" in accept:
+    if "html" not in accept and "json" in accept:
         response = problem_response(outcome.error)
-        response.status_code = status
         response.headers.update(_CALLBACK_HEADERS)
         return response
-    return HTMLResponse(_result_page(outcome), status_code=status, headers=_CALLBACK_HEADERS)
+    return HTMLResponse(_result_page(outcome), status_code=outcome.error.status, headers=headers)
 
 
 @router.post("/connections/{connection_id}/pending-link/confirm", response_model=ConnectionOut,

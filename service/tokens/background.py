@@ -1,7 +1,8 @@
 """Background work in every replica: keep links alive, expire pending links, retry revocations.
 
-Replicas share the work through PostgreSQL (`FOR UPDATE SKIP LOCKED` over due rows), so no two
-refresh one connection, and a killed replica leaves nothing locked.
+Replicas share the work through PostgreSQL: each locks a due connection with SKIP LOCKED before
+refreshing it and re-checks that it is still due, so a connection another replica is refreshing
+is skipped, none is refreshed twice, and a killed replica leaves nothing locked.
 """
 
 from __future__ import annotations

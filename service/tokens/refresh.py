@@ -77,15 +77,18 @@ def _usable_or_raise(conn: Connection) -> None:
                            connection_id=str(conn.id), connection_status=conn.status)
 
 
-async def _lock(session: AsyncSession, connection_id: uuid.UUID) -> Connection | None:
-    """The connection row, locked until the transaction ends.
+async def _lock(session: AsyncSession, connection_id: uuid.UUID, *,
+                skip_locked: bool = False) -> Connection | None:
+    """The connection row, locked until the transaction ends (None: missing, or busy when
+    skip_locked is set).
 
     FOR NO KEY UPDATE rather than FOR UPDATE: it excludes every other refresher and every
     FOR UPDATE writer just the same, but lets the refresh_attempt record (a row whose foreign
     key takes FOR KEY SHARE on this one) be committed from a second session meanwhile.
     """
     stmt = sa.select(Connection).where(
-        Connection.id == connection_id).with_for_update(key_share=True)  # type: ignore[arg-type]
+        Connection.id == connection_id).with_for_update(  # type: ignore[arg-type]
+            key_share=True, skip_locked=skip_locked)
     return (await session.execute(stmt)).scalar_one_or_none()
 
 
@@ -120,7 +123,7 @@ class TokenRefresher:
         self._sessionmaker = sessionmaker
         self._intuit = intuit
         self._box = box
-        self._inflight: dict[uuid.UUID, asyncio.Future[tuple[AccessToken, bool]]] = {}
+        self._inflight: dict[uuid.UUID, asyncio.Future[tuple[AccessToken | None, bool]]] = {}
         # A refresh holds a pooled connection (its lock) while it takes a second one for the
         # refresh_attempt record; capping refreshes at half the pool's base size keeps a second
         # one free, so refreshes of many connections at once cannot starve each other.
@@ -145,6 +148,9 @@ class TokenRefresher:
             return force and (row.last_refreshed_at is None or row.last_refreshed_at < asked_at)
 
         token, _ = await self._single_flight(conn.id, needed, trigger="request")
+        if token is None:  # a keep-alive pass found the row busy; ask again, waiting this time
+            token, _ = await self._single_flight(conn.id, needed, trigger="request")
+        assert token is not None
         return token
 
     async def keep_alive(self, connection_id: uuid.UUID) -> bool:
@@ -156,19 +162,23 @@ class TokenRefresher:
                 return True
             return include_access and not _fresh_enough(row, now + timedelta(minutes=5))
 
-        _, refreshed = await self._single_flight(connection_id, needed, trigger="keepalive")
+        # A row another replica holds is being refreshed (or changed) right now: leave it to them.
+        _, refreshed = await self._single_flight(connection_id, needed, trigger="keepalive",
+                                                 skip_locked=True)
         return refreshed
 
     async def _single_flight(self, connection_id: uuid.UUID, needed: _Needed, *,
-                             trigger: str) -> tuple[AccessToken, bool]:
+                             trigger: str, skip_locked: bool = False) -> tuple[AccessToken | None, bool]:
         """Coalesce concurrent refreshes of one connection inside this process."""
         running = self._inflight.get(connection_id)
         if running is not None:
             return await asyncio.shield(running)
-        future: asyncio.Future[tuple[AccessToken, bool]] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[tuple[AccessToken | None, bool]] = (
+            asyncio.get_running_loop().create_future())
         self._inflight[connection_id] = future
         try:
-            result = await self._refresh_locked(connection_id, needed, trigger=trigger)
+            result = await self._refresh_locked(connection_id, needed, trigger=trigger,
+                                                skip_locked=skip_locked)
         except BaseException as exc:
             future.set_exception(exc)
             future.exception()  # mark retrieved: waiters re-raise it themselves
@@ -179,12 +189,14 @@ class TokenRefresher:
         finally:
             del self._inflight[connection_id]
 
-    async def _refresh_locked(self, connection_id: uuid.UUID, needed: _Needed, *,
-                              trigger: str) -> tuple[AccessToken, bool]:
+    async def _refresh_locked(self, connection_id: uuid.UUID, needed: _Needed, *, trigger: str,
+                              skip_locked: bool) -> tuple[AccessToken | None, bool]:
         async with self._slots, self._sessionmaker() as session:
             async with session.begin():
-                conn = await _lock(session, connection_id)
+                conn = await _lock(session, connection_id, skip_locked=skip_locked)
                 if conn is None:
+                    if skip_locked:
+                        return None, False
                     raise NotFound("No such connection.")
                 _usable_or_raise(conn)
                 # Re-read under the lock: another replica may have refreshed while we waited.

@@ -225,3 +225,18 @@ async def test_declining_another_admins_takeover_is_truthful_about_the_old_grant
     token = await client.get(f"/connections/{conn['id']}/token",
                              headers=await service_headers("tokens:read"))
     assert token.json()["code"] == "reauthorization_required"
+
+
+async def test_intuit_outage_at_the_callback_is_503_with_retry_after(client, new_connection, connect,
+                                                                     emulator) -> None:
+    conn = await new_connection()
+    await emulator.post("/faults", json={"endpoint": "token", "kind": "status", "status": 503,
+                                         "count": 10})
+    page = await connect(conn["id"], return_url=None)
+    assert page.status_code == 503
+    assert int(page.headers["retry-after"]) > 0
+    assert "QuickBooks was not connected" in page.body
+    redirected = await connect(conn["id"])
+    assert redirected.params["error"] == "intuit_unavailable"
+    body = (await client.get(f"/connections/{conn['id']}", headers=user_headers())).json()
+    assert body["status"] == "pending" and body["last_error"]["code"] == "intuit_unavailable"

@@ -6,7 +6,7 @@ redirect back to the broker's /callback.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
@@ -19,6 +19,7 @@ class CallbackResult:
     params: dict[str, str]
     body: str
     callback_url: str
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 async def sign_in_and_decide(
@@ -49,4 +50,5 @@ async def sign_in_and_decide(
         back = await browser.get(callback_url)
         location = back.headers.get("location")
         params = {k: v[0] for k, v in parse_qs(urlsplit(location).query).items()} if location else {}
-        return CallbackResult(back.status_code, location, params, back.text, callback_url)
+        return CallbackResult(back.status_code, location, params, back.text, callback_url,
+                              dict(back.headers))

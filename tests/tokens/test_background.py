@@ -71,3 +71,25 @@ async def test_worker_runs_and_stops_cleanly(runtime) -> None:
     await asyncio.sleep(0.2)
     await asyncio.wait_for(worker.stop(), timeout=5)
     assert worker._task is not None and worker._task.done()
+
+
+async def test_keep_alive_skips_a_connection_another_replica_holds(new_connection, connect, emulator,
+                                                                   runtime, stack) -> None:
+    import asyncpg
+
+    from service.db.engine import asyncpg_dsn
+
+    conn = await new_connection()
+    await connect(conn["id"])
+    await execute(stack.database_url, "UPDATE connections SET keepalive_due_at = now() WHERE id=$1",
+                  conn["id"])
+    other_replica = await asyncpg.connect(asyncpg_dsn(stack.database_url))
+    try:
+        async with other_replica.transaction():
+            await other_replica.execute("SELECT 1 FROM connections WHERE id=$1 FOR NO KEY UPDATE",
+                                        conn["id"])
+            assert await asyncio.wait_for(keep_alive(runtime), timeout=5) == 0  # did not wait
+    finally:
+        await other_replica.close()
+    assert (await emulator.get("/stats")).json()["token"].get("refresh_token") is None
+    assert await keep_alive(runtime) == 1  # free again: now it is refreshed
