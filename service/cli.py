@@ -172,7 +172,8 @@ def api_key_revoke(key_id: Annotated[str, typer.Argument(help="The key's id.")])
 
 
 @app.command("rotate-keys")
-def rotate_keys_command(batch: Annotated[int, typer.Option(min=1, help="Rows per transaction.")] = 200) -> None:
+def rotate_keys_command(
+        batch: Annotated[int, typer.Option(min=1, help="Rows per transaction.")] = 200) -> None:
     """Re-encrypt every stored secret under the first key of BROKER_ENCRYPTION_KEYS."""
     from service.db.engine import build_engine, build_sessionmaker
     from service.tokens.crypto import SecretBox
@@ -209,7 +210,8 @@ def dev(port: Annotated[int, typer.Option(help="The broker's port.")] = 8000,
 
 
 @app.command()
-def openapi(output: Annotated[Path | None, typer.Option(help="Write here instead of stdout.")] = None) -> None:
+def openapi(
+        output: Annotated[Path | None, typer.Option(help="Write here instead of stdout.")] = None) -> None:
     """Print the OpenAPI document the app serves, as YAML (openapi.yaml is this output)."""
     from service.main import openapi_yaml
 

@@ -6,15 +6,17 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import asyncpg
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from service import ops
 from service.auth.jwt import JWTVerifier
+from service.cache import Caches, ChangeFeed
 from service.config import Settings
 from service.connections.router import router as connections_router
 from service.db.embedded import start_embedded_postgres
-from service.db.engine import build_engine, build_sessionmaker
+from service.db.engine import asyncpg_dsn, build_engine, build_sessionmaker
 from service.errors import Problem, install_error_handlers
 from service.intuit.client import IntuitClient
 from service.oauth.router import router as oauth_router
@@ -60,13 +62,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        engine = build_engine(database_url_for(settings), pool_size=settings.db_pool_size)
-        sessionmaker = build_sessionmaker(engine)
+        database_url = database_url_for(settings)
+        engine = build_engine(database_url, pool_size=settings.db_pool_size)
+        caches = Caches()
+        feed = ChangeFeed(asyncpg_dsn(database_url), caches)
+        await feed.start()
+        sessionmaker = build_sessionmaker(engine, caches)
+        reads = await asyncpg.create_pool(asyncpg_dsn(database_url), min_size=1,
+                                          max_size=settings.db_pool_size)
         intuit = IntuitClient(settings)
         box = SecretBox(settings.parsed_encryption_keys)
         refresher = TokenRefresher(settings, sessionmaker, intuit, box)
         runtime = Runtime(settings=settings, engine=engine, sessionmaker=sessionmaker,
-                          intuit=intuit, box=box, refresher=refresher)
+                          intuit=intuit, box=box, refresher=refresher, caches=caches,
+                          reads=reads)
         app.state.runtime = runtime
         app.state.sessionmaker = sessionmaker
         app.state.jwt_verifier = JWTVerifier(settings)
@@ -78,6 +87,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             if worker is not None:
                 await worker.stop()
+            await feed.stop()
+            await reads.close()
             await intuit.aclose()
             await engine.dispose()
 

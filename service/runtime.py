@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated
 
+import asyncpg
 from fastapi import Depends, Request
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from service.cache import Caches
 from service.config import Settings
 from service.intuit.client import IntuitClient
 from service.tokens.crypto import SecretBox
@@ -24,9 +26,12 @@ class Runtime:
     intuit: IntuitClient
     box: SecretBox
     refresher: TokenRefresher
+    reads: asyncpg.Pool  # plain asyncpg, for the hot single-statement reads
+    caches: Caches = field(default_factory=Caches)
 
 
-def get_runtime(request: Request) -> Runtime:
+async def get_runtime(request: Request) -> Runtime:
+    # async: a plain `def` dependency would be sent to the thread pool on every request.
     runtime: Runtime = request.app.state.runtime
     return runtime
 

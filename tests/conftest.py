@@ -11,13 +11,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 
 from service.auth.api_keys import create_api_key
 from service.auth.jwt import issue_dev_token
 from service.config import Settings
-from service.db.engine import build_engine, build_sessionmaker
+from service.db.engine import asyncpg_dsn, build_engine, build_sessionmaker
 from service.db.migrations import upgrade_to_head
 from service.emulator import EmulatorSettings
 from service.emulator import create_app as create_emulator
@@ -176,9 +177,12 @@ async def runtime(stack: Stack) -> AsyncIterator[Any]:
 
     engine = build_engine(stack.database_url, pool_size=4)
     sessionmaker = build_sessionmaker(engine)
+    reads = await asyncpg.create_pool(asyncpg_dsn(stack.database_url), min_size=1, max_size=2)
     intuit = IntuitClient(stack.settings)
     box = SecretBox(stack.settings.parsed_encryption_keys)
     yield Runtime(settings=stack.settings, engine=engine, sessionmaker=sessionmaker, intuit=intuit,
-                  box=box, refresher=TokenRefresher(stack.settings, sessionmaker, intuit, box))
+                  box=box, refresher=TokenRefresher(stack.settings, sessionmaker, intuit, box),
+                  reads=reads)
     await intuit.aclose()
+    await reads.close()
     await engine.dispose()

@@ -7,10 +7,9 @@ from typing import Annotated
 from fastapi import Depends, Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
-from service.auth.api_keys import find_active_key
+from service.auth.api_keys import find_active_key, hash_key
 from service.auth.callers import Caller
 from service.auth.jwt import JWTVerifier
-from service.db.engine import SessionDep
 from service.errors import Unauthorized
 
 bearer_scheme = HTTPBearer(
@@ -25,18 +24,27 @@ api_key_scheme = APIKeyHeader(
 
 async def authenticate(
     request: Request,
-    session: SessionDep,
     bearer: Annotated[HTTPAuthorizationCredentials | None, Security(bearer_scheme)],
     api_key: Annotated[str | None, Security(api_key_scheme)],
 ) -> Caller:
     if api_key:
         if len(api_key) > 200:
             raise Unauthorized("The API key is not valid.")
-        row = await find_active_key(session, api_key)
-        if row is None:
-            raise Unauthorized("The API key is not valid or has been revoked.")
-        caller = Caller(kind="service", subject=row.name, scopes=frozenset(row.scopes),
-                        api_key_id=row.id)
+        runtime = request.app.state.runtime
+        cache = runtime.caches.api_keys
+        digest = hash_key(api_key)
+        cached = cache.get(digest)
+        if cached is None:
+            ticket = cache.ticket()
+            # Its own short transaction: most requests are served from the cache, with no session.
+            async with runtime.sessionmaker() as session, session.begin():
+                row = await find_active_key(session, api_key)
+            if row is None:
+                raise Unauthorized("The API key is not valid or has been revoked.")
+            cached = Caller(kind="service", subject=row.name, scopes=frozenset(row.scopes),
+                            api_key_id=row.id)
+            cache.put(digest, cached, ticket)
+        caller = cached
     elif bearer is not None:
         verifier: JWTVerifier = request.app.state.jwt_verifier
         if not verifier.configured:

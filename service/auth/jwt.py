@@ -13,6 +13,7 @@ from service.config import Settings
 from service.errors import Unauthorized
 
 _REQUIRED_CLAIMS = ["exp", "sub", "tenant_id"]
+_VERIFIED_MAX = 10_000
 
 
 class JWTVerifier:
@@ -20,6 +21,7 @@ class JWTVerifier:
         self._settings = settings
         self._jwks = (PyJWKClient(settings.jwt_jwks_url, cache_keys=True, lifespan=300)
                       if settings.jwt_jwks_url else None)
+        self._verified: dict[str, dict[str, Any]] = {}
 
     @property
     def configured(self) -> bool:
@@ -27,6 +29,18 @@ class JWTVerifier:
         return bool(s.jwt_secret or s.jwt_public_key or self._jwks)
 
     async def verify(self, token: str) -> dict[str, Any]:
+        """The token's claims, if valid. Verified tokens are remembered until they expire (a
+        JWT cannot change, so there is nothing to invalidate)."""
+        hit = self._verified.get(token)
+        if hit is not None and hit["exp"] > time.time():
+            return hit
+        claims = await self._verify(token)
+        self._verified[token] = claims
+        if len(self._verified) > _VERIFIED_MAX:
+            self._verified.pop(next(iter(self._verified)))
+        return claims
+
+    async def _verify(self, token: str) -> dict[str, Any]:
         s = self._settings
         try:
             header = jwt.get_unverified_header(token)

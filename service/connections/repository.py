@@ -5,8 +5,10 @@ from __future__ import annotations
 import base64
 import uuid
 from datetime import datetime
+from types import SimpleNamespace
 from typing import Any
 
+import asyncpg
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -89,10 +91,28 @@ async def list_connections(
     return rows, next_cursor
 
 
-async def tenant_connections(session: AsyncSession, tenant_id: str) -> list[Connection]:
-    stmt = (sa.select(Connection).where(C.tenant_id == tenant_id)
-            .order_by(C.created_at.desc(), C.id.desc()))
-    return list((await session.execute(stmt)).scalars())
+# The two hottest reads (the link icon, a fresh token) go straight to asyncpg, one statement in
+# autocommit: no session, no transaction, no ORM, on cache misses only.
+_STATUS_SQL = """
+SELECT id, status, realm_id, company_name, owner_user_id, owner_qb_sub, owner_qb_email,
+       owner_qb_name, module_ar, module_ap, access_token_expires_at
+FROM connections WHERE tenant_id = $1 ORDER BY created_at DESC, id DESC
+"""
+_CONNECTION_SQL = """
+SELECT id, tenant_id, status, realm_id, access_token, refresh_token, access_token_expires_at
+FROM connections WHERE id = $1
+"""
+
+
+async def read_tenant_status(reads: asyncpg.Pool, tenant_id: str) -> list[SimpleNamespace]:
+    """The link-status columns of a tenant's connections."""
+    return [SimpleNamespace(**row) for row in await reads.fetch(_STATUS_SQL, tenant_id)]
+
+
+async def read_connection(reads: asyncpg.Pool, connection_id: uuid.UUID) -> SimpleNamespace | None:
+    """What the token endpoint needs of one connection."""
+    row = await reads.fetchrow(_CONNECTION_SQL, connection_id)
+    return None if row is None else SimpleNamespace(**row)
 
 
 async def delete_connection(session: AsyncSession, connection_id: uuid.UUID) -> None:

@@ -14,6 +14,7 @@ from service.auth.dependencies import CurrentCaller
 from service.connections import repository as repo
 from service.connections import service
 from service.connections.schemas import (
+    AccountingLink,
     ConnectionCreate,
     ConnectionOut,
     ConnectionPatch,
@@ -31,6 +32,7 @@ from service.connections.schemas import (
 from service.db.engine import SessionDep
 from service.errors import NotFound, problem_responses
 from service.runtime import RuntimeDep
+from service.tokens.refresh import ConnectionView
 
 router = APIRouter(tags=["connections"])
 
@@ -125,34 +127,45 @@ async def list_events(session: SessionDep, caller: CurrentCaller, connection_id:
 @router.get("/connections/{connection_id}/token", response_model=AccessTokenOut,
             responses={**ERRORS, **CONFLICT, **UPSTREAM},
             summary="A fresh QuickBooks access token (internal services, scope tokens:read)")
-async def get_token(session: SessionDep, rt: RuntimeDep, caller: CurrentCaller,
-                    connection_id: ConnectionID, response: Response,
-                    force_refresh: bool = False) -> AccessTokenOut:
+async def get_token(rt: RuntimeDep, caller: CurrentCaller,
+                    connection_id: ConnectionID, force_refresh: bool = False) -> Response:
     caller.require_scope(Scope.TOKENS_READ)
-    conn = await repo.get_connection(session, connection_id)
-    if conn is None:
-        raise NotFound("No such connection.", connection_id=str(connection_id))
-    # The read transaction ends here: a refresh must not wait on this request's snapshot.
-    await session.commit()
-    token = await rt.refresher.access_token(conn, force=force_refresh)
-    response.headers["Cache-Control"] = "no-store"
-    return AccessTokenOut(access_token=token.access_token, token_type="bearer",
+    cache = rt.caches.connections
+    view = cache.get(str(connection_id))
+    if view is None:
+        ticket = cache.ticket()
+        row = await repo.read_connection(rt.reads, connection_id)
+        if row is None:
+            raise NotFound("No such connection.", connection_id=str(connection_id))
+        view = ConnectionView.of(row, rt.box)
+        cache.put(str(connection_id), view, ticket)
+    token = await rt.refresher.access_token(view, force=force_refresh)
+    body = AccessTokenOut(access_token=token.access_token, token_type="bearer",  # noqa: S106
                           expires_at=token.expires_at, realm_id=token.realm_id,
                           api_base_url=rt.intuit.api_base_url)
+    return Response(body.model_dump_json(), media_type="application/json",
+                    headers={"Cache-Control": "no-store"})
 
 
 @router.get("/status", response_model=LinkStatusOut, responses=ERRORS, tags=["status"],
             summary="The accounting link's status (the link icon)")
-async def link_status(session: SessionDep, caller: CurrentCaller,
-                      tenant_id: TenantQuery = None) -> LinkStatusOut:
+async def link_status(rt: RuntimeDep, caller: CurrentCaller,
+                      tenant_id: TenantQuery = None) -> Response:
     tenant = caller.tenant_for_read(tenant_id)
-    connections = await repo.tenant_connections(session, tenant)
-    items = [ConnectionStatusOut(
-        id=c.id, status=Status(c.status), realm_id=c.realm_id, company_name=c.company_name,
-        owner=owner_of(c), modules=Modules(accounts_receivable=c.module_ar,
-                                           accounts_payable=c.module_ap),
-        accounting_link=accounting_link(c), access_token_expires_at=c.access_token_expires_at)
-        for c in connections]
-    overall = "enabled" if any(i.accounting_link == "enabled" for i in items) else "disabled"
-    return LinkStatusOut(tenant_id=tenant, accounting_link=overall,  # type: ignore[arg-type]
-                         connections=items)
+    cache = rt.caches.status
+    body = cache.get(tenant)
+    if body is None:
+        ticket = cache.ticket()
+        connections = await repo.read_tenant_status(rt.reads, tenant)
+        items = [ConnectionStatusOut(
+            id=c.id, status=Status(c.status), realm_id=c.realm_id, company_name=c.company_name,
+            owner=owner_of(c), modules=Modules(accounts_receivable=c.module_ar,
+                                               accounts_payable=c.module_ap),
+            accounting_link=accounting_link(c), access_token_expires_at=c.access_token_expires_at)
+            for c in connections]
+        overall = (AccountingLink.ENABLED if any(i.accounting_link == AccountingLink.ENABLED
+                                                 for i in items) else AccountingLink.DISABLED)
+        body = LinkStatusOut(tenant_id=tenant, accounting_link=overall,
+                             connections=items).model_dump_json().encode()
+        cache.put(tenant, body, ticket)
+    return Response(body, media_type="application/json")

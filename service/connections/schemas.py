@@ -82,12 +82,12 @@ class ConnectionOut(BaseModel):
     last_error: LastError | None
 
 
-def accounting_link(conn: Connection) -> AccountingLink:
+def accounting_link(conn: Any) -> AccountingLink:
     on = conn.status == Status.CONNECTED and (conn.module_ar or conn.module_ap)
     return AccountingLink.ENABLED if on else AccountingLink.DISABLED
 
 
-def owner_of(conn: Connection) -> Owner | None:
+def owner_of(conn: Any) -> Owner | None:
     if conn.owner_qb_sub is None:
         return None
     return Owner(user_id=conn.owner_user_id, quickbooks_user=QuickBooksUserOut(

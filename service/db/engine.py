@@ -14,6 +14,8 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
+from service.cache import Caches, TrackingSession
+
 
 def async_url(database_url: str) -> str:
     """`postgresql://…` as given by operators, in the form SQLAlchemy's asyncpg dialect wants."""
@@ -34,15 +36,19 @@ def build_engine(database_url: str, *, pool_size: int = 10) -> AsyncEngine:
         async_url(database_url),
         pool_size=pool_size,
         max_overflow=pool_size,
-        pool_pre_ping=True,
+        # No pre-ping: it would cost a round trip per checkout on the hot paths. A connection
+        # that died is discarded by the pool when it fails, and recycling bounds their age.
         pool_recycle=1800,
         # Named in pg_stat_activity, so operators can tell the broker's sessions apart.
         connect_args={"server_settings": {"application_name": "qbo-broker"}},
     )
 
 
-def build_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
-    return async_sessionmaker(engine, expire_on_commit=False)
+def build_sessionmaker(engine: AsyncEngine, caches: Caches | None = None
+                       ) -> async_sessionmaker[AsyncSession]:
+    """Sessions that, given caches, drop what they changed from them when they commit."""
+    return async_sessionmaker(engine, expire_on_commit=False, sync_session_class=TrackingSession,
+                              info={"caches": caches} if caches is not None else None)
 
 
 async def get_session(request: Request) -> AsyncIterator[AsyncSession]:

@@ -74,12 +74,13 @@ class BackgroundWorker:
 def due_connections_query(*, now: datetime, include_access: bool, limit: int) -> sa.Select:  # type: ignore[type-arg]
     """Connections whose refresh token is old or near its end (or, optionally, whose access
     token is about to expire). Each branch is served by a partial index on connected rows."""
-    keepalive = (sa.select(C.id).where(C.status == "connected", C.keepalive_due_at <= now)
+    # 'connected' as a literal, not a parameter: a generic plan could not use the partial indexes.
+    connected = sa.text("status = 'connected'")
+    keepalive = (sa.select(C.id).where(connected, C.keepalive_due_at <= now)
                  .order_by(C.keepalive_due_at).limit(limit))
     if not include_access:
         return keepalive
-    access = (sa.select(C.id).where(C.status == "connected",
-                                    C.access_token_expires_at <= now + ACCESS_TOKEN_LEAD)
+    access = (sa.select(C.id).where(connected, C.access_token_expires_at <= now + ACCESS_TOKEN_LEAD)
               .order_by(C.access_token_expires_at).limit(limit))
     return sa.union(keepalive, access).limit(limit)  # type: ignore[return-value]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime, timedelta
+from typing import Any
 
 from service.db.models import Connection, PendingLink
 from service.intuit.client import TokenSet
@@ -12,8 +13,10 @@ from service.tokens.crypto import SecretBox
 REFRESH_EXPIRY_MARGIN = timedelta(days=7)
 
 
-def _aad(connection: Connection | PendingLink, purpose: str) -> str:
-    connection_id = connection.id if isinstance(connection, Connection) else connection.connection_id
+def _aad(connection: Any, purpose: str) -> str:
+    """`{connection id}:{purpose}`; `connection` is a Connection, a PendingLink or a row of either."""
+    connection_id = (connection.connection_id if isinstance(connection, PendingLink)
+                     else connection.id)
     return f"{connection_id}:{purpose}"
 
 
@@ -45,7 +48,7 @@ def wipe_tokens(conn: Connection) -> None:
     conn.keepalive_due_at = None
 
 
-def open_access_token(conn: Connection, box: SecretBox) -> str:
+def open_access_token(conn: Any, box: SecretBox) -> str:
     assert conn.access_token is not None
     return box.decrypt(conn.access_token, _aad(conn, "access"))
 

@@ -21,6 +21,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -62,17 +63,43 @@ class AccessToken:
         return f"AccessToken(realm_id={self.realm_id!r}, expires_at={self.expires_at!r})"
 
 
-def _fresh_enough(conn: Connection, now: datetime) -> bool:
+@dataclass(frozen=True)
+class ConnectionView:
+    """What the token endpoint needs of a connection, with the access token opened: cacheable
+    (service.cache) between changes of the row."""
+
+    id: uuid.UUID
+    tenant_id: str
+    status: str
+    realm_id: str | None
+    refresh_token: bool  # whether one is stored
+    access_token: str | None
+    access_token_expires_at: datetime | None
+
+    @classmethod
+    def of(cls, conn: Any, box: SecretBox) -> ConnectionView:
+        """From a Connection or a row of the connections table."""
+        opened = (credentials.open_access_token(conn, box)
+                  if conn.access_token is not None and conn.status == Status.CONNECTED else None)
+        return cls(id=conn.id, tenant_id=conn.tenant_id, status=conn.status, realm_id=conn.realm_id,
+                   refresh_token=conn.refresh_token is not None, access_token=opened,
+                   access_token_expires_at=conn.access_token_expires_at)
+
+    def __repr__(self) -> str:
+        return f"ConnectionView(id={self.id}, status={self.status!r})"
+
+
+def _fresh_enough(conn: Connection | ConnectionView, now: datetime) -> bool:
     return (conn.access_token is not None and conn.access_token_expires_at is not None
             and conn.access_token_expires_at - now >= MIN_VALIDITY)
 
 
-def _usable_or_raise(conn: Connection) -> None:
+def _usable_or_raise(conn: Connection | ConnectionView) -> None:
     if conn.status == Status.REAUTHORIZATION_REQUIRED:
         raise ReauthorizationRequired(
             "QuickBooks refused this connection's credentials; a user must Connect again.",
             connection_id=str(conn.id), connection_status=conn.status)
-    if conn.status != Status.CONNECTED or conn.refresh_token is None:
+    if conn.status != Status.CONNECTED or not conn.refresh_token:
         raise NotConnected("The connection is not connected to QuickBooks.",
                            connection_id=str(conn.id), connection_status=conn.status)
 
@@ -125,20 +152,22 @@ class TokenRefresher:
         self._box = box
         self._inflight: dict[uuid.UUID, asyncio.Future[tuple[AccessToken | None, bool]]] = {}
         # A refresh holds a pooled connection (its lock) while it takes a second one for the
-        # refresh_attempt record; capping refreshes at half the pool's base size keeps a second
-        # one free, so refreshes of many connections at once cannot starve each other.
-        self._slots = asyncio.Semaphore(max(1, settings.db_pool_size // 2))
+        # refresh_attempt record. The pool holds twice its base size (max_overflow equals it), so
+        # capping refreshes at the base size always leaves a second connection for each.
+        self._slots = asyncio.Semaphore(settings.db_pool_size)
 
     def _token_of(self, conn: Connection) -> AccessToken:
         assert conn.access_token_expires_at is not None and conn.realm_id is not None
         return AccessToken(access_token=credentials.open_access_token(conn, self._box),
                            expires_at=conn.access_token_expires_at, realm_id=conn.realm_id)
 
-    async def access_token(self, conn: Connection, *, force: bool = False) -> AccessToken:
+    async def access_token(self, conn: ConnectionView, *, force: bool = False) -> AccessToken:
         """A token valid for at least five minutes (a new one when force is set)."""
         _usable_or_raise(conn)
         if not force and _fresh_enough(conn, datetime.now(UTC)):
-            return self._token_of(conn)
+            assert conn.access_token and conn.access_token_expires_at and conn.realm_id
+            return AccessToken(access_token=conn.access_token,
+                               expires_at=conn.access_token_expires_at, realm_id=conn.realm_id)
         asked_at = datetime.now(UTC)
 
         def needed(row: Connection, now: datetime) -> bool:

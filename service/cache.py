@@ -1,0 +1,202 @@
+"""Read caches for the hot paths (link status, fresh tokens, API keys), kept correct across
+replicas by PostgreSQL: triggers NOTIFY every change of a connection or an API key, and each
+replica LISTENs and drops what changed. A replica also drops what it changed itself the moment
+its own transaction commits, so a caller always reads its own writes.
+
+A read that raced with a change must not put a stale value back: every entry is stored with the
+"ticket" taken before its read, and refused if its key was invalidated after that ticket. While
+the listening connection is down, the caches are off (every read goes to PostgreSQL).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Iterable
+from typing import Any, Generic, TypeVar
+
+import asyncpg
+from sqlalchemy import event
+from sqlalchemy.orm import Session
+
+log = logging.getLogger(__name__)
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+CONNECTIONS_CHANNEL = "qbo_broker_connections"
+API_KEYS_CHANNEL = "qbo_broker_api_keys"
+
+
+class VersionedCache(Generic[K, V]):
+    """A bounded LRU with a time-to-live, whose puts lose to concurrent invalidations."""
+
+    def __init__(self, *, maxsize: int = 20_000, ttl: float = 300.0) -> None:
+        self.enabled = False
+        self._maxsize = maxsize
+        self._ttl = ttl
+        self._entries: OrderedDict[K, tuple[float, V]] = OrderedDict()
+        self._epoch = 0
+        self._invalidated: OrderedDict[K, int] = OrderedDict()  # key -> epoch of its last drop
+        self._floor = 0  # tickets older than this are refused (history cleared or forgotten)
+
+    def ticket(self) -> int:
+        return self._epoch
+
+    def get(self, key: K) -> V | None:
+        if not self.enabled:
+            return None
+        item = self._entries.get(key)
+        if item is None:
+            return None
+        if item[0] < time.monotonic():
+            del self._entries[key]
+            return None
+        self._entries.move_to_end(key)
+        return item[1]
+
+    def put(self, key: K, value: V, ticket: int) -> None:
+        if not self.enabled or ticket < self._floor or self._invalidated.get(key, -1) > ticket:
+            return
+        self._entries[key] = (time.monotonic() + self._ttl, value)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self._maxsize:
+            self._entries.popitem(last=False)
+
+    def invalidate(self, key: K) -> None:
+        self._epoch += 1
+        self._entries.pop(key, None)
+        self._invalidated[key] = self._epoch
+        self._invalidated.move_to_end(key)
+        while len(self._invalidated) > self._maxsize:
+            _, forgotten = self._invalidated.popitem(last=False)
+            self._floor = max(self._floor, forgotten)
+
+    def clear(self) -> None:
+        self._epoch += 1
+        self._floor = self._epoch
+        self._entries.clear()
+        self._invalidated.clear()
+
+
+class Caches:
+    """The broker's caches and the one way to invalidate them."""
+
+    def __init__(self) -> None:
+        self.status: VersionedCache[str, bytes] = VersionedCache()  # tenant id -> /status body
+        self.connections: VersionedCache[str, Any] = VersionedCache()  # connection id -> snapshot
+        self.api_keys: VersionedCache[str, Any] = VersionedCache(ttl=60.0)  # key hash -> caller
+
+    def _all(self) -> tuple[VersionedCache[Any, Any], ...]:
+        return (self.status, self.connections, self.api_keys)
+
+    def connection_changed(self, connection_id: str, tenant_id: str) -> None:
+        self.connections.invalidate(connection_id)
+        self.status.invalidate(tenant_id)
+
+    def api_keys_changed(self) -> None:
+        self.api_keys.clear()
+
+    def set_enabled(self, enabled: bool) -> None:
+        for cache in self._all():
+            cache.clear()
+            cache.enabled = enabled
+
+
+class ChangeFeed:
+    """LISTENs on PostgreSQL for changes made by any replica; reconnects when the link drops."""
+
+    def __init__(self, dsn: str, caches: Caches, *, retry_seconds: float = 2.0) -> None:
+        self._dsn = dsn  # asyncpg's form (service.db.engine.asyncpg_dsn)
+        self._caches = caches
+        self._retry = retry_seconds
+        self._task: asyncio.Task[None] | None = None
+        self._connected = asyncio.Event()
+
+    async def start(self, wait_seconds: float = 5.0) -> None:
+        self._task = asyncio.create_task(self._run(), name="qbo-broker-change-feed")
+        try:
+            async with asyncio.timeout(wait_seconds):
+                await self._connected.wait()
+        except TimeoutError:
+            log.warning("change feed not connected yet; caches stay off until it is")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        self._caches.set_enabled(False)
+
+    def _on_notify(self, _conn: Any, _pid: int, channel: str, payload: str) -> None:
+        if channel == API_KEYS_CHANNEL:
+            self._caches.api_keys_changed()
+            return
+        try:
+            change = json.loads(payload)
+            self._caches.connection_changed(str(change["id"]), str(change["tenant_id"]))
+        except (ValueError, KeyError, TypeError):
+            self._caches.set_enabled(True)  # unreadable: drop everything, stay on
+
+    async def _run(self) -> None:
+        while True:
+            conn: asyncpg.Connection | None = None
+            try:
+                conn = await asyncpg.connect(self._dsn)
+                lost = asyncio.Event()
+                conn.add_termination_listener(lambda _c, lost=lost: lost.set())
+                await conn.add_listener(CONNECTIONS_CHANNEL, self._on_notify)
+                await conn.add_listener(API_KEYS_CHANNEL, self._on_notify)
+                # Anything cached before this point may have missed a notification.
+                self._caches.set_enabled(True)
+                self._connected.set()
+                await lost.wait()
+                log.warning("change feed lost its connection; caches off until it is back")
+            except asyncio.CancelledError:
+                raise
+            except (OSError, asyncpg.PostgresError) as exc:
+                log.warning("change feed cannot listen: %s", type(exc).__name__)
+            finally:
+                self._caches.set_enabled(False)
+                if conn is not None and not conn.is_closed():
+                    await conn.close(timeout=2)
+            await asyncio.sleep(self._retry)
+
+
+class TrackingSession(Session):
+    """A Session that tells the caches which connections and API keys it committed changes to."""
+
+
+def _changed_rows(session: Session) -> Iterable[Any]:
+    return [*session.new, *session.dirty, *session.deleted]
+
+
+@event.listens_for(TrackingSession, "after_flush")
+def _collect(session: Session, _flush_context: Any) -> None:
+    from service.db.models import ApiKey, Connection
+
+    changed = session.info.setdefault("changed", set())
+    for row in _changed_rows(session):
+        if isinstance(row, Connection):
+            changed.add((str(row.id), row.tenant_id))
+        elif isinstance(row, ApiKey):
+            changed.add(("api_keys", None))
+
+
+@event.listens_for(TrackingSession, "after_commit")
+def _invalidate(session: Session) -> None:
+    # Changes flushed in a transaction that was rolled back are dropped too: harmless.
+    changed = session.info.pop("changed", None)
+    caches: Caches | None = session.info.get("caches")
+    if not changed or caches is None:
+        return
+    for connection_id, tenant_id in changed:
+        if connection_id == "api_keys":
+            caches.api_keys_changed()
+        else:
+            caches.connection_changed(connection_id, tenant_id)
