@@ -82,6 +82,9 @@ def fresh_database() -> Iterator[str]:
     On DATABASE_URL's server if set, else on an embedded PostgreSQL in a temporary directory
     (stopped by pgserver when this process exits, then the directory is removed).
     """
+    # A terminated benchmark still drops its database and stops its servers: SIGTERM unwinds
+    # like Ctrl-C, through the finally blocks and atexit.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     admin = os.environ.get("DATABASE_URL")
     if not admin:
         from service.db.embedded import start_embedded_postgres
@@ -202,15 +205,18 @@ class Server:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
-                raise RuntimeError(f"{self.name} exited at start:\n{self.log_tail()}")
+                tail = self.log_tail()
+                self.stop()
+                raise RuntimeError(f"{self.name} exited at start:\n{tail}")
             try:
                 if httpx.get(self.url + self._ready_path, timeout=2).status_code == 200:
                     return self
             except httpx.HTTPError:
                 pass
             time.sleep(0.1)
+        tail = self.log_tail()
         self.stop()
-        raise RuntimeError(f"{self.name} did not become ready in {timeout:.0f} s:\n{self.log_tail()}")
+        raise RuntimeError(f"{self.name} did not become ready in {timeout:.0f} s:\n{tail}")
 
     def log_tail(self, lines: int = 30) -> str:
         return "\n".join(Path(self._log.name).read_text(errors="replace").splitlines()[-lines:])
@@ -224,15 +230,22 @@ class Server:
                 fields[key] = int(value.split()[0]) / 1024
         return fields["VmRSS"], fields["VmHWM"]
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU time the process has used so far, from /proc."""
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def stop(self) -> None:
-        if self._process is None or self._process.poll() is not None:
-            return
-        self._process.send_signal(signal.SIGTERM)
-        try:
-            self._process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
-            self._process.wait(timeout=5)
+        """End the process (ours, by its pid) and remove its log."""
+        if self._process is not None and self._process.poll() is None:
+            self._process.send_signal(signal.SIGTERM)
+            try:
+                self._process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait(timeout=5)
+        self._log.close()
+        Path(self._log.name).unlink(missing_ok=True)
 
 
 @contextlib.contextmanager

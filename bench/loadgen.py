@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import httpx
@@ -35,6 +35,8 @@ class LoadResult:
     max_ms: float
     non_2xx: int
     socket_errors: int
+    # Every request sent, warm-up included: divides the server's CPU time over the whole run.
+    all_requests: int
 
     @property
     def rps(self) -> float:
@@ -53,8 +55,9 @@ def run_load(client: str, base_url: str, targets: Path, *, concurrency: int, war
              duration: float) -> LoadResult:
     """Warm up, then measure; blocks for warmup + duration seconds (plus start-up)."""
     if client == "wrk":
-        _wrk(base_url, targets, concurrency=concurrency, duration=warmup)
-        return _wrk(base_url, targets, concurrency=concurrency, duration=duration)
+        warm = _wrk(base_url, targets, concurrency=concurrency, duration=warmup)
+        measured = _wrk(base_url, targets, concurrency=concurrency, duration=duration)
+        return replace(measured, all_requests=warm.requests + measured.requests)
     output = subprocess.run(
         [sys.executable, __file__, "--base-url", base_url, "--targets", str(targets),
          "--concurrency", str(concurrency), "--warmup", str(warmup), "--duration", str(duration)],
@@ -72,7 +75,8 @@ def _wrk(base_url: str, targets: Path, *, concurrency: int, duration: float) -> 
     figures = json.loads(line.removeprefix("WRK_JSON "))
     return LoadResult(client="wrk", requests=figures["requests"], seconds=figures["duration_s"],
                       p50_ms=figures["p50_ms"], p99_ms=figures["p99_ms"], max_ms=figures["max_ms"],
-                      non_2xx=figures["non_2xx"], socket_errors=figures["socket_errors"])
+                      non_2xx=figures["non_2xx"], socket_errors=figures["socket_errors"],
+                      all_requests=figures["requests"])
 
 
 def _read_targets(path: Path) -> list[tuple[str, dict[str, str]]]:
@@ -87,6 +91,7 @@ async def _httpx_load(base_url: str, targets: list[tuple[str, dict[str, str]]], 
                       concurrency: int, warmup: float, duration: float) -> LoadResult:
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     latencies: list[float] = []
+    sent = 0
     statuses: Counter[int] = Counter()
     socket_errors = 0
     async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=10) as client:
@@ -94,8 +99,9 @@ async def _httpx_load(base_url: str, targets: list[tuple[str, dict[str, str]]], 
         measure_from, stop_at = begin + warmup, begin + warmup + duration
 
         async def worker() -> None:
-            nonlocal socket_errors
+            nonlocal socket_errors, sent
             while (started := time.perf_counter()) < stop_at:
+                sent += 1
                 path, headers = random.choice(targets)  # noqa: S311 - load, not secrets
                 try:
                     response = await client.get(path, headers=headers)
@@ -119,7 +125,7 @@ async def _httpx_load(base_url: str, targets: list[tuple[str, dict[str, str]]], 
     return LoadResult(client="httpx", requests=len(latencies), seconds=seconds, p50_ms=ms(0.50),
                       p99_ms=ms(0.99), max_ms=ms(1.0),
                       non_2xx=sum(n for s, n in statuses.items() if not 200 <= s < 300),
-                      socket_errors=socket_errors)
+                      socket_errors=socket_errors, all_requests=sent)
 
 
 def main() -> None:

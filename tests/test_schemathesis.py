@@ -102,7 +102,8 @@ def real_connection_ids(ctx: schemathesis.HookContext, path_parameters: dict[str
     # A generated well-formed id never exists; use a seeded one about half of the time, so the
     # operations' success answers are exercised too. Malformed ids stay: negative cases must remain
     # negative.
-    if not path_parameters or not _is_uuid(path_parameters.get("connection_id")):
+    if (not path_parameters or not _is_uuid(path_parameters.get("connection_id"))
+            or not SEEDED.connection_ids):  # nothing seeded yet (cases built at collection)
         return st.just(path_parameters)
     return st.one_of(st.just(path_parameters), st.sampled_from(SEEDED.connection_ids).map(
         lambda real: {**path_parameters, "connection_id": real}))

@@ -151,7 +151,9 @@ async def add_event(session: AsyncSession, conn: Connection, type_: str, *,
 
 async def list_events(session: AsyncSession, *, connection_id: uuid.UUID, limit: int,
                       cursor: str | None) -> tuple[list[ConnectionEvent], str | None]:
-    stmt = (sa.select(ConnectionEvent).where(E.connection_id == connection_id)
+    # refresh_attempt rows are the refresher's bookkeeping (service.tokens.refresh), not history.
+    stmt = (sa.select(ConnectionEvent)
+            .where(E.connection_id == connection_id, E.type != "refresh_attempt")
             .order_by(E.id.desc()).limit(limit + 1))
     if cursor is not None:
         (before,) = decode_cursor(cursor, 1)

@@ -37,7 +37,8 @@ def _token(claims: dict[str, Any], key: Any = JWT_SECRET, alg: str = "HS256",
     ({"Authorization": f"Bearer {_token({'exp': int(time.time()) - 3600})}"}, "expired"),
     ({"Authorization": f"Bearer {jwt.encode({'sub': 'u', 'tenant_id': 't'}, JWT_SECRET)}"}, "no exp"),
     ({"Authorization": f"Bearer {_token({'tenant_id': None})}"}, "no tenant"),
-    ({"Authorization": f"Bearer {jwt.encode({'sub': 'u', 'tenant_id': 't', 'exp': 9999999999}, None, algorithm='none')}"}, "alg none"),
+    ({"Authorization": "Bearer " + jwt.encode({"sub": "u", "tenant_id": "t", "exp": 9999999999},
+                                              None, algorithm="none")}, "alg none"),
     ({"X-API-Key": "qbk_00000000_unknown"}, "unknown key"),
 ])
 async def test_bad_credentials_are_401_problems(client: httpx.AsyncClient, headers, why) -> None:
