@@ -30,6 +30,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import asyncpg
 from harness import (
     ENCRYPTION_KEY,
     Server,
@@ -51,7 +52,7 @@ from harness import (
 from sqlalchemy.dialects.postgresql.asyncpg import PGDialect_asyncpg
 
 from service.config import Settings
-from service.db.engine import build_engine, build_sessionmaker
+from service.db.engine import asyncpg_dsn, build_engine, build_sessionmaker
 from service.intuit.client import IntuitClient
 from service.observability import configure_logging
 from service.runtime import Runtime
@@ -175,8 +176,10 @@ async def sweep(database_url: str, emulator_url: str, *, concurrency: int, ids: 
     sessionmaker = build_sessionmaker(engine)
     intuit = IntuitClient(settings)
     box = SecretBox(settings.parsed_encryption_keys)
+    reads = await asyncpg.create_pool(asyncpg_dsn(database_url), min_size=1, max_size=2)
     runtime = Runtime(settings=settings, engine=engine, sessionmaker=sessionmaker, intuit=intuit,
-                      box=box, refresher=TokenRefresher(settings, sessionmaker, intuit, box))
+                      box=box, refresher=TokenRefresher(settings, sessionmaker, intuit, box),
+                      reads=reads)
     db = await db_connect(database_url)
     try:
         await intuit.discovery()  # read once, as the first real request of a running broker would
@@ -207,6 +210,7 @@ async def sweep(database_url: str, emulator_url: str, *, concurrency: int, ids: 
     finally:
         await db.close()
         await intuit.aclose()
+        await reads.close()
         await engine.dispose()
     outcomes = stats_after.get("token", {}).get("refresh_token", {})
     earlier = stats_before.get("token", {}).get("refresh_token", {})
