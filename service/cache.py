@@ -22,6 +22,8 @@ import asyncpg
 from sqlalchemy import event
 from sqlalchemy.orm import Session
 
+from service.tasks import cancel_and_wait
+
 log = logging.getLogger(__name__)
 
 K = TypeVar("K")
@@ -125,12 +127,7 @@ class ChangeFeed:
             log.warning("change feed not connected yet; caches stay off until it is")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(self._task)
         self._caches.set_enabled(False)
 
     def _on_notify(self, _conn: Any, _pid: int, channel: str, payload: str) -> None:

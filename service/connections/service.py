@@ -85,7 +85,9 @@ async def disconnect(session: AsyncSession, rt: Runtime, conn: Connection, *, ca
     conn.disconnected_at = now
     conn.updated_at = now
     await repo.add_event(session, conn, "disconnected", actor=caller.actor,
-                         revoked_at_intuit=revoked, revocation_queued=revoked is False or None)
+                         revoked_at_intuit=revoked,
+                         # only said when Intuit could not be told yet (None is left out)
+                         revocation_queued=True if revoked is False else None)
 
 
 async def delete(session: AsyncSession, rt: Runtime, conn: Connection, *, caller: Caller) -> None:

@@ -20,6 +20,7 @@ from service.errors import ProblemError
 from service.metrics import BACKGROUND_RUNS
 from service.oauth.flows import discard_pending_link
 from service.runtime import Runtime
+from service.tasks import cancel_and_wait
 from service.tokens.revocation import retry_pending_revocations
 
 log = logging.getLogger(__name__)
@@ -40,12 +41,7 @@ class BackgroundWorker:
 
     async def stop(self) -> None:
         self._stopping.set()
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(self._task)
 
     async def _run(self) -> None:
         interval = self._rt.settings.background_interval_seconds
