@@ -107,3 +107,11 @@ def test_a_stale_read_cannot_overwrite_a_newer_invalidation() -> None:
     cache.enabled = False
     cache.put("k", 3, cache.ticket())
     assert cache.get("k") is None
+
+
+async def test_a_deleted_connection_leaves_the_status_at_once(client, new_connection) -> None:
+    conn = await new_connection()
+    listed = (await client.get("/status", headers=user_headers())).json()
+    assert [c["id"] for c in listed["connections"]] == [conn["id"]]
+    assert (await client.delete(f"/connections/{conn['id']}", headers=user_headers())).status_code == 204
+    assert (await client.get("/status", headers=user_headers())).json()["connections"] == []

@@ -115,10 +115,6 @@ async def read_connection(reads: asyncpg.Pool, connection_id: uuid.UUID) -> Simp
     return None if row is None else SimpleNamespace(**row)
 
 
-async def delete_connection(session: AsyncSession, connection_id: uuid.UUID) -> None:
-    await session.execute(sa.delete(Connection).where(C.id == connection_id))
-
-
 async def realm_linked_elsewhere(session: AsyncSession, *, realm_id: str,
                                  connection_id: uuid.UUID) -> bool:
     stmt = sa.select(sa.exists().where(

@@ -99,5 +99,7 @@ async def delete(session: AsyncSession, rt: Runtime, conn: Connection, *, caller
             await revoke_or_queue(session, rt.intuit, rt.box, connection_id=conn.id,
                                   token=credentials.open_pending(pending, rt.box).refresh_token,
                                   reason="deleted")
+    await session.flush()  # the disconnect's own changes first (its pending link, its event)
+    # Through the ORM, so the commit drops the connection from this replica's caches at once.
+    await session.delete(conn)
     await session.flush()
-    await repo.delete_connection(session, conn.id)
