@@ -103,9 +103,10 @@ class RequestContextMiddleware:
             template = getattr(route, "path", None) or "unmatched"
             HTTP_REQUESTS.labels(scope["method"], template, str(status)).inc()
             HTTP_LATENCY.labels(scope["method"], template).observe(elapsed)
-            self.log.info("%s %s %s", scope["method"], template, status,
-                          extra={"status": status, "duration_ms": round(elapsed * 1000, 2),
-                                 "path": scope["path"]})
+            if self.log.isEnabledFor(logging.INFO):  # skip building the line when it is off
+                self.log.info("%s %s %s", scope["method"], template, status,
+                              extra={"status": status, "duration_ms": round(elapsed * 1000, 2),
+                                     "path": scope["path"]})
             request_id_var.reset(token)
 
 

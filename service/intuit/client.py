@@ -50,10 +50,9 @@ class TokenSet:
     expires_in: int
     refresh_token_expires_in: int
     refresh_token_hard_expires_in: int | None
-    intuit_tid: str | None
 
     def __repr__(self) -> str:  # never print tokens, even in a debugger or a traceback
-        return f"TokenSet(expires_in={self.expires_in}, intuit_tid={self.intuit_tid!r})"
+        return f"TokenSet(expires_in={self.expires_in})"
 
 
 @dataclass(frozen=True)
@@ -287,7 +286,6 @@ class IntuitClient:
                 refresh_token_hard_expires_in=(int(raw["x_refresh_token_hard_expires_in"])
                                                if "x_refresh_token_hard_expires_in" in raw
                                                else None),
-                intuit_tid=None,
             )
         except (KeyError, ValueError, TypeError):
             raise IntuitProtocolError("token answer is missing fields") from None

@@ -74,5 +74,4 @@ def open_pending(pending: PendingLink, box: SecretBox) -> TokenSet:
         expires_in=max(0, int((pending.access_token_expires_at - now).total_seconds())),
         refresh_token_expires_in=max(0, int((pending.refresh_token_expires_at - now).total_seconds())),
         refresh_token_hard_expires_in=None,
-        intuit_tid=None,
     )

@@ -32,10 +32,6 @@ class SecretBox:
     def primary_kid(self) -> str:
         return self._primary_kid
 
-    @property
-    def key_ids(self) -> list[str]:
-        return list(self._ciphers)
-
     def encrypt(self, plaintext: str, associated_data: str) -> str:
         nonce = os.urandom(_NONCE_BYTES)
         sealed = self._ciphers[self._primary_kid].encrypt(
@@ -55,13 +51,6 @@ class SecretBox:
         except (InvalidTag, ValueError):
             raise DecryptionError("ciphertext does not open under its key") from None
         return opened.decode()
-
-    @staticmethod
-    def key_id_of(ciphertext: str) -> str:
-        return ciphertext.partition(".")[0]
-
-    def needs_rotation(self, ciphertext: str) -> bool:
-        return self.key_id_of(ciphertext) != self._primary_kid
 
 
 def generate_key() -> str:
