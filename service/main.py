@@ -18,6 +18,7 @@ from service.connections.router import router as connections_router
 from service.db.embedded import start_embedded_postgres
 from service.db.engine import asyncpg_dsn, build_engine, build_sessionmaker
 from service.errors import Problem, install_error_handlers
+from service.fastlane import FastLane
 from service.intuit.client import IntuitClient
 from service.oauth.router import router as oauth_router
 from service.observability import BodySizeLimitMiddleware, RequestContextMiddleware
@@ -104,6 +105,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(connections_router)
     app.include_router(oauth_router)
     app.include_router(ops.router)
+    # Innermost: its answers pass through CORS, body limits and the request context (ids,
+    # metrics, logs) like the app's own.
+    app.add_middleware(FastLane, state=app.state,
+                       routes={route.path: route for route in connections_router.routes})  # type: ignore[attr-defined]
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
                            allow_methods=["GET", "POST", "PATCH", "DELETE"],

@@ -11,6 +11,11 @@ HTTP_LATENCY = Histogram(
     "qbo_broker_http_request_seconds", "HTTP request latency", ["method", "route"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
+FAST_LANE_ANSWERS = Counter(
+    "qbo_broker_fast_lane_answers_total",
+    "Requests answered from the caches without the full request pipeline (service.fastlane)",
+    ["route"],
+)
 INTUIT_CALLS = Counter(
     "qbo_broker_intuit_calls_total", "Calls to Intuit", ["endpoint", "outcome"]
 )

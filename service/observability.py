@@ -5,10 +5,10 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import os
 import re
 import sys
 import time
-import uuid
 from datetime import UTC, datetime
 from typing import Any
 
@@ -28,6 +28,7 @@ _SECRET_PATTERNS = [
     (re.compile(r"qbk_[0-9a-f]{8}_[A-Za-z0-9_-]+"), "qbk_[redacted]"),
     (re.compile(r"eyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*"), "[redacted-jwt]"),
 ]
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 _STANDARD_ATTRS = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 
 
@@ -76,13 +77,15 @@ class RequestContextMiddleware:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
         self.log = logging.getLogger("qbo_broker.access")
+        # (method, route, status) -> its request counter and latency histogram, labelled once.
+        self._metrics: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         incoming = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
-        request_id = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
+        request_id = incoming if _REQUEST_ID.match(incoming) else os.urandom(16).hex()
         token = request_id_var.set(request_id)
         started = time.perf_counter()
         status = 500
@@ -101,8 +104,14 @@ class RequestContextMiddleware:
             elapsed = time.perf_counter() - started
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
-            HTTP_REQUESTS.labels(scope["method"], template, str(status)).inc()
-            HTTP_LATENCY.labels(scope["method"], template).observe(elapsed)
+            method = scope["method"] if scope["method"] in _METHODS else "OTHER"
+            key = (method, template, status)
+            metrics = self._metrics.get(key)
+            if metrics is None:
+                metrics = self._metrics[key] = (HTTP_REQUESTS.labels(method, template, str(status)),
+                                                HTTP_LATENCY.labels(method, template))
+            metrics[0].inc()
+            metrics[1].observe(elapsed)
             if self.log.isEnabledFor(logging.INFO):  # skip building the line when it is off
                 self.log.info("%s %s %s", scope["method"], template, status,
                               extra={"status": status, "duration_ms": round(elapsed * 1000, 2),

@@ -28,11 +28,16 @@ class JWTVerifier:
         s = self._settings
         return bool(s.jwt_secret or s.jwt_public_key or self._jwks)
 
+    def remembered(self, token: str) -> dict[str, Any] | None:
+        """The claims of a token verified earlier and not yet expired; None otherwise."""
+        hit = self._verified.get(token)
+        return hit if hit is not None and hit["exp"] > time.time() else None
+
     async def verify(self, token: str) -> dict[str, Any]:
         """The token's claims, if valid. Verified tokens are remembered until they expire (a
         JWT cannot change, so there is nothing to invalidate)."""
-        hit = self._verified.get(token)
-        if hit is not None and hit["exp"] > time.time():
+        hit = self.remembered(token)
+        if hit is not None:
             return hit
         claims = await self._verify(token)
         self._verified[token] = claims

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Body, Path, Query, Response
-from pydantic import BaseModel
 
 from service.auth.callers import Scope
 from service.auth.dependencies import CurrentCaller
 from service.connections import repository as repo
 from service.connections import service
 from service.connections.schemas import (
+    AccessTokenOut,
     AccountingLink,
     ConnectionCreate,
     ConnectionOut,
@@ -46,14 +45,6 @@ ERRORS = problem_responses(401, 403, 404, 413, 422)
 MALFORMED = problem_responses(400)
 CONFLICT = problem_responses(409)
 UPSTREAM = problem_responses(502, 503)
-
-
-class AccessTokenOut(BaseModel):
-    access_token: str
-    token_type: str
-    expires_at: datetime
-    realm_id: str
-    api_base_url: str
 
 
 @router.post("/connections", status_code=201, response_model=ConnectionOut,
@@ -140,10 +131,7 @@ async def get_token(rt: RuntimeDep, caller: CurrentCaller,
         view = ConnectionView.of(row, rt.box)
         cache.put(str(connection_id), view, ticket)
     token = await rt.refresher.access_token(view, force=force_refresh)
-    body = AccessTokenOut(access_token=token.access_token, token_type="bearer",  # noqa: S106
-                          expires_at=token.expires_at, realm_id=token.realm_id,
-                          api_base_url=rt.intuit.api_base_url)
-    return Response(body.model_dump_json(), media_type="application/json",
+    return Response(token.body(rt.intuit.api_base_url), media_type="application/json",
                     headers={"Cache-Control": "no-store"})
 
 

@@ -174,3 +174,11 @@ class LinkStatusOut(BaseModel):
     tenant_id: str
     accounting_link: AccountingLink
     connections: list[ConnectionStatusOut]
+
+
+class AccessTokenOut(BaseModel):
+    access_token: str
+    token_type: str
+    expires_at: datetime
+    realm_id: str
+    api_base_url: str

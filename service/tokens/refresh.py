@@ -28,7 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from service.config import Settings
 from service.connections import repository as repo
-from service.connections.schemas import Status
+from service.connections.schemas import AccessTokenOut, Status
 from service.db.models import Connection, ConnectionEvent
 from service.errors import (
     IntuitRejected,
@@ -61,6 +61,12 @@ class AccessToken:
 
     def __repr__(self) -> str:
         return f"AccessToken(realm_id={self.realm_id!r}, expires_at={self.expires_at!r})"
+
+    def body(self, api_base_url: str) -> bytes:
+        """The token endpoint's JSON answer."""
+        return AccessTokenOut(access_token=self.access_token, token_type="bearer",  # noqa: S106
+                              expires_at=self.expires_at, realm_id=self.realm_id,
+                              api_base_url=api_base_url).model_dump_json().encode()
 
 
 @dataclass(frozen=True)
@@ -161,13 +167,23 @@ class TokenRefresher:
         return AccessToken(access_token=credentials.open_access_token(conn, self._box),
                            expires_at=conn.access_token_expires_at, realm_id=conn.realm_id)
 
+    @staticmethod
+    def fresh_token(conn: ConnectionView) -> AccessToken | None:
+        """The view's own token if the connection is usable and the token fresh enough; None
+        when access_token() would have to refresh (or refuse)."""
+        if (conn.status != Status.CONNECTED or not conn.refresh_token
+                or not _fresh_enough(conn, datetime.now(UTC))):
+            return None
+        assert conn.access_token and conn.access_token_expires_at and conn.realm_id
+        return AccessToken(access_token=conn.access_token,
+                           expires_at=conn.access_token_expires_at, realm_id=conn.realm_id)
+
     async def access_token(self, conn: ConnectionView, *, force: bool = False) -> AccessToken:
         """A token valid for at least five minutes (a new one when force is set)."""
         _usable_or_raise(conn)
-        if not force and _fresh_enough(conn, datetime.now(UTC)):
-            assert conn.access_token and conn.access_token_expires_at and conn.realm_id
-            return AccessToken(access_token=conn.access_token,
-                               expires_at=conn.access_token_expires_at, realm_id=conn.realm_id)
+        fresh = None if force else self.fresh_token(conn)
+        if fresh is not None:
+            return fresh
         asked_at = datetime.now(UTC)
 
         def needed(row: Connection, now: datetime) -> bool:

@@ -1,0 +1,134 @@
+"""GET /status and GET /connections/{id}/token answered straight from the caches.
+
+These are the broker's hottest reads: the link icon polls /status, and internal services fetch
+tokens all day. When the caller is already known (a JWT verified earlier, or an API key in the
+cache) and the answer is cached, this layer answers at once, skipping FastAPI's routing,
+dependency solving and validation, which cost more than everything else in such a request.
+
+It only ever answers 200 with what the app itself would send. Anything else goes on to the app
+unchanged: a cache miss, an unknown caller, a caller without the right, a query string it does
+not recognise, any other path. The app then answers (and fills the caches), and it alone
+renders errors. It sits inside every other middleware, so its answers get the same CORS
+headers, request ids, metrics and access logs as the app's. tests/test_fastlane.py compares the
+two answers byte for byte.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import parse_qsl
+
+from fastapi.security.utils import get_authorization_scheme_param
+from starlette.datastructures import State
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from service.auth.api_keys import hash_key
+from service.auth.callers import Caller
+from service.auth.callers import Scope as CallerScope
+from service.errors import ProblemError
+from service.metrics import FAST_LANE_ANSWERS
+
+STATUS_PATH = "/status"
+TOKEN_PREFIX, TOKEN_SUFFIX = "/connections/", "/token"
+
+JSON_HEADERS = [(b"content-type", b"application/json")]
+# The token endpoint's own header (service.connections.router.get_token).
+TOKEN_HEADERS = [(b"cache-control", b"no-store"), *JSON_HEADERS]
+
+
+def _credentials(scope: Scope) -> tuple[str | None, str | None]:
+    """(Authorization, X-API-Key), the first of each, as Starlette reads them."""
+    authorization = api_key = None
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            if authorization is None:
+                authorization = value.decode("latin-1")
+        elif name == b"x-api-key" and api_key is None:
+            api_key = value.decode("latin-1")
+    return authorization, api_key
+
+
+def _known_caller(state: State, scope: Scope) -> Caller | None:
+    """The caller, if service.auth.dependencies.authenticate has already let them in and they
+    are still remembered; None whenever that function would have work (or an error) to do."""
+    authorization, api_key = _credentials(scope)
+    if api_key:  # the API key wins, as in authenticate()
+        if len(api_key) > 200:
+            return None
+        cached: Caller | None = state.runtime.caches.api_keys.get(hash_key(api_key))
+        return cached
+    scheme, token = get_authorization_scheme_param(authorization)
+    if not (authorization and scheme and token) or scheme.lower() != "bearer":
+        return None
+    claims = state.jwt_verifier.remembered(token)
+    if claims is None:
+        return None
+    return Caller(kind="user", subject=claims["sub"], tenant_id=claims["tenant_id"])
+
+
+class FastLane:
+    """ASGI middleware: the cached 200 answers of GET /status and GET /connections/{id}/token."""
+
+    def __init__(self, app: ASGIApp, *, state: State, routes: dict[str, Any]) -> None:
+        self.app = app
+        self._state = state  # the broker's app.state: runtime and jwt_verifier, once started
+        self._status_route = routes[STATUS_PATH]
+        self._token_route = routes[TOKEN_PREFIX + "{connection_id}" + TOKEN_SUFFIX]
+        self._count_status = FAST_LANE_ANSWERS.labels(STATUS_PATH)
+        self._count_token = FAST_LANE_ANSWERS.labels(self._token_route.path)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (scope["type"] == "http" and scope["method"] == "GET" and not scope.get("root_path")
+                and hasattr(self._state, "runtime")):
+            path = scope["path"]
+            answer: tuple[bytes, list[tuple[bytes, bytes]]] | None = None
+            try:
+                if path == STATUS_PATH:
+                    answer = self._status(scope)
+                    route, counter = self._status_route, self._count_status
+                elif path.startswith(TOKEN_PREFIX) and path.endswith(TOKEN_SUFFIX):
+                    answer = self._token(scope, path[len(TOKEN_PREFIX):-len(TOKEN_SUFFIX)])
+                    route, counter = self._token_route, self._count_token
+            except ProblemError:  # the app will say why, in its own words
+                answer = None
+            if answer is not None:
+                body, headers = answer
+                scope["route"] = route  # for the request metrics' route label
+                counter.inc()
+                await send({"type": "http.response.start", "status": 200,
+                            "headers": [*headers, (b"content-length", str(len(body)).encode())]})
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)
+
+    def _status(self, scope: Scope) -> tuple[bytes, list[tuple[bytes, bytes]]] | None:
+        query = scope["query_string"]
+        requested = None
+        if query:
+            pairs = parse_qsl(query.decode("latin-1"), keep_blank_values=True)
+            if len(pairs) != 1 or pairs[0][0] != "tenant_id":
+                return None
+            requested = pairs[0][1]
+        caller = _known_caller(self._state, scope)
+        if caller is None:
+            return None
+        # Cached bodies exist only for tenants the app has already validated and looked up.
+        body: bytes | None = self._state.runtime.caches.status.get(caller.tenant_for_read(requested))
+        return None if body is None else (body, JSON_HEADERS)
+
+    def _token(self, scope: Scope, connection_id: str) -> tuple[bytes, list[tuple[bytes, bytes]]] | None:
+        if scope["query_string"]:  # force_refresh, or anything else: the app decides
+            return None
+        runtime = self._state.runtime
+        # Keys are canonical connection ids the app has looked up; any other text misses.
+        view = runtime.caches.connections.get(connection_id)
+        if view is None:
+            return None
+        caller = _known_caller(self._state, scope)
+        if caller is None:
+            return None
+        caller.require_scope(CallerScope.TOKENS_READ)
+        token = runtime.refresher.fresh_token(view)
+        if token is None:  # needs a refresh, or is not usable: the app's work
+            return None
+        return token.body(runtime.intuit.api_base_url), TOKEN_HEADERS
