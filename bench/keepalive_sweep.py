@@ -58,6 +58,7 @@ from service.observability import configure_logging
 from service.runtime import Runtime
 from service.tokens.background import due_connections_query, keep_alive
 from service.tokens.crypto import SecretBox
+from service.tokens.locks import RefreshLocks
 from service.tokens.refresh import TokenRefresher
 
 QUERY_TARGET_MS = 20.0
@@ -177,8 +178,9 @@ async def sweep(database_url: str, emulator_url: str, *, concurrency: int, ids: 
     intuit = IntuitClient(settings)
     box = SecretBox(settings.parsed_encryption_keys)
     reads = await asyncpg.create_pool(asyncpg_dsn(database_url), min_size=1, max_size=2)
+    locks = RefreshLocks(asyncpg_dsn(database_url))
     runtime = Runtime(settings=settings, engine=engine, sessionmaker=sessionmaker, intuit=intuit,
-                      box=box, refresher=TokenRefresher(settings, sessionmaker, intuit, box),
+                      box=box, refresher=TokenRefresher(settings, sessionmaker, intuit, box, locks),
                       reads=reads)
     db = await db_connect(database_url)
     try:
@@ -210,6 +212,7 @@ async def sweep(database_url: str, emulator_url: str, *, concurrency: int, ids: 
     finally:
         await db.close()
         await intuit.aclose()
+        await locks.close()
         await reads.close()
         await engine.dispose()
     outcomes = stats_after.get("token", {}).get("refresh_token", {})

@@ -15,7 +15,8 @@ import json
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from contextlib import asynccontextmanager
 from typing import Any, Generic, TypeVar
 
 import asyncpg
@@ -44,6 +45,7 @@ class VersionedCache(Generic[K, V]):
         self._epoch = 0
         self._invalidated: OrderedDict[K, int] = OrderedDict()  # key -> epoch of its last drop
         self._floor = 0  # tickets older than this are refused (history cleared or forgotten)
+        self._loading: dict[K, asyncio.Task[V | None]] = {}
 
     def ticket(self) -> int:
         return self._epoch
@@ -60,6 +62,34 @@ class VersionedCache(Generic[K, V]):
         self._entries.move_to_end(key)
         return item[1]
 
+    async def get_or_load(self, key: K, load: Callable[[], Awaitable[V | None]]) -> V | None:
+        """The cached value, or what `load` returns (None: nothing to cache, e.g. not found).
+        Concurrent misses of one key share one load: a burst of callers after a change, or on
+        a cold cache, costs one database read, not one each."""
+        value = self.get(key)
+        if value is not None:
+            return value
+        task = self._loading.get(key)
+        if task is None:
+            task = asyncio.create_task(self._load(key, load))
+            self._loading[key] = task
+
+            def done(finished: asyncio.Task[V | None]) -> None:
+                if self._loading.get(key) is finished:
+                    del self._loading[key]
+                if not finished.cancelled():
+                    finished.exception()  # retrieved: every waiter re-raises it itself
+
+            task.add_done_callback(done)
+        return await asyncio.shield(task)
+
+    async def _load(self, key: K, load: Callable[[], Awaitable[V | None]]) -> V | None:
+        ticket = self.ticket()
+        value = await load()
+        if value is not None:
+            self.put(key, value, ticket)
+        return value
+
     def put(self, key: K, value: V, ticket: int) -> None:
         if not self.enabled or ticket < self._floor or self._invalidated.get(key, -1) > ticket:
             return
@@ -71,6 +101,7 @@ class VersionedCache(Generic[K, V]):
     def invalidate(self, key: K) -> None:
         self._epoch += 1
         self._entries.pop(key, None)
+        self._loading.pop(key, None)  # a load begun before the change serves no one after it
         self._invalidated[key] = self._epoch
         self._invalidated.move_to_end(key)
         while len(self._invalidated) > self._maxsize:
@@ -81,6 +112,7 @@ class VersionedCache(Generic[K, V]):
         self._epoch += 1
         self._floor = self._epoch
         self._entries.clear()
+        self._loading.clear()
         self._invalidated.clear()
 
 
@@ -117,6 +149,21 @@ class ChangeFeed:
         self._retry = retry_seconds
         self._task: asyncio.Task[None] | None = None
         self._connected = asyncio.Event()
+        self._watchers: dict[str, set[asyncio.Event]] = {}
+
+    @asynccontextmanager
+    async def watching(self, connection_id: str) -> AsyncIterator[asyncio.Event]:
+        """An event set when a change of the connection is notified (by any replica) while the
+        context is open. While the feed is down nothing sets it: wait with a timeout."""
+        event = asyncio.Event()
+        watchers = self._watchers.setdefault(connection_id, set())
+        watchers.add(event)
+        try:
+            yield event
+        finally:
+            watchers.discard(event)
+            if not watchers and self._watchers.get(connection_id) is watchers:
+                del self._watchers[connection_id]
 
     async def start(self, wait_seconds: float = 5.0) -> None:
         self._task = asyncio.create_task(self._run(), name="qbo-broker-change-feed")
@@ -136,9 +183,16 @@ class ChangeFeed:
             return
         try:
             change = json.loads(payload)
-            self._caches.connection_changed(str(change["id"]), str(change["tenant_id"]))
+            connection_id = str(change["id"])
+            self._caches.connection_changed(connection_id, str(change["tenant_id"]))
         except (ValueError, KeyError, TypeError):
             self._caches.set_enabled(True)  # unreadable: drop everything, stay on
+            for watchers in self._watchers.values():
+                for event in watchers:
+                    event.set()
+            return
+        for event in self._watchers.get(connection_id, ()):
+            event.set()
 
     async def _run(self) -> None:
         while True:

@@ -67,6 +67,9 @@ class Settings(BaseSettings):
     jwt_audience: str | None = Field(default=None, alias="BROKER_JWT_AUDIENCE")
 
     db_pool_size: int = Field(default=10, alias="BROKER_DB_POOL_SIZE", ge=1)
+    # Token refreshes one process runs at once. None holds a pooled connection while Intuit
+    # answers, so this is a bound on calls to Intuit, not on database connections.
+    refresh_concurrency: int = Field(default=50, alias="BROKER_REFRESH_CONCURRENCY", ge=1)
     max_body_bytes: int = Field(default=64 * 1024, alias="BROKER_MAX_BODY_BYTES", ge=1024)
     log_level: str = Field(default="INFO", alias="BROKER_LOG_LEVEL")
 

@@ -25,6 +25,7 @@ from service.observability import BodySizeLimitMiddleware, RequestContextMiddlew
 from service.runtime import Runtime
 from service.tokens.background import BackgroundWorker
 from service.tokens.crypto import SecretBox
+from service.tokens.locks import RefreshLocks
 from service.tokens.refresh import TokenRefresher
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                           max_size=settings.db_pool_size)
         intuit = IntuitClient(settings)
         box = SecretBox(settings.parsed_encryption_keys)
-        refresher = TokenRefresher(settings, sessionmaker, intuit, box)
+        locks = RefreshLocks(asyncpg_dsn(database_url))
+        refresher = TokenRefresher(settings, sessionmaker, intuit, box, locks, watch=feed.watching)
         runtime = Runtime(settings=settings, engine=engine, sessionmaker=sessionmaker,
                           intuit=intuit, box=box, refresher=refresher, caches=caches,
                           reads=reads)
@@ -89,6 +91,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if worker is not None:
                 await worker.stop()
             await feed.stop()
+            await locks.close()
             await reads.close()
             await intuit.aclose()
             await engine.dispose()

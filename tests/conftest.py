@@ -173,6 +173,7 @@ async def runtime(stack: Stack) -> AsyncIterator[Any]:
     from service.intuit.client import IntuitClient
     from service.runtime import Runtime
     from service.tokens.crypto import SecretBox
+    from service.tokens.locks import RefreshLocks
     from service.tokens.refresh import TokenRefresher
 
     engine = build_engine(stack.database_url, pool_size=4)
@@ -180,9 +181,11 @@ async def runtime(stack: Stack) -> AsyncIterator[Any]:
     reads = await asyncpg.create_pool(asyncpg_dsn(stack.database_url), min_size=1, max_size=2)
     intuit = IntuitClient(stack.settings)
     box = SecretBox(stack.settings.parsed_encryption_keys)
+    locks = RefreshLocks(asyncpg_dsn(stack.database_url))
     yield Runtime(settings=stack.settings, engine=engine, sessionmaker=sessionmaker, intuit=intuit,
-                  box=box, refresher=TokenRefresher(stack.settings, sessionmaker, intuit, box),
+                  box=box, refresher=TokenRefresher(stack.settings, sessionmaker, intuit, box, locks),
                   reads=reads)
+    await locks.close()
     await intuit.aclose()
     await reads.close()
     await engine.dispose()

@@ -115,3 +115,56 @@ async def test_a_deleted_connection_leaves_the_status_at_once(client, new_connec
     assert [c["id"] for c in listed["connections"]] == [conn["id"]]
     assert (await client.delete(f"/connections/{conn['id']}", headers=user_headers())).status_code == 204
     assert (await client.get("/status", headers=user_headers())).json()["connections"] == []
+
+
+async def test_concurrent_misses_share_one_load_and_a_change_starts_a_new_one() -> None:
+    cache: VersionedCache[str, int] = VersionedCache()
+    cache.enabled = True
+    loads: list[asyncio.Event] = []
+    version = 1
+
+    async def load() -> int:
+        release = asyncio.Event()
+        loads.append(release)
+        read = version  # what the database held when the read began
+        await release.wait()
+        return read
+
+    early = [asyncio.create_task(cache.get_or_load("k", load)) for _ in range(50)]
+    await asyncio.sleep(0.01)
+    assert len(loads) == 1  # fifty misses, one read
+    version = 2
+    cache.invalidate("k")  # a writer commits while that read is out
+    late = asyncio.create_task(cache.get_or_load("k", load))  # e.g. the writer reading back
+    await asyncio.sleep(0.01)
+    assert len(loads) == 2  # it did not join the read that began before the change
+    for release in loads:
+        release.set()
+    assert await asyncio.gather(*early) == [1] * 50
+    assert await late == 2
+    assert cache.get("k") == 2  # the stale read was not kept
+
+
+async def test_a_failed_or_empty_load_caches_nothing() -> None:
+    cache: VersionedCache[str, int] = VersionedCache()
+    cache.enabled = True
+
+    async def fail() -> int:
+        await asyncio.sleep(0.01)
+        raise ConnectionError("database unreachable")
+
+    results = await asyncio.gather(*(cache.get_or_load("k", fail) for _ in range(5)),
+                                   return_exceptions=True)
+    assert all(isinstance(r, ConnectionError) for r in results)
+
+    async def missing() -> int | None:
+        return None
+
+    assert await cache.get_or_load("k", missing) is None
+    assert cache.get("k") is None
+
+    async def found() -> int:
+        return 7
+
+    assert await cache.get_or_load("k", found) == 7
+    assert cache.get("k") == 7

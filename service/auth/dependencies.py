@@ -31,19 +31,19 @@ async def authenticate(
         if len(api_key) > 200:
             raise Unauthorized("The API key is not valid.")
         runtime = request.app.state.runtime
-        cache = runtime.caches.api_keys
-        digest = hash_key(api_key)
-        cached = cache.get(digest)
-        if cached is None:
-            ticket = cache.ticket()
+
+        async def load() -> Caller | None:
             # Its own short transaction: most requests are served from the cache, with no session.
             async with runtime.sessionmaker() as session, session.begin():
                 row = await find_active_key(session, api_key)
             if row is None:
-                raise Unauthorized("The API key is not valid or has been revoked.")
-            cached = Caller(kind="service", subject=row.name, scopes=frozenset(row.scopes),
-                            api_key_id=row.id)
-            cache.put(digest, cached, ticket)
+                return None
+            return Caller(kind="service", subject=row.name, scopes=frozenset(row.scopes),
+                          api_key_id=row.id)
+
+        cached = await runtime.caches.api_keys.get_or_load(hash_key(api_key), load)
+        if cached is None:
+            raise Unauthorized("The API key is not valid or has been revoked.")
         caller = cached
     elif bearer is not None:
         verifier: JWTVerifier = request.app.state.jwt_verifier

@@ -121,15 +121,14 @@ async def list_events(session: SessionDep, caller: CurrentCaller, connection_id:
 async def get_token(rt: RuntimeDep, caller: CurrentCaller,
                     connection_id: ConnectionID, force_refresh: bool = False) -> Response:
     caller.require_scope(Scope.TOKENS_READ)
-    cache = rt.caches.connections
-    view = cache.get(str(connection_id))
-    if view is None:
-        ticket = cache.ticket()
+
+    async def load() -> ConnectionView | None:
         row = await repo.read_connection(rt.reads, connection_id)
-        if row is None:
-            raise NotFound("No such connection.", connection_id=str(connection_id))
-        view = ConnectionView.of(row, rt.box)
-        cache.put(str(connection_id), view, ticket)
+        return None if row is None else ConnectionView.of(row, rt.box)
+
+    view = await rt.caches.connections.get_or_load(str(connection_id), load)
+    if view is None:
+        raise NotFound("No such connection.", connection_id=str(connection_id))
     token = await rt.refresher.access_token(view, force=force_refresh)
     return Response(token.body(rt.intuit.api_base_url), media_type="application/json",
                     headers={"Cache-Control": "no-store"})
@@ -140,10 +139,8 @@ async def get_token(rt: RuntimeDep, caller: CurrentCaller,
 async def link_status(rt: RuntimeDep, caller: CurrentCaller,
                       tenant_id: TenantQuery = None) -> Response:
     tenant = caller.tenant_for_read(tenant_id)
-    cache = rt.caches.status
-    body = cache.get(tenant)
-    if body is None:
-        ticket = cache.ticket()
+
+    async def load() -> bytes:
         connections = await repo.read_tenant_status(rt.reads, tenant)
         items = [ConnectionStatusOut(
             id=c.id, status=Status(c.status), realm_id=c.realm_id, company_name=c.company_name,
@@ -153,7 +150,9 @@ async def link_status(rt: RuntimeDep, caller: CurrentCaller,
             for c in connections]
         overall = (AccountingLink.ENABLED if any(i.accounting_link == AccountingLink.ENABLED
                                                  for i in items) else AccountingLink.DISABLED)
-        body = LinkStatusOut(tenant_id=tenant, accounting_link=overall,
+        return LinkStatusOut(tenant_id=tenant, accounting_link=overall,
                              connections=items).model_dump_json().encode()
-        cache.put(tenant, body, ticket)
+
+    body = await rt.caches.status.get_or_load(tenant, load)
+    assert body is not None
     return Response(body, media_type="application/json")
