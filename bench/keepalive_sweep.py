@@ -30,7 +30,6 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import asyncpg
 from harness import (
     ENCRYPTION_KEY,
     Server,
@@ -51,8 +50,9 @@ from harness import (
 )
 from sqlalchemy.dialects.postgresql.asyncpg import PGDialect_asyncpg
 
+from service.cache import Caches
 from service.config import Settings
-from service.db.engine import asyncpg_dsn, build_engine, build_sessionmaker
+from service.db.engine import asyncpg_dsn, build_engine, build_sessionmaker, create_reads_pool
 from service.intuit.client import IntuitClient
 from service.observability import configure_logging
 from service.runtime import Runtime
@@ -177,10 +177,10 @@ async def sweep(database_url: str, emulator_url: str, *, concurrency: int, ids: 
     sessionmaker = build_sessionmaker(engine)
     intuit = IntuitClient(settings)
     box = SecretBox(settings.parsed_encryption_keys)
-    reads = await asyncpg.create_pool(asyncpg_dsn(database_url), min_size=1, max_size=2)
+    reads = await create_reads_pool(database_url, max_size=2)
     locks = RefreshLocks(asyncpg_dsn(database_url))
     runtime = Runtime(settings=settings, engine=engine, sessionmaker=sessionmaker, intuit=intuit,
-                      box=box, refresher=TokenRefresher(settings, sessionmaker, intuit, box, locks),
+                      box=box, refresher=TokenRefresher(settings, reads, intuit, box, locks, Caches()),
                       reads=reads)
     db = await db_connect(database_url)
     try:

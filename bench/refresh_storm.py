@@ -135,27 +135,33 @@ async def storm(args: argparse.Namespace, database_url: str, emulator: Server,
     print(f"connected {len(ids)} connections through the Connect flow in {connect_seconds:.1f} s",
           flush=True)
     key = await new_api_key(database_url, "tokens:read")
-    db = await db_connect(database_url)
-    try:
-        before_tokens = {str(r["id"]): r["access_token"] for r in await db.fetch(
-            "SELECT id, access_token FROM connections WHERE id = ANY($1::uuid[])", ids)}
-        await db.execute("UPDATE connections SET access_token_expires_at = now() - interval "
-                         "'1 minute' WHERE id = ANY($1::uuid[])", ids)
-    finally:
-        await db.close()
-    await set_emulator_config(emulator.url, latency_ms=args.latency_ms)
-    stats_before = await emulator_stats(emulator.url)
 
-    # Connections opened (and used once) first, as a calling service's pool would have them:
-    # the storm measures the broker, not TCP handshakes. uvicorn keeps idle ones for 5 s.
+    # Connections opened first, as a calling service's pool would have them: the storm
+    # measures the broker, not TCP handshakes. uvicorn keeps idle ones for 5 s.
     # Request i asks for connection i mod N from broker (i div N) mod B: every connection is
     # asked for from every broker, so the brokers contend for the same rows.
     connections = await asyncio.gather(*(
         KeepAliveConnection.open(brokers[(i // len(ids)) % len(brokers)].url)
         for i in range(args.requests)))
     try:
-        for status, _ in await asyncio.gather(*(c.get("/healthz", {}) for c in connections)):
+        # Each one used once, for the token it will ask for again, while that is still fresh:
+        # the brokers are in service, as before any storm (the caller's key known, database
+        # pools open). Nothing is refreshed here; the emulator's counts are taken after.
+        for index, connection in enumerate(connections):
+            status, _ = await connection.get(f"/connections/{ids[index % len(ids)]}/token",
+                                             {"X-API-Key": key})
             assert status == 200
+        db = await db_connect(database_url)
+        try:
+            before_tokens = {str(r["id"]): r["access_token"] for r in await db.fetch(
+                "SELECT id, access_token FROM connections WHERE id = ANY($1::uuid[])", ids)}
+            await db.execute("UPDATE connections SET access_token_expires_at = now() - interval "
+                             "'1 minute' WHERE id = ANY($1::uuid[])", ids)
+        finally:
+            await db.close()
+        await set_emulator_config(emulator.url, latency_ms=args.latency_ms)
+        stats_before = await emulator_stats(emulator.url)
+        await asyncio.sleep(0.5)  # the brokers' caches hear of the expiry (NOTIFY)
         servers = [*brokers, emulator]
         cpu_before = [s.cpu_seconds() for s in servers]
         client_cpu_before = time.process_time()

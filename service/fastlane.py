@@ -1,20 +1,24 @@
 """GET /status and GET /connections/{id}/token answered straight from the caches.
 
 These are the broker's hottest reads: the link icon polls /status, and internal services fetch
-tokens all day. When the caller is already known (a JWT verified earlier, or an API key in the
-cache) and the answer is cached, this layer answers at once, skipping FastAPI's routing,
-dependency solving and validation, which cost more than everything else in such a request.
+tokens all day (and in bursts, when a batch job starts). When the caller is already known (a
+JWT verified earlier, or an API key in the cache) and the connection or tenant is cached, this
+layer answers at once, skipping FastAPI's routing, dependency solving and validation, which cost
+more than everything else in such a request. A cached connection whose token needs a refresh
+joins the refresh (service.tokens.refresh) as the app would.
 
-It only ever answers 200 with what the app itself would send. Anything else goes on to the app
-unchanged: a cache miss, an unknown caller, a caller without the right, a query string it does
-not recognise, any other path. The app then answers (and fills the caches), and it alone
-renders errors. It sits inside every other middleware, so its answers get the same CORS
-headers, request ids, metrics and access logs as the app's. tests/test_fastlane.py compares the
-two answers byte for byte.
+It answers what the app would: a cache miss, an unknown caller, a caller without the right, a
+query string it does not recognise, or any other path goes on to the app unchanged, which
+answers (and fills the caches). The one error rendered here is a refresh's own outcome
+(reauthorization_required, intuit_unavailable, …), with the app's problem renderer: handing it
+to the app would only repeat the refresh to fail again. It sits inside every other middleware,
+so its answers get the same CORS headers, request ids, metrics and access logs as the app's.
+tests/test_fastlane.py compares the two answers byte for byte.
 """
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -25,7 +29,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from service.auth.api_keys import hash_key
 from service.auth.callers import Caller
 from service.auth.callers import Scope as CallerScope
-from service.errors import ProblemError
+from service.errors import ProblemError, problem_response
 from service.metrics import FAST_LANE_ANSWERS
 
 STATUS_PATH = "/status"
@@ -81,16 +85,21 @@ class FastLane:
         if (scope["type"] == "http" and scope["method"] == "GET" and not scope.get("root_path")
                 and hasattr(self._state, "runtime")):
             path = scope["path"]
-            answer: tuple[bytes, list[tuple[bytes, bytes]]] | None = None
+            answer: tuple[bytes, list[tuple[bytes, bytes]]] | ProblemError | None = None
             try:
                 if path == STATUS_PATH:
                     answer = self._status(scope)
                     route, counter = self._status_route, self._count_status
                 elif path.startswith(TOKEN_PREFIX) and path.endswith(TOKEN_SUFFIX):
-                    answer = self._token(scope, path[len(TOKEN_PREFIX):-len(TOKEN_SUFFIX)])
+                    answer = await self._token(scope, path[len(TOKEN_PREFIX):-len(TOKEN_SUFFIX)])
                     route, counter = self._token_route, self._count_token
             except ProblemError:  # the app will say why, in its own words
                 answer = None
+            if isinstance(answer, ProblemError):
+                scope["route"] = route
+                counter.inc()
+                await problem_response(answer)(scope, receive, send)
+                return
             if answer is not None:
                 body, headers = answer
                 scope["route"] = route  # for the request metrics' route label
@@ -116,19 +125,32 @@ class FastLane:
         body: bytes | None = self._state.runtime.caches.status.get(caller.tenant_for_read(requested))
         return None if body is None else (body, JSON_HEADERS)
 
-    def _token(self, scope: Scope, connection_id: str) -> tuple[bytes, list[tuple[bytes, bytes]]] | None:
+    async def _token(self, scope: Scope,
+                     connection_id: str) -> tuple[bytes, list[tuple[bytes, bytes]]] | ProblemError | None:
         if scope["query_string"]:  # force_refresh, or anything else: the app decides
             return None
         runtime = self._state.runtime
-        # Keys are canonical connection ids the app has looked up; any other text misses.
-        view = runtime.caches.connections.get(connection_id)
-        if view is None:
-            return None
         caller = _known_caller(self._state, scope)
         if caller is None:
             return None
         caller.require_scope(CallerScope.TOKENS_READ)
+        # Cached under the canonical id; anything else is parsed, and left to the app's
+        # validation unless it is a canonical id.
+        view = runtime.caches.connections.get(connection_id)
+        if view is None:
+            try:
+                parsed = uuid.UUID(connection_id)
+            except ValueError:
+                return None
+            if str(parsed) != connection_id:
+                return None
+            view = await runtime.refresher.view(parsed)
+            if view is None:  # the app says 404 its own way
+                return None
         token = runtime.refresher.fresh_token(view)
-        if token is None:  # needs a refresh, or is not usable: the app's work
-            return None
+        if token is None:  # a refresh (or the reason there can be none): as the app would
+            try:
+                token = await runtime.refresher.access_token(view)
+            except ProblemError as error:
+                return error
         return token.body(runtime.intuit.api_base_url), TOKEN_HEADERS

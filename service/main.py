@@ -6,7 +6,6 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import asyncpg
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
@@ -16,7 +15,7 @@ from service.cache import Caches, ChangeFeed
 from service.config import Settings
 from service.connections.router import router as connections_router
 from service.db.embedded import start_embedded_postgres
-from service.db.engine import asyncpg_dsn, build_engine, build_sessionmaker
+from service.db.engine import asyncpg_dsn, build_engine, build_sessionmaker, create_reads_pool
 from service.errors import Problem, install_error_handlers
 from service.fastlane import FastLane
 from service.intuit.client import IntuitClient
@@ -70,12 +69,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         feed = ChangeFeed(asyncpg_dsn(database_url), caches)
         await feed.start()
         sessionmaker = build_sessionmaker(engine, caches)
-        reads = await asyncpg.create_pool(asyncpg_dsn(database_url), min_size=1,
-                                          max_size=settings.db_pool_size)
+        reads = await create_reads_pool(database_url, max_size=settings.db_pool_size)
         intuit = IntuitClient(settings)
         box = SecretBox(settings.parsed_encryption_keys)
         locks = RefreshLocks(asyncpg_dsn(database_url))
-        refresher = TokenRefresher(settings, sessionmaker, intuit, box, locks, watch=feed.watching)
+        refresher = TokenRefresher(settings, reads, intuit, box, locks, caches, watch=feed.watching)
         runtime = Runtime(settings=settings, engine=engine, sessionmaker=sessionmaker,
                           intuit=intuit, box=box, refresher=refresher, caches=caches,
                           reads=reads)

@@ -11,14 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import httpx
 import pytest
 
 from service.auth.api_keys import create_api_key
 from service.auth.jwt import issue_dev_token
 from service.config import Settings
-from service.db.engine import asyncpg_dsn, build_engine, build_sessionmaker
+from service.db.engine import asyncpg_dsn, build_engine, build_sessionmaker, create_reads_pool
 from service.db.migrations import upgrade_to_head
 from service.emulator import EmulatorSettings
 from service.emulator import create_app as create_emulator
@@ -170,6 +169,7 @@ def new_connection(client: httpx.AsyncClient) -> Callable[..., Awaitable[dict[st
 @pytest.fixture
 async def runtime(stack: Stack) -> AsyncIterator[Any]:
     """The broker's runtime objects, for driving background work directly in a test."""
+    from service.cache import Caches
     from service.intuit.client import IntuitClient
     from service.runtime import Runtime
     from service.tokens.crypto import SecretBox
@@ -178,12 +178,12 @@ async def runtime(stack: Stack) -> AsyncIterator[Any]:
 
     engine = build_engine(stack.database_url, pool_size=4)
     sessionmaker = build_sessionmaker(engine)
-    reads = await asyncpg.create_pool(asyncpg_dsn(stack.database_url), min_size=1, max_size=2)
+    reads = await create_reads_pool(stack.database_url, max_size=2)
     intuit = IntuitClient(stack.settings)
     box = SecretBox(stack.settings.parsed_encryption_keys)
     locks = RefreshLocks(asyncpg_dsn(stack.database_url))
     yield Runtime(settings=stack.settings, engine=engine, sessionmaker=sessionmaker, intuit=intuit,
-                  box=box, refresher=TokenRefresher(stack.settings, sessionmaker, intuit, box, locks),
+                  box=box, refresher=TokenRefresher(stack.settings, reads, intuit, box, locks, Caches()),
                   reads=reads)
     await locks.close()
     await intuit.aclose()

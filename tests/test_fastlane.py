@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -149,16 +150,108 @@ async def test_anything_unusual_goes_to_the_app(client, connected, service_heade
     assert (response.status_code, fast) == (200, False)
     assert response.json()["access_token"] == forced
 
-    # A cached token about to expire is refreshed by the app, then served from the cache again.
+    # A token about to expire: once the change reaches the cache (NOTIFY), the next read
+    # misses; the caller is known, so the fast lane reads the connection and refreshes it.
     await expire_access_token(stack.database_url, connected["id"], seconds_left=60)
-    for _ in range(100):  # the change reaches the cache through NOTIFY
+    for _ in range(100):
         response, fast = await get_counted(client, TOKEN, token_url, headers=tokens)
-        if not fast:
+        if response.json()["access_token"] != forced:
             break
         await asyncio.sleep(0.02)
-    assert not fast and response.json()["access_token"] != forced
     renewed = response.json()["access_token"]
-    # The refresh's commit dropped the entry the app had cached; the next read fills it again.
+    assert fast and renewed != forced
     answers = [await get_counted(client, TOKEN, token_url, headers=tokens) for _ in range(3)]
-    assert [r.json()["access_token"] for r, _ in answers] == [renewed] * 3
-    assert [fast for _, fast in answers] == [False, True, True]
+    assert [(r.json()["access_token"], fast) for r, fast in answers] == [(renewed, True)] * 3
+
+
+async def _linked_company(emulator, new_connection, connect, index: int) -> str:
+    """A connection to a QuickBooks company of its own, linked by its own admin."""
+    realm = (await emulator.post("/companies", json={"name": f"Fast lane {index}"})).json()["realm_id"]
+    email = f"admin{index}@fastlane.example.com"
+    created = await emulator.post("/users", json={
+        "email": email, "given_name": "Admin", "family_name": str(index),
+        "companies": {realm: "company_admin"}})
+    assert created.status_code == 201, created.text
+    conn = await new_connection()
+    result = await connect(conn["id"], email=email, realm_id=realm)
+    assert result.params["result"] == "connected", result.params
+    return str(conn["id"])
+
+
+async def _known_key(client: httpx.AsyncClient, service_headers, cid: str) -> dict[str, str]:
+    """A tokens:read key the broker has looked up and cached. Its first use touches the key's
+    last_used_at, and the notification of that change empties the key cache once: ask until
+    the fast lane answers, after which the key stays cached."""
+    headers = await service_headers("tokens:read", name="token-reader")
+    for _ in range(100):
+        response, fast = await get_counted(client, TOKEN, f"/connections/{cid}/token",
+                                           headers=headers)
+        assert response.status_code == 200, response.text
+        if fast:
+            return headers
+        await asyncio.sleep(0.02)
+    raise AssertionError("the key never reached the cache")
+
+
+async def _cache_ageing_token(client: httpx.AsyncClient, stack: Stack, cid: str,
+                              headers: dict[str, str]) -> None:
+    """Cache the connection with a token valid for 5 minutes and 1 second, then let that second
+    pass: the cached view stays, but its token is no longer fresh enough to hand out."""
+    await expire_access_token(stack.database_url, cid, seconds_left=301)
+    for _ in range(100):  # until the change has reached the cache and been read back
+        body = (await client.get(f"/connections/{cid}/token", headers=headers)).json()
+        left = (datetime.fromisoformat(body["expires_at"]) - datetime.now(UTC)).total_seconds()
+        if left < 302:
+            break
+        await asyncio.sleep(0.02)
+    assert left < 302
+    await asyncio.sleep(1.2)
+
+
+async def test_a_cached_connection_that_needs_a_refresh_is_refreshed_in_the_fast_lane(
+        client, emulator, new_connection, connect, service_headers, stack: Stack) -> None:
+    cid = await _linked_company(emulator, new_connection, connect, 1)
+    tokens = await _known_key(client, service_headers, cid)
+    first = (await client.get(f"/connections/{cid}/token", headers=tokens)).json()
+    await _cache_ageing_token(client, stack, cid, tokens)
+    refreshes = (await emulator.get("/stats")).json()["token"].get("refresh_token", {})
+    response, fast = await get_counted(client, TOKEN, f"/connections/{cid}/token", headers=tokens)
+    assert (response.status_code, fast) == (200, True)
+    assert response.headers["cache-control"] == "no-store"
+    assert response.json()["access_token"] != first["access_token"]
+    after = (await emulator.get("/stats")).json()["token"]["refresh_token"]
+    assert after.get("ok", 0) == refreshes.get("ok", 0) + 1
+
+
+async def test_a_refused_refresh_reads_the_same_from_the_fast_lane_and_the_app(
+        client, emulator, new_connection, connect, service_headers, stack: Stack) -> None:
+    """Two connections disconnected inside QuickBooks: the app refreshes one (asked with a
+    query string, which the fast lane leaves to it), the fast lane the other; both callers are
+    told the same."""
+    by_app, by_lane = [await _linked_company(emulator, new_connection, connect, i) for i in (2, 3)]
+    tokens = await _known_key(client, service_headers, by_lane)
+    await _cache_ageing_token(client, stack, by_lane, tokens)
+    for cid in (by_app, by_lane):
+        realm = (await client.get(f"/connections/{cid}", headers=user_headers())).json()["realm_id"]
+        assert (await emulator.post(f"/companies/{realm}/disconnect")).status_code == 200
+    await expire_access_token(stack.database_url, by_app)
+
+    answers = {}
+    for cid, query in ((by_app, "?force_refresh=false"), (by_lane, "")):
+        for _ in range(100):  # by_app: until its cached view is gone (NOTIFY)
+            response, fast = await get_counted(client, TOKEN, f"/connections/{cid}/token{query}",
+                                               headers=tokens)
+            if response.status_code == 409:
+                break
+            await asyncio.sleep(0.02)
+        answers[cid] = response, fast
+    (app, app_fast), (lane, lane_fast) = answers[by_app], answers[by_lane]
+    assert (app_fast, lane_fast) == (False, True)
+    assert app.status_code == lane.status_code == 409
+    assert comparable(app)[1] == comparable(lane)[1]  # headers (content-length included)
+    assert app.json() == {**lane.json(), "connection_id": by_app}
+    assert lane.json()["code"] == "reauthorization_required"
+    for cid in (by_app, by_lane):
+        body = (await client.get(f"/connections/{cid}", headers=user_headers())).json()
+        assert (body["status"], body["last_error"]["code"]) == ("reauthorization_required",
+                                                                "invalid_grant")

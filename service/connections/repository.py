@@ -91,28 +91,18 @@ async def list_connections(
     return rows, next_cursor
 
 
-# The two hottest reads (the link icon, a fresh token) go straight to asyncpg, one statement in
-# autocommit: no session, no transaction, no ORM, on cache misses only.
+# The link icon's read goes straight to asyncpg, one statement in autocommit: no session, no
+# transaction, no ORM, on cache misses only (the token endpoint's is service.tokens.refresh's).
 _STATUS_SQL = """
 SELECT id, status, realm_id, company_name, owner_user_id, owner_qb_sub, owner_qb_email,
        owner_qb_name, module_ar, module_ap, access_token_expires_at
 FROM connections WHERE tenant_id = $1 ORDER BY created_at DESC, id DESC
-"""
-_CONNECTION_SQL = """
-SELECT id, tenant_id, status, realm_id, access_token, refresh_token, access_token_expires_at
-FROM connections WHERE id = $1
 """
 
 
 async def read_tenant_status(reads: asyncpg.Pool, tenant_id: str) -> list[SimpleNamespace]:
     """The link-status columns of a tenant's connections."""
     return [SimpleNamespace(**row) for row in await reads.fetch(_STATUS_SQL, tenant_id)]
-
-
-async def read_connection(reads: asyncpg.Pool, connection_id: uuid.UUID) -> SimpleNamespace | None:
-    """What the token endpoint needs of one connection."""
-    row = await reads.fetchrow(_CONNECTION_SQL, connection_id)
-    return None if row is None else SimpleNamespace(**row)
 
 
 async def realm_linked_elsewhere(session: AsyncSession, *, realm_id: str,

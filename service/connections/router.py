@@ -31,7 +31,6 @@ from service.connections.schemas import (
 from service.db.engine import SessionDep
 from service.errors import NotFound, problem_responses
 from service.runtime import RuntimeDep
-from service.tokens.refresh import ConnectionView
 
 router = APIRouter(tags=["connections"])
 
@@ -121,12 +120,7 @@ async def list_events(session: SessionDep, caller: CurrentCaller, connection_id:
 async def get_token(rt: RuntimeDep, caller: CurrentCaller,
                     connection_id: ConnectionID, force_refresh: bool = False) -> Response:
     caller.require_scope(Scope.TOKENS_READ)
-
-    async def load() -> ConnectionView | None:
-        row = await repo.read_connection(rt.reads, connection_id)
-        return None if row is None else ConnectionView.of(row, rt.box)
-
-    view = await rt.caches.connections.get_or_load(str(connection_id), load)
+    view = await rt.refresher.view(connection_id)
     if view is None:
         raise NotFound("No such connection.", connection_id=str(connection_id))
     token = await rt.refresher.access_token(view, force=force_refresh)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Annotated
 
+import asyncpg
 from fastapi import Depends, Request
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import (
@@ -66,3 +67,16 @@ async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
 
 # Committed before the response is sent, so a client never reads ahead of its own write.
 SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]
+
+
+async def _nothing_to_reset(_connection: asyncpg.Connection) -> None:
+    return None
+
+
+async def create_reads_pool(database_url: str, *, max_size: int) -> asyncpg.Pool:
+    """A plain asyncpg pool for the hot single-statement reads (autocommit, no session state).
+
+    Such reads leave nothing behind on a connection, so the pool skips asyncpg's default reset
+    (`RESET ALL`, `UNLISTEN *`, … : one more round trip on every release)."""
+    return await asyncpg.create_pool(asyncpg_dsn(database_url), min_size=1, max_size=max_size,
+                                     reset=_nothing_to_reset)

@@ -27,16 +27,26 @@ def refresh_token_expiry(tokens: TokenSet, now: datetime) -> datetime:
     return rolling
 
 
+def sealed_tokens(conn: Any, tokens: TokenSet, box: SecretBox, *, now: datetime,
+                  keepalive_age: timedelta) -> dict[str, Any]:
+    """The connection's token columns for a new token set (conn: anything with an `id`)."""
+    refresh_expires = refresh_token_expiry(tokens, now)
+    return {
+        "access_token": box.encrypt(tokens.access_token, _aad(conn, "access")),
+        "refresh_token": box.encrypt(tokens.refresh_token, _aad(conn, "refresh")),
+        "access_token_expires_at": now + timedelta(seconds=tokens.expires_in),
+        "refresh_token_expires_at": refresh_expires,
+        "refresh_token_issued_at": now,
+        "last_refreshed_at": now,
+        "keepalive_due_at": min(now + keepalive_age, refresh_expires - REFRESH_EXPIRY_MARGIN),
+    }
+
+
 def store_tokens(conn: Connection, tokens: TokenSet, box: SecretBox, *, now: datetime,
                  keepalive_age: timedelta) -> None:
-    conn.access_token = box.encrypt(tokens.access_token, _aad(conn, "access"))
-    conn.refresh_token = box.encrypt(tokens.refresh_token, _aad(conn, "refresh"))
-    conn.access_token_expires_at = now + timedelta(seconds=tokens.expires_in)
-    conn.refresh_token_expires_at = refresh_token_expiry(tokens, now)
-    conn.refresh_token_issued_at = now
-    conn.last_refreshed_at = now
-    conn.keepalive_due_at = min(now + keepalive_age,
-                                conn.refresh_token_expires_at - REFRESH_EXPIRY_MARGIN)
+    for column, value in sealed_tokens(conn, tokens, box, now=now,
+                                       keepalive_age=keepalive_age).items():
+        setattr(conn, column, value)
 
 
 def wipe_tokens(conn: Connection) -> None:
@@ -53,7 +63,7 @@ def open_access_token(conn: Any, box: SecretBox) -> str:
     return box.decrypt(conn.access_token, _aad(conn, "access"))
 
 
-def open_refresh_token(conn: Connection, box: SecretBox) -> str:
+def open_refresh_token(conn: Any, box: SecretBox) -> str:
     assert conn.refresh_token is not None
     return box.decrypt(conn.refresh_token, _aad(conn, "refresh"))
 

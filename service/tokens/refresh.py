@@ -7,13 +7,13 @@ row is re-read until the outcome is committed; a process that finds the lock tak
 the holder's commit (a change notification, or a short poll) and reads the new token from the
 row instead of spending the dead refresh token. A killed process releases its locks at once.
 
-No pooled connection waits on Intuit. A refresh is three steps:
-1. a short transaction under the row lock: re-read the row (another replica may have refreshed
-   meanwhile), decide, and commit a `refresh_attempt` record;
+No pooled connection waits on Intuit. A refresh is three steps, in plain SQL on the asyncpg pool:
+1. a short transaction under the row lock (so a writer of the row, such as a disconnect, is
+   done first): re-read the row, decide, and commit a `refresh_attempt` record;
 2. the call to Intuit, holding no database connection;
-3. a short transaction under the row lock: commit the outcome (new tokens first of all), if the
-   row still holds the refresh token that was sent. If it changed meanwhile (a disconnect, a
-   new link), the row's new state stands and the refresh starts over from step 1.
+3. one statement that stores the outcome (new tokens above all) if the row still holds the
+   refresh token that was sent, settles the attempt records and logs the event. If the row
+   changed meanwhile (a disconnect, a new link), its new state stands, and the refresh looks again.
 
 The `refresh_attempt` record is what a killed process cannot take back: Intuit may have rotated
 the stored token for an answer that never arrived. A record left behind means "a refresh with
@@ -24,21 +24,21 @@ the stored token may have reached Intuit": a later `invalid_grant` is then repor
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
 from typing import Any
 
-import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+import asyncpg
 
+from service.cache import Caches
 from service.config import Settings
-from service.connections import repository as repo
 from service.connections.schemas import AccessTokenOut, Status
-from service.db.models import Connection, ConnectionEvent
 from service.errors import (
     IntuitRejected,
     IntuitUnavailable,
@@ -57,16 +57,14 @@ from service.tokens.locks import RefreshLocks
 log = logging.getLogger(__name__)
 
 MIN_VALIDITY = timedelta(minutes=5)
-REFRESH_ATTEMPT = "refresh_attempt"
 # How long a process waits for another one's refresh before it looks at the row again (a
 # change notification usually ends the wait sooner).
 WAIT_POLL_SECONDS = 0.2
 # Times a refresh starts over because the row changed under it, before it gives up.
 MAX_ROUNDS = 3
 
-_E = ConnectionEvent.__table__.c  # type: ignore[attr-defined]
-
-_Needed = Callable[[Connection, datetime], bool]
+# Whether a connection (a row as read) needs a refresh now.
+_Needed = Callable[[Any, datetime], bool]
 # Given a connection id: an async context whose value is an asyncio.Event set when the row
 # changes (service.cache.ChangeFeed.watching); None: poll.
 Watch = Callable[[str], AbstractAsyncContextManager[asyncio.Event]]
@@ -75,10 +73,6 @@ Watch = Callable[[str], AbstractAsyncContextManager[asyncio.Event]]
 @asynccontextmanager
 async def _no_watch(_connection_id: str) -> AsyncIterator[asyncio.Event]:
     yield asyncio.Event()  # never set: waiting always polls
-
-
-class _RowChanged(Exception):
-    """The row no longer holds the refresh token that was sent: start over."""
 
 
 @dataclass(frozen=True)
@@ -123,12 +117,12 @@ class ConnectionView:
         return f"ConnectionView(id={self.id}, status={self.status!r})"
 
 
-def _fresh_enough(conn: Connection | ConnectionView, now: datetime) -> bool:
+def _fresh_enough(conn: Any, now: datetime) -> bool:
     return (conn.access_token is not None and conn.access_token_expires_at is not None
             and conn.access_token_expires_at - now >= MIN_VALIDITY)
 
 
-def _usable_or_raise(conn: Connection | ConnectionView) -> None:
+def _usable_or_raise(conn: Any) -> None:
     if conn.status == Status.REAUTHORIZATION_REQUIRED:
         raise ReauthorizationRequired(
             "QuickBooks refused this connection's credentials; a user must Connect again.",
@@ -138,63 +132,78 @@ def _usable_or_raise(conn: Connection | ConnectionView) -> None:
                            connection_id=str(conn.id), connection_status=conn.status)
 
 
-async def _lock(session: AsyncSession, connection_id: uuid.UUID, *,
-                skip_locked: bool = False) -> Connection | None:
-    """The connection row, locked until the transaction ends (None: missing, or busy when
-    skip_locked is set). FOR NO KEY UPDATE: it excludes every other writer of the row, but not
-    the insertion of rows that refer to it (its events)."""
-    stmt = sa.select(Connection).where(
-        Connection.id == connection_id).with_for_update(  # type: ignore[arg-type]
-            key_share=True, skip_locked=skip_locked)
-    return (await session.execute(stmt)).scalar_one_or_none()
+# The refresher's statements: plain SQL on the asyncpg pool, few round trips, and every write
+# one statement (atomic on its own), conditional on the row still holding the token that was sent.
+_READ = """
+SELECT id, tenant_id, status, realm_id, access_token, refresh_token, access_token_expires_at,
+       refresh_token_issued_at, keepalive_due_at, last_refreshed_at
+FROM connections WHERE id = $1"""
+# Under the row lock: the row, and the stored tokens named by refresh attempts left behind.
+_LOCK = """
+SELECT id, tenant_id, status, realm_id, access_token, refresh_token, access_token_expires_at,
+       refresh_token_issued_at, keepalive_due_at, last_refreshed_at,
+       ARRAY(SELECT e.details->>'refresh_token_issued_at' FROM connection_events e
+             WHERE e.connection_id = c.id AND e.type = 'refresh_attempt') AS attempts
+FROM connections c WHERE c.id = $1 FOR NO KEY UPDATE"""
+_LOCK_OR_SKIP = _LOCK + " SKIP LOCKED"
+_RECORD_ATTEMPT = """
+INSERT INTO connection_events (connection_id, tenant_id, type, actor, details)
+VALUES ($1, $2, 'refresh_attempt', $3, $4::jsonb) RETURNING id"""
+# Both writes change the row only if it still holds the refresh token the refresh started from
+# ($1 id, $2 its refresh_token_issued_at, $3 the actor); then they drop every refresh_attempt
+# record (the token's fate is known) and log the event, all in one statement.
+_STORE_TOKENS = """
+WITH changed AS (
+  UPDATE connections SET access_token = $4, refresh_token = $5, access_token_expires_at = $6,
+    refresh_token_expires_at = $7, refresh_token_issued_at = $8, last_refreshed_at = $8,
+    keepalive_due_at = $9, updated_at = $8
+  WHERE id = $1 AND status = 'connected' AND refresh_token IS NOT NULL
+    AND refresh_token_issued_at IS NOT DISTINCT FROM $2
+  RETURNING id, tenant_id),
+settled AS (DELETE FROM connection_events WHERE connection_id = $1 AND type = 'refresh_attempt'
+            AND EXISTS (SELECT 1 FROM changed)),
+logged AS (INSERT INTO connection_events (connection_id, tenant_id, type, actor, details)
+           SELECT id, tenant_id, 'refreshed', $3, '{}'::jsonb FROM changed)
+SELECT tenant_id FROM changed"""
+_MARK_REFUSED = """
+WITH changed AS (
+  UPDATE connections SET status = 'reauthorization_required', last_error_code = $4,
+    last_error_message = $5, last_error_at = $6, updated_at = $6
+  WHERE id = $1 AND status = 'connected' AND refresh_token IS NOT NULL
+    AND refresh_token_issued_at IS NOT DISTINCT FROM $2
+  RETURNING id, tenant_id),
+settled AS (DELETE FROM connection_events WHERE connection_id = $1 AND type = 'refresh_attempt'
+            AND EXISTS (SELECT 1 FROM changed)),
+logged AS (INSERT INTO connection_events (connection_id, tenant_id, type, actor, details)
+           SELECT id, tenant_id, 'refresh_failed', $3, $7::jsonb FROM changed)
+SELECT tenant_id FROM changed"""
+_SETTLE_ONE = "DELETE FROM connection_events WHERE id = $1"
+
+_LOST_MESSAGE = ("Intuit's answer to a refresh was lost after it may have issued a new refresh "
+                 "token; a user must Connect again.")
+_REFUSED_MESSAGE = ("Intuit refused the refresh token (the app was disconnected in QuickBooks, "
+                    "the token expired, or it was replaced); a user must Connect again.")
 
 
-def _issued_at(conn: Connection) -> str | None:
-    """Names the stored refresh token (not secret): it changes whenever a new one is stored."""
-    return conn.refresh_token_issued_at.isoformat() if conn.refresh_token_issued_at else None
+def _row(record: asyncpg.Record) -> SimpleNamespace:
+    return SimpleNamespace(**record)
 
 
-async def _unresolved_attempt(session: AsyncSession, conn: Connection) -> bool:
-    """Did an earlier refresh send the stored refresh token to Intuit and never learn the outcome?"""
-    rows = await session.execute(sa.select(_E.details).where(
-        _E.connection_id == conn.id, _E.type == REFRESH_ATTEMPT))
-    issued_at = _issued_at(conn)
-    return any(details.get("refresh_token_issued_at") == issued_at for (details,) in rows.all())
-
-
-async def _settle_attempts(session: AsyncSession, conn: Connection, *,
-                           only: int | None = None) -> None:
-    """Drop refresh_attempt records: all of them once Intuit has told the stored token's fate
-    (it refreshed, or refused it), or just one attempt's when Intuit never saw its request."""
-    stmt = sa.delete(ConnectionEvent).where(_E.connection_id == conn.id,
-                                            _E.type == REFRESH_ATTEMPT)
-    if only is not None:
-        stmt = stmt.where(_E.id == only)
-    await session.execute(stmt)
-
-
-async def _settle_for(session: AsyncSession, conn: Connection,
-                      outcome: TokenSet | IntuitError, *,
-                      attempt: int) -> None:
-    """Drop the attempt records that Intuit's answer resolved (see _settle_attempts)."""
-    if isinstance(outcome, intuit_errors.InvalidGrant):
-        await _settle_attempts(session, conn)  # the stored token's fate is known
-    elif isinstance(outcome, intuit_errors.IntuitUnavailable):
-        if not outcome.maybe_processed:  # Intuit never carried it out
-            await _settle_attempts(session, conn, only=attempt)
-    elif isinstance(outcome, intuit_errors.InvalidClient):  # refused before the token
-        await _settle_attempts(session, conn, only=attempt)
+def _token_name(issued_at: datetime | None) -> str | None:
+    """Names a stored refresh token (not secret): it changes whenever a new one is stored."""
+    return issued_at.isoformat() if issued_at else None
 
 
 class TokenRefresher:
-    def __init__(self, settings: Settings, sessionmaker: async_sessionmaker[AsyncSession],
-                 intuit: IntuitClient, box: SecretBox, locks: RefreshLocks, *,
+    def __init__(self, settings: Settings, pool: asyncpg.Pool, intuit: IntuitClient,
+                 box: SecretBox, locks: RefreshLocks, caches: Caches, *,
                  watch: Watch | None = None) -> None:
         self._settings = settings
-        self._sessionmaker = sessionmaker
+        self._pool = pool
         self._intuit = intuit
         self._box = box
         self._locks = locks
+        self._caches = caches
         self._watch = watch or _no_watch
         # One refresh task per connection and purpose ("request", "forced", "keepalive"): callers
         # join the one that decides by their own rule.
@@ -202,7 +211,16 @@ class TokenRefresher:
         # Refreshes this process runs at once (each one call to Intuit at a time).
         self._slots = asyncio.Semaphore(settings.refresh_concurrency)
 
-    def _token_of(self, conn: Connection) -> AccessToken:
+    async def view(self, connection_id: uuid.UUID) -> ConnectionView | None:
+        """The connection as the token endpoint needs it (cached; None: no such connection)."""
+
+        async def load() -> ConnectionView | None:
+            record = await self._pool.fetchrow(_READ, connection_id)
+            return None if record is None else ConnectionView.of(_row(record), self._box)
+
+        return await self._caches.connections.get_or_load(str(connection_id), load)
+
+    def _token_of(self, conn: Any) -> AccessToken:
         assert conn.access_token_expires_at is not None and conn.realm_id is not None
         return AccessToken(access_token=credentials.open_access_token(conn, self._box),
                            expires_at=conn.access_token_expires_at, realm_id=conn.realm_id)
@@ -226,7 +244,7 @@ class TokenRefresher:
             return fresh
         asked_at = datetime.now(UTC)
 
-        def needed(row: Connection, now: datetime) -> bool:
+        def needed(row: Any, now: datetime) -> bool:
             if not _fresh_enough(row, now):
                 return True
             # A forced refresh is satisfied by any refresh that happened after it was asked for.
@@ -241,12 +259,12 @@ class TokenRefresher:
         """Refresh if the connection is still due when its lock is ours. True if refreshed."""
         include_access = self._settings.keepalive_refresh_access_tokens
 
-        def needed(row: Connection, now: datetime) -> bool:
+        def needed(row: Any, now: datetime) -> bool:
             if row.keepalive_due_at is not None and row.keepalive_due_at <= now:
                 return True
             return include_access and not _fresh_enough(row, now + timedelta(minutes=5))
 
-        # A row another replica holds is being refreshed (or changed) right now: leave it to them.
+        # A connection another replica is refreshing (or changing) right now is theirs.
         _, refreshed = await self._single_flight(connection_id, needed, trigger="keepalive",
                                                  purpose="keepalive", skip_locked=True)
         return refreshed
@@ -294,140 +312,114 @@ class TokenRefresher:
                         await changed.wait()
                 except TimeoutError:
                     pass
-            async with self._sessionmaker() as session, session.begin():
-                conn = await session.get(Connection, connection_id, populate_existing=True)
-                if conn is None:
-                    raise NotFound("No such connection.")
-                _usable_or_raise(conn)
-                if not needed(conn, datetime.now(UTC)):
-                    return self._token_of(conn), False
+            record = await self._pool.fetchrow(_READ, connection_id)
+            if record is None:
+                raise NotFound("No such connection.")
+            conn = _row(record)
+            _usable_or_raise(conn)
+            if not needed(conn, datetime.now(UTC)):
+                return self._token_of(conn), False
 
     async def _refresh_holding_lock(self, connection_id: uuid.UUID, needed: _Needed, *,
                                     trigger: str, skip_locked: bool) -> tuple[AccessToken | None, bool]:
         for _ in range(MAX_ROUNDS):
-            # 1. Re-read under the row lock, decide, and record the attempt.
-            async with self._sessionmaker() as session, session.begin():
-                conn = await _lock(session, connection_id, skip_locked=skip_locked)
-                if conn is None:
+            # 1. Re-read under the row lock (a writer of the row, such as a disconnect, finishes
+            # first), decide, and record the attempt.
+            async with self._pool.acquire() as db, db.transaction():
+                record = await db.fetchrow(_LOCK_OR_SKIP if skip_locked else _LOCK, connection_id)
+                if record is None:
                     if skip_locked:
                         return None, False
                     raise NotFound("No such connection.")
+                conn = _row(record)
                 _usable_or_raise(conn)
                 if not needed(conn, datetime.now(UTC)):
                     return self._token_of(conn), False
                 refresh_token = credentials.open_refresh_token(conn, self._box)
-                sent = _issued_at(conn)
-                unresolved = await _unresolved_attempt(session, conn)
-                attempt = await self._record_attempt(session, conn, trigger)
+                name = _token_name(conn.refresh_token_issued_at)
+                unresolved = name in conn.attempts
+                attempt = await db.fetchval(
+                    _RECORD_ATTEMPT, conn.id, conn.tenant_id, trigger,
+                    json.dumps({"refresh_token_issued_at": name}))
             # 2. Intuit, with no database connection held.
             outcome: TokenSet | IntuitError
             try:
                 outcome = await self._intuit.refresh(refresh_token)
             except IntuitError as exc:
                 outcome = exc
-            # 3. The outcome, committed under the row lock before anyone hears of it.
-            try:
-                return await self._commit_outcome(connection_id, outcome, sent=sent,
-                                                  attempt=attempt, unresolved=unresolved,
-                                                  trigger=trigger)
-            except _RowChanged:
-                continue
+            # 3. The outcome, committed before anyone hears of it.
+            result = await self._commit_outcome(conn, outcome, attempt=attempt,
+                                                unresolved=unresolved, trigger=trigger)
+            if result is not None:
+                return result, True
+            # The row changed under the refresh (disconnected, linked anew): look again.
         raise IntuitUnavailable("The connection kept changing during its refresh; retry.",
                                 retry_after=1, connection_id=str(connection_id))
 
-    async def _commit_outcome(self, connection_id: uuid.UUID, outcome: TokenSet | IntuitError, *,
-                              sent: str | None, attempt: int, unresolved: bool,
-                              trigger: str) -> tuple[AccessToken, bool]:
-        result: AccessToken | Exception
-        async with self._sessionmaker() as session, session.begin():
-            conn = await _lock(session, connection_id)
-            if (conn is None or conn.status != Status.CONNECTED or conn.refresh_token is None
-                    or _issued_at(conn) != sent):
-                # Disconnected, linked anew or deleted while Intuit answered: the row's state
-                # stands, and what Intuit said about the old token is moot.
-                log.warning("refresh outcome set aside: the connection changed meanwhile",
-                            extra={"connection_id": str(connection_id),
-                                   "outcome": type(outcome).__name__})
-                REFRESHES.labels("superseded", trigger).inc()
-                if conn is not None:
-                    await _settle_attempts(session, conn, only=attempt)
-                result = _RowChanged()
-            else:
-                result = self._apply(session, conn, outcome, unresolved=unresolved,
-                                     trigger=trigger)
-                if isinstance(result, AccessToken):
-                    await _settle_attempts(session, conn)
-                    await repo.add_event(session, conn, "refreshed", actor=trigger)
-                    REFRESHES.labels("ok", trigger).inc()
-                else:
-                    await _settle_for(session, conn, outcome, attempt=attempt)
-        # Committed; only now does anyone hear of it.
-        if isinstance(result, AccessToken):
-            return result, True
-        raise result
-
-    def _apply(self, session: AsyncSession, conn: Connection, outcome: TokenSet | IntuitError, *,
-               unresolved: bool, trigger: str) -> AccessToken | Exception:
-        """Store new tokens (returning the access token), or the error to tell the caller."""
-        if isinstance(outcome, intuit_errors.IntuitUnavailable):
-            REFRESHES.labels("unavailable", trigger).inc()
-            return IntuitUnavailable(
-                "Intuit is not reachable right now; the stored credentials are unchanged. "
-                "Retry later.", retry_after=outcome.retry_after or 30, connection_id=str(conn.id))
+    async def _commit_outcome(self, conn: Any, outcome: TokenSet | IntuitError, *, attempt: int,
+                              unresolved: bool, trigger: str) -> AccessToken | None:
+        """Store what Intuit said, if the row still holds the token that was sent: the new
+        tokens (returned), or the refusal (raised as the caller's error). None: the row changed
+        meanwhile, its new state stands, and what Intuit said about the old token is moot."""
+        sent = conn.refresh_token_issued_at
+        if isinstance(outcome, TokenSet):
+            now = datetime.now(UTC)
+            columns = credentials.sealed_tokens(conn, outcome, self._box, now=now, keepalive_age=(
+                timedelta(seconds=self._settings.keepalive_refresh_age_seconds)))
+            # Persist the new refresh token before anything else can happen.
+            tenant = await self._pool.fetchval(
+                _STORE_TOKENS, conn.id, sent, trigger, columns["access_token"],
+                columns["refresh_token"], columns["access_token_expires_at"],
+                columns["refresh_token_expires_at"], now, columns["keepalive_due_at"])
+            if tenant is None:
+                await self._superseded(conn, outcome, attempt, trigger)
+                return None
+            self._caches.connection_changed(str(conn.id), tenant)  # this replica reads it back
+            REFRESHES.labels("ok", trigger).inc()
+            return AccessToken(access_token=outcome.access_token,
+                               expires_at=columns["access_token_expires_at"], realm_id=conn.realm_id)
         if isinstance(outcome, intuit_errors.InvalidGrant):
-            self._mark_reauthorization_required(
-                session, conn, outcome, trigger, lost=outcome.after_lost_response or unresolved)
-            return ReauthorizationRequired(
+            lost = outcome.after_lost_response or unresolved
+            now = datetime.now(UTC)
+            code = "refresh_token_lost" if lost else "invalid_grant"
+            details = {"code": code, **({"intuit_tid": outcome.intuit_tid}
+                                        if outcome.intuit_tid else {})}
+            tenant = await self._pool.fetchval(
+                _MARK_REFUSED, conn.id, sent, trigger, code,
+                _LOST_MESSAGE if lost else _REFUSED_MESSAGE, now, json.dumps(details))
+            if tenant is None:
+                await self._superseded(conn, outcome, attempt, trigger)
+                return None
+            self._caches.connection_changed(str(conn.id), tenant)
+            REFRESHES.labels("invalid_grant", trigger).inc()
+            if lost:
+                REFRESH_TOKENS_LOST.inc()
+                log.error("refresh token lost: an answer to a refresh was lost and Intuit has "
+                          "since refused the token", extra={"connection_id": str(conn.id),
+                                                            "intuit_tid": outcome.intuit_tid})
+            raise ReauthorizationRequired(
                 "QuickBooks refused the refresh token (revoked in QuickBooks, expired, "
                 "or replaced); a user must Connect again.",
                 connection_id=str(conn.id), connection_status=Status.REAUTHORIZATION_REQUIRED)
-        if isinstance(outcome, IntuitError):
-            REFRESHES.labels("error", trigger).inc()
-            log.error("refresh failed: %s", type(outcome).__name__,
-                      extra={"connection_id": str(conn.id), "intuit_tid": outcome.intuit_tid})
-            return IntuitRejected("Intuit refused the refresh request; the stored "
-                                  "credentials are unchanged.", connection_id=str(conn.id))
-        # Persist the new refresh token before anything else can happen.
-        now = datetime.now(UTC)
-        credentials.store_tokens(conn, outcome, self._box, now=now, keepalive_age=timedelta(
-            seconds=self._settings.keepalive_refresh_age_seconds))
-        conn.updated_at = now
-        return self._token_of(conn)
+        # Nothing to store: the stored credentials stay as they are.
+        if isinstance(outcome, intuit_errors.IntuitUnavailable):
+            REFRESHES.labels("unavailable", trigger).inc()
+            if not outcome.maybe_processed:  # Intuit never carried it out
+                await self._pool.execute(_SETTLE_ONE, attempt)
+            raise IntuitUnavailable(
+                "Intuit is not reachable right now; the stored credentials are unchanged. "
+                "Retry later.", retry_after=outcome.retry_after or 30, connection_id=str(conn.id))
+        REFRESHES.labels("error", trigger).inc()
+        log.error("refresh failed: %s", type(outcome).__name__,
+                  extra={"connection_id": str(conn.id), "intuit_tid": outcome.intuit_tid})
+        if isinstance(outcome, intuit_errors.InvalidClient):  # refused before the token
+            await self._pool.execute(_SETTLE_ONE, attempt)
+        raise IntuitRejected("Intuit refused the refresh request; the stored credentials are "
+                             "unchanged.", connection_id=str(conn.id))
 
-    @staticmethod
-    async def _record_attempt(session: AsyncSession, conn: Connection, trigger: str) -> int:
-        """Record, in the transaction that commits before the token leaves, that this refresh
-        token is about to be sent to Intuit. A refresher that finds it left behind knows Intuit
-        may have rotated the stored token for an answer nobody received, and can say so if
-        Intuit then refuses the token."""
-        inserted = await session.execute(sa.insert(ConnectionEvent).values(
-            connection_id=conn.id, tenant_id=conn.tenant_id, type=REFRESH_ATTEMPT,
-            actor=trigger, details={"refresh_token_issued_at": _issued_at(conn)},
-        ).returning(_E.id))
-        return int(inserted.scalar_one())
-
-    def _mark_reauthorization_required(self, session: AsyncSession, conn: Connection,
-                                       exc: intuit_errors.InvalidGrant, trigger: str, *,
-                                       lost: bool) -> None:
-        """Status, last_error and an event; the stored tokens stay as they are."""
-        now = datetime.now(UTC)
-        if lost:
-            REFRESH_TOKENS_LOST.inc()
-            log.error("refresh token lost: an answer to a refresh was lost and Intuit has since "
-                      "refused the token", extra={"connection_id": str(conn.id),
-                                                  "intuit_tid": exc.intuit_tid})
-        conn.status = Status.REAUTHORIZATION_REQUIRED
-        conn.last_error_code = "refresh_token_lost" if lost else "invalid_grant"
-        conn.last_error_message = (
-            "Intuit's answer to a refresh was lost after it may have issued a new refresh token; "
-            "a user must Connect again." if lost else
-            "Intuit refused the refresh token (the app was disconnected in QuickBooks, the token "
-            "expired, or it was replaced); a user must Connect again.")
-        conn.last_error_at = now
-        conn.updated_at = now
-        REFRESHES.labels("invalid_grant", trigger).inc()
-        session.add(ConnectionEvent(connection_id=conn.id, tenant_id=conn.tenant_id,
-                                    type="refresh_failed", actor=trigger,
-                                    details={"code": conn.last_error_code,
-                                             **({"intuit_tid": exc.intuit_tid}
-                                                if exc.intuit_tid else {})}))
+    async def _superseded(self, conn: Any, outcome: TokenSet | IntuitError, attempt: int,
+                          trigger: str) -> None:
+        log.warning("refresh outcome set aside: the connection changed meanwhile",
+                    extra={"connection_id": str(conn.id), "outcome": type(outcome).__name__})
+        REFRESHES.labels("superseded", trigger).inc()
+        await self._pool.execute(_SETTLE_ONE, attempt)
