@@ -23,7 +23,7 @@ import asyncpg
 from sqlalchemy import event
 from sqlalchemy.orm import Session
 
-from service.tasks import cancel_and_wait
+from service.tasks import cancel_and_wait, shared
 
 log = logging.getLogger(__name__)
 
@@ -69,19 +69,7 @@ class VersionedCache(Generic[K, V]):
         value = self.get(key)
         if value is not None:
             return value
-        task = self._loading.get(key)
-        if task is None:
-            task = asyncio.create_task(self._load(key, load))
-            self._loading[key] = task
-
-            def done(finished: asyncio.Task[V | None]) -> None:
-                if self._loading.get(key) is finished:
-                    del self._loading[key]
-                if not finished.cancelled():
-                    finished.exception()  # retrieved: every waiter re-raises it itself
-
-            task.add_done_callback(done)
-        return await asyncio.shield(task)
+        return await shared(self._loading, key, lambda: self._load(key, load))
 
     async def _load(self, key: K, load: Callable[[], Awaitable[V | None]]) -> V | None:
         ticket = self.ticket()

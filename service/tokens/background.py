@@ -1,8 +1,8 @@
 """Background work in every replica: keep links alive, expire pending links, retry revocations.
 
-Replicas share the work through PostgreSQL: each locks a due connection with SKIP LOCKED before
-refreshing it and re-checks that it is still due, so a connection another replica is refreshing
-is skipped, none is refreshed twice, and a killed replica leaves nothing locked.
+Replicas share the work through PostgreSQL: a due connection whose refresh lock (or row) another
+replica holds is skipped, and the one that refreshes re-checks under the lock that it is still
+due, so none is refreshed twice, and a killed replica leaves nothing locked.
 """
 
 from __future__ import annotations
@@ -82,8 +82,9 @@ def due_connections_query(*, now: datetime, include_access: bool, limit: int) ->
 
 
 async def keep_alive(rt: Runtime, *, limit: int = 500) -> int:
-    """Refresh due connections with bounded concurrency. The refresh itself takes the row lock
-    and re-checks, so a connection another replica just refreshed is not refreshed again."""
+    """Refresh due connections with bounded concurrency. The refresh itself takes the
+    connection's lock and re-checks, so one another replica just refreshed is not refreshed
+    again."""
     async with rt.sessionmaker() as session:
         ids: list[uuid.UUID] = list((await session.execute(due_connections_query(
             now=datetime.now(UTC), include_access=rt.settings.keepalive_refresh_access_tokens,

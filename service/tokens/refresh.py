@@ -50,6 +50,7 @@ from service.intuit import errors as intuit_errors
 from service.intuit.client import IntuitClient, TokenSet
 from service.intuit.errors import IntuitError
 from service.metrics import REFRESH_TOKENS_LOST, REFRESHES
+from service.tasks import shared
 from service.tokens import credentials
 from service.tokens.crypto import SecretBox
 from service.tokens.locks import RefreshLocks
@@ -276,22 +277,10 @@ class TokenRefresher:
         The refresh runs as a task of its own: a caller that goes away (a client hanging up)
         cannot cut it short between Intuit's answer and the commit of the new tokens.
         """
-        key = (connection_id, purpose)
-        task = self._inflight.get(key)
-        if task is None:
-            task = asyncio.create_task(self._refresh(connection_id, needed, trigger=trigger,
-                                                     skip_locked=skip_locked),
-                                       name=f"qbo-broker-refresh-{connection_id}")
-            self._inflight[key] = task
-
-            def done(finished: asyncio.Task[tuple[AccessToken | None, bool]]) -> None:
-                if self._inflight.get(key) is finished:
-                    del self._inflight[key]
-                if not finished.cancelled():
-                    finished.exception()  # retrieved: every waiter re-raises it itself
-
-            task.add_done_callback(done)
-        return await asyncio.shield(task)
+        return await shared(self._inflight, (connection_id, purpose),
+                            lambda: self._refresh(connection_id, needed, trigger=trigger,
+                                                  skip_locked=skip_locked),
+                            name=f"qbo-broker-refresh-{connection_id}")
 
     async def _refresh(self, connection_id: uuid.UUID, needed: _Needed, *, trigger: str,
                        skip_locked: bool) -> tuple[AccessToken | None, bool]:
