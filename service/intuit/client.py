@@ -85,7 +85,9 @@ class _UnstoredTokenClient(AsyncOAuth2Client):
             raise IntuitProtocolError("token endpoint answered a non-object",
                                       intuit_tid=resp.headers.get("intuit_tid"))
         if "error" in token:
-            raise OAuthError(error=token["error"], description=token.get("error_description"))
+            error = OAuthError(error=token["error"], description=token.get("error_description"))
+            error.intuit_tid = resp.headers.get("intuit_tid")  # type: ignore[attr-defined]
+            raise error
         return token
 
 
@@ -270,13 +272,14 @@ class IntuitClient:
         try:
             raw = await self._with_retries(endpoint, call, retry_after_send=retry_after_send)
         except OAuthError as exc:
+            tid = getattr(exc, "intuit_tid", None)
             if exc.error == "invalid_grant":
-                raise InvalidGrant(exc.description or "invalid_grant",
+                raise InvalidGrant(exc.description or "invalid_grant", intuit_tid=tid,
                                    after_lost_response=getattr(exc, "after_lost_response", False)
                                    ) from None
             if exc.error == "invalid_client":
-                raise InvalidClient("Intuit refused the client credentials") from None
-            raise IntuitProtocolError(f"token endpoint error: {exc.error}") from None
+                raise InvalidClient("Intuit refused the client credentials", intuit_tid=tid) from None
+            raise IntuitProtocolError(f"token endpoint error: {exc.error}", intuit_tid=tid) from None
         try:
             return TokenSet(
                 access_token=str(raw["access_token"]),

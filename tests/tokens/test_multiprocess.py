@@ -257,6 +257,7 @@ async def test_process_killed_mid_refresh_leaves_nothing_stuck_and_reports_the_l
     events = (await client.get(f"/connections/{cid}/events", headers=user_headers())).json()
     assert events["items"][0]["type"] == "refresh_failed"
     assert events["items"][0]["details"]["code"] == "refresh_token_lost"
+    assert events["items"][0]["details"]["intuit_tid"]  # of the refusal that revealed the loss
     # Final: the next caller is told at once, without spending anything at Intuit.
     again = await http.get(_token_url(survivor, cid), headers=headers)
     assert again.json()["code"] == "reauthorization_required"

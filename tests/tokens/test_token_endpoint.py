@@ -123,6 +123,8 @@ async def test_disconnected_in_quickbooks_becomes_reauthorization_required(
     assert stats["token"].get("refresh_token", {}).get("invalid_grant") == 1  # asked once, not again
     events = (await client.get(f"/connections/{cid}/events", headers=user_headers())).json()
     assert events["items"][0]["type"] == "refresh_failed"
+    # Intuit's transaction id of the refusal, for support (never a secret).
+    assert events["items"][0]["details"]["intuit_tid"]
     status = (await client.get("/status", headers=user_headers())).json()
     assert status["accounting_link"] == "disabled"
 
