@@ -198,7 +198,7 @@ class ChangeFeed:
                 log.warning("change feed lost its connection; caches off until it is back")
             except asyncio.CancelledError:
                 raise
-            except (OSError, asyncpg.PostgresError) as exc:
+            except Exception as exc:  # any failure: caches off, listen again after a pause
                 log.warning("change feed cannot listen: %s", type(exc).__name__)
             finally:
                 self._caches.set_enabled(False)

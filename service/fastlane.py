@@ -18,6 +18,7 @@ tests/test_fastlane.py compares the two answers byte for byte.
 
 from __future__ import annotations
 
+import re
 import uuid
 from typing import Any
 from urllib.parse import parse_qsl
@@ -29,15 +30,17 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from service.auth.api_keys import hash_key
 from service.auth.callers import Caller
 from service.auth.callers import Scope as CallerScope
+from service.connections.schemas import TENANT_ID_MAX_LENGTH, TENANT_ID_PATTERN
 from service.errors import ProblemError, problem_response
 from service.metrics import FAST_LANE_ANSWERS
 
 STATUS_PATH = "/status"
 TOKEN_PREFIX, TOKEN_SUFFIX = "/connections/", "/token"
 
-JSON_HEADERS = [(b"content-type", b"application/json")]
-# The token endpoint's own header (service.connections.router.get_token).
-TOKEN_HEADERS = [(b"cache-control", b"no-store"), *JSON_HEADERS]
+_TENANT_ID = re.compile(TENANT_ID_PATTERN)
+# In the order Starlette's Response writes them: the endpoint's own, then length and type.
+_NO_STORE = [(b"cache-control", b"no-store")]  # the token endpoint's own header
+_JSON = b"application/json"
 
 
 def _credentials(scope: Scope) -> tuple[str | None, str | None]:
@@ -105,7 +108,8 @@ class FastLane:
                 scope["route"] = route  # for the request metrics' route label
                 counter.inc()
                 await send({"type": "http.response.start", "status": 200,
-                            "headers": [*headers, (b"content-length", str(len(body)).encode())]})
+                            "headers": [*headers, (b"content-length", str(len(body)).encode()),
+                                        (b"content-type", _JSON)]})
                 await send({"type": "http.response.body", "body": body})
                 return
         await self.app(scope, receive, send)
@@ -118,12 +122,15 @@ class FastLane:
             if len(pairs) != 1 or pairs[0][0] != "tenant_id":
                 return None
             requested = pairs[0][1]
+            # The app's own validation of the parameter (TenantId); anything else is its to refuse.
+            if len(requested) > TENANT_ID_MAX_LENGTH or not _TENANT_ID.match(requested):
+                return None
         caller = _known_caller(self._state, scope)
         if caller is None:
             return None
         # Cached bodies exist only for tenants the app has already validated and looked up.
         body: bytes | None = self._state.runtime.caches.status.get(caller.tenant_for_read(requested))
-        return None if body is None else (body, JSON_HEADERS)
+        return None if body is None else (body, [])
 
     async def _token(self, scope: Scope,
                      connection_id: str) -> tuple[bytes, list[tuple[bytes, bytes]]] | ProblemError | None:
@@ -153,4 +160,4 @@ class FastLane:
                 token = await runtime.refresher.access_token(view)
             except ProblemError as error:
                 return error
-        return token.body(runtime.intuit.api_base_url), TOKEN_HEADERS
+        return token.body(runtime.intuit.api_base_url), _NO_STORE

@@ -88,6 +88,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             if worker is not None:
                 await worker.stop()
+            await refresher.aclose()
             await feed.stop()
             await locks.close()
             await reads.close()

@@ -47,8 +47,9 @@ async def served(client: httpx.AsyncClient, route: str) -> float:
                                 f'status="200"}}')
 
 
-def comparable(response: httpx.Response) -> tuple[int, dict[str, str], bytes]:
-    headers = {k: v for k, v in response.headers.items() if k not in PER_RESPONSE}
+def comparable(response: httpx.Response) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """Status, headers in the order sent (but those that differ every time), and body."""
+    headers = [(k, v) for k, v in response.headers.raw if k.decode().lower() not in PER_RESPONSE]
     return response.status_code, headers, response.content
 
 
@@ -114,6 +115,25 @@ async def test_a_caller_without_the_right_gets_the_apps_refusal(client, connecte
             response, fast = await get_counted(client, route, url, headers=headers)
             assert (response.status_code, fast) == (status, False), (url, response.text)
             assert response.headers["content-type"] == "application/problem+json"
+
+    # A tenant id the app would refuse as a parameter, although a JWT carried it and its
+    # status is cached: the app's 422, not the cached body.
+    odd = {"Authorization": "Bearer " + issue_dev_token(JWT_SECRET, tenant_id="acme corp",
+                                                        user_id="user-5")}
+    for _ in range(2):
+        assert (await client.get("/status", headers=odd)).status_code == 200
+    statuses = await service_headers("status:read", name="status-reader")
+    for _ in range(100):  # until the key is cached (its first use notifies a change once)
+        response, fast = await get_counted(client, STATUS, f"/status?tenant_id={TENANT}",
+                                           headers=statuses)
+        if fast:
+            break
+        await asyncio.sleep(0.02)
+    assert fast
+    for _ in range(2):
+        response, fast = await get_counted(client, STATUS, "/status?tenant_id=acme%20corp",
+                                           headers=statuses)
+        assert (response.status_code, fast) == (422, False), response.text
 
     # A revoked key stops working at once, although its caller was cached.
     await execute(stack.database_url, "UPDATE api_keys SET revoked_at = now() WHERE name = $1",
@@ -248,7 +268,7 @@ async def test_a_refused_refresh_reads_the_same_from_the_fast_lane_and_the_app(
     (app, app_fast), (lane, lane_fast) = answers[by_app], answers[by_lane]
     assert (app_fast, lane_fast) == (False, True)
     assert app.status_code == lane.status_code == 409
-    assert comparable(app)[1] == comparable(lane)[1]  # headers (content-length included)
+    assert comparable(app)[1] == comparable(lane)[1]  # headers, content-length included
     assert app.json() == {**lane.json(), "connection_id": by_app}
     assert lane.json()["code"] == "reauthorization_required"
     for cid in (by_app, by_lane):

@@ -5,13 +5,17 @@ committed, across the call to Intuit. It holds it on a session of its own, not i
 of the pool's: no pooled connection (and no open transaction) waits on Intuit, so a process can
 have many refreshes in flight with a small pool. The locks are the session's (`pg_try_advisory_lock`),
 so a process that dies, or loses the session, releases all of them at once: nothing stays stuck.
+The session asks the server to probe it with TCP keepalives, so a session cut off by the
+network is ended (and its locks released) within a minute, and a process that lost its session
+ends the old backend itself when it connects again.
 
 Lock and unlock requests are sent in rounds: while one round is out, new requests gather, and
 the next round takes them all in two statements. A storm of refreshes costs a few round trips
 on the lock session, not two for each refresh in a row.
 
-Session locks survive commits and nest within a session. This process asks for each key at
-most once at a time (`_held`, `_asked`; callers already coalesce refreshes of a connection).
+Session locks nest within a session, so this process never asks for a key it holds or is asking
+for. Each grant is a `Hold`: releasing it, or asking whether it still stands, concerns that
+grant only, never a later one of the same key.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import contextlib
 import hashlib
 import logging
 import uuid
+from dataclasses import dataclass, field
 
 import asyncpg
 
@@ -31,6 +36,12 @@ log = logging.getLogger(__name__)
 _NAMESPACE = b"qbo-broker refresh "
 _LOCK = "SELECT k FROM unnest($1::bigint[]) AS k WHERE pg_try_advisory_lock(k)"
 _UNLOCK = "SELECT pg_advisory_unlock(k) FROM unnest($1::bigint[]) AS k"
+_SESSION_LOST = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
+                 asyncpg.AdminShutdownError)
+_ROUND_SECONDS = 10.0  # a round that takes longer: the session is treated as lost
+# The server probes an idle session after 30 s, every 10 s, and ends it after 3 silent probes.
+_KEEPALIVES = {"tcp_keepalives_idle": "30", "tcp_keepalives_interval": "10",
+               "tcp_keepalives_count": "3"}
 
 
 def lock_key(connection_id: uuid.UUID) -> int:
@@ -39,41 +50,60 @@ def lock_key(connection_id: uuid.UUID) -> int:
     return int.from_bytes(digest[:8], "big", signed=True)
 
 
+@dataclass(eq=False)
+class Hold:
+    """One grant of a connection's lock to this process."""
+
+    key: int
+    _locks: RefreshLocks = field(repr=False)
+
+    @property
+    def valid(self) -> bool:
+        """False once released, or once the session that held it was lost."""
+        return self._locks._held.get(self.key) is self
+
+
 class RefreshLocks:
     def __init__(self, dsn: str) -> None:
         self._dsn = dsn  # asyncpg's form (service.db.engine.asyncpg_dsn)
         self._session: asyncpg.Connection | None = None
-        self._held: set[int] = set()
+        # The backend of a session lost while it was open, and when it started (a pid alone may
+        # have been reused by then).
+        self._backend: tuple[int, object] | None = None
+        self._lost: tuple[int, object] | None = None
+        self._held: dict[int, Hold] = {}
         self._asked: dict[int, asyncio.Future[bool]] = {}  # for the next round
+        self._asking: set[int] = set()  # in the round that is out
         self._freed: set[int] = set()  # to unlock in the next round
         self._rounds: asyncio.Task[None] | None = None
 
-    async def try_acquire(self, connection_id: uuid.UUID) -> bool:
-        """Take the connection's lock if no process (this one included) holds it."""
+    async def acquire(self, connection_id: uuid.UUID) -> Hold | None:
+        """The connection's lock if no process (this one included) holds it; None otherwise."""
         key = lock_key(connection_id)
-        if key in self._held or key in self._asked:
-            return False
+        if key in self._held or key in self._asked or key in self._asking:
+            return None
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._asked[key] = future
         self._wake()
         try:
-            return await asyncio.shield(future)
+            taken = await asyncio.shield(future)
         except asyncio.CancelledError:
             # Whoever asked is gone: a lock taken for them must not stay taken.
             future.add_done_callback(lambda done: self._free_if_taken(key, done))
             raise
+        if not taken:
+            return None
+        hold = Hold(key, self)
+        self._held[key] = hold
+        return hold
 
-    async def release(self, connection_id: uuid.UUID) -> None:
-        """Give the lock back (sent with the next round; this process may ask again at once)."""
-        key = lock_key(connection_id)
-        if key in self._held:
-            self._held.discard(key)
-            self._freed.add(key)
+    def release(self, hold: Hold) -> None:
+        """Give the lock back, if this grant still stands (the unlock goes with the next round;
+        this process may ask for the key again at once)."""
+        if hold.valid:
+            del self._held[hold.key]
+            self._freed.add(hold.key)
             self._wake()
-
-    def held(self, connection_id: uuid.UUID) -> bool:
-        """Whether this process still holds the lock (False once its session was lost)."""
-        return lock_key(connection_id) in self._held
 
     async def close(self) -> None:
         await cancel_and_wait(self._rounds)
@@ -94,19 +124,10 @@ class RefreshLocks:
         while self._asked or self._freed:
             asked, self._asked = self._asked, {}
             freed, self._freed = list(self._freed), set()
-            session = None
+            self._asking = set(asked)
             try:
-                session = await self._live_session()
-                if freed:
-                    await session.execute(_UNLOCK, freed)
-                taken: set[int] = set()
-                if asked:
-                    taken = {row["k"] for row in await session.fetch(_LOCK, list(asked))}
-                    self._held |= taken
+                taken = await self._round(asked, freed)
             except BaseException as exc:
-                # Which locks the session holds is unknown now: end it, which releases them all.
-                if session is not None:
-                    self._drop(session)
                 for future in asked.values():
                     if not future.done():
                         future.set_exception(exc if isinstance(exc, Exception)
@@ -115,21 +136,57 @@ class RefreshLocks:
                     raise
                 log.warning("refresh lock session failed: %s", type(exc).__name__)
                 continue
+            finally:
+                self._asking = set()
             for key, future in asked.items():
                 if not future.done():
                     future.set_result(key in taken)
+                elif key in taken:  # asked, then given up on: give it back
+                    self._freed.add(key)
+
+    async def _round(self, asked: dict[int, asyncio.Future[bool]], freed: list[int]) -> set[int]:
+        """Unlock `freed`, then try to lock `asked`; on a session found dead, once more on a
+        new one (the dead session's locks are gone with it, including those to unlock)."""
+        for retry in (True, False):
+            session = None
+            try:
+                async with asyncio.timeout(_ROUND_SECONDS):
+                    session = await self._live_session()
+                    if freed:
+                        await session.execute(_UNLOCK, freed)
+                    if not asked:
+                        return set()
+                    return {row["k"] for row in await session.fetch(_LOCK, list(asked))}
+            except BaseException as exc:
+                # Which locks the session holds is unknown now: end it, which releases them all.
+                if session is not None:
+                    self._drop(session)
+                if not (retry and isinstance(exc, _SESSION_LOST)):
+                    raise
+                freed = []
+        raise AssertionError("unreachable")
 
     def _free_if_taken(self, key: int, done: asyncio.Future[bool]) -> None:
         if not done.cancelled() and done.exception() is None and done.result():
-            self._held.discard(key)
             self._freed.add(key)
             self._wake()
 
     async def _live_session(self) -> asyncpg.Connection:
         if self._session is None or self._session.is_closed():
             self._forget()  # whatever an old session held died with it
-            self._session = await asyncpg.connect(self._dsn)
-            self._session.add_termination_listener(self._on_lost)
+            session = await asyncpg.connect(self._dsn, server_settings=_KEEPALIVES)
+            if self._lost is not None:
+                # A session cut off by the network may live on at the server, holding its locks
+                # until the keepalives end it: end it now.
+                await session.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE pid = $1 AND backend_start = $2", *self._lost)
+                self._lost = None
+            started = await session.fetchval(
+                "SELECT backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()")
+            self._backend = (session.get_server_pid(), started)
+            session.add_termination_listener(self._on_lost)
+            self._session = session
         return self._session
 
     def _forget(self) -> None:
@@ -138,10 +195,11 @@ class RefreshLocks:
 
     def _on_lost(self, session: asyncpg.Connection) -> None:
         if session is self._session:
+            self._lost = self._backend
             self._forget()
             self._session = None
 
     def _drop(self, session: asyncpg.Connection) -> None:
+        self._on_lost(session)
         with contextlib.suppress(Exception):
             session.terminate()
-        self._on_lost(session)

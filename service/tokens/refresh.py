@@ -53,7 +53,7 @@ from service.metrics import REFRESH_TOKENS_LOST, REFRESHES
 from service.tasks import shared
 from service.tokens import credentials
 from service.tokens.crypto import SecretBox
-from service.tokens.locks import RefreshLocks
+from service.tokens.locks import Hold, RefreshLocks
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +63,21 @@ MIN_VALIDITY = timedelta(minutes=5)
 WAIT_POLL_SECONDS = 0.2
 # Times a refresh starts over because the row changed under it, before it gives up.
 MAX_ROUNDS = 3
+# Writing an outcome again after the database connection failed under it (the statement is
+# conditional, so a write that did land the first time is not applied twice).
+STORE_RETRY_DELAYS = (0.1, 0.3, 1.0)
+_RETRIABLE = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
+              asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
 
 # Whether a connection (a row as read) needs a refresh now.
 _Needed = Callable[[Any, datetime], bool]
 # Given a connection id: an async context whose value is an asyncio.Event set when the row
 # changes (service.cache.ChangeFeed.watching); None: poll.
 Watch = Callable[[str], AbstractAsyncContextManager[asyncio.Event]]
+
+
+class _LockLost(Exception):
+    """The lock session was lost before the refresh token left: take the lock again."""
 
 
 @asynccontextmanager
@@ -211,6 +220,22 @@ class TokenRefresher:
         self._inflight: dict[tuple[uuid.UUID, str], asyncio.Task[tuple[AccessToken | None, bool]]] = {}
         # Refreshes this process runs at once (each one call to Intuit at a time).
         self._slots = asyncio.Semaphore(settings.refresh_concurrency)
+        # How long to wait for another process's refresh: as long as one may take at Intuit.
+        self._wait_limit = (settings.intuit_timeout_seconds * settings.intuit_max_attempts
+                            + settings.intuit_backoff_max_seconds * settings.intuit_max_attempts
+                            + 5.0)
+        self._closing = False
+
+    async def aclose(self, grace_seconds: float = 30.0) -> None:
+        """Start no more refreshes, and let those under way store their outcome (they hold
+        new tokens that exist nowhere else) before the pool, the locks and the client close."""
+        self._closing = True
+        running = list(self._inflight.values())
+        if running:
+            _, late = await asyncio.wait(running, timeout=grace_seconds)
+            if late:
+                log.error("shutdown: %d refreshes still running after %.0f s", len(late),
+                          grace_seconds)
 
     async def view(self, connection_id: uuid.UUID) -> ConnectionView | None:
         """The connection as the token endpoint needs it (cached; None: no such connection)."""
@@ -277,6 +302,9 @@ class TokenRefresher:
         The refresh runs as a task of its own: a caller that goes away (a client hanging up)
         cannot cut it short between Intuit's answer and the commit of the new tokens.
         """
+        if self._closing:
+            raise IntuitUnavailable("The broker is shutting down; retry.", retry_after=1,
+                                    connection_id=str(connection_id))
         return await shared(self._inflight, (connection_id, purpose),
                             lambda: self._refresh(connection_id, needed, trigger=trigger,
                                                   skip_locked=skip_locked),
@@ -284,17 +312,28 @@ class TokenRefresher:
 
     async def _refresh(self, connection_id: uuid.UUID, needed: _Needed, *, trigger: str,
                        skip_locked: bool) -> tuple[AccessToken | None, bool]:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._wait_limit
         while True:
             async with self._watch(str(connection_id)) as changed:
                 async with self._slots:
-                    if await self._locks.try_acquire(connection_id):
+                    hold = await self._locks.acquire(connection_id)
+                    if hold is not None:
                         try:
                             return await self._refresh_holding_lock(
-                                connection_id, needed, trigger=trigger, skip_locked=skip_locked)
+                                connection_id, hold, needed, trigger=trigger,
+                                skip_locked=skip_locked)
+                        except _LockLost:
+                            continue
                         finally:
-                            await self._locks.release(connection_id)
+                            self._locks.release(hold)
                 if skip_locked:
                     return None, False
+                if loop.time() > deadline:
+                    raise IntuitUnavailable(
+                        "Another replica's refresh of this connection is taking too long; the "
+                        "stored credentials are unchanged. Retry later.", retry_after=5,
+                        connection_id=str(connection_id))
                 # Another process is refreshing: its commit notifies us (or it died: poll).
                 try:
                     async with asyncio.timeout(WAIT_POLL_SECONDS):
@@ -309,8 +348,9 @@ class TokenRefresher:
             if not needed(conn, datetime.now(UTC)):
                 return self._token_of(conn), False
 
-    async def _refresh_holding_lock(self, connection_id: uuid.UUID, needed: _Needed, *,
-                                    trigger: str, skip_locked: bool) -> tuple[AccessToken | None, bool]:
+    async def _refresh_holding_lock(self, connection_id: uuid.UUID, hold: Hold, needed: _Needed,
+                                    *, trigger: str,
+                                    skip_locked: bool) -> tuple[AccessToken | None, bool]:
         for _ in range(MAX_ROUNDS):
             # 1. Re-read under the row lock (a writer of the row, such as a disconnect, finishes
             # first), decide, and record the attempt.
@@ -330,6 +370,11 @@ class TokenRefresher:
                 attempt = await db.fetchval(
                     _RECORD_ATTEMPT, conn.id, conn.tenant_id, trigger,
                     json.dumps({"refresh_token_issued_at": name}))
+            if not hold.valid:
+                # The lock session was lost meanwhile, and another process may hold the lock
+                # now: the token must not leave from here.
+                await self._pool.execute(_SETTLE_ONE, attempt)
+                raise _LockLost
             # 2. Intuit, with no database connection held.
             outcome: TokenSet | IntuitError
             try:
@@ -356,7 +401,7 @@ class TokenRefresher:
             columns = credentials.sealed_tokens(conn, outcome, self._box, now=now, keepalive_age=(
                 timedelta(seconds=self._settings.keepalive_refresh_age_seconds)))
             # Persist the new refresh token before anything else can happen.
-            tenant = await self._pool.fetchval(
+            tenant = await self._write(
                 _STORE_TOKENS, conn.id, sent, trigger, columns["access_token"],
                 columns["refresh_token"], columns["access_token_expires_at"],
                 columns["refresh_token_expires_at"], now, columns["keepalive_due_at"])
@@ -373,7 +418,7 @@ class TokenRefresher:
             code = "refresh_token_lost" if lost else "invalid_grant"
             details = {"code": code, **({"intuit_tid": outcome.intuit_tid}
                                         if outcome.intuit_tid else {})}
-            tenant = await self._pool.fetchval(
+            tenant = await self._write(
                 _MARK_REFUSED, conn.id, sent, trigger, code,
                 _LOST_MESSAGE if lost else _REFUSED_MESSAGE, now, json.dumps(details))
             if tenant is None:
@@ -405,6 +450,19 @@ class TokenRefresher:
             await self._pool.execute(_SETTLE_ONE, attempt)
         raise IntuitRejected("Intuit refused the refresh request; the stored credentials are "
                              "unchanged.", connection_id=str(conn.id))
+
+    async def _write(self, statement: str, *args: Any) -> Any:
+        """Run a conditional write, again if the connection to the database fails under it."""
+        for delay in (*STORE_RETRY_DELAYS, None):
+            try:
+                return await self._pool.fetchval(statement, *args)
+            except _RETRIABLE as exc:
+                if delay is None:
+                    raise
+                log.warning("storing a refresh outcome failed (%s); trying again",
+                            type(exc).__name__, extra={"connection_id": str(args[0])})
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
 
     async def _superseded(self, conn: Any, outcome: TokenSet | IntuitError, attempt: int,
                           trigger: str) -> None:

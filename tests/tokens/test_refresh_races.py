@@ -8,10 +8,9 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 
-import asyncpg
-
 from service.db.engine import asyncpg_dsn
-from service.tokens.locks import RefreshLocks, lock_key
+from service.errors import IntuitUnavailable
+from service.tokens.locks import Hold, RefreshLocks, lock_key
 from tests.conftest import COMPANY_1, user_headers
 from tests.support.db_helpers import expire_access_token, fetchrow
 
@@ -21,6 +20,20 @@ async def _until(check: Callable[[], Awaitable[bool]], what: str, within: float 
     while not await check():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         await asyncio.sleep(0.02)
+
+
+async def _holder(database_url: str, key: int) -> int | None:
+    """The backend holding an advisory lock (a bigint key shows as its high and low 32 bits)."""
+    row = await fetchrow(database_url, "SELECT pid FROM pg_locks WHERE locktype = 'advisory' "
+                         "AND granted AND ((classid::bigint << 32) | objid::bigint) = $1", key)
+    return None if row is None else int(row["pid"])
+
+
+async def _end_backend(database_url: str, pid: int | None) -> None:
+    """End a session at the server, as a crash or a cut connection would."""
+    assert pid is not None
+    ended = await fetchrow(database_url, "SELECT pg_terminate_backend($1) AS ok", pid)
+    assert ended is not None and ended["ok"]
 
 
 async def _linked(new_connection, connect) -> str:
@@ -70,20 +83,11 @@ async def test_losing_the_lock_session_mid_refresh_loses_nothing(
     asked = asyncio.create_task(client.get(f"/connections/{cid}/token", headers=headers))
     key = lock_key(uuid.UUID(cid))
 
-    async def holder() -> int | None:
-        # A bigint key shows as its high and low 32 bits (classid, objid).
-        row = await fetchrow(stack.database_url, "SELECT pid FROM pg_locks WHERE locktype = "
-                             "'advisory' AND granted AND ((classid::bigint << 32) | objid::bigint) "
-                             "= $1", key)
-        return None if row is None else int(row["pid"])
-
     async def locked() -> bool:
-        return await holder() is not None
+        return await _holder(stack.database_url, key) is not None
 
     await _until(locked, "the refresh to take its lock")
-    pid = await holder()
-    killed = await fetchrow(stack.database_url, "SELECT pg_terminate_backend($1) AS ok", pid)
-    assert killed is not None and killed["ok"]
+    await _end_backend(stack.database_url, await _holder(stack.database_url, key))
     # The refresh still stores what Intuit sends: the row holds the token it sent.
     answer = await asked
     assert answer.status_code == 200, answer.text
@@ -105,48 +109,73 @@ async def test_refresh_locks_exclude_other_processes_and_die_with_their_session(
     one, other = RefreshLocks(dsn), RefreshLocks(dsn)
     first, second = uuid.uuid4(), uuid.uuid4()
     try:
-        assert await one.try_acquire(first)
-        assert not await one.try_acquire(first)  # taken once per process, never nested
-        assert not await other.try_acquire(first)
-        assert await other.try_acquire(second)  # per connection
-        await one.release(first)  # returns at once; the unlock goes out with the next round
-        assert not one.held(first)
+        # Asked for twice at once in one process (a request and a keep-alive pass): one grant.
+        grants = await asyncio.gather(one.acquire(first), one.acquire(first))
+        assert sorted(g is not None for g in grants) == [False, True]
+        hold = next(g for g in grants if g is not None)
+        assert await one.acquire(first) is None  # never nested
+        assert await other.acquire(first) is None
+        assert await other.acquire(second) is not None  # per connection
+        one.release(hold)  # returns at once; the unlock goes out with the next round
+        assert not hold.valid
 
-        async def taken_by_other() -> bool:
-            return await other.try_acquire(first)
+        async def taken_by(locks: RefreshLocks) -> bool:
+            grant = await locks.acquire(first)
+            if grant is not None:
+                held.append(grant)
+            return grant is not None
 
-        await _until(taken_by_other, "the released lock to be free")
-        await other.release(first)
+        held: list[Hold] = []
+        await _until(lambda: taken_by(other), "the released lock to be free")
+        other.release(held.pop())
+        await _until(lambda: taken_by(one), "the lock to be free again")
+        lost = held.pop()
 
-        async def taken_by_one() -> bool:
-            return await one.try_acquire(first)
-
-        await _until(taken_by_one, "the lock to be free again")
         # The session ends (a crash, a cut connection): its locks go with it, at once.
-        spy = await asyncpg.connect(dsn)
-        try:
-            pids = await spy.fetch("SELECT DISTINCT pid FROM pg_locks WHERE locktype = 'advisory' "
-                                   "AND pid <> pg_backend_pid()")
-            for row in pids:
-                await spy.execute("SELECT pg_terminate_backend($1)", row["pid"])
-        finally:
-            await spy.close()
+        await _end_backend(stack.database_url, await _holder(stack.database_url, lock_key(first)))
+        await _until(lambda: taken_by(other), "the lock to be released with its session")
 
-        probe = RefreshLocks(dsn)
-        try:
-            async def taken_by_probe() -> bool:
-                return await probe.try_acquire(first)
+        async def forgotten() -> bool:
+            return not lost.valid
 
-            await _until(taken_by_probe, "the lock to be released with its session")
-        finally:
-            await probe.close()
-        # The process that lost its session learns it, and can lock again.
-        await _until(lambda: _not_held(one, first), "the lost lock to be forgotten")
-        assert await one.try_acquire(first)
+        await _until(forgotten, "the process that lost its session to learn it")
+        other.release(held.pop())
+        await _until(lambda: taken_by(one), "the lock to be taken on a new session")
+        current = held.pop()
+        one.release(lost)  # a release of the lost grant must not touch the current one
+        assert current.valid
+        assert await other.acquire(first) is None
     finally:
         await one.close()
         await other.close()
 
 
-async def _not_held(locks: RefreshLocks, connection_id: uuid.UUID) -> bool:
-    return not locks.held(connection_id)
+async def test_shutdown_lets_a_refresh_under_way_store_its_tokens(
+        runtime, new_connection, connect, emulator, stack) -> None:
+    cid = uuid.UUID(await _linked(new_connection, connect))
+    before = await fetchrow(stack.database_url, "SELECT refresh_token FROM connections "
+                            "WHERE id = $1", cid)
+    await emulator.post("/config", json={"latency_ms": 800})
+    await expire_access_token(stack.database_url, str(cid))
+    view = await runtime.refresher.view(cid)
+    asked = asyncio.create_task(runtime.refresher.access_token(view))
+
+    async def refreshing() -> bool:
+        stats = (await emulator.get("/stats")).json()
+        return bool(stats["in_flight_refresh"].get(COMPANY_1) == 1)
+
+    await _until(refreshing, "the refresh to reach Intuit")
+    asked.cancel()  # the request goes away, as on shutdown; the refresh must not
+    await runtime.refresher.aclose()
+    after = await fetchrow(stack.database_url, "SELECT refresh_token, status FROM connections "
+                           "WHERE id = $1", cid)
+    assert after is not None and before is not None
+    assert after["status"] == "connected" and after["refresh_token"] != before["refresh_token"]
+    assert (await emulator.get("/stats")).json()["token"]["refresh_token"] == {"ok": 1}
+    # Once closing, no new refresh starts.
+    try:
+        await runtime.refresher.access_token(view, force=True)
+    except IntuitUnavailable as refused:
+        assert refused.headers["Retry-After"] == "1"
+    else:
+        raise AssertionError("a refresh started after shutdown began")
