@@ -1,19 +1,19 @@
-"""GET /status and GET /connections/{id}/token answered straight from the caches.
+"""GET /status and GET /connections/{id}/token, answered before FastAPI's machinery.
 
 These are the broker's hottest reads: the link icon polls /status, and internal services fetch
-tokens all day (and in bursts, when a batch job starts). When the caller is already known (a
-JWT verified earlier, or an API key in the cache) and the connection or tenant is cached, this
-layer answers at once, skipping FastAPI's routing, dependency solving and validation, which cost
-more than everything else in such a request. A cached connection whose token needs a refresh
-joins the refresh (service.tokens.refresh) as the app would.
+tokens all day (and in bursts, when a batch job starts). For a caller this layer can identify
+without the database (a valid JWT, or an API key in the cache), it answers them with the same
+functions the app's endpoints use (the caches, their loaders, the refresher), skipping FastAPI's
+routing, dependency solving and validation, which cost more than everything else in a cached
+request.
 
-It answers what the app would: a cache miss, an unknown caller, a caller without the right, a
-query string it does not recognise, or any other path goes on to the app unchanged, which
-answers (and fills the caches). The one error rendered here is a refresh's own outcome
-(reauthorization_required, intuit_unavailable, …), with the app's problem renderer: handing it
-to the app would only repeat the refresh to fail again. It sits inside every other middleware,
-so its answers get the same CORS headers, request ids, metrics and access logs as the app's.
-tests/test_fastlane.py compares the two answers byte for byte.
+It answers what the app would, and only successes: an API key to look up, a caller without the
+right, a query string it does not recognise, an unknown connection, or any other request goes
+on to the app unchanged, which answers (and fills the caches). The one error rendered here is a
+refresh's own outcome (reauthorization_required, intuit_unavailable, …), with the app's problem
+renderer: handing it to the app would only repeat the refresh to fail again. It sits inside
+every other middleware, so its answers get the same CORS headers, request ids, metrics and
+access logs as the app's. tests/test_fastlane.py compares the two answers byte for byte.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from service.auth.api_keys import hash_key
 from service.auth.callers import Caller
 from service.auth.callers import Scope as CallerScope
 from service.connections.schemas import TENANT_ID_MAX_LENGTH, TENANT_ID_PATTERN
+from service.connections.service import link_status_body
 from service.errors import ProblemError, problem_response
 from service.metrics import FAST_LANE_ANSWERS
 
@@ -55,9 +56,10 @@ def _credentials(scope: Scope) -> tuple[str | None, str | None]:
     return authorization, api_key
 
 
-def _known_caller(state: State, scope: Scope) -> Caller | None:
-    """The caller, if service.auth.dependencies.authenticate has already let them in and they
-    are still remembered; None whenever that function would have work (or an error) to do."""
+async def _caller(state: State, scope: Scope) -> Caller | None:
+    """The caller, as service.auth.dependencies.authenticate finds them, when that needs no
+    database: an API key in the cache, or a valid JWT. None whenever that function would have
+    other work (an API key to look up) or an error to tell: the app does that."""
     authorization, api_key = _credentials(scope)
     if api_key:  # the API key wins, as in authenticate()
         if len(api_key) > 200:
@@ -67,9 +69,15 @@ def _known_caller(state: State, scope: Scope) -> Caller | None:
     scheme, token = get_authorization_scheme_param(authorization)
     if not (authorization and scheme and token) or scheme.lower() != "bearer":
         return None
-    claims = state.jwt_verifier.remembered(token)
+    verifier = state.jwt_verifier
+    claims = verifier.remembered(token)
     if claims is None:
-        return None
+        if not verifier.configured:
+            return None
+        try:
+            claims = await verifier.verify(token)
+        except ProblemError:
+            return None
     return Caller(kind="user", subject=claims["sub"], tenant_id=claims["tenant_id"])
 
 
@@ -91,7 +99,7 @@ class FastLane:
             answer: tuple[bytes, list[tuple[bytes, bytes]]] | ProblemError | None = None
             try:
                 if path == STATUS_PATH:
-                    answer = self._status(scope)
+                    answer = await self._status(scope)
                     route, counter = self._status_route, self._count_status
                 elif path.startswith(TOKEN_PREFIX) and path.endswith(TOKEN_SUFFIX):
                     answer = await self._token(scope, path[len(TOKEN_PREFIX):-len(TOKEN_SUFFIX)])
@@ -114,7 +122,7 @@ class FastLane:
                 return
         await self.app(scope, receive, send)
 
-    def _status(self, scope: Scope) -> tuple[bytes, list[tuple[bytes, bytes]]] | None:
+    async def _status(self, scope: Scope) -> tuple[bytes, list[tuple[bytes, bytes]]] | None:
         query = scope["query_string"]
         requested = None
         if query:
@@ -125,19 +133,18 @@ class FastLane:
             # The app's own validation of the parameter (TenantId); anything else is its to refuse.
             if len(requested) > TENANT_ID_MAX_LENGTH or not _TENANT_ID.match(requested):
                 return None
-        caller = _known_caller(self._state, scope)
+        caller = await _caller(self._state, scope)
         if caller is None:
             return None
-        # Cached bodies exist only for tenants the app has already validated and looked up.
-        body: bytes | None = self._state.runtime.caches.status.get(caller.tenant_for_read(requested))
-        return None if body is None else (body, [])
+        body = await link_status_body(self._state.runtime, caller.tenant_for_read(requested))
+        return body, []
 
     async def _token(self, scope: Scope,
                      connection_id: str) -> tuple[bytes, list[tuple[bytes, bytes]]] | ProblemError | None:
         if scope["query_string"]:  # force_refresh, or anything else: the app decides
             return None
         runtime = self._state.runtime
-        caller = _known_caller(self._state, scope)
+        caller = await _caller(self._state, scope)
         if caller is None:
             return None
         caller.require_scope(CallerScope.TOKENS_READ)

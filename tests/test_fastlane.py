@@ -61,36 +61,55 @@ async def connected(new_connection, connect) -> dict[str, Any]:
     return conn
 
 
-async def test_cached_answers_are_the_apps_byte_for_byte(client, connected, new_connection,
-                                                        service_headers) -> None:
+async def test_its_answers_are_the_apps_byte_for_byte(client, connected, new_connection,
+                                                     service_headers) -> None:
     await new_connection("tenant-b", "user-2")
     statuses = await service_headers("status:read", name="status-reader")
     tokens = await service_headers("tokens:read", name="token-reader")
-    cases = [  # one tenant each for /status: its cached body is the tenant's, whoever asks
-        (STATUS, "/status", {**user_headers(), "Origin": "https://app.cietrade.test"}),
-        (STATUS, "/status?tenant_id=tenant-b", statuses),
-        (TOKEN, f"/connections/{connected['id']}/token", tokens),
+    # The app's answer is asked for with a parameter the app ignores and the fast lane leaves
+    # to it; the fast lane's with the plain URL.
+    cases = [
+        (STATUS, "/status", "/status?via=app",
+         {**user_headers(), "Origin": "https://app.cietrade.test"}),
+        (STATUS, "/status?tenant_id=tenant-b", "/status?tenant_id=tenant-b&via=app", statuses),
+        (TOKEN, f"/connections/{connected['id']}/token",
+         f"/connections/{connected['id']}/token?force_refresh=false", tokens),
     ]
-    for route, url, headers in cases:
-        first, fast = await get_counted(client, route, url, headers=headers)
-        assert first.status_code == 200, first.text
-        assert not fast, f"{url}: nothing was cached yet, the app should have answered"
-        for _ in range(50):  # a notification of the set-up's own writes may still drop an entry
-            second, fast = await get_counted(client, route, url, headers=headers)
+    for route, url, app_url, headers in cases:
+        by_app, fast = await get_counted(client, route, app_url, headers=headers)
+        assert by_app.status_code == 200, by_app.text
+        assert not fast, f"{app_url}: the app should have answered"
+        for _ in range(50):  # until the API key is cached (its first use notifies a change)
+            by_lane, fast = await get_counted(client, route, url, headers=headers)
             if fast:
                 break
             await asyncio.sleep(0.02)
-        assert fast, f"{url}: the cached answer should have come from the fast lane"
-        assert comparable(second) == comparable(first)
-        assert re.fullmatch(r"[0-9a-f]{32}", second.headers["x-request-id"])
-        assert second.headers["x-request-id"] != first.headers["x-request-id"]
+        assert fast, f"{url}: the fast lane should have answered"
+        assert comparable(by_lane) == comparable(by_app)
+        assert re.fullmatch(r"[0-9a-f]{32}", by_lane.headers["x-request-id"])
+        assert by_lane.headers["x-request-id"] != by_app.headers["x-request-id"]
     # CORS headers on a browser's request, from the middleware both answers pass through.
-    first, fast = await get_counted(client, STATUS, "/status", headers=cases[0][2])
+    first, fast = await get_counted(client, STATUS, "/status", headers=cases[0][3])
     assert fast and first.headers["access-control-allow-origin"] == "https://app.cietrade.test"
     # Counted under the route's template like every other request.
     before = await served(client, TOKEN)
     response, fast = await get_counted(client, TOKEN, cases[2][1], headers=tokens)
     assert fast and await served(client, TOKEN) == before + 1
+
+
+async def test_a_valid_jwt_seen_for_the_first_time_is_verified_in_the_fast_lane(
+        client, new_connection) -> None:
+    await new_connection("tenant-c", "user-3")
+    headers = user_headers("tenant-c", "user-4")  # a token nobody has shown the broker yet
+    response, fast = await get_counted(client, STATUS, "/status", headers=headers)
+    assert (response.status_code, fast) == (200, True)
+    assert response.json()["tenant_id"] == "tenant-c"
+    # A forged one (signed with another secret) is the app's to refuse.
+    forged = {"Authorization": "Bearer " + issue_dev_token("another-secret-" + "y" * 32,
+                                                           tenant_id="tenant-c", user_id="user-3")}
+    response, fast = await get_counted(client, STATUS, "/status", headers=forged)
+    assert (response.status_code, fast) == (401, False)
+    assert response.json()["code"] == "unauthorized"
 
 
 async def test_a_caller_without_the_right_gets_the_apps_refusal(client, connected, service_headers,

@@ -13,20 +13,15 @@ from service.connections import repository as repo
 from service.connections import service
 from service.connections.schemas import (
     AccessTokenOut,
-    AccountingLink,
     ConnectionCreate,
     ConnectionOut,
     ConnectionPatch,
-    ConnectionStatusOut,
     EventOut,
     LinkStatusOut,
-    Modules,
     Page,
     Status,
     TenantId,
-    accounting_link,
     connection_out,
-    owner_of,
 )
 from service.db.engine import SessionDep
 from service.errors import NotFound, problem_responses
@@ -133,20 +128,5 @@ async def get_token(rt: RuntimeDep, caller: CurrentCaller,
 async def link_status(rt: RuntimeDep, caller: CurrentCaller,
                       tenant_id: TenantQuery = None) -> Response:
     tenant = caller.tenant_for_read(tenant_id)
-
-    async def load() -> bytes:
-        connections = await repo.read_tenant_status(rt.reads, tenant)
-        items = [ConnectionStatusOut(
-            id=c.id, status=Status(c.status), realm_id=c.realm_id, company_name=c.company_name,
-            owner=owner_of(c), modules=Modules(accounts_receivable=c.module_ar,
-                                               accounts_payable=c.module_ap),
-            accounting_link=accounting_link(c), access_token_expires_at=c.access_token_expires_at)
-            for c in connections]
-        overall = (AccountingLink.ENABLED if any(i.accounting_link == AccountingLink.ENABLED
-                                                 for i in items) else AccountingLink.DISABLED)
-        return LinkStatusOut(tenant_id=tenant, accounting_link=overall,
-                             connections=items).model_dump_json().encode()
-
-    body = await rt.caches.status.get_or_load(tenant, load)
-    assert body is not None
+    body = await service.link_status_body(rt, tenant)
     return Response(body, media_type="application/json")

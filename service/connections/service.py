@@ -9,7 +9,18 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.auth.callers import Caller
 from service.connections import repository as repo
-from service.connections.schemas import ConnectionOut, ModulesPatch, Status, connection_out
+from service.connections.schemas import (
+    AccountingLink,
+    ConnectionOut,
+    ConnectionStatusOut,
+    LinkStatusOut,
+    Modules,
+    ModulesPatch,
+    Status,
+    accounting_link,
+    connection_out,
+    owner_of,
+)
 from service.db.models import Connection
 from service.errors import NotConnected, NotFound
 from service.runtime import Runtime
@@ -103,3 +114,24 @@ async def delete(session: AsyncSession, rt: Runtime, conn: Connection, *, caller
     # Through the ORM, so the commit drops the connection from this replica's caches at once.
     await session.delete(conn)
     await session.flush()
+
+
+async def link_status_body(rt: Runtime, tenant_id: str) -> bytes:
+    """GET /status's answer for a tenant, as JSON (cached; concurrent misses share one read)."""
+
+    async def load() -> bytes:
+        connections = await repo.read_tenant_status(rt.reads, tenant_id)
+        items = [ConnectionStatusOut(
+            id=c.id, status=Status(c.status), realm_id=c.realm_id, company_name=c.company_name,
+            owner=owner_of(c), modules=Modules(accounts_receivable=c.module_ar,
+                                               accounts_payable=c.module_ap),
+            accounting_link=accounting_link(c), access_token_expires_at=c.access_token_expires_at)
+            for c in connections]
+        overall = (AccountingLink.ENABLED if any(i.accounting_link == AccountingLink.ENABLED
+                                                 for i in items) else AccountingLink.DISABLED)
+        return LinkStatusOut(tenant_id=tenant_id, accounting_link=overall,
+                             connections=items).model_dump_json().encode()
+
+    body = await rt.caches.status.get_or_load(tenant_id, load)
+    assert body is not None  # a tenant without connections has a status too
+    return body
