@@ -314,8 +314,9 @@ class TokenRefresher:
                        skip_locked: bool) -> tuple[AccessToken | None, bool]:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._wait_limit
-        while True:
-            async with self._watch(str(connection_id)) as changed:
+        # Watched from the start, so that no notification falls between two looks at the row.
+        async with self._watch(str(connection_id)) as changed:
+            while True:
                 async with self._slots:
                     hold = await self._locks.acquire(connection_id)
                     if hold is not None:
@@ -340,13 +341,14 @@ class TokenRefresher:
                         await changed.wait()
                 except TimeoutError:
                     pass
-            record = await self._pool.fetchrow(_READ, connection_id)
-            if record is None:
-                raise NotFound("No such connection.")
-            conn = _row(record)
-            _usable_or_raise(conn)
-            if not needed(conn, datetime.now(UTC)):
-                return self._token_of(conn), False
+                changed.clear()  # before the look: a change after it wakes the next wait
+                record = await self._pool.fetchrow(_READ, connection_id)
+                if record is None:
+                    raise NotFound("No such connection.")
+                conn = _row(record)
+                _usable_or_raise(conn)
+                if not needed(conn, datetime.now(UTC)):
+                    return self._token_of(conn), False
 
     async def _refresh_holding_lock(self, connection_id: uuid.UUID, hold: Hold, needed: _Needed,
                                     *, trigger: str,
