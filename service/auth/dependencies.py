@@ -9,7 +9,7 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 
 from service.auth.api_keys import find_active_key, hash_key
 from service.auth.callers import Caller
-from service.auth.jwt import JWTVerifier
+from service.auth.jwt import REJECTED_JWT, JWTVerifier
 from service.errors import Unauthorized
 
 bearer_scheme = HTTPBearer(
@@ -49,6 +49,11 @@ async def authenticate(
         verifier: JWTVerifier = request.app.state.jwt_verifier
         if not verifier.configured:
             raise Unauthorized("User tokens are not accepted: no JWT verification is configured.")
+        # Found invalid a moment ago by the fast lane (service.fastlane): the same answer, without
+        # verifying it again.
+        rejected = getattr(request.state, REJECTED_JWT, None)
+        if rejected is not None and rejected[0] == bearer.credentials:
+            raise rejected[1]
         claims = await verifier.verify(bearer.credentials)
         caller = Caller(kind="user", subject=claims["sub"], tenant_id=claims["tenant_id"])
     else:

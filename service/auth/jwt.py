@@ -13,6 +13,9 @@ from service.config import Settings
 from service.errors import Unauthorized
 
 _REQUIRED_CLAIMS = ["exp", "sub", "tenant_id"]
+# The request state's key for (token, error) of a bearer token found invalid before the app's
+# own authentication ran (service.fastlane), which then answers without verifying it again.
+REJECTED_JWT = "qbo_broker_rejected_jwt"
 _VERIFIED_MAX = 10_000
 
 
@@ -79,7 +82,8 @@ class JWTVerifier:
             value = claims.get(claim)
             if not isinstance(value, str) or not value or len(value) > 128:
                 raise Unauthorized(f"The bearer token's {claim} claim is not a valid id.")
-        return claims
+        # PyJWT accepts a numeric string too; the cache of verified tokens compares numbers.
+        return {**claims, "exp": int(claims["exp"])}
 
 
 def issue_dev_token(secret: str, *, tenant_id: str, user_id: str,

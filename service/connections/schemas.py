@@ -11,10 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StringConstraints
 
 from service.db.models import Connection, ConnectionEvent, PendingLink
 
-TENANT_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@-]*$"
-TENANT_ID_MAX_LENGTH = 128
-TenantId = Annotated[str, StringConstraints(min_length=1, max_length=TENANT_ID_MAX_LENGTH,
-                                            pattern=TENANT_ID_PATTERN)]
+TenantId = Annotated[str, StringConstraints(min_length=1, max_length=128,
+                                            pattern=r"^[A-Za-z0-9][A-Za-z0-9._:@-]*$")]
 UserId = TenantId
 
 

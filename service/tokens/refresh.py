@@ -317,6 +317,11 @@ class TokenRefresher:
         # Watched from the start, so that no notification falls between two looks at the row.
         async with self._watch(str(connection_id)) as changed:
             while True:
+                if loop.time() > deadline:
+                    raise IntuitUnavailable(
+                        "Another replica's refresh of this connection is taking too long; the "
+                        "stored credentials are unchanged. Retry later.", retry_after=5,
+                        connection_id=str(connection_id))
                 async with self._slots:
                     hold = await self._locks.acquire(connection_id)
                     if hold is not None:
@@ -330,11 +335,6 @@ class TokenRefresher:
                             self._locks.release(hold)
                 if skip_locked:
                     return None, False
-                if loop.time() > deadline:
-                    raise IntuitUnavailable(
-                        "Another replica's refresh of this connection is taking too long; the "
-                        "stored credentials are unchanged. Retry later.", retry_after=5,
-                        connection_id=str(connection_id))
                 # Another process is refreshing: its commit notifies us (or it died: poll).
                 try:
                     async with asyncio.timeout(WAIT_POLL_SECONDS):
