@@ -1,7 +1,7 @@
 """A refresh storm: 1,000 concurrent GET /connections/{id}/token over 100 connections whose
 access tokens have expired, spread over two broker processes, with Intuit (the emulator, in a
 process of its own) answering after 100 ms. Each connection must be refreshed exactly once
-(single-flight in a process, the row lock across the two), every caller must get that one new
+(single-flight in a process, an advisory lock across the two), every caller must get that one new
 token, and nobody may spend a dead refresh token (invalid_grant).
 
 The 100 connections are made through the real Connect flow over HTTP (the broker's authorize,

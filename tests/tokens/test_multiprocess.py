@@ -242,7 +242,7 @@ async def test_process_killed_mid_refresh_leaves_nothing_stuck_and_reports_the_l
 
     started = time.monotonic()
     answer = await http.get(_token_url(survivor, cid), headers=headers)
-    assert time.monotonic() - started < 6  # the row lock died with the killed transaction
+    assert time.monotonic() - started < 6  # its refresh lock died with its session
     assert answer.status_code == 409, answer.text
     assert answer.json()["code"] == "reauthorization_required"
     # The survivor spent the only refresh token it had; Intuit had already replaced it.
