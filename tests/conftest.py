@@ -167,6 +167,40 @@ def new_connection(client: httpx.AsyncClient) -> Callable[..., Awaitable[dict[st
 
 
 @pytest.fixture
+def linked(new_connection: Callable[..., Awaitable[dict[str, Any]]],
+           connect: Callable[..., Awaitable[CallbackResult]]) -> Callable[..., Awaitable[str]]:
+    """A new connection of the tenant, linked through the Connect flow; returns its id."""
+
+    async def make(*, email: str = ALICE, realm_id: str = COMPANY_1) -> str:
+        conn = await new_connection()
+        result = await connect(conn["id"], email=email, realm_id=realm_id)
+        assert result.params["result"] == "connected", result.params
+        return str(conn["id"])
+
+    return make
+
+
+@pytest.fixture
+def linked_company(emulator: httpx.AsyncClient,
+                   linked: Callable[..., Awaitable[str]]) -> Callable[[int], Awaitable[tuple[str, str]]]:
+    """A connection to a new QuickBooks company of its own, linked by that company's own admin
+    (both made through the emulator's control API); returns (connection id, realm id)."""
+
+    async def make(index: int) -> tuple[str, str]:
+        company = await emulator.post("/companies", json={"name": f"Recycler {index}"})
+        assert company.status_code == 201, company.text
+        realm = company.json()["realm_id"]
+        email = f"owner{index}@recycler.example.com"
+        user = await emulator.post("/users", json={
+            "email": email, "given_name": "Owner", "family_name": str(index),
+            "companies": {realm: "company_admin"}})
+        assert user.status_code == 201, user.text
+        return await linked(email=email, realm_id=realm), realm
+
+    return make
+
+
+@pytest.fixture
 async def runtime(stack: Stack) -> AsyncIterator[Any]:
     """The broker's runtime objects, for driving background work directly in a test."""
     from service.cache import Caches

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import httpx
 import pytest
@@ -13,6 +13,7 @@ from service.cache import VersionedCache
 from tests.conftest import Stack, user_headers
 from tests.support.db_helpers import execute
 from tests.support.processes import BrokerProcess, BrokerProcesses, settings_env
+from tests.support.waiting import until
 
 
 @pytest.fixture(scope="module")
@@ -26,12 +27,9 @@ async def replica(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Asy
         processes.close()
 
 
-async def _eventually(check: Callable[[], object], seconds: float = 2.0) -> None:
+async def _eventually(check: Callable[[], Awaitable[bool]]) -> None:
     """NOTIFY is delivered after commit, asynchronously: allow it a moment, no more."""
-    deadline = time.monotonic() + seconds
-    while not await check():  # type: ignore[misc]
-        assert time.monotonic() < deadline, "the other replica never saw the change"
-        await asyncio.sleep(0.02)
+    await until(check, "the other replica to see the change", within=2.0)
 
 
 async def test_disconnect_on_one_replica_is_seen_by_the_other(client, replica, new_connection,

@@ -54,11 +54,8 @@ def comparable(response: httpx.Response) -> tuple[int, list[tuple[bytes, bytes]]
 
 
 @pytest.fixture
-async def connected(new_connection, connect) -> dict[str, Any]:
-    conn = await new_connection()
-    result = await connect(conn["id"])
-    assert result.params["result"] == "connected", result
-    return conn
+async def connected(linked) -> str:
+    return str(await linked())
 
 
 async def test_its_answers_are_the_apps_byte_for_byte(client, connected, new_connection,
@@ -72,8 +69,8 @@ async def test_its_answers_are_the_apps_byte_for_byte(client, connected, new_con
         (STATUS, "/status", "/status?via=app",
          {**user_headers(), "Origin": "https://app.cietrade.test"}),
         (STATUS, "/status?tenant_id=tenant-b", "/status?tenant_id=tenant-b&via=app", statuses),
-        (TOKEN, f"/connections/{connected['id']}/token",
-         f"/connections/{connected['id']}/token?force_refresh=false", tokens),
+        (TOKEN, f"/connections/{connected}/token",
+         f"/connections/{connected}/token?force_refresh=false", tokens),
     ]
     for route, url, app_url, headers in cases:
         by_app, fast = await get_counted(client, route, app_url, headers=headers)
@@ -115,7 +112,7 @@ async def test_a_valid_jwt_seen_for_the_first_time_is_verified_in_the_fast_lane(
 async def test_a_caller_without_the_right_gets_the_apps_refusal(client, connected, service_headers,
                                                                 stack: Stack) -> None:
     tokens = await service_headers("tokens:read", name="token-reader")
-    token_url = f"/connections/{connected['id']}/token"
+    token_url = f"/connections/{connected}/token"
     for _ in range(2):  # both cached now: the connection and the caller
         assert (await client.get(token_url, headers=tokens)).status_code == 200
         assert (await client.get("/status", headers=user_headers())).status_code == 200
@@ -169,7 +166,7 @@ async def test_anything_unusual_goes_to_the_app(client, connected, service_heade
                                                 stack: Stack) -> None:
     tokens = await service_headers("tokens:read", name="token-reader")
     statuses = await service_headers("status:read", name="status-reader")
-    token_url = f"/connections/{connected['id']}/token"
+    token_url = f"/connections/{connected}/token"
     first = (await client.get(token_url, headers=tokens)).json()
     cached = (await client.get(f"/status?tenant_id={TENANT}", headers=statuses)).content
 
@@ -191,7 +188,7 @@ async def test_anything_unusual_goes_to_the_app(client, connected, service_heade
 
     # A token about to expire: once the change reaches the cache (NOTIFY), the next read
     # misses; the caller is known, so the fast lane reads the connection and refreshes it.
-    await expire_access_token(stack.database_url, connected["id"], seconds_left=60)
+    await expire_access_token(stack.database_url, connected, seconds_left=60)
     for _ in range(100):
         response, fast = await get_counted(client, TOKEN, token_url, headers=tokens)
         if response.json()["access_token"] != forced:
@@ -201,20 +198,6 @@ async def test_anything_unusual_goes_to_the_app(client, connected, service_heade
     assert fast and renewed != forced
     answers = [await get_counted(client, TOKEN, token_url, headers=tokens) for _ in range(3)]
     assert [(r.json()["access_token"], fast) for r, fast in answers] == [(renewed, True)] * 3
-
-
-async def _linked_company(emulator, new_connection, connect, index: int) -> str:
-    """A connection to a QuickBooks company of its own, linked by its own admin."""
-    realm = (await emulator.post("/companies", json={"name": f"Fast lane {index}"})).json()["realm_id"]
-    email = f"admin{index}@fastlane.example.com"
-    created = await emulator.post("/users", json={
-        "email": email, "given_name": "Admin", "family_name": str(index),
-        "companies": {realm: "company_admin"}})
-    assert created.status_code == 201, created.text
-    conn = await new_connection()
-    result = await connect(conn["id"], email=email, realm_id=realm)
-    assert result.params["result"] == "connected", result.params
-    return str(conn["id"])
 
 
 async def _known_key(client: httpx.AsyncClient, service_headers, cid: str) -> dict[str, str]:
@@ -248,8 +231,8 @@ async def _cache_ageing_token(client: httpx.AsyncClient, stack: Stack, cid: str,
 
 
 async def test_a_cached_connection_that_needs_a_refresh_is_refreshed_in_the_fast_lane(
-        client, emulator, new_connection, connect, service_headers, stack: Stack) -> None:
-    cid = await _linked_company(emulator, new_connection, connect, 1)
+        client, emulator, linked_company, service_headers, stack: Stack) -> None:
+    cid, _ = await linked_company(1)
     tokens = await _known_key(client, service_headers, cid)
     first = (await client.get(f"/connections/{cid}/token", headers=tokens)).json()
     await _cache_ageing_token(client, stack, cid, tokens)
@@ -263,15 +246,14 @@ async def test_a_cached_connection_that_needs_a_refresh_is_refreshed_in_the_fast
 
 
 async def test_a_refused_refresh_reads_the_same_from_the_fast_lane_and_the_app(
-        client, emulator, new_connection, connect, service_headers, stack: Stack) -> None:
+        client, emulator, linked_company, service_headers, stack: Stack) -> None:
     """Two connections disconnected inside QuickBooks: the app refreshes one (asked with a
     query string, which the fast lane leaves to it), the fast lane the other; both callers are
     told the same."""
-    by_app, by_lane = [await _linked_company(emulator, new_connection, connect, i) for i in (2, 3)]
+    (by_app, app_realm), (by_lane, lane_realm) = [await linked_company(i) for i in (2, 3)]
     tokens = await _known_key(client, service_headers, by_lane)
     await _cache_ageing_token(client, stack, by_lane, tokens)
-    for cid in (by_app, by_lane):
-        realm = (await client.get(f"/connections/{cid}", headers=user_headers())).json()["realm_id"]
+    for realm in (app_realm, lane_realm):
         assert (await emulator.post(f"/companies/{realm}/disconnect")).status_code == 200
     await expire_access_token(stack.database_url, by_app)
 

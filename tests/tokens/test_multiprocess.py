@@ -23,9 +23,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.db.engine import asyncpg_dsn
-from tests.conftest import ALICE, COMPANY_1, ENCRYPTION_KEY, Stack, user_headers
+from tests.conftest import COMPANY_1, ENCRYPTION_KEY, Stack, user_headers
 from tests.support.db_helpers import expire_access_token, fetchrow
 from tests.support.processes import BrokerProcess, BrokerProcesses, run_cli, settings_env
+from tests.support.waiting import until
 
 LOST = "qbo_broker_refresh_tokens_lost_total"
 LOCK_WAITERS = ("SELECT count(*) AS n FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
@@ -73,31 +74,14 @@ async def http() -> AsyncIterator[httpx.AsyncClient]:
 
 # -- helpers ----------------------------------------------------------------------------------
 
-async def _link(new_connection: Callable[..., Awaitable[dict[str, Any]]],
-                connect: Callable[..., Awaitable[Any]], *, email: str = ALICE,
-                realm_id: str = COMPANY_1) -> str:
-    conn = await new_connection()
-    result = await connect(conn["id"], email=email, realm_id=realm_id)
-    assert result.params["result"] == "connected", result.params
-    return str(conn["id"])
-
-
-async def _link_many(emulator: httpx.AsyncClient, new_connection: Callable[..., Awaitable[Any]],
-                     connect: Callable[..., Awaitable[Any]], count: int) -> list[tuple[str, str]]:
+async def _link_many(linked_company: Callable[[int], Awaitable[tuple[str, str]]],
+                     count: int) -> list[tuple[str, str]]:
     """`count` connections, each to its own QuickBooks company with its own admin."""
     gate = asyncio.Semaphore(6)
 
     async def one(index: int) -> tuple[str, str]:
         async with gate:
-            company = await emulator.post("/companies", json={"name": f"Recycler {index}"})
-            assert company.status_code == 201, company.text
-            realm = company.json()["realm_id"]
-            email = f"owner{index}@recycler.example.com"
-            user = await emulator.post("/users", json={
-                "email": email, "given_name": "Owner", "family_name": str(index),
-                "companies": {realm: "company_admin"}})
-            assert user.status_code == 201, user.text
-            return await _link(new_connection, connect, email=email, realm_id=realm), realm
+            return await linked_company(index)
 
     return list(await asyncio.gather(*(one(i) for i in range(count))))
 
@@ -108,14 +92,6 @@ async def _stats(emulator: httpx.AsyncClient) -> dict[str, Any]:
 
 def _refresh_outcomes(stats: dict[str, Any]) -> dict[str, int]:
     return dict(stats["token"].get("refresh_token", {}))
-
-
-async def _until(check: Callable[[], Awaitable[bool]], what: str, within: float = 15.0) -> None:
-    deadline = time.monotonic() + within
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 async def _metric(http: httpx.AsyncClient, broker: BrokerProcess, name: str,
@@ -155,8 +131,8 @@ def _token_url(broker: BrokerProcess, cid: str) -> str:
 # -- one refresh per expiry, across processes ------------------------------------------------
 
 async def test_requests_across_two_processes_share_one_refresh(
-        replicas, http, client, new_connection, connect, service_headers, emulator, stack) -> None:
-    cid = await _link(new_connection, connect)
+        replicas, http, client, linked, service_headers, emulator, stack) -> None:
+    cid = await linked()
     headers = await service_headers("tokens:read")
     before = await _stored_tokens(stack, cid)
     await emulator.post("/config", json={"latency_ms": 200})
@@ -186,8 +162,8 @@ async def test_requests_across_two_processes_share_one_refresh(
 
 
 async def test_fifty_expired_connections_are_refreshed_once_each(
-        replicas, http, new_connection, connect, service_headers, emulator, stack) -> None:
-    links = await _link_many(emulator, new_connection, connect, 50)
+        replicas, http, linked_company, service_headers, emulator, stack) -> None:
+    links = await _link_many(linked_company, 50)
     headers = await service_headers("tokens:read")
     for cid, _ in links:
         await expire_access_token(stack.database_url, cid, seconds_left=10)
@@ -215,9 +191,9 @@ async def test_fifty_expired_connections_are_refreshed_once_each(
 # -- crashes ---------------------------------------------------------------------------------
 
 async def test_process_killed_mid_refresh_leaves_nothing_stuck_and_reports_the_lost_token(
-        replicas, http, client, new_connection, connect, service_headers, emulator, stack) -> None:
+        replicas, http, client, linked, service_headers, emulator, stack) -> None:
     doomed, survivor = replicas.doomed.pop(), replicas.b
-    cid = await _link(new_connection, connect)
+    cid = await linked()
     headers = await service_headers("tokens:read")
     before = await _stored_tokens(stack, cid)
     lost_before = await _metric(http, survivor, LOST)
@@ -229,7 +205,7 @@ async def test_process_killed_mid_refresh_leaves_nothing_stuck_and_reports_the_l
     async def refresh_in_flight() -> bool:
         return (await _stats(emulator))["in_flight_refresh"].get(COMPANY_1) == 1
 
-    await _until(refresh_in_flight, "the doomed process's refresh to reach Intuit")
+    await until(refresh_in_flight, "the doomed process's refresh to reach Intuit")
     doomed.kill()
     with pytest.raises(httpx.TransportError):
         await doomed_request
@@ -238,7 +214,7 @@ async def test_process_killed_mid_refresh_leaves_nothing_stuck_and_reports_the_l
     async def rotated() -> bool:
         return _refresh_outcomes(await _stats(emulator)).get("ok") == 1
 
-    await _until(rotated, "the emulator to finish the abandoned refresh")
+    await until(rotated, "the emulator to finish the abandoned refresh")
 
     started = time.monotonic()
     answer = await http.get(_token_url(survivor, cid), headers=headers)
@@ -265,9 +241,9 @@ async def test_process_killed_mid_refresh_leaves_nothing_stuck_and_reports_the_l
 
 
 async def test_process_killed_before_its_refresh_left_loses_nothing(
-        replicas, http, client, new_connection, connect, service_headers, emulator, stack) -> None:
+        replicas, http, client, linked, service_headers, emulator, stack) -> None:
     doomed, survivor = replicas.doomed.pop(), replicas.b
-    cid = await _link(new_connection, connect)
+    cid = await linked()
     headers = await service_headers("tokens:read")
     before = await _stored_tokens(stack, cid)
     lost_before = await _metric(http, survivor, LOST)
@@ -286,7 +262,7 @@ async def test_process_killed_before_its_refresh_left_loses_nothing(
             waiting = await fetchrow(stack.database_url, LOCK_WAITERS)
             return waiting is not None and int(waiting["n"]) >= 1
 
-        await _until(doomed_waits, "the doomed process to wait for the row lock")
+        await until(doomed_waits, "the doomed process to wait for the row lock")
         doomed.kill()
         with pytest.raises(httpx.TransportError):
             await doomed_request
@@ -308,8 +284,8 @@ async def test_process_killed_before_its_refresh_left_loses_nothing(
 # -- Intuit failing --------------------------------------------------------------------------
 
 async def test_intuit_503_and_429_change_nothing_and_are_retried_a_bounded_number_of_times(
-        replicas, http, new_connection, connect, service_headers, emulator, stack) -> None:
-    cid = await _link(new_connection, connect)
+        replicas, http, linked, service_headers, emulator, stack) -> None:
+    cid = await linked()
     headers = await service_headers("tokens:read")
     attempts = stack.settings.intuit_max_attempts
     await expire_access_token(stack.database_url, cid, seconds_left=10)
@@ -336,9 +312,9 @@ async def test_intuit_503_and_429_change_nothing_and_are_retried_a_bounded_numbe
 
 
 async def test_timeouts_are_reported_as_what_really_happened_at_intuit(
-        replicas, http, client, new_connection, connect, service_headers, emulator, stack) -> None:
+        replicas, http, client, linked, service_headers, emulator, stack) -> None:
     slow, other = replicas.short_timeout, replicas.b  # slow times out after 1 s
-    cid = await _link(new_connection, connect)
+    cid = await linked()
     headers = await service_headers("tokens:read")
     attempts = stack.settings.intuit_max_attempts
     lost_before = await _metric(http, other, LOST)
@@ -355,7 +331,7 @@ async def test_timeouts_are_reported_as_what_really_happened_at_intuit(
     async def late_original_refused() -> bool:
         return _refresh_outcomes(await _stats(emulator)) == {"ok": 1, "invalid_grant": 1}
 
-    await _until(late_original_refused, "the timed-out refresh to be refused")
+    await until(late_original_refused, "the timed-out refresh to be refused")
     assert (await _connection(client, cid))["status"] == "connected"
 
     # Every attempt times out: the first one did rotate at Intuit, after the broker gave up.
@@ -372,7 +348,7 @@ async def test_timeouts_are_reported_as_what_really_happened_at_intuit(
     async def all_attempts_done() -> bool:
         return _refresh_outcomes(await _stats(emulator)) == {"ok": 2, "invalid_grant": attempts}
 
-    await _until(all_attempts_done, "the timed-out refreshes to finish at the emulator")
+    await until(all_attempts_done, "the timed-out refreshes to finish at the emulator")
     # An outage in between (Intuit never sees those requests) does not make the broker forget.
     await emulator.post("/faults", json={"endpoint": "token", "kind": "status", "status": 503,
                                          "count": attempts})
@@ -394,8 +370,8 @@ async def test_timeouts_are_reported_as_what_really_happened_at_intuit(
 
 
 async def test_an_answer_lost_early_in_the_retries_is_not_forgotten_by_a_later_one(
-        replicas, http, client, new_connection, connect, service_headers, emulator, stack) -> None:
-    cid = await _link(new_connection, connect)
+        replicas, http, client, linked, service_headers, emulator, stack) -> None:
+    cid = await linked()
     headers = await service_headers("tokens:read")
     lost_before = await _metric(http, replicas.short_timeout, LOST)
     await expire_access_token(stack.database_url, cid, seconds_left=10)
@@ -413,8 +389,8 @@ async def test_an_answer_lost_early_in_the_retries_is_not_forgotten_by_a_later_o
 
 
 async def test_invalid_grant_is_asked_once_across_processes(
-        replicas, http, client, new_connection, connect, service_headers, emulator, stack) -> None:
-    cid = await _link(new_connection, connect)
+        replicas, http, client, linked, service_headers, emulator, stack) -> None:
+    cid = await linked()
     headers = await service_headers("tokens:read")
     before = await _stored_tokens(stack, cid)
     lost_before = [await _metric(http, b, LOST) for b in (replicas.a, replicas.b)]
@@ -444,10 +420,10 @@ async def test_invalid_grant_is_asked_once_across_processes(
 # -- key rotation ----------------------------------------------------------------------------
 
 async def test_key_rotation_under_concurrent_reads_on_two_processes(
-        replicas, tmp_path, http, new_connection, connect, service_headers, emulator,
+        replicas, tmp_path, http, linked_company, service_headers, emulator,
         stack) -> None:
     # Written by the in-thread broker, whose only key is k1.
-    links = await _link_many(emulator, new_connection, connect, 8)
+    links = await _link_many(linked_company, 8)
     headers = await service_headers("tokens:read")
     ids = [cid for cid, _ in links]
     key_count = ("SELECT count(*) FILTER (WHERE access_token LIKE $1) + "

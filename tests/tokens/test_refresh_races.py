@@ -4,22 +4,14 @@ session holding its lock is lost. And the locks themselves, on a real PostgreSQL
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
-from collections.abc import Awaitable, Callable
 
 from service.db.engine import asyncpg_dsn
 from service.errors import IntuitUnavailable
 from service.tokens.locks import Hold, RefreshLocks, lock_key
 from tests.conftest import COMPANY_1, user_headers
 from tests.support.db_helpers import expire_access_token, fetchrow
-
-
-async def _until(check: Callable[[], Awaitable[bool]], what: str, within: float = 10.0) -> None:
-    deadline = time.monotonic() + within
-    while not await check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.02)
+from tests.support.waiting import until
 
 
 async def _holder(database_url: str, key: int) -> int | None:
@@ -36,16 +28,9 @@ async def _end_backend(database_url: str, pid: int | None) -> None:
     assert ended is not None and ended["ok"]
 
 
-async def _linked(new_connection, connect) -> str:
-    conn = await new_connection()
-    result = await connect(conn["id"])
-    assert result.params["result"] == "connected"
-    return str(conn["id"])
-
-
 async def test_a_disconnect_while_intuit_answers_a_refresh_stands(
-        client, new_connection, connect, service_headers, emulator, stack) -> None:
-    cid = await _linked(new_connection, connect)
+        client, linked, service_headers, emulator, stack) -> None:
+    cid = await linked()
     headers = await service_headers("tokens:read")
     await emulator.post("/config", json={"latency_ms": 1500})
     await expire_access_token(stack.database_url, cid)
@@ -55,7 +40,7 @@ async def test_a_disconnect_while_intuit_answers_a_refresh_stands(
         stats = (await emulator.get("/stats")).json()
         return bool(stats["in_flight_refresh"].get(COMPANY_1) == 1)
 
-    await _until(refreshing, "the refresh to reach Intuit")
+    await until(refreshing, "the refresh to reach Intuit", within=10.0)
     # The refresh holds no row lock while Intuit answers: the disconnect goes ahead at once.
     disconnected = await client.post(f"/connections/{cid}/disconnect", headers=user_headers())
     assert disconnected.status_code == 200, disconnected.text
@@ -75,8 +60,8 @@ async def test_a_disconnect_while_intuit_answers_a_refresh_stands(
 
 
 async def test_losing_the_lock_session_mid_refresh_loses_nothing(
-        client, new_connection, connect, service_headers, emulator, stack) -> None:
-    cid = await _linked(new_connection, connect)
+        client, linked, service_headers, emulator, stack) -> None:
+    cid = await linked()
     headers = await service_headers("tokens:read")
     await emulator.post("/config", json={"latency_ms": 1000})
     await expire_access_token(stack.database_url, cid)
@@ -86,7 +71,7 @@ async def test_losing_the_lock_session_mid_refresh_loses_nothing(
     async def locked() -> bool:
         return await _holder(stack.database_url, key) is not None
 
-    await _until(locked, "the refresh to take its lock")
+    await until(locked, "the refresh to take its lock", within=10.0)
     await _end_backend(stack.database_url, await _holder(stack.database_url, key))
     # The refresh still stores what Intuit sends: the row holds the token it sent.
     answer = await asked
@@ -132,21 +117,21 @@ async def test_refresh_locks_exclude_other_processes_and_die_with_their_session(
             return grant is not None
 
         held: list[Hold] = []
-        await _until(lambda: taken_by(other), "the released lock to be free")
+        await until(lambda: taken_by(other), "the released lock to be free", within=10.0)
         other.release(held.pop())
-        await _until(lambda: taken_by(one), "the lock to be free again")
+        await until(lambda: taken_by(one), "the lock to be free again", within=10.0)
         lost = held.pop()
 
         # The session ends (a crash, a cut connection): its locks go with it, at once.
         await _end_backend(stack.database_url, await _holder(stack.database_url, lock_key(first)))
-        await _until(lambda: taken_by(other), "the lock to be released with its session")
+        await until(lambda: taken_by(other), "the lock to be released with its session", within=10.0)
 
         async def forgotten() -> bool:
             return not lost.valid
 
-        await _until(forgotten, "the process that lost its session to learn it")
+        await until(forgotten, "the process that lost its session to learn it", within=10.0)
         other.release(held.pop())
-        await _until(lambda: taken_by(one), "the lock to be taken on a new session")
+        await until(lambda: taken_by(one), "the lock to be taken on a new session", within=10.0)
         current = held.pop()
         one.release(lost)  # a release of the lost grant must not touch the current one
         assert current.valid
@@ -157,8 +142,8 @@ async def test_refresh_locks_exclude_other_processes_and_die_with_their_session(
 
 
 async def test_shutdown_lets_a_refresh_under_way_store_its_tokens(
-        runtime, new_connection, connect, emulator, stack) -> None:
-    cid = uuid.UUID(await _linked(new_connection, connect))
+        runtime, linked, emulator, stack) -> None:
+    cid = uuid.UUID(await linked())
     before = await fetchrow(stack.database_url, "SELECT refresh_token FROM connections "
                             "WHERE id = $1", cid)
     await emulator.post("/config", json={"latency_ms": 800})
@@ -170,7 +155,7 @@ async def test_shutdown_lets_a_refresh_under_way_store_its_tokens(
         stats = (await emulator.get("/stats")).json()
         return bool(stats["in_flight_refresh"].get(COMPANY_1) == 1)
 
-    await _until(refreshing, "the refresh to reach Intuit")
+    await until(refreshing, "the refresh to reach Intuit", within=10.0)
     asked.cancel()  # the request goes away, as on shutdown; the refresh must not
     await runtime.refresher.aclose()
     after = await fetchrow(stack.database_url, "SELECT refresh_token, status FROM connections "
@@ -188,8 +173,8 @@ async def test_shutdown_lets_a_refresh_under_way_store_its_tokens(
 
 
 async def test_a_keep_alive_and_a_forced_request_in_one_process_refresh_once(
-        runtime, new_connection, connect, emulator, stack) -> None:
-    cid = uuid.UUID(await _linked(new_connection, connect))
+        runtime, linked, emulator, stack) -> None:
+    cid = uuid.UUID(await linked())
     await emulator.post("/config", json={"latency_ms": 300})
     await fetchrow(stack.database_url, "UPDATE connections SET keepalive_due_at = now() - "
                    "interval '1 minute' WHERE id = $1 RETURNING id", cid)

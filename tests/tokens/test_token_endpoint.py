@@ -10,21 +10,14 @@ from tests.conftest import user_headers
 from tests.support.db_helpers import expire_access_token, fetchrow
 
 
-async def _connected(new_connection, connect) -> str:
-    conn = await new_connection()
-    result = await connect(conn["id"])
-    assert result.params["result"] == "connected"
-    return str(conn["id"])
-
-
 async def _refreshes(emulator: httpx.AsyncClient) -> int:
     stats = (await emulator.get("/stats")).json()
     return int(stats["token"].get("refresh_token", {}).get("ok", 0))
 
 
-async def test_fresh_token_is_served_without_calling_intuit(client, new_connection, connect,
+async def test_fresh_token_is_served_without_calling_intuit(client, linked,
                                                             service_headers, emulator, stack) -> None:
-    cid = await _connected(new_connection, connect)
+    cid = await linked()
     headers = await service_headers("tokens:read")
     before = await _refreshes(emulator)
     response = await client.get(f"/connections/{cid}/token", headers=headers)
@@ -44,9 +37,9 @@ async def test_fresh_token_is_served_without_calling_intuit(client, new_connecti
     assert info.status_code == 200
 
 
-async def test_token_endpoint_is_for_services_with_tokens_read(client, new_connection, connect,
+async def test_token_endpoint_is_for_services_with_tokens_read(client, linked,
                                                                service_headers) -> None:
-    cid = await _connected(new_connection, connect)
+    cid = await linked()
     as_user = await client.get(f"/connections/{cid}/token", headers=user_headers())
     assert as_user.status_code == 403 and as_user.json()["code"] == "forbidden"
     wrong_scope = await client.get(f"/connections/{cid}/token",
@@ -59,8 +52,8 @@ async def test_token_endpoint_is_for_services_with_tokens_read(client, new_conne
 
 
 async def test_nearly_expired_token_is_refreshed_and_rotation_persisted(
-        client, new_connection, connect, service_headers, emulator, stack) -> None:
-    cid = await _connected(new_connection, connect)
+        client, linked, service_headers, emulator, stack) -> None:
+    cid = await linked()
     headers = await service_headers("tokens:read")
     first = (await client.get(f"/connections/{cid}/token", headers=headers)).json()
     before_row = await fetchrow(stack.database_url, "SELECT refresh_token FROM connections WHERE id=$1", cid)
@@ -80,9 +73,9 @@ async def test_nearly_expired_token_is_refreshed_and_rotation_persisted(
     assert [e["type"] for e in events["items"][:2]] == ["refreshed", "refreshed"]
 
 
-async def test_concurrent_requests_share_one_refresh(client, new_connection, connect,
+async def test_concurrent_requests_share_one_refresh(client, linked,
                                                      service_headers, emulator, stack) -> None:
-    cid = await _connected(new_connection, connect)
+    cid = await linked()
     headers = await service_headers("tokens:read")
     await emulator.post("/config", json={"latency_ms": 200})
     await expire_access_token(stack.database_url, cid, seconds_left=10)
@@ -96,8 +89,8 @@ async def test_concurrent_requests_share_one_refresh(client, new_connection, con
 
 
 async def test_disconnected_in_quickbooks_becomes_reauthorization_required(
-        client, new_connection, connect, service_headers, emulator, stack) -> None:
-    cid = await _connected(new_connection, connect)
+        client, linked, service_headers, emulator, stack) -> None:
+    cid = await linked()
     headers = await service_headers("tokens:read")
     realm = (await client.get(f"/connections/{cid}", headers=user_headers())).json()["realm_id"]
     stored = await fetchrow(stack.database_url, "SELECT access_token, refresh_token FROM connections "
@@ -130,8 +123,8 @@ async def test_disconnected_in_quickbooks_becomes_reauthorization_required(
 
 
 async def test_intuit_outage_is_503_with_retry_after_and_changes_nothing(
-        client, new_connection, connect, service_headers, emulator, stack) -> None:
-    cid = await _connected(new_connection, connect)
+        client, linked, service_headers, emulator, stack) -> None:
+    cid = await linked()
     headers = await service_headers("tokens:read")
     await expire_access_token(stack.database_url, cid)
     stored = await fetchrow(stack.database_url, "SELECT * FROM connections WHERE id=$1", cid)
@@ -150,13 +143,13 @@ async def test_intuit_outage_is_503_with_retry_after_and_changes_nothing(
     assert recovered.status_code == 200
 
 
-async def test_token_for_pending_or_disconnected_is_not_connected(client, new_connection, connect,
+async def test_token_for_pending_or_disconnected_is_not_connected(client, new_connection, linked,
                                                                   service_headers) -> None:
     headers = await service_headers("tokens:read")
     pending = await new_connection()
     response = await client.get(f"/connections/{pending['id']}/token", headers=headers)
     assert response.status_code == 409 and response.json()["code"] == "not_connected"
-    cid = await _connected(new_connection, connect)
+    cid = await linked()
     await client.post(f"/connections/{cid}/disconnect", headers=user_headers())
     response = await client.get(f"/connections/{cid}/token", headers=headers)
     assert response.json()["code"] == "not_connected"
