@@ -159,34 +159,33 @@ _LOCK_OR_SKIP = _LOCK + " SKIP LOCKED"
 _RECORD_ATTEMPT = """
 INSERT INTO connection_events (connection_id, tenant_id, type, actor, details)
 VALUES ($1, $2, 'refresh_attempt', $3, $4::jsonb) RETURNING id"""
-# Both writes change the row only if it still holds the refresh token the refresh started from
-# ($1 id, $2 its refresh_token_issued_at, $3 the actor); then they drop every refresh_attempt
-# record (the token's fate is known) and log the event, all in one statement.
-_STORE_TOKENS = """
+
+
+def _outcome_statement(assignments: str, event: str) -> str:
+    """One statement that stores a refresh's outcome: it changes the row (`assignments`, from
+    $5 on) only if the row still holds the refresh token the refresh started from ($1 id, $2 its
+    refresh_token_issued_at), then drops every refresh_attempt record (the token's fate is
+    known) and logs `event` ($3 actor, $4 details). It returns the tenant id if it applied."""
+    return f"""
 WITH changed AS (
-  UPDATE connections SET access_token = $4, refresh_token = $5, access_token_expires_at = $6,
-    refresh_token_expires_at = $7, refresh_token_issued_at = $8, last_refreshed_at = $8,
-    keepalive_due_at = $9, updated_at = $8
+  UPDATE connections SET {assignments}
   WHERE id = $1 AND status = 'connected' AND refresh_token IS NOT NULL
     AND refresh_token_issued_at IS NOT DISTINCT FROM $2
   RETURNING id, tenant_id),
 settled AS (DELETE FROM connection_events WHERE connection_id = $1 AND type = 'refresh_attempt'
             AND EXISTS (SELECT 1 FROM changed)),
 logged AS (INSERT INTO connection_events (connection_id, tenant_id, type, actor, details)
-           SELECT id, tenant_id, 'refreshed', $3, '{}'::jsonb FROM changed)
-SELECT tenant_id FROM changed"""
-_MARK_REFUSED = """
-WITH changed AS (
-  UPDATE connections SET status = 'reauthorization_required', last_error_code = $4,
-    last_error_message = $5, last_error_at = $6, updated_at = $6
-  WHERE id = $1 AND status = 'connected' AND refresh_token IS NOT NULL
-    AND refresh_token_issued_at IS NOT DISTINCT FROM $2
-  RETURNING id, tenant_id),
-settled AS (DELETE FROM connection_events WHERE connection_id = $1 AND type = 'refresh_attempt'
-            AND EXISTS (SELECT 1 FROM changed)),
-logged AS (INSERT INTO connection_events (connection_id, tenant_id, type, actor, details)
-           SELECT id, tenant_id, 'refresh_failed', $3, $7::jsonb FROM changed)
-SELECT tenant_id FROM changed"""
+           SELECT id, tenant_id, '{event}', $3, $4::jsonb FROM changed)
+SELECT tenant_id FROM changed"""  # noqa: S608 (built from this module's literals only)
+
+
+_STORE_TOKENS = _outcome_statement(
+    "access_token = $5, refresh_token = $6, access_token_expires_at = $7, "
+    "refresh_token_expires_at = $8, refresh_token_issued_at = $9, last_refreshed_at = $9, "
+    "keepalive_due_at = $10, updated_at = $9", "refreshed")
+_MARK_REFUSED = _outcome_statement(
+    "status = 'reauthorization_required', last_error_code = $5, last_error_message = $6, "
+    "last_error_at = $7, updated_at = $7", "refresh_failed")
 _SETTLE_ONE = "DELETE FROM connection_events WHERE id = $1"
 
 _LOST_MESSAGE = ("Intuit's answer to a refresh was lost after it may have issued a new refresh "
@@ -404,7 +403,7 @@ class TokenRefresher:
                 timedelta(seconds=self._settings.keepalive_refresh_age_seconds)))
             # Persist the new refresh token before anything else can happen.
             tenant = await self._write(
-                _STORE_TOKENS, conn.id, sent, trigger, columns["access_token"],
+                _STORE_TOKENS, conn.id, sent, trigger, "{}", columns["access_token"],
                 columns["refresh_token"], columns["access_token_expires_at"],
                 columns["refresh_token_expires_at"], now, columns["keepalive_due_at"])
             if tenant is None:
@@ -421,8 +420,8 @@ class TokenRefresher:
             details = {"code": code, **({"intuit_tid": outcome.intuit_tid}
                                         if outcome.intuit_tid else {})}
             tenant = await self._write(
-                _MARK_REFUSED, conn.id, sent, trigger, code,
-                _LOST_MESSAGE if lost else _REFUSED_MESSAGE, now, json.dumps(details))
+                _MARK_REFUSED, conn.id, sent, trigger, json.dumps(details), code,
+                _LOST_MESSAGE if lost else _REFUSED_MESSAGE, now)
             if tenant is None:
                 await self._superseded(conn, outcome, attempt, trigger)
                 return None
