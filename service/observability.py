@@ -71,6 +71,16 @@ def configure_logging(level: str = "INFO") -> None:
     logging.getLogger("pgserver").setLevel(logging.WARNING)
 
 
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    """A request header's value (the last, if sent twice), without building a dict of them all
+    on every request."""
+    value = None
+    for key, found in scope["headers"]:
+        if key == name:
+            value = found
+    return value
+
+
 class RequestContextMiddleware:
     """Request id in and out, one access log line (path only), metrics by route template."""
 
@@ -84,7 +94,7 @@ class RequestContextMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        incoming = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        incoming = (_header(scope, b"x-request-id") or b"").decode("latin-1")
         request_id = incoming if _REQUEST_ID.match(incoming) else os.urandom(16).hex()
         token = request_id_var.set(request_id)
         started = time.perf_counter()
@@ -130,7 +140,7 @@ class BodySizeLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        length = dict(scope["headers"]).get(b"content-length")
+        length = _header(scope, b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
             await self._refuse(send)
             return
