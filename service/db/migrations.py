@@ -1,9 +1,13 @@
-"""Running Alembic from the broker: `qbo-broker migrate`, `serve`, tests."""
+"""Running Alembic from the broker: `qbo-broker migrate`, `serve`, tests.
+
+Alembic is configured here, not from alembic.ini, so an installed broker migrates from any
+working directory; alembic.ini is only for developers running the `alembic` command by hand.
+"""
 
 from __future__ import annotations
 
 import functools
-import os
+from importlib.resources import files
 from pathlib import Path
 
 from alembic.config import Config
@@ -12,19 +16,24 @@ from alembic.script import ScriptDirectory
 from alembic import command
 
 
-def _ini_path() -> Path:
-    # The working directory in a checkout and in the container image (/app) holds alembic.ini;
-    # the package's parent does in an editable install.
-    for candidate in (Path(os.environ.get("BROKER_ALEMBIC_INI", "alembic.ini")),
-                      Path(__file__).resolve().parents[2] / "alembic.ini"):
-        if candidate.is_file():
+@functools.cache
+def script_location() -> Path:
+    """The migration scripts: inside the package when installed from the wheel, which carries the
+    top-level alembic/ folder as service/migrations (pyproject.toml); in a checkout (uv run, an
+    editable install), that alembic/ folder itself, next to the package."""
+    package = Path(str(files("service")))
+    for candidate in (package / "migrations", package.parent / "alembic"):
+        if (candidate / "env.py").is_file():
             return candidate
-    raise FileNotFoundError("alembic.ini not found; run from the project directory or set "
-                            "BROKER_ALEMBIC_INI")
+    raise FileNotFoundError(f"no Alembic migrations in {package / 'migrations'} (installed) or "
+                            f"{package.parent / 'alembic'} (checkout)")
 
 
 def alembic_config(database_url: str | None = None) -> Config:
-    config = Config(str(_ini_path()))
+    # Options go through ConfigParser interpolation: a literal % (in an escaped password, say)
+    # must be doubled.
+    config = Config()
+    config.set_main_option("script_location", str(script_location()).replace("%", "%%"))
     if database_url:
         config.set_main_option("sqlalchemy.url", database_url.replace("%", "%%"))
     return config
