@@ -1,7 +1,8 @@
 # syntax=docker/dockerfile:1
 #
 # qbo-broker image. Two stages: the builder resolves the locked dependencies into a venv with
-# uv; the runtime stage gets only that venv, the Alembic migrations and a non-root user.
+# uv, builds the project's wheel and installs it there; the runtime stage gets only that venv
+# (no source tree: the wheel carries the Alembic migrations) and a non-root user.
 # Both stages must use the same base image: the venv's interpreter is a symlink to
 # /usr/local/bin/python3.11 of the base image.
 
@@ -27,12 +28,15 @@ COPY pyproject.toml uv.lock ./
 RUN --mount=type=cache,target=/root/.cache/uv \
     uv sync --frozen --no-dev --no-install-project --no-editable
 
-# Then the project itself, as a regular (non-editable) install so /src is not needed later.
-# README.md is the package's readme and hatchling needs it to build.
+# Then the project itself, as an operator installs it: build the wheel (README.md is the
+# package's readme; alembic/ goes into the wheel as service/migrations) and install it. Its
+# dependencies are already there at the lock's versions, so nothing else is resolved.
 COPY README.md ./
+COPY alembic ./alembic
 COPY service ./service
 RUN --mount=type=cache,target=/root/.cache/uv \
-    uv sync --frozen --no-dev --no-editable
+    uv build --wheel --out-dir /dist \
+    && uv pip install --python /opt/venv/bin/python --no-deps /dist/qbo_broker-*.whl
 
 
 FROM python:3.11-slim AS runtime
@@ -50,12 +54,10 @@ RUN groupadd --system --gid 10001 broker \
         --shell /usr/sbin/nologin broker \
     && install -d -o 10001 -g 10001 -m 0700 /var/lib/qbo-broker
 
-# `qbo-broker serve` runs the migrations at start-up and finds alembic.ini in the working
-# directory. The application files stay root-owned: the service user can read, not change them.
+# `qbo-broker serve` runs the migrations at start-up from the installed package; nothing is read
+# from the working directory. The venv stays root-owned: the service user can read, not change it.
 WORKDIR /app
 COPY --from=builder /opt/venv /opt/venv
-COPY alembic.ini ./
-COPY alembic ./alembic
 
 USER 10001:10001
 

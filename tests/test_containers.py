@@ -9,7 +9,6 @@ Specification JSON schema that check-jsonschema ships, then checked for the wiri
 from __future__ import annotations
 
 import base64
-import configparser
 import copy
 import fnmatch
 import json
@@ -19,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import tomllib
 from dataclasses import dataclass, field
 from importlib.resources import files
 from pathlib import Path
@@ -314,28 +314,79 @@ def test_healthcheck_probes_healthz_with_the_standard_library(final: Stage) -> N
     assert "http://127.0.0.1:8000/healthz" in code
 
 
-def test_migrations_are_in_the_image(final: Stage) -> None:
-    """`serve` migrates at start-up from alembic.ini in the working directory."""
-    workdir = final.all("WORKDIR")[-1].args
-    copied: dict[str, str] = {}
-    for instruction in final.all("COPY"):
+def shell_commands(instruction: Instruction) -> list[list[str]]:
+    """The commands of a shell-form RUN as word lists (split on && and ;), its flags dropped."""
+    _, words = split_flags(instruction.args)
+    commands: list[list[str]] = [[]]
+    for word in words:
+        if word in {"&&", ";"}:
+            commands.append([])
+        else:
+            commands[-1].append(word)
+    return [c for c in commands if c]
+
+
+def option(command: list[str], name: str) -> str | None:
+    """The value of `--name value` or `--name=value` in a command, if given."""
+    for index, word in enumerate(command):
+        if word == name and index + 1 < len(command):
+            return command[index + 1]
+        if word.startswith(f"{name}="):
+            return word.partition("=")[2]
+    return None
+
+
+def test_the_image_installs_the_built_wheel(stages: list[Stage], final: Stage) -> None:
+    """The builder builds the project's wheel and installs it into the venv; the runtime stage
+    gets that venv and nothing from the build context: no service/ source tree, no alembic.ini
+    (the wheel carries the migrations, and `serve` reads nothing from the working directory)."""
+    builder = next(s for s in stages if s.name == "builder")
+    workdir = builder.all("WORKDIR")[-1].args
+    runs = [(i, c) for i in builder.all("RUN") for c in shell_commands(i)]
+
+    builds = [(i, c) for i, c in runs if c[:2] == ["uv", "build"] and "--wheel" in c]
+    assert builds, "the builder must build the wheel with `uv build --wheel`"
+    build_run, build = builds[-1]
+    wheel_dir = container_path(workdir, option(build, "--out-dir") or "dist")
+
+    installs = [c for _, c in runs if c[:3] == ["uv", "pip", "install"]]
+    wheels = [(c, w) for c in installs for w in c if fnmatch.fnmatch(w, f"{wheel_dir}/*.whl")]
+    assert wheels, f"the builder must `uv pip install` the wheel from {wheel_dir}"
+    install, _ = wheels[-1]
+    python = option(install, "--python")
+    assert python and python.endswith("/bin/python"), "install into the venv: --python <venv>/bin/python"
+    venv = python.removesuffix("/bin/python")
+    env = dict(w.partition("=")[::2] for i in builder.all("ENV") for w in shlex.split(i.args))
+    assert env.get("UV_PROJECT_ENVIRONMENT") == venv, "dependencies and the wheel go into one venv"
+    for _, command in runs:
+        if command[:2] == ["uv", "sync"]:
+            assert "--no-install-project" in command, "the project is installed only from its wheel"
+
+    # Everything the wheel is built from is copied into the builder before `uv build` runs.
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    wheel_target = project["tool"]["hatch"]["build"]["targets"]["wheel"]
+    needed = {*wheel_target["packages"], *wheel_target.get("force-include", {}), "pyproject.toml",
+              project["project"]["readme"]}
+    copied: set[str] = set()
+    for instruction in builder.all("COPY"):
+        if instruction.line < build_run.line:
+            _, words = split_flags(instruction.args)
+            copied.update(source.rstrip("/") for source in words[:-1])
+    assert needed <= copied, f"not in the builder when the wheel is built: {sorted(needed - copied)}"
+
+    copies = final.all("COPY") + final.all("ADD")
+    assert copies, "the runtime stage must copy the venv from the builder"
+    for instruction in copies:
         flags, words = split_flags(instruction.args)
-        if "from" in flags:
-            continue
         *sources, destination = words
-        for source in sources:
-            target = container_path(workdir, destination)
-            if destination.endswith("/") or destination == "." or len(sources) > 1:
-                target = f"{target}/{Path(source).name}"
-            copied[source.rstrip("/")] = target
-    assert copied.get("alembic.ini") == f"{workdir}/alembic.ini"
-    ini = configparser.ConfigParser()
-    ini.read(ROOT / "alembic.ini")
-    location = ini.get("alembic", "script_location", raw=True)
-    script_dir = location.replace("%(here)s", ".").removeprefix("./").rstrip("/")
-    assert copied.get(script_dir) == f"{workdir}/{script_dir}", (
-        f"alembic.ini script_location {location!r} is not copied next to alembic.ini"
-    )
+        assert flags.get("from") == "builder", (
+            f"Dockerfile line {instruction.line}: the runtime stage copies {sources} from the build "
+            "context; it gets only the builder's venv"
+        )
+        assert sources == [venv] and destination.rstrip("/") == venv, (
+            f"Dockerfile line {instruction.line}: copy only the venv ({venv}), to the same path"
+        )
+    assert f"{venv}/bin" in " ".join(i.args for i in final.all("ENV")), "put the venv on PATH"
 
 
 # --------------------------------------------------------------------------- Compose checks
