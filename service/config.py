@@ -72,6 +72,9 @@ class Settings(BaseSettings):
     refresh_concurrency: int = Field(default=50, alias="BROKER_REFRESH_CONCURRENCY", ge=1)
     max_body_bytes: int = Field(default=64 * 1024, alias="BROKER_MAX_BODY_BYTES", ge=1024)
     log_level: str = Field(default="INFO", alias="BROKER_LOG_LEVEL")
+    # Swagger UI at /docs and the document at /openapi.json. Unset: on, except with
+    # INTUIT_ENVIRONMENT=production; see docs_enabled.
+    docs_setting: bool | None = Field(default=None, alias="BROKER_DOCS")
 
     # Background work (token keep-alive, pending-link expiry, revocation retries).
     background_enabled: bool = Field(default=True, alias="BROKER_BACKGROUND_ENABLED")
@@ -88,6 +91,11 @@ class Settings(BaseSettings):
         _split_commas
     )
 
+    @field_validator("docs_setting", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
     @field_validator("public_url")
     @classmethod
     def _strip_slash(cls, value: str) -> str:
@@ -102,6 +110,13 @@ class Settings(BaseSettings):
         if self.cors_origins_setting is not None:
             return self.cors_origins_setting
         return self.return_url_allowlist
+
+    @property
+    def docs_enabled(self) -> bool:
+        """BROKER_DOCS when set; otherwise docs are served everywhere but on production."""
+        if self.docs_setting is not None:
+            return self.docs_setting
+        return self.intuit_environment != "production"
 
     @property
     def intuit_discovery_url(self) -> str:

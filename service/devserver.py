@@ -34,6 +34,7 @@ def _prepare_environment(host: str, port: int, emulator_port: int) -> Path:
     }
     for name, value in defaults.items():
         os.environ.setdefault(name, value)
+    os.environ["BROKER_DOCS"] = "true"  # dev is for clicking through Swagger UI, whatever else is set
     return data_dir
 
 

@@ -16,6 +16,7 @@ from service.config import Settings
 from service.connections.router import router as connections_router
 from service.db.embedded import start_embedded_postgres
 from service.db.engine import asyncpg_dsn, build_engine, build_sessionmaker, create_reads_pool
+from service.docs import OPENAPI_PATH, install_docs
 from service.errors import Problem, install_error_handlers
 from service.fastlane import FastLane
 from service.intuit.client import IntuitClient
@@ -100,8 +101,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         description=DESCRIPTION.strip(),
         lifespan=lifespan,
-        swagger_ui_parameters={"persistAuthorization": True},
+        # Swagger UI is service/docs.py's, with local assets; no ReDoc (its assets are not local).
+        docs_url=None,
+        redoc_url=None,
+        swagger_ui_oauth2_redirect_url=None,
+        # app.openapi() builds the document either way (openapi.yaml, the CLI).
+        openapi_url=OPENAPI_PATH if settings.docs_enabled else None,
     )
+    if settings.docs_enabled:
+        install_docs(app, settings)
     install_error_handlers(app)
     _document_problems(app)
     app.include_router(connections_router)
