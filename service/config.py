@@ -58,6 +58,9 @@ class Settings(BaseSettings):
     public_url: str = Field(default="http://localhost:8000", alias="BROKER_PUBLIC_URL")
     return_url_allowlist: CommaList = Field(default_factory=list, alias="BROKER_RETURN_URL_ALLOWLIST")
     cors_origins_setting: CommaList | None = Field(default=None, alias="BROKER_CORS_ORIGINS")
+    # How the callback knows it runs in the browser, for the user, that started Connect.
+    connect_binding: Literal["ticket", "cookie"] = Field(default="ticket",
+                                                         alias="BROKER_CONNECT_BINDING")
     encryption_keys: str | None = Field(default=None, alias="BROKER_ENCRYPTION_KEYS", repr=False)
 
     jwt_secret: str | None = Field(default=None, alias="BROKER_JWT_SECRET", repr=False)

@@ -100,7 +100,9 @@ qbo-broker dev is starting.
   Dev service API key (all scopes); paste into Authorize → ServiceAPIKey:
 {api_key}
 
-  Try: POST /connections, then POST /connections/{{id}}/authorize, open authorization_url.
+  Try: POST /connections; POST /connections/{{id}}/authorize with
+  {{"return_url": "http://localhost:{port}/docs"}}; open authorization_url and Connect; back on
+  /docs, copy completion_ticket from the address bar into POST /connections/{{id}}/complete.
 """, flush=True)
 
     async def serve_all() -> None:

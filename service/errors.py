@@ -98,6 +98,20 @@ class ReturnUrlNotAllowed(ProblemError):
     status, code, title = 400, "return_url_not_allowed", "The return URL is not allowed"
 
 
+class ReturnUrlRequired(ProblemError):
+    status, code, title = 400, "return_url_required", "A return URL is required"
+
+
+class CompletionNotAllowed(ProblemError):
+    status, code = 403, "completion_not_allowed"
+    title = "Only the user who started Connect can finish it"
+
+
+class IdentityNotVerified(ProblemError):
+    status, code = 502, "quickbooks_identity_not_verified"
+    title = "Intuit's identity token did not verify"
+
+
 class QuickBooksAccessDenied(ProblemError):
     status, code, title = 403, "quickbooks_access_denied", "QuickBooks refused access"
 

@@ -120,7 +120,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(FastLane, state=app.state,
                        routes={route.path: route for route in connections_router.routes})  # type: ignore[attr-defined]
     if settings.cors_origins:
+        # Credentials only in cookie mode, where authorize sets the browser-binding cookie.
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
+                           allow_credentials=settings.connect_binding == "cookie",
                            allow_methods=["GET", "POST", "PATCH", "DELETE"],
                            allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
                            expose_headers=["X-Request-ID", "Retry-After"], max_age=600)

@@ -57,6 +57,9 @@ class Stack:
     emulator_url: str
     database_url: str
     settings: Settings
+    # Intuit accepts only registered redirect URIs: the cookie-mode broker's port is reserved
+    # (and its callback registered) when the emulator starts.
+    cookie_broker_port: int
 
 
 def broker_settings(database_url: str, broker_port: int, emulator_url: str, **overrides: Any) -> Settings:
@@ -80,16 +83,28 @@ def broker_settings(database_url: str, broker_port: int, emulator_url: str, **ov
 
 @pytest.fixture(scope="session")
 def stack(database_url: str) -> Iterator[Stack]:
-    broker_port, emulator_port = free_port(), free_port()
+    broker_port, emulator_port, cookie_port = free_port(), free_port(), free_port()
     emulator_url = f"http://127.0.0.1:{emulator_port}"
     settings = broker_settings(database_url, broker_port, emulator_url)
     emulator = ThreadedServer(create_emulator(EmulatorSettings(
         public_url=emulator_url, client_id=CLIENT_ID, client_secret=CLIENT_SECRET,
-        redirect_uris=[settings.redirect_uri])), emulator_port).start()
+        redirect_uris=[settings.redirect_uri, f"http://127.0.0.1:{cookie_port}/callback"])),
+        emulator_port).start()
     broker = ThreadedServer(create_app(settings), broker_port).start()
-    yield Stack(broker.url, emulator.url, database_url, settings)
+    yield Stack(broker.url, emulator.url, database_url, settings, cookie_port)
     broker.stop()
     emulator.stop()
+
+
+@pytest.fixture(scope="session")
+def cookie_broker(stack: Stack) -> Iterator[str]:
+    """A second broker on the same database and emulator, with BROKER_CONNECT_BINDING=cookie
+    (the broker on the frontend's own site); its URL."""
+    settings = broker_settings(stack.database_url, stack.cookie_broker_port, stack.emulator_url,
+                               BROKER_CONNECT_BINDING="cookie")
+    broker = ThreadedServer(create_app(settings), stack.cookie_broker_port).start()
+    yield broker.url
+    broker.stop()
 
 
 @pytest.fixture(autouse=True)
@@ -144,12 +159,61 @@ def connect(client: httpx.AsyncClient) -> Callable[..., Awaitable[CallbackResult
         body: dict[str, Any] = {"force": force}
         if return_url:
             body["return_url"] = return_url
+        headers = user_headers(tenant, user)
         started = await client.post(f"/connections/{connection_id}/authorize", json=body,
-                                    headers=user_headers(tenant, user))
+                                    headers=headers)
         assert started.status_code == 200, started.text
-        return await sign_in_and_decide(started.json()["authorization_url"], email=email,
-                                        realm_id=realm_id, decision=decision,
-                                        connect_anyway=connect_anyway)
+        result = await sign_in_and_decide(started.json()["authorization_url"], email=email,
+                                          realm_id=realm_id, decision=decision,
+                                          connect_anyway=connect_anyway)
+        return await finish_connect(client, result, headers)
+
+    return run
+
+
+async def finish_connect(client: httpx.AsyncClient, result: CallbackResult,
+                         headers: dict[str, str]) -> CallbackResult:
+    """What the frontend does when the callback hands back a completion ticket: redeem it as the
+    user who started Connect. `params` then reads as the callback's did before tickets:
+    `result` connected / confirmation_required / error (with `error`, the problem's code)."""
+    if result.params.get("result") != "completion_required":
+        return result
+    result.callback_params = dict(result.params)
+    ticket = result.params["completion_ticket"]
+    completed = await client.post(f"/connections/{result.params['connection_id']}/complete",
+                                  json={"completion_ticket": ticket}, headers=headers)
+    result.completion = completed
+    params = {"connection_id": result.params["connection_id"]}
+    if completed.status_code == 200:
+        pending = completed.json()["pending_link"]
+        params["result"] = "confirmation_required" if pending else "connected"
+    else:
+        params.update(result="error", error=completed.json()["code"])
+    result.params = params
+    return result
+
+
+@pytest.fixture
+def cookie_connect(cookie_broker: str) -> Callable[..., Awaitable[CallbackResult]]:
+    """As `connect`, against the cookie-mode broker: authorize sets the browser-binding cookie,
+    and the same browser carries it to the callback (`with_cookie=False`: another browser)."""
+
+    async def run(connection_id: str, *, email: str = ALICE, realm_id: str | None = COMPANY_1,
+                  user: str = "user-1", tenant: str = TENANT, return_url: str | None = RETURN_URL,
+                  with_cookie: bool = True, force: bool = False) -> CallbackResult:
+        body: dict[str, Any] = {"force": force}
+        if return_url:
+            body["return_url"] = return_url
+        async with httpx.AsyncClient(base_url=cookie_broker, timeout=30) as http:
+            started = await http.post(f"/connections/{connection_id}/authorize", json=body,
+                                      headers=user_headers(tenant, user))
+        assert started.status_code == 200, started.text
+        name, _, rest = started.headers["set-cookie"].partition("=")
+        cookies = {name: rest.split(";")[0]} if with_cookie else None
+        result = await sign_in_and_decide(started.json()["authorization_url"], email=email,
+                                          realm_id=realm_id, cookies=cookies)
+        result.headers.setdefault("x-authorize-set-cookie", started.headers["set-cookie"])
+        return result
 
     return run
 

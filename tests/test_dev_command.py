@@ -63,13 +63,20 @@ async def test_dev_connects_and_survives_a_restart(tmp_path: Path) -> None:
             created = await http.post("/connections", json={}, headers=user)
             assert created.status_code == 201, created.text
             cid = created.json()["id"]
-            started = await http.post(f"/connections/{cid}/authorize", json={}, headers=user)
+            # The README's walk-through: back to /docs with a ticket, redeemed by the same user.
+            started = await http.post(f"/connections/{cid}/authorize", headers=user,
+                                      json={"return_url": f"http://localhost:{port}/docs"})
             assert started.status_code == 200, started.text
             url = started.json()["authorization_url"]
             assert url.startswith(f"http://127.0.0.1:{emulator_port}/connect/oauth2?")
             result = await sign_in_and_decide(url, email="alice@example.com",
                                               realm_id="9341452988354102")
-            assert result.status_code == 200 and "Connected to QuickBooks" in result.body
+            assert result.status_code == 303
+            assert result.location.startswith(f"http://localhost:{port}/docs?")
+            assert result.params["result"] == "completion_required"
+            done = await http.post(f"/connections/{cid}/complete", headers=user,
+                                   json={"completion_ticket": result.params["completion_ticket"]})
+            assert done.status_code == 200, done.text
             assert (await http.get(f"/connections/{cid}", headers=user)).json()["status"] == "connected"
 
     with dev_process(data_dir, port, emulator_port, tmp_path / "dev-2.log") as second:

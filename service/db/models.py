@@ -110,8 +110,41 @@ class AuthorizationState(SQLModel, table=True):
     user_id: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
     return_url: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
     force: bool = Field(default=False, sa_column=sa.Column(sa.Boolean, nullable=False))
+    # PKCE's code_verifier, sealed (the token request needs it back); the OpenID nonce and the
+    # browser-binding cookie only as SHA-256, since they are only ever compared.
+    code_verifier: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
+    nonce_hash: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
+    browser_binding_hash: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
     expires_at: datetime = Field(sa_column=sa.Column(TZ, nullable=False))
     used_at: datetime | None = _ts()
+    created_at: datetime = _now_field()
+
+
+class HeldGrant(SQLModel, table=True):
+    """A grant the callback obtained and holds until the user who started Connect redeems its
+    completion ticket (stored only as SHA-256). Unredeemed ones are revoked when they expire.
+
+    No foreign key: a grant held for a connection deleted meanwhile must still be revoked."""
+
+    __tablename__ = "held_grants"
+    __table_args__ = (sa.Index("ix_held_grants_expires", "expires_at"),
+                      sa.Index("ix_held_grants_connection", "connection_id"))
+
+    ticket_hash: str = Field(sa_column=sa.Column(sa.Text, primary_key=True))
+    connection_id: uuid.UUID = Field(sa_column=sa.Column(pg.UUID(as_uuid=True), nullable=False))
+    tenant_id: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    user_id: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    force: bool = Field(default=False, sa_column=sa.Column(sa.Boolean, nullable=False))
+    qb_sub: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    qb_email: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
+    qb_name: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
+    realm_id: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    company_name: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
+    access_token: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    refresh_token: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    access_token_expires_at: datetime = Field(sa_column=sa.Column(TZ, nullable=False))
+    refresh_token_expires_at: datetime = Field(sa_column=sa.Column(TZ, nullable=False))
+    expires_at: datetime = Field(sa_column=sa.Column(TZ, nullable=False))
     created_at: datetime = _now_field()
 
 

@@ -147,7 +147,12 @@ def flow_router(store: Store) -> APIRouter:
         if not state:
             return _error("We're sorry, something went wrong",
                           "The state query parameter is required.", "invalid_request")
-        flow = store.create_flow(client_id, redirect_uri, scopes, state)
+        challenge = params.get("code_challenge")
+        if challenge is not None and params.get("code_challenge_method") != "S256":
+            return _error("We're sorry, something went wrong", "Only the S256 "
+                          "code_challenge_method is supported.", "invalid_request")
+        flow = store.create_flow(client_id, redirect_uri, scopes, state,
+                                 nonce=params.get("nonce"), code_challenge=challenge)
         return RedirectResponse(f"/connect/oauth2/flow/{flow.flow_id}", status_code=302,
                                 headers=_NO_STORE)
 

@@ -162,14 +162,16 @@ def oauth_router(store: Store) -> APIRouter:
         if request.headers.get("x-include-refresh-token-hard-expires-in", "").lower() == "true":
             body["x_refresh_token_hard_expires_in"] = issued.hard_expires_in
         if issued.first_issue and "openid" in grant.scopes:
-            body["id_token"] = id_token(grant)
+            body["id_token"] = id_token(grant, issued.nonce)
         return body
 
-    def id_token(grant: Grant) -> str:
+    def id_token(grant: Grant, nonce: str | None) -> str:
         now = int(store.now())
         claims: dict[str, Any] = {"sub": grant.sub, "aud": [grant.client_id],
                                   "iss": settings.issuer, "iat": now, "exp": now + 3600,
                                   "auth_time": int(grant.auth_time)}
+        if nonce is not None:
+            claims["nonce"] = nonce
         if grant.realm_id is not None:
             claims["realmid"] = grant.realm_id
         return store.signing_key.sign(claims)
@@ -190,7 +192,8 @@ def oauth_router(store: Store) -> APIRouter:
         if grant_type == "authorization_code":
             if not one.get("code") or not one.get("redirect_uri"):
                 raise OAuthError("invalid_request", "code and redirect_uri are required")
-            return store.exchange_code(settings.client_id, one["code"], one["redirect_uri"])
+            return store.exchange_code(settings.client_id, one["code"], one["redirect_uri"],
+                                       one.get("code_verifier"))
         if grant_type == "refresh_token":
             if not one.get("refresh_token"):
                 raise OAuthError("invalid_request", "refresh_token is required")

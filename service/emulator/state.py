@@ -8,6 +8,7 @@ With a state file, the durable part of the world is rewritten after every change
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -81,6 +82,9 @@ class Flow:
     expires_at: float
     realm_id: str | None = None
     finished: bool = False
+    # Sent by clients that use them; Intuit documents neither, and honours them if sent.
+    nonce: str | None = None
+    code_challenge: str | None = None
 
     @property
     def needs_company(self) -> bool:
@@ -104,6 +108,8 @@ class AuthCode:
     auth_time: float
     used: bool = False
     grant_id: str | None = None
+    nonce: str | None = None
+    code_challenge: str | None = None  # S256 of the verifier the exchange must present
 
 
 @dataclass
@@ -141,6 +147,7 @@ class Issued:
     hard_expires_in: int
     grant: Grant
     first_issue: bool  # True for the code exchange: the only answer that carries an id_token
+    nonce: str | None = None  # the authorize request's, echoed in the id_token
 
 
 @dataclass
@@ -174,6 +181,14 @@ def iso(timestamp: float | None) -> str | None:
     if timestamp is None:
         return None
     return datetime.fromtimestamp(timestamp, UTC).isoformat().replace("+00:00", "Z")
+
+
+def _pkce_ok(verifier: str | None, challenge: str) -> bool:
+    """RFC 7636 S256: BASE64URL(SHA256(verifier)) without padding."""
+    if not verifier or not 43 <= len(verifier) <= 128:
+        return False
+    computed = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=")
+    return secrets.compare_digest(computed, challenge.encode())
 
 
 def _digest(token: str) -> str:
@@ -360,14 +375,15 @@ class Store:
             if sid and self.sessions.pop(sid, None) is not None:
                 self._changed()
 
-    def create_flow(self, client_id: str, redirect_uri: str, scopes: list[str], state: str) -> Flow:
+    def create_flow(self, client_id: str, redirect_uri: str, scopes: list[str], state: str, *,
+                    nonce: str | None = None, code_challenge: str | None = None) -> Flow:
         with self.lock:
             now = self.now()
             # Abandoned flows are the normal case (a non-admin may never come back): prune them.
             for flow_id in [f for f, flow in self.flows.items() if flow.expires_at < now]:
                 del self.flows[flow_id]
             flow = Flow(secrets.token_urlsafe(18), client_id, redirect_uri, scopes, state,
-                        now + self.settings.flow_ttl)
+                        now + self.settings.flow_ttl, nonce=nonce, code_challenge=code_challenge)
             self.flows[flow.flow_id] = flow
             return flow
 
@@ -393,14 +409,16 @@ class Store:
             code = "AB11" + secrets.token_urlsafe(24)
             self.codes[code] = AuthCode(flow.client_id, flow.redirect_uri, user.sub,
                                         flow.realm_id if flow.needs_company else None,
-                                        list(flow.scopes), now + self.config.code_ttl, auth_time)
+                                        list(flow.scopes), now + self.config.code_ttl, auth_time,
+                                        nonce=flow.nonce, code_challenge=flow.code_challenge)
             flow.finished = True
             self._changed()
             return code
 
     # -- token operations (all atomic under the lock) -------------------------------------------
 
-    def exchange_code(self, client_id: str, code: str, redirect_uri: str) -> Issued:
+    def exchange_code(self, client_id: str, code: str, redirect_uri: str,
+                      code_verifier: str | None = None) -> Issued:
         with self.lock:
             now = self.now()
             entry = self.codes.get(code)
@@ -420,6 +438,9 @@ class Store:
             if entry.redirect_uri != redirect_uri:
                 self._changed()
                 raise OAuthError("invalid_grant", "redirect_uri does not match the authorize request")
+            if entry.code_challenge is not None and not _pkce_ok(code_verifier, entry.code_challenge):
+                self._changed()
+                raise OAuthError("invalid_grant", "code_verifier does not match the code_challenge")
             # One live grant per app and company: a new authorization replaces the old one.
             previous = self.live_grant(client_id, entry.realm_id, entry.sub)
             if previous is not None:
@@ -432,6 +453,7 @@ class Store:
             self.grants[grant.grant_id] = grant
             entry.grant_id = grant.grant_id
             issued = self._issue(grant, now, first_issue=True)
+            issued.nonce = entry.nonce
             self._changed()
             return issued
 

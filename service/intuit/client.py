@@ -8,6 +8,7 @@ jitter, and only where a retry cannot make things worse. Tokens never reach a lo
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import random
 import time
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import httpx
+import jwt
 from authlib.integrations.base_client.errors import OAuthError
 
 with warnings.catch_warnings():
@@ -31,6 +33,7 @@ from service.intuit.errors import (
     IntuitUnavailable,
     InvalidClient,
     InvalidGrant,
+    InvalidIdToken,
     InvalidToken,
 )
 from service.metrics import INTUIT_CALLS, INTUIT_LATENCY
@@ -40,6 +43,10 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _DISCOVERY_TTL_SECONDS = 3600.0
+_JWKS_TTL_SECONDS = 3600.0
+# A kid we have not seen may be a new signing key: fetch again, but at most this often.
+_JWKS_REFETCH_SECONDS = 60.0
+_ID_TOKEN_LEEWAY_SECONDS = 120
 _MINOR_VERSION = "75"
 
 
@@ -50,6 +57,7 @@ class TokenSet:
     expires_in: int
     refresh_token_expires_in: int
     refresh_token_hard_expires_in: int | None
+    id_token: str | None = None  # only a code exchange with the openid scope carries one
 
     def __repr__(self) -> str:  # never print tokens, even in a debugger or a traceback
         return f"TokenSet(expires_in={self.expires_in})"
@@ -91,6 +99,17 @@ class _UnstoredTokenClient(AsyncOAuth2Client):
         return token
 
 
+def _same(value: object, expected: str) -> bool:
+    return isinstance(value, str) and hmac.compare_digest(value.encode(), expected.encode())
+
+
+def _find_key(keys: jwt.PyJWKSet | None, kid: str) -> jwt.PyJWK | None:
+    for key in keys.keys if keys is not None else []:
+        if key.key_id == kid:
+            return key
+    return None
+
+
 def _retry_after(response: httpx.Response) -> int | None:
     value = response.headers.get("retry-after", "")
     return int(value) if value.isdigit() else None
@@ -115,10 +134,14 @@ class IntuitClient:
         self._discovery: Discovery | None = None
         self._discovery_at = 0.0
         self._discovery_lock = asyncio.Lock()
+        self._jwks: jwt.PyJWKSet | None = None
+        self._jwks_at = -_JWKS_TTL_SECONDS
+        self._jwks_lock = asyncio.Lock()
         self._oauth = _UnstoredTokenClient(
             client_id=settings.intuit_client_id,
             client_secret=settings.intuit_client_secret,
             token_endpoint_auth_method="client_secret_basic",  # noqa: S106 (a method name)
+            code_challenge_method="S256",
             scope=settings.intuit_scopes,
             redirect_uri=settings.redirect_uri,
             timeout=httpx.Timeout(settings.intuit_timeout_seconds, connect=5.0),
@@ -173,18 +196,76 @@ class IntuitClient:
 
     # -- authorization -------------------------------------------------------------------------
 
-    async def authorization_url(self, state: str) -> str:
+    async def authorization_url(self, state: str, *, code_verifier: str | None = None,
+                                nonce: str | None = None) -> str:
+        """Intuit's authorization URL; with PKCE (S256) and an OpenID nonce when given."""
         endpoint = (await self.discovery()).authorization_endpoint
-        url, _ = self._oauth.create_authorization_url(endpoint, state=state)
+        extra = {"nonce": nonce} if nonce else {}
+        url, _ = self._oauth.create_authorization_url(endpoint, state=state,
+                                                      code_verifier=code_verifier, **extra)
         return str(url)
 
-    async def exchange_code(self, code: str) -> TokenSet:
+    async def exchange_code(self, code: str, *, code_verifier: str | None = None) -> TokenSet:
         endpoint = (await self.discovery()).token_endpoint
+        extra = {"code_verifier": code_verifier} if code_verifier else {}
         # A code is single-use: retry only when the request cannot have reached Intuit.
         return await self._token_request("token.authorization_code", lambda: self._oauth.fetch_token(
             endpoint, grant_type="authorization_code", code=code,
-            redirect_uri=self._settings.redirect_uri, headers=self._token_headers()),
+            redirect_uri=self._settings.redirect_uri, headers=self._token_headers(), **extra),
             retry_after_send=False)
+
+    async def verify_id_token(self, id_token: str, *, nonce: str | None) -> dict[str, Any]:
+        """The id_token's claims, after checking its RS256 signature against the discovery
+        document's JWKS, `iss`, `aud` (this app), `exp`, and the nonce sent with the request.
+        Raises InvalidIdToken."""
+        discovery = await self.discovery()
+        try:
+            header = jwt.get_unverified_header(id_token)
+        except jwt.PyJWTError:
+            raise InvalidIdToken("the id_token is not a JWT") from None
+        if header.get("alg") != "RS256":
+            raise InvalidIdToken("the id_token is not signed with RS256")
+        key = await self._signing_key(str(header.get("kid") or ""))
+        try:
+            claims: dict[str, Any] = jwt.decode(
+                id_token, key=key, algorithms=["RS256"], audience=self._settings.intuit_client_id,
+                issuer=discovery.issuer, leeway=_ID_TOKEN_LEEWAY_SECONDS,
+                options={"require": ["iss", "aud", "exp", "sub"]})
+        except jwt.PyJWTError as exc:
+            raise InvalidIdToken(f"the id_token did not verify ({type(exc).__name__})") from None
+        if nonce is not None and not _same(claims.get("nonce"), nonce):
+            raise InvalidIdToken("the id_token's nonce is not the one this authorization sent")
+        return claims
+
+    async def _signing_key(self, kid: str) -> jwt.PyJWK:
+        keys = await self._key_set(refetch=False)
+        found = _find_key(keys, kid)
+        if found is None and time.monotonic() - self._jwks_at >= _JWKS_REFETCH_SECONDS:
+            found = _find_key(await self._key_set(refetch=True), kid)
+        if found is None:
+            raise InvalidIdToken("the id_token is signed with a key Intuit does not publish")
+        return found
+
+    async def _key_set(self, *, refetch: bool) -> jwt.PyJWKSet | None:
+        fresh = time.monotonic() - self._jwks_at < _JWKS_TTL_SECONDS
+        if self._jwks is not None and fresh and not refetch:
+            return self._jwks
+        async with self._jwks_lock:
+            if refetch and time.monotonic() - self._jwks_at < _JWKS_REFETCH_SECONDS:
+                return self._jwks  # another caller fetched meanwhile
+            uri = (await self.discovery()).jwks_uri
+            if not uri:
+                raise InvalidIdToken("Intuit's discovery document names no jwks_uri")
+            response = await self._with_retries("jwks", lambda: self._oauth.request(
+                "GET", uri, headers={"Accept": "application/json"}, withhold_token=True),
+                retry_after_send=True)
+            data = self._json_or_raise(response, "jwks")
+            try:
+                self._jwks = jwt.PyJWKSet.from_dict(data)
+            except jwt.PyJWTError:
+                raise IntuitProtocolError("Intuit's JWKS holds no usable key") from None
+            self._jwks_at = time.monotonic()
+            return self._jwks
 
     async def refresh(self, refresh_token: str) -> TokenSet:
         endpoint = (await self.discovery()).token_endpoint
@@ -289,6 +370,7 @@ class IntuitClient:
                 refresh_token_hard_expires_in=(int(raw["x_refresh_token_hard_expires_in"])
                                                if "x_refresh_token_hard_expires_in" in raw
                                                else None),
+                id_token=str(raw["id_token"]) if raw.get("id_token") else None,
             )
         except (KeyError, ValueError, TypeError):
             raise IntuitProtocolError("token answer is missing fields") from None

@@ -47,3 +47,8 @@ class IntuitUnavailable(IntuitError):
 
 class IntuitProtocolError(IntuitError):
     """Intuit answered in a shape the broker does not understand."""
+
+
+class InvalidIdToken(IntuitError):
+    """The id_token that came with a code exchange failed verification (signature, iss, aud,
+    exp, nonce), or names another user than userinfo."""

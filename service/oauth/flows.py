@@ -3,19 +3,26 @@ linking rules → store → record. Also the after-the-fact "Connect anyway" (co
 
 from __future__ import annotations
 
+import hmac
 import logging
 import re
+import secrets
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
+import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from service.auth.callers import Caller, Scope
 from service.connections import repository as repo
 from service.connections.schemas import Status
-from service.db.models import Connection, PendingLink
+from service.db.models import Connection, HeldGrant, PendingLink
 from service.errors import (
+    CompletionNotAllowed,
+    IdentityNotVerified,
     IntuitRejected,
     IntuitUnavailable,
     InvalidState,
@@ -29,14 +36,16 @@ from service.errors import (
 from service.intuit import errors as intuit_errors
 from service.intuit.client import QuickBooksUser, TokenSet
 from service.metrics import LINK_RESULTS
-from service.oauth.state import consume_state
+from service.oauth.state import consume_state, digest, nonce_matches, open_code_verifier
 from service.runtime import Runtime
 from service.tokens import credentials
-from service.tokens.revocation import revoke_or_queue
+from service.tokens.revocation import queue_revocation, revoke_or_queue, revoke_queued
 
 log = logging.getLogger(__name__)
 
 PENDING_LINK_TTL = timedelta(minutes=10)
+COMPLETION_TICKET_TTL = timedelta(minutes=10)
+H = HeldGrant.__table__.c  # type: ignore[attr-defined]
 _REALM_ID = re.compile(r"^[0-9]{1,19}$")
 
 ACCESS_DENIED_MESSAGE = (
@@ -52,10 +61,11 @@ USER_BELONGS_MESSAGE = (
 
 @dataclass(frozen=True)
 class CallbackOutcome:
-    result: str  # connected | confirmation_required | error
+    result: str  # connected | confirmation_required | completion_required | error
     connection_id: uuid.UUID | None = None
     return_url: str | None = None
     error: ProblemError | None = None
+    completion_ticket: str | None = None
 
 
 @dataclass(frozen=True)
@@ -66,6 +76,19 @@ class _Grant:
     company_name: str | None
 
 
+@dataclass(frozen=True)
+class _Started:
+    """What the callback needs of its authorization state, read inside its transaction."""
+
+    connection_id: uuid.UUID
+    tenant_id: str
+    user_id: str
+    force: bool
+    return_url: str | None
+    code_verifier: str | None
+    nonce_hash: str | None
+
+
 class CallbackError(ProblemError):
     status, code, title = 400, "invalid_callback", "The callback from Intuit is not valid"
 
@@ -74,38 +97,87 @@ class AuthorizationCodeRejected(ProblemError):
     status, code, title = 400, "authorization_code_rejected", "Intuit rejected the authorization"
 
 
+# Intuit's `error` parameter is never echoed: stored text reaches cieTrade's pages.
+_INTUIT_ERRORS: dict[str, tuple[type[ProblemError], str]] = {
+    "access_denied": (QuickBooksAccessDenied, ACCESS_DENIED_MESSAGE),
+    "invalid_scope": (AuthorizationCodeRejected,
+                      "Intuit refused the requested permissions. Try Connect again, or ask "
+                      "your administrator to check the app's settings."),
+    "server_error": (AuthorizationCodeRejected,
+                     "Intuit could not complete the authorization. Try Connect again."),
+    "temporarily_unavailable": (AuthorizationCodeRejected,
+                                "Intuit could not complete the authorization. Try Connect again."),
+}
+_OTHER_INTUIT_ERROR = (AuthorizationCodeRejected,
+                       "Intuit did not complete the authorization. Try Connect again.")
+
+
+def _intuit_error(error: str) -> ProblemError:
+    problem, message = _INTUIT_ERRORS.get(error, _OTHER_INTUIT_ERROR)
+    return problem(message)
+
+
 async def complete_callback(rt: Runtime, *, state: str | None, code: str | None,
-                            realm_id: str | None, error: str | None) -> CallbackOutcome:
+                            realm_id: str | None, error: str | None,
+                            cookies: Mapping[str, str]) -> CallbackOutcome:
     # Rule 1: the state, before any call to Intuit. Consumed in its own transaction so that it
     # stays used whatever happens next.
     async with rt.sessionmaker() as session, session.begin():
-        record, usable = await consume_state(session, state or "")
+        record, usable = await consume_state(session, state or "", cookies=cookies)
         if record is None:
             return _refused(None, None, InvalidState("The authorization is unknown. Start again "
                                                      "from cieTrade's Integration page."))
-        connection_id, return_url = record.connection_id, record.return_url
-        user_id, force = record.user_id, record.force
-    if not usable:
-        return _refused(connection_id, return_url, InvalidState(
-            "This authorization was already used or has expired (10 minutes). Start again."))
+        started = _Started(connection_id=record.connection_id, tenant_id=record.tenant_id,
+                           user_id=record.user_id, force=record.force,
+                           return_url=record.return_url,
+                           code_verifier=open_code_verifier(record, rt.box) if usable else None,
+                           nonce_hash=record.nonce_hash)
+        if usable:
+            record.code_verifier = None  # needed once, for the exchange below
+    if not usable or (rt.settings.connect_binding == "ticket" and started.return_url is None):
+        # (A state without a return_url can only predate ticket mode: its ticket would be lost.)
+        return _refused(started.connection_id, started.return_url, InvalidState(
+            "This authorization was already used, has expired (10 minutes), or was started in "
+            "another browser. Start again from cieTrade's Integration page."))
 
+    grant: _Grant | None = None
     try:
         if error:
-            raise (QuickBooksAccessDenied(ACCESS_DENIED_MESSAGE) if error == "access_denied"
-                   else AuthorizationCodeRejected(f"Intuit answered the error {error[:64]!r}."))
+            raise _intuit_error(error)
         if not code:
             raise CallbackError("Intuit's callback carries no code.")
         if not realm_id or not _REALM_ID.match(realm_id):
             raise CallbackError("Intuit's callback carries no valid realmId; the accounting "
                                 "scope is required.")
-        grant = await _obtain_grant(rt, code=code, realm_id=realm_id)
-        result = await _apply_linking_rules(rt, connection_id=connection_id, user_id=user_id,
-                                            force=force, grant=grant)
+        # Rule 2 before the code is exchanged: a new grant for a company that another
+        # connection holds would retire that connection's grant at Intuit (one per company).
+        async with rt.sessionmaker() as session:
+            if await repo.realm_linked_elsewhere(session, realm_id=realm_id,
+                                                 connection_id=started.connection_id):
+                raise _company_in_use()
+        grant = await _obtain_grant(rt, code=code, realm_id=realm_id, started=started)
+        if rt.settings.connect_binding == "ticket":
+            ticket = await _hold_grant(rt, started, grant)
+            LINK_RESULTS.labels("completion_required", "").inc()
+            return CallbackOutcome(result="completion_required",
+                                   connection_id=started.connection_id,
+                                   return_url=started.return_url, completion_ticket=ticket)
+        result = await _apply_linking_rules(rt, connection_id=started.connection_id,
+                                            user_id=started.user_id, force=started.force,
+                                            grant=grant)
     except ProblemError as exc:
-        await _record_refusal(rt, connection_id, exc, actor=f"user:{user_id}")
-        return _refused(connection_id, return_url, exc)
+        await _record_refusal(rt, started.connection_id, exc, actor=f"user:{started.user_id}",
+                              refused_grant=grant)
+        return _refused(started.connection_id, started.return_url, exc)
     LINK_RESULTS.labels(result, "").inc()
-    return CallbackOutcome(result=result, connection_id=connection_id, return_url=return_url)
+    return CallbackOutcome(result=result, connection_id=started.connection_id,
+                           return_url=started.return_url)
+
+
+def _company_in_use() -> QuickBooksCompanyInUse:
+    return QuickBooksCompanyInUse(
+        "This QuickBooks company is already linked by another connection. Disconnect that "
+        "connection first.")
 
 
 def _refused(connection_id: uuid.UUID | None, return_url: str | None,
@@ -115,49 +187,170 @@ def _refused(connection_id: uuid.UUID | None, return_url: str | None,
                            error=exc)
 
 
-async def _obtain_grant(rt: Runtime, *, code: str, realm_id: str) -> _Grant:
+async def _obtain_grant(rt: Runtime, *, code: str, realm_id: str, started: _Started) -> _Grant:
     try:
-        tokens = await rt.intuit.exchange_code(code)
-        user = await rt.intuit.userinfo(tokens.access_token)
-        company_name = await rt.intuit.company_name(realm_id, tokens.access_token)
-    except intuit_errors.IntuitUnavailable as exc:
-        raise IntuitUnavailable("Intuit could not be reached to finish the authorization; "
-                                "try Connect again in a minute.",
-                                retry_after=exc.retry_after or 30) from None
+        tokens = await rt.intuit.exchange_code(code, code_verifier=started.code_verifier)
     except intuit_errors.InvalidGrant:
         raise AuthorizationCodeRejected(
             "Intuit did not accept the authorization code (used or expired). "
             "Try Connect again.") from None
     except intuit_errors.IntuitError as exc:
-        log.warning("callback: Intuit answer unusable: %s", type(exc).__name__,
-                    extra={"intuit_tid": exc.intuit_tid})
-        raise IntuitRejected("Intuit's answer could not be used; try Connect again.") from None
+        raise _unavailable_or_rejected(exc) from None
+    # From here on a grant exists at Intuit: whatever refuses it must revoke it.
+    try:
+        user = await rt.intuit.userinfo(tokens.access_token)
+        if tokens.id_token is not None:
+            claims = await rt.intuit.verify_id_token(tokens.id_token, nonce=None)
+            if not nonce_matches(started.nonce_hash, claims.get("nonce")):
+                raise intuit_errors.InvalidIdToken("the id_token's nonce does not match")
+            if claims.get("sub") != user.sub:
+                raise intuit_errors.InvalidIdToken("the id_token and userinfo name other users")
+        company_name = await rt.intuit.company_name(realm_id, tokens.access_token)
+    except intuit_errors.InvalidIdToken as exc:
+        log.warning("callback: id_token refused: %s", exc)
+        await _revoke_refused_grant(rt, started.connection_id, tokens, "id_token_not_verified")
+        raise IdentityNotVerified("Intuit's identity token for this sign-in did not verify, so "
+                                  "nothing was linked. Try Connect again.") from None
+    except intuit_errors.IntuitError as exc:
+        await _revoke_refused_grant(rt, started.connection_id, tokens, "callback_failed")
+        raise _unavailable_or_rejected(exc) from None
     return _Grant(tokens=tokens, user=user, realm_id=realm_id, company_name=company_name)
+
+
+def _unavailable_or_rejected(exc: intuit_errors.IntuitError) -> ProblemError:
+    if isinstance(exc, intuit_errors.IntuitUnavailable):
+        return IntuitUnavailable("Intuit could not be reached to finish the authorization; "
+                                 "try Connect again in a minute.", retry_after=exc.retry_after or 30)
+    log.warning("callback: Intuit answer unusable: %s", type(exc).__name__,
+                extra={"intuit_tid": exc.intuit_tid})
+    return IntuitRejected("Intuit's answer could not be used; try Connect again.")
+
+
+async def _revoke_refused_grant(rt: Runtime, connection_id: uuid.UUID, tokens: TokenSet,
+                                reason: str) -> None:
+    """Queue the grant's revocation (so it survives a crash), then revoke it after commit."""
+    async with rt.sessionmaker() as session, session.begin():
+        queued = queue_revocation(session, rt.box, connection_id=connection_id,
+                                  token=tokens.refresh_token, reason=reason)
+    await revoke_queued(rt.sessionmaker, rt.intuit, rt.box, [queued])
+
+
+async def _hold_grant(rt: Runtime, started: _Started, grant: _Grant) -> str:
+    """Keep the grant until the user who started Connect redeems the ticket (ticket mode)."""
+    ticket = secrets.token_urlsafe(32)
+    now = datetime.now(UTC)
+    held = HeldGrant(
+        ticket_hash=digest(ticket), connection_id=started.connection_id,
+        tenant_id=started.tenant_id, user_id=started.user_id, force=started.force,
+        qb_sub=grant.user.sub, qb_email=grant.user.email, qb_name=grant.user.name,
+        realm_id=grant.realm_id, company_name=grant.company_name, access_token="",
+        refresh_token="", access_token_expires_at=now, refresh_token_expires_at=now,
+        expires_at=now + COMPLETION_TICKET_TTL)
+    credentials.seal_held(held, grant.tokens, rt.box, now=now)
+    async with rt.sessionmaker() as session, session.begin():
+        session.add(held)
+    return ticket
+
+
+async def complete_with_ticket(rt: Runtime, caller: Caller, *, connection_id: uuid.UUID,
+                               ticket: str, user_id: str | None) -> str:
+    """Finish Connect in ticket mode: the caller must be the user (or a service naming the user)
+    who started it. Runs the linking rules; returns `connected` or `confirmation_required`."""
+    refusal: ProblemError | None = None
+    async with rt.sessionmaker() as session, session.begin():
+        held = (await session.execute(
+            sa.select(HeldGrant).where(H.ticket_hash == digest(ticket)).with_for_update()
+        )).scalar_one_or_none() if 0 < len(ticket) <= 200 else None
+        if (held is None or held.connection_id != connection_id
+                or held.expires_at <= datetime.now(UTC)):
+            # Without a live ticket the caller learns no more than any request tells it: a
+            # connection it may not see is not found.
+            conn = await repo.get_connection(session, connection_id)
+            if conn is None:
+                raise NotFound("No such connection.", connection_id=str(connection_id))
+            caller.can_write(conn.tenant_id)
+            raise InvalidState("This completion ticket is unknown, used or expired (10 minutes). "
+                               "Start Connect again.", connection_id=str(connection_id))
+        _check_ticket_holder(caller, held, user_id)
+        grant = _Grant(tokens=credentials.open_held(held, rt.box),
+                       user=QuickBooksUser(sub=held.qb_sub, email=held.qb_email, name=held.qb_name),
+                       realm_id=held.realm_id, company_name=held.company_name)
+        await session.delete(held)  # single use, whatever the rules decide
+        await session.flush()
+        try:
+            async with session.begin_nested():
+                result = await _link_or_hold(session, rt, connection_id=connection_id,
+                                             user_id=held.user_id, force=held.force, grant=grant)
+        except ProblemError as exc:
+            refusal = exc
+    if refusal is not None:
+        await _record_refusal(rt, connection_id, refusal, actor=caller.actor, refused_grant=grant)
+        LINK_RESULTS.labels("error", refusal.code).inc()
+        raise refusal
+    LINK_RESULTS.labels(result, "").inc()
+    return result
+
+
+def _check_ticket_holder(caller: Caller, held: HeldGrant, user_id: str | None) -> None:
+    if caller.is_user:
+        allowed = caller.tenant_id == held.tenant_id and caller.subject == held.user_id
+    else:
+        caller.require_scope(Scope.CONNECTIONS_WRITE)
+        allowed = user_id is not None and hmac.compare_digest(user_id.encode(),
+                                                              held.user_id.encode())
+    if not allowed:
+        raise CompletionNotAllowed(
+            "Only the cieTrade user who started this Connect can finish it. Start Connect again "
+            "from your own Integration page.", connection_id=str(held.connection_id))
 
 
 async def _apply_linking_rules(rt: Runtime, *, connection_id: uuid.UUID, user_id: str,
                                force: bool, grant: _Grant) -> str:
+    async with rt.sessionmaker() as session, session.begin():
+        return await _link_or_hold(session, rt, connection_id=connection_id, user_id=user_id,
+                                   force=force, grant=grant)
+
+
+async def _link_or_hold(session: AsyncSession, rt: Runtime, *, connection_id: uuid.UUID,
+                        user_id: str, force: bool, grant: _Grant) -> str:
+    """Rules 2 to 5 on a held grant, in the caller's transaction."""
     try:
-        async with rt.sessionmaker() as session, session.begin():
-            conn = await repo.get_connection(session, connection_id, for_update=True)
-            if conn is None:
-                raise NotFound("The connection was deleted during the authorization.")
-            _check_exclusive_rules(await repo.realm_linked_elsewhere(
-                session, realm_id=grant.realm_id, connection_id=conn.id),
-                await repo.claimed_by(session, tenant_id=conn.tenant_id, qb_sub=grant.user.sub),
-                user_id)
-            reasons = _change_reasons(conn, grant)
-            if reasons and not force:
-                await _hold_pending(session, rt, conn, user_id=user_id, grant=grant,
-                                    reasons=reasons)
-                return "confirmation_required"
-            await _link(session, rt, conn, user_id=user_id, grant=grant, forced=bool(reasons),
-                        confirmed=False)
-            return "connected"
+        conn = await repo.get_connection(session, connection_id, for_update=True)
+        if conn is None:
+            raise NotFound("The connection was deleted during the authorization.")
+        _check_exclusive_rules(await repo.realm_linked_elsewhere(
+            session, realm_id=grant.realm_id, connection_id=conn.id),
+            await repo.claimed_by(session, tenant_id=conn.tenant_id, qb_sub=grant.user.sub),
+            user_id)
+        reasons = _change_reasons(conn, grant)
+        if reasons and not force:
+            await _hold_pending(session, rt, conn, user_id=user_id, grant=grant, reasons=reasons)
+            return "confirmation_required"
+        await _link(session, rt, conn, user_id=user_id, grant=grant, forced=bool(reasons),
+                    confirmed=False)
+        return "connected"
     except IntegrityError:
         # Another connection linked this company between our check and our write.
         raise QuickBooksCompanyInUse(
             "This QuickBooks company is already linked by another connection.") from None
+
+
+async def expire_held_grants(rt: Runtime, *, batch: int = 50) -> int:
+    """Grants whose completion ticket was never redeemed: revoke them at Intuit (queued in the
+    transaction that drops them, revoked after it commits)."""
+    async with rt.sessionmaker() as session, session.begin():
+        rows = list((await session.execute(
+            sa.select(HeldGrant).where(H.expires_at <= sa.func.now()).limit(batch)
+            .with_for_update(skip_locked=True))).scalars())
+        queued = []
+        for held in rows:
+            queued.append(queue_revocation(
+                session, rt.box, connection_id=held.connection_id,
+                token=credentials.open_held(held, rt.box).refresh_token,
+                reason="completion_ticket_expired"))
+            await session.delete(held)
+    await revoke_queued(rt.sessionmaker, rt.intuit, rt.box, queued)
+    return len(rows)
 
 
 def _check_exclusive_rules(realm_elsewhere: bool, claimant: str | None, user_id: str) -> None:
@@ -251,17 +444,23 @@ async def _link(session: AsyncSession, rt: Runtime, conn: Connection, *, user_id
 
 
 async def _record_refusal(rt: Runtime, connection_id: uuid.UUID, exc: ProblemError, *,
-                          actor: str) -> None:
-    """A refused link leaves the connection as it was, with last_error and an event."""
+                          actor: str, refused_grant: _Grant | None = None) -> None:
+    """A refused link leaves the connection as it was, with last_error and an event. A grant
+    obtained for it is revoked: queued here, revoked once this transaction has committed."""
+    queued: list[uuid.UUID] = []
     async with rt.sessionmaker() as session, session.begin():
+        if refused_grant is not None:
+            queued.append(queue_revocation(session, rt.box, connection_id=connection_id,
+                                           token=refused_grant.tokens.refresh_token,
+                                           reason="link_refused"))
         conn = await repo.get_connection(session, connection_id, for_update=True)
-        if conn is None:
-            return
-        now = datetime.now(UTC)
-        conn.last_error_code, conn.last_error_message, conn.last_error_at = exc.code, exc.detail, now
-        conn.updated_at = now
-        await repo.add_event(session, conn, "link_refused", actor=actor, code=exc.code,
-                             message=exc.detail)
+        if conn is not None:
+            now = datetime.now(UTC)
+            conn.last_error_code, conn.last_error_message = exc.code, exc.detail
+            conn.last_error_at = conn.updated_at = now
+            await repo.add_event(session, conn, "link_refused", actor=actor, code=exc.code,
+                                 message=exc.detail)
+    await revoke_queued(rt.sessionmaker, rt.intuit, rt.box, queued)
 
 
 async def confirm_pending_link(session: AsyncSession, rt: Runtime, conn: Connection, *,

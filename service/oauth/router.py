@@ -16,24 +16,28 @@ from service.connections import service
 from service.connections.router import CONFLICT, ERRORS, UPSTREAM, ConnectionID
 from service.connections.schemas import ConnectionOut, Strict, UserId
 from service.db.engine import SessionDep
-from service.errors import IntuitUnavailable, problem_response, problem_responses
+from service.errors import IntuitUnavailable, ReturnUrlRequired, problem_response, problem_responses
 from service.intuit import errors as intuit_errors
 from service.oauth import flows
-from service.oauth.state import check_return_url, create_state
+from service.oauth.state import STATE_TTL, binding_cookie, check_return_url, create_state
 from service.runtime import RuntimeDep
 
 router = APIRouter(tags=["authorization"])
 
 _CALLBACK_HEADERS = {"Referrer-Policy": "no-referrer", "Cache-Control": "no-store",
-                     "X-Content-Type-Options": "nosniff"}
+                     "X-Content-Type-Options": "nosniff",
+                     "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; "
+                                                "frame-ancestors 'none'; base-uri 'none'"}
 
 
 class AuthorizeRequest(Strict):
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"force": False}]})
+    model_config = ConfigDict(extra="forbid", json_schema_extra={
+        "examples": [{"return_url": "http://localhost:8000/docs", "force": False}]})
 
     return_url: AnyHttpUrl | None = Field(
         default=None, description="Where the browser returns after Intuit; its origin must be in "
-                                  "BROKER_RETURN_URL_ALLOWLIST.")
+                                  "BROKER_RETURN_URL_ALLOWLIST. Required when "
+                                  "BROKER_CONNECT_BINDING=ticket (the default).")
     force: StrictBool = Field(default=False, description="\"Connect anyway\": a different QuickBooks user "
                                                    "or company replaces the current one.")
     user_id: UserId | None = Field(default=None, description="Services only: the cieTrade user "
@@ -47,22 +51,64 @@ class AuthorizeResponse(BaseModel):
 
 @router.post("/connections/{connection_id}/authorize", response_model=AuthorizeResponse,
              responses={**ERRORS, **problem_responses(400), **UPSTREAM},
-             summary="Start the Connect flow: get Intuit's authorization URL")
+             summary="Start the Connect flow: get Intuit's authorization URL",
+             description="Ticket mode (the default) requires a `return_url`: the callback sends "
+                         "the browser back there with a `completion_ticket`, which the same user "
+                         "redeems with `POST /connections/{id}/complete`. Cookie mode sets a "
+                         "`__Host-` cookie binding the flow to this browser (call it with "
+                         "credentials).")
 async def authorize(session: SessionDep, rt: RuntimeDep, caller: CurrentCaller,
-                    connection_id: ConnectionID, body: AuthorizeRequest | None = None) -> AuthorizeResponse:
+                    connection_id: ConnectionID, response: Response,
+                    body: AuthorizeRequest | None = None) -> AuthorizeResponse:
     body = body or AuthorizeRequest()
     conn = await service.load_for_write(session, caller, connection_id)
     user_id = caller.user_for_write(body.user_id)
+    cookie_mode = rt.settings.connect_binding == "cookie"
+    if body.return_url is None and not cookie_mode:
+        raise ReturnUrlRequired(
+            "A return_url is required: after Intuit the browser returns there with a completion "
+            "ticket that the same user redeems with POST /connections/{id}/complete.")
     return_url = (check_return_url(str(body.return_url), rt.settings.return_url_allowlist)
                   if body.return_url is not None else None)
-    state, expires_at = await create_state(session, connection_id=conn.id, tenant_id=conn.tenant_id,
-                                           user_id=user_id, return_url=return_url, force=body.force)
+    started = await create_state(session, rt.box, connection_id=conn.id, tenant_id=conn.tenant_id,
+                                 user_id=user_id, return_url=return_url, force=body.force,
+                                 bind_browser=cookie_mode)
     try:
-        url = await rt.intuit.authorization_url(state)
+        url = await rt.intuit.authorization_url(started.state, code_verifier=started.code_verifier,
+                                                nonce=started.nonce)
     except intuit_errors.IntuitError as exc:
         raise IntuitUnavailable("Intuit's discovery document could not be read; try again.",
                                 retry_after=getattr(exc, "retry_after", None) or 30) from None
-    return AuthorizeResponse(authorization_url=url, expires_at=expires_at)
+    if started.browser_binding is not None:
+        response.set_cookie(binding_cookie(conn.id), started.browser_binding,
+                            max_age=int(STATE_TTL.total_seconds()), path="/", secure=True,
+                            httponly=True, samesite="lax")
+    return AuthorizeResponse(authorization_url=url, expires_at=started.expires_at)
+
+
+class CompleteRequest(Strict):
+    model_config = ConfigDict(extra="forbid")
+
+    completion_ticket: str = Field(min_length=1, max_length=200,
+                                   description="From the callback's redirect to the return_url.")
+    user_id: UserId | None = Field(default=None, description="Services only: the cieTrade user "
+                                                            "who started the Connect.")
+
+
+@router.post("/connections/{connection_id}/complete", response_model=ConnectionOut,
+             responses={**ERRORS, **problem_responses(400), **CONFLICT, **UPSTREAM},
+             summary="Finish Connect with the callback's completion ticket",
+             description="Only the cieTrade user who started the Connect (a service: "
+                         "`connections:write` and that `user_id`) may redeem the ticket; the "
+                         "linking rules run here. Another caller gets 403 "
+                         "`completion_not_allowed` and the ticket stays usable by its owner.")
+async def complete(rt: RuntimeDep, caller: CurrentCaller, connection_id: ConnectionID,
+                   body: CompleteRequest) -> ConnectionOut:
+    await flows.complete_with_ticket(rt, caller, connection_id=connection_id,
+                                     ticket=body.completion_ticket, user_id=body.user_id)
+    async with rt.sessionmaker() as session:
+        conn = await service.load_for_read(session, caller, connection_id)
+        return await service.present(session, conn)
 
 
 def _with_query(url: str, params: dict[str, str]) -> str:
@@ -94,7 +140,8 @@ def _result_page(outcome: flows.CallbackOutcome) -> str:
 _PAGE_OR_PROBLEM = {"text/html": {"schema": {"type": "string"}},
                     "application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
 _CALLBACK_FAILURES = {
-    400: "The authorization state is unknown, used or expired, or Intuit's callback is not usable",
+    400: "The authorization state is unknown, used or expired, started in another browser (cookie "
+         "mode), or Intuit's callback is not usable",
     403: "The user declined, or is not a Master admin or Company Administrator",
     404: "The connection was deleted during the authorization",
     409: "A linking rule refused the QuickBooks user or company",
@@ -104,8 +151,9 @@ _CALLBACK_FAILURES = {
 
 
 @router.get("/callback", response_class=HTMLResponse,
-            responses={303: {"description": "Back to the return_url with connection_id, result and "
-                                            "error (never a code, token or state)"},
+            responses={303: {"description": "Back to the return_url with connection_id, result, "
+                                            "completion_ticket (ticket mode) and error (never a "
+                                            "code, token or state)"},
                        **{status: {"description": f"{text}: a small HTML page says so, or "
                                                   "problem+json for a client that accepts only JSON",
                                    "content": _PAGE_OR_PROBLEM}
@@ -118,9 +166,19 @@ async def callback(request: Request, rt: RuntimeDep,
                    realm_id: Annotated[str | None, Query(alias="realmId", max_length=64)] = None,
                    error: Annotated[str | None, Query(max_length=200)] = None) -> Response:
     outcome = await flows.complete_callback(rt, state=state, code=code, realm_id=realm_id,
-                                            error=error)
+                                            error=error, cookies=request.cookies)
+    response = _callback_answer(request, outcome)
+    if outcome.connection_id is not None and rt.settings.connect_binding == "cookie":
+        response.delete_cookie(binding_cookie(outcome.connection_id), path="/", secure=True,
+                               httponly=True, samesite="lax")
+    return response
+
+
+def _callback_answer(request: Request, outcome: flows.CallbackOutcome) -> Response:
     if outcome.return_url:
         params = {"connection_id": str(outcome.connection_id), "result": outcome.result}
+        if outcome.completion_ticket is not None:
+            params["completion_ticket"] = outcome.completion_ticket
         if outcome.error is not None:
             params["error"] = outcome.error.code
         return RedirectResponse(_with_query(outcome.return_url, params), status_code=303,

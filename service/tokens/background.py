@@ -18,7 +18,7 @@ from service.connections import repository as repo
 from service.db.models import Connection, PendingLink
 from service.errors import ProblemError
 from service.metrics import BACKGROUND_RUNS
-from service.oauth.flows import discard_pending_link
+from service.oauth.flows import discard_pending_link, expire_held_grants
 from service.runtime import Runtime
 from service.tasks import cancel_and_wait
 from service.tokens.revocation import retry_pending_revocations
@@ -62,6 +62,7 @@ class BackgroundWorker:
         return {
             "refreshed": await keep_alive(self._rt),
             "pending_links_expired": await expire_pending_links(self._rt),
+            "completion_tickets_expired": await expire_held_grants(self._rt),
             "revocations": await retry_pending_revocations(self._rt.sessionmaker, self._rt.intuit,
                                                            self._rt.box),
         }

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any
 
-from service.db.models import Connection, PendingLink
+from service.db.models import Connection, HeldGrant, PendingLink
 from service.intuit.client import TokenSet
 from service.tokens.crypto import SecretBox
 
@@ -14,8 +14,9 @@ REFRESH_EXPIRY_MARGIN = timedelta(days=7)
 
 
 def _aad(connection: Any, purpose: str) -> str:
-    """`{connection id}:{purpose}`; `connection` is a Connection, a PendingLink or a row of either."""
-    connection_id = (connection.connection_id if isinstance(connection, PendingLink)
+    """`{connection id}:{purpose}`; `connection` is a Connection, a PendingLink, a HeldGrant or a
+    row of one."""
+    connection_id = (connection.connection_id if isinstance(connection, PendingLink | HeldGrant)
                      else connection.id)
     return f"{connection_id}:{purpose}"
 
@@ -77,11 +78,27 @@ def seal_pending(pending: PendingLink, tokens: TokenSet, box: SecretBox, *, now:
 
 def open_pending(pending: PendingLink, box: SecretBox) -> TokenSet:
     """The pending grant's tokens, with lifetimes counted from now (as if just issued)."""
-    now = datetime.now(pending.expires_at.tzinfo)
+    return _open(pending, box, "pending")
+
+
+def seal_held(held: HeldGrant, tokens: TokenSet, box: SecretBox, *, now: datetime) -> None:
+    held.access_token = box.encrypt(tokens.access_token, _aad(held, "held-access"))
+    held.refresh_token = box.encrypt(tokens.refresh_token, _aad(held, "held-refresh"))
+    held.access_token_expires_at = now + timedelta(seconds=tokens.expires_in)
+    held.refresh_token_expires_at = refresh_token_expiry(tokens, now)
+
+
+def open_held(held: HeldGrant, box: SecretBox) -> TokenSet:
+    """A grant held for a completion ticket, with lifetimes counted from now."""
+    return _open(held, box, "held")
+
+
+def _open(grant: PendingLink | HeldGrant, box: SecretBox, purpose: str) -> TokenSet:
+    now = datetime.now(grant.expires_at.tzinfo)
     return TokenSet(
-        access_token=box.decrypt(pending.access_token, _aad(pending, "pending-access")),
-        refresh_token=box.decrypt(pending.refresh_token, _aad(pending, "pending-refresh")),
-        expires_in=max(0, int((pending.access_token_expires_at - now).total_seconds())),
-        refresh_token_expires_in=max(0, int((pending.refresh_token_expires_at - now).total_seconds())),
+        access_token=box.decrypt(grant.access_token, _aad(grant, f"{purpose}-access")),
+        refresh_token=box.decrypt(grant.refresh_token, _aad(grant, f"{purpose}-refresh")),
+        expires_in=max(0, int((grant.access_token_expires_at - now).total_seconds())),
+        refresh_token_expires_in=max(0, int((grant.refresh_token_expires_at - now).total_seconds())),
         refresh_token_hard_expires_in=None,
     )

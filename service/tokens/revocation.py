@@ -26,12 +26,36 @@ def _aad(row: PendingRevocation) -> str:
 
 
 def queue_revocation(session: AsyncSession, box: SecretBox, *, connection_id: uuid.UUID,
-                     token: str, reason: str, error: str | None = None) -> None:
+                     token: str, reason: str, error: str | None = None) -> uuid.UUID:
+    """Queue a revocation in the caller's transaction (the outbox); returns its id."""
     row = PendingRevocation(id=uuid.uuid4(), connection_id=connection_id, token="",
                             reason=reason, last_error=error,
                             next_attempt_at=datetime.now(UTC) + timedelta(seconds=30))
     row.token = box.encrypt(token, _aad(row))
     session.add(row)
+    return row.id
+
+
+async def revoke_queued(sessionmaker: async_sessionmaker[AsyncSession], intuit: IntuitClient,
+                        box: SecretBox, ids: list[uuid.UUID]) -> None:
+    """Revoke queued revocations now, after the transaction that queued them has committed.
+    Nothing is locked while Intuit answers; one that fails stays queued for the background
+    worker (revoking twice is harmless: Intuit answers a dead token with 400)."""
+    for revocation_id in ids:
+        async with sessionmaker() as session:
+            row = await session.get(PendingRevocation, revocation_id)
+        if row is None:
+            continue
+        try:
+            await intuit.revoke(box.decrypt(row.token, _aad(row)))
+        except IntuitError as exc:
+            log.warning("revocation deferred: %s", type(exc).__name__,
+                        extra={"connection_id": str(row.connection_id),
+                               "intuit_tid": exc.intuit_tid})
+            continue
+        async with sessionmaker() as session, session.begin():
+            await session.execute(sa.delete(PendingRevocation).where(R.id == revocation_id))
+        BACKGROUND_RUNS.labels("revocation", "revoked").inc()
 
 
 async def revoke_or_queue(session: AsyncSession, intuit: IntuitClient, box: SecretBox, *,

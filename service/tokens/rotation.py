@@ -34,6 +34,12 @@ SECRET_COLUMNS = [
                  lambda r: f"{r.connection_id}:pending-refresh"),
     SecretColumn("pending_revocations", "id", "token",
                  lambda r: f"{r.connection_id}:revocation:{r.id}", aad_columns=", connection_id"),
+    SecretColumn("held_grants", "ticket_hash", "access_token",
+                 lambda r: f"{r.connection_id}:held-access", aad_columns=", connection_id"),
+    SecretColumn("held_grants", "ticket_hash", "refresh_token",
+                 lambda r: f"{r.connection_id}:held-refresh", aad_columns=", connection_id"),
+    SecretColumn("authorization_states", "state_hash", "code_verifier",
+                 lambda r: f"authorization:{r.state_hash}:pkce"),
 ]
 
 

@@ -19,7 +19,7 @@ from starlette.routing import Route
 from service.auth.jwt import JWTVerifier
 from service.config import Settings
 from service.errors import Unauthorized
-from tests.conftest import JWT_SECRET, user_headers
+from tests.conftest import JWT_SECRET, RETURN_URL, user_headers
 from tests.support.servers import ThreadedServer, free_port
 
 
@@ -88,7 +88,8 @@ async def test_service_scopes_are_enforced(client, service_headers, new_connecti
     no_user = await client.post(f"/connections/{conn['id']}/authorize", json={}, headers=writer)
     assert no_user.status_code == 422
     with_user = await client.post(f"/connections/{conn['id']}/authorize",
-                                  json={"user_id": "user-9"}, headers=writer)
+                                  json={"user_id": "user-9", "return_url": RETURN_URL},
+                                  headers=writer)
     assert with_user.status_code == 200
 
 

@@ -7,7 +7,7 @@ import uuid
 import httpx
 import pytest
 
-from tests.conftest import ALICE, COMPANY_1, TENANT, user_headers
+from tests.conftest import ALICE, COMPANY_1, RETURN_URL, TENANT, user_headers
 
 
 async def test_create_starts_pending_with_modules_off(client: httpx.AsyncClient) -> None:
@@ -43,7 +43,8 @@ async def test_another_tenants_connection_is_not_found_everywhere(client, new_co
     for method, path, body in [
         ("GET", f"/connections/{cid}", None),
         ("PATCH", f"/connections/{cid}", {"modules": {"accounts_receivable": True}}),
-        ("POST", f"/connections/{cid}/authorize", {}),
+        ("POST", f"/connections/{cid}/authorize", {"return_url": RETURN_URL}),
+        ("POST", f"/connections/{cid}/complete", {"completion_ticket": "x"}),
         ("POST", f"/connections/{cid}/disconnect", None),
         ("POST", f"/connections/{cid}/pending-link/confirm", None),
         ("DELETE", f"/connections/{cid}/pending-link", None),

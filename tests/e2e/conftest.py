@@ -79,7 +79,23 @@ def frontend_app(broker_url: str, tenant: str) -> Starlette:
         return HTMLResponse(body, status_code=400 if problem else 200)
 
     async def integration(request: Request) -> Response:
-        return page(request)
+        params = request.query_params
+        ticket = params.get("completion_ticket")
+        if params.get("result") != "completion_required" or not ticket:
+            return page(request)
+        # As cieTrade's backend does on its return URL: redeem the ticket with the signed-in
+        # user's token, then show the outcome without the ticket in the address bar.
+        connection_id, user = params.get("connection_id", ""), params.get("user", "user-1")
+        async with httpx.AsyncClient(base_url=broker_url, timeout=10) as broker:
+            answer = await broker.post(f"/connections/{connection_id}/complete",
+                                       json={"completion_ticket": ticket},
+                                       headers=user_headers(tenant, user))
+        shown = {"user": user, "connection_id": connection_id}
+        if answer.status_code == 200:
+            shown["result"] = "confirmation_required" if answer.json()["pending_link"] else "connected"
+        else:
+            shown.update(result="error", error=answer.json().get("code", str(answer.status_code)))
+        return RedirectResponse(f"{INTEGRATION_PATH}?{urlencode(shown)}", status_code=303)
 
     async def connect(request: Request) -> Response:
         # As cieTrade's backend does: the user's token stays server-side, the browser only

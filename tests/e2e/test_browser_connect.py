@@ -56,7 +56,7 @@ async def choose_company_and_connect(page: Page, camera: Camera, realm_id: str =
 
 async def expect_returned(page: Page, camera: Camera, stack: BrowserStack, connection_id: str,
                           result: str, error: str = "") -> None:
-    """Back on cieTrade's page, which shows what the broker put in the return URL."""
+    """Back on cieTrade's page, which shows the outcome (after it redeemed the completion ticket)."""
     await page.wait_for_url(f"{stack.frontend_url}/integrations/quickbooks?*result=*")
     await expect(page.locator("#result")).to_have_text(result)
     await expect(page.locator("#connection-id")).to_have_text(connection_id)

@@ -53,7 +53,9 @@ async def test_callback_answers_carry_no_secrets_and_strict_headers(client, new_
     assert "code" in callback and "state" in callback
     for secret in (callback["code"][0], callback["state"][0]):
         assert secret not in result.location
-    assert set(result.params) == {"connection_id", "result"}
+    assert set(result.callback_params) == {"connection_id", "result", "completion_ticket"}
+    assert result.callback_params["result"] == "completion_required"
+    assert result.headers["referrer-policy"] == "no-referrer"
 
 
 async def test_state_is_single_use(client, new_connection, connect) -> None:
@@ -201,11 +203,14 @@ async def test_quickbooks_user_of_another_cietrade_user_is_refused_even_with_for
     assert "Not you?" in body["last_error"]["message"]
 
 
-async def test_callback_without_return_url_shows_a_result_page(client, new_connection, connect) -> None:
+async def test_callback_without_return_url_shows_a_result_page(new_connection, cookie_connect) -> None:
+    # Only cookie mode takes no return_url: ticket mode must hand its ticket back to the frontend.
     conn = await new_connection()
-    result = await connect(conn["id"], return_url=None)
+    result = await cookie_connect(conn["id"], return_url=None)
     assert result.status_code == 200
     assert "Connected to QuickBooks" in result.body
+    assert result.headers["content-security-policy"] == (
+        "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'; base-uri 'none'")
 
 
 async def test_declining_another_admins_takeover_is_truthful_about_the_old_grant(
@@ -227,12 +232,12 @@ async def test_declining_another_admins_takeover_is_truthful_about_the_old_grant
     assert token.json()["code"] == "reauthorization_required"
 
 
-async def test_intuit_outage_at_the_callback_is_503_with_retry_after(client, new_connection, connect,
-                                                                     emulator) -> None:
+async def test_intuit_outage_at_the_callback_is_503_with_retry_after(
+        client, new_connection, connect, cookie_connect, emulator) -> None:
     conn = await new_connection()
     await emulator.post("/faults", json={"endpoint": "token", "kind": "status", "status": 503,
                                          "count": 10})
-    page = await connect(conn["id"], return_url=None)
+    page = await cookie_connect(conn["id"], return_url=None)
     assert page.status_code == 503
     assert int(page.headers["retry-after"]) > 0
     assert "QuickBooks was not connected" in page.body

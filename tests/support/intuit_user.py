@@ -20,11 +20,15 @@ class CallbackResult:
     body: str
     callback_url: str
     headers: dict[str, str] = field(default_factory=dict)
+    # The answer to POST /connections/{id}/complete, when the callback handed back a ticket.
+    completion: httpx.Response | None = None
+    callback_params: dict[str, str] = field(default_factory=dict)  # as the callback sent them
 
 
 async def sign_in_and_decide(
     authorization_url: str, *, email: str, realm_id: str | None = None,
     decision: str = "allow", connect_anyway: bool = False, follow_to_broker: bool = True,
+    cookies: dict[str, str] | None = None,
 ) -> CallbackResult:
     """Walk the emulator's flow like a browser; return what the broker answered at /callback."""
     async with httpx.AsyncClient(timeout=30) as browser:
@@ -47,8 +51,10 @@ async def sign_in_and_decide(
         callback_url = answer.headers["location"]
         if not follow_to_broker:
             return CallbackResult(answer.status_code, callback_url, {}, answer.text, callback_url)
-        back = await browser.get(callback_url)
+        # Only the broker's own cookies (cookie mode) go with the callback, as in a browser.
+        sent = {"Cookie": "; ".join(f"{k}={v}" for k, v in cookies.items())} if cookies else {}
+        back = await browser.get(callback_url, headers=sent)
         location = back.headers.get("location")
         params = {k: v[0] for k, v in parse_qs(urlsplit(location).query).items()} if location else {}
         return CallbackResult(back.status_code, location, params, back.text, callback_url,
-                              dict(back.headers))
+                              dict(back.headers), callback_params=dict(params))
