@@ -34,7 +34,9 @@ from tests.conftest import ALICE, COMPANY_1, COMPANY_2, DAVE, RETURN_URL, TENANT
 from tests.support.intuit_user import CallbackResult
 
 TOKEN_PATH = "/connections/{connection_id}/token"
+AUTHORIZE = ("POST", "/connections/{connection_id}/authorize")
 CALLBACK = "GET /callback"
+COMPLETE = "POST /connections/{connection_id}/complete"
 _TENANT_ID: TypeAdapter[str] = TypeAdapter(TenantId)
 _HTTP_URL: TypeAdapter[AnyHttpUrl] = TypeAdapter(AnyHttpUrl)
 
@@ -60,6 +62,13 @@ CONFIG = schemathesis.Config.from_dict({
         "include-name": CALLBACK,
         "checks": {"positive_data_acceptance": {
             "expected-statuses": ["2xx", "3xx", "400", "401", "403", "404", "409", "429", "5xx"]}},
+    }, {
+        # Likewise a completion ticket: only one the callback handed out moments ago is good, so
+        # any generated one is answered 400 invalid_state (or 404 for a connection the caller may
+        # not see). Redeeming real tickets is tested in tests/oauth/test_connect_binding.py.
+        "include-name": COMPLETE,
+        "checks": {"positive_data_acceptance": {
+            "expected-statuses": ["2xx", "400", "401", "403", "404", "409", "429", "5xx"]}},
     }],
 })
 
@@ -150,6 +159,20 @@ _SERVICE_NAMES = {
 }
 
 
+def _ticket_mode_return_url(case: Case) -> None:
+    # In ticket mode (the default) authorize needs a return_url, to hand the completion ticket
+    # back: configuration, not the document (cookie mode takes none). Leaving it out is refused
+    # with 400 return_url_required (tests/oauth/test_connect_binding.py). A body valid without
+    # one gets the allowlisted one; an invalid body stays invalid.
+    if (case.method.upper(), case.path) != AUTHORIZE:
+        return
+    if isinstance(case.body, dict):
+        if case.body.get("return_url") is None:
+            case.body = {**case.body, "return_url": RETURN_URL}
+    elif case.body is None or case.body is NOT_SET:
+        case.body, case.media_type = {"return_url": RETURN_URL}, "application/json"
+
+
 def _as_a_service_would(case: Case) -> None:
     """Name the tenant or the user, where a service must and the generated case did not."""
     where = _SERVICE_NAMES.get((case.method.upper(), case.path))
@@ -237,6 +260,7 @@ def test_operation(case: Case, broker: str, identity: str) -> None:
     _allowed_return_url(case)
     if identity == "service":
         _as_a_service_would(case)
+    _ticket_mode_return_url(case)
     # Credentials go on at call time: coverage cases are built at collection, before any exist.
     case.call_and_validate(base_url=broker, headers=SEEDED.headers)
 
@@ -248,7 +272,7 @@ async def test_a_service_must_name_the_tenant_and_the_user(
     connection = await new_connection()
     requests: list[tuple[str, str, dict[str, str] | None]] = [
         ("GET", "/connections", None), ("GET", "/status", None), ("POST", "/connections", {}),
-        ("POST", f"/connections/{connection['id']}/authorize", {})]
+        ("POST", f"/connections/{connection['id']}/authorize", {"return_url": RETURN_URL})]
     for method, url, body in requests:
         response = await client.request(method, url, json=body, headers=headers)
         assert response.status_code == 422, (method, url, response.text)
