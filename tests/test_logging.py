@@ -5,13 +5,15 @@ from __future__ import annotations
 import io
 import json
 import logging
+import time
 from collections.abc import Iterator
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from service.observability import JSONFormatter, redact
-from tests.conftest import CLIENT_SECRET, user_headers
+from service.auth.jwt import issue_dev_token
+from service.observability import MAX_LOGGED_PATH, JSONFormatter, loggable_path, redact
+from tests.conftest import CLIENT_SECRET, JWT_SECRET, user_headers
 from tests.support.db_helpers import expire_access_token
 
 
@@ -85,3 +87,93 @@ def test_redaction_patterns() -> None:
     assert "s3cr3t" not in redact('{"access_token": "s3cr3t"}')
     assert "AAAA.BBBB" not in redact("Authorization: Bearer AAAA.BBBB")
     assert "qbk_0123abcd_zzz" not in redact("key qbk_0123abcd_zzz used")
+
+
+def test_redaction_removes_real_secrets() -> None:
+    jwt = issue_dev_token(JWT_SECRET, tenant_id="t", user_id="u")
+    key = "qbk_0123abcd_" + "Zk9-_x" * 7
+    cases = {
+        f"Authorization: Bearer {jwt}": jwt,
+        f"authorization=bearer {jwt}": jwt,
+        f"GET /connections/{jwt}": jwt,  # a JWT anywhere, in a path too
+        f"a token ({jwt}) in a sentence": jwt,
+        f"id_token={jwt}&x=1": jwt,
+        f"X-API-Key: {key}": key,
+        f"key {key} used": key,
+        "/callback?code=AB12-cd34_ef&state=s7a8t9e&realmId=1": "AB12-cd34_ef",
+        "/callback?state=s7a8t9e&code=AB12": "s7a8t9e",
+        '{"refresh_token": "RT-1234", "access_token":"AT-5678"}': "RT-1234",
+        "{'access_token': 'AT-5678'}": "AT-5678",
+        "client_secret=cs-9999": "cs-9999",
+        "password: hunter2": "hunter2",
+        "x_access_token=AT-5678": "AT-5678",
+    }
+    for text, secret in cases.items():
+        assert secret not in redact(text), text
+    assert "AT-5678" not in redact('{"refresh_token": "RT-1234", "access_token":"AT-5678"}')
+
+
+def test_redaction_keeps_what_is_not_secret() -> None:
+    assert redact("unhandled RuntimeError on GET /connections/{connection_id}/token") == (
+        "unhandled RuntimeError on GET /connections/{connection_id}/token")
+    # A path segment named like a key is not a key: what follows it stays.
+    assert redact("failed on GET /connections/abc/token: RuntimeError: boom") == (
+        "failed on GET /connections/abc/token: RuntimeError: boom")
+    assert redact("GET /connections/abc/token 200") == "GET /connections/abc/token 200"
+
+
+# Texts shaped to make a backtracking pattern retry from every position: each is about 60 KB,
+# the size of the request path that once stalled the broker for seconds.
+PATHOLOGICAL = {
+    "eyJ repeated": "eyJ" * 20_000,
+    "eyJ runs between dots": ("eyJ" * 50 + ".") * 400,
+    "a JWT missing its last dot": "eyJ" + "a" * 30_000 + "." + "b" * 30_000,
+    "token= repeated": "token=" * 10_000,
+    "token: repeated": "token:" * 10_000,
+    "keys followed by spaces": ("token" + " " * 50) * 1_100,
+    "a key then spaces and no value": "access_token" + " " * 60_000 + "&",
+    "Bearer repeated": "Bearer " * 8_500,
+    "bearer then spaces": "bearer" + " " * 60_000 + "!",
+    "API key prefixes": "qbk_0123abcd" * 5_000,
+    "code=state=": "code=state=" * 5_500,
+    "a path of them all": "/" + "/".join(["eyJ" * 300, "token=" * 100, "Bearer%20" * 100] * 20),
+}
+
+
+@pytest.mark.parametrize("name", list(PATHOLOGICAL))
+def test_redaction_is_linear_on_pathological_input(name: str) -> None:
+    text = PATHOLOGICAL[name]
+    for _attempt in range(3):  # a busy machine may pause a run; a quadratic one never passes
+        started = time.perf_counter()
+        redact(text)
+        loggable_path(text)
+        if time.perf_counter() - started < 0.25:
+            return
+    raise AssertionError(f"redacting {len(text)} characters ({name}) took "
+                         f"{time.perf_counter() - started:.2f} s")
+
+
+def test_long_paths_are_cut_and_marked() -> None:
+    jwt = issue_dev_token(JWT_SECRET, tenant_id="t", user_id="u")
+    path = "/connections/" + "x" * (MAX_LOGGED_PATH - 20) + jwt
+    logged = loggable_path(path)
+    assert logged.startswith(path[:MAX_LOGGED_PATH - 20])
+    assert logged.endswith(f"…[truncated, {len(path)} chars]")
+    assert len(logged) < MAX_LOGGED_PATH + 40
+    assert jwt[:40] not in logged  # redacted before the cut, so no part of it shows
+    assert loggable_path("/status") == "/status"
+
+
+async def test_a_pathological_path_does_not_stall_the_broker(client, captured_logs) -> None:
+    path = "/" + "eyJ" * 20_000
+    started = time.perf_counter()
+    answer = await client.get(path)
+    health = await client.get("/healthz")
+    elapsed = time.perf_counter() - started
+    assert answer.status_code == 404 and health.status_code == 200
+    assert elapsed < 1.0, f"{elapsed:.2f} s"
+    lines = [json.loads(line) for line in captured_logs.getvalue().splitlines() if line.strip()]
+    [logged] = [line for line in lines if line["logger"] == "qbo_broker.access"
+                and line["request_id"] == answer.headers["x-request-id"]]
+    assert len(logged["path"]) < MAX_LOGGED_PATH + 40
+    assert "truncated" in logged["path"]
