@@ -76,9 +76,31 @@ class JSONFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
-def configure_logging(level: str = "INFO") -> None:
+class ConsoleFormatter(logging.Formatter):
+    """One line a person reads on a terminal, redacted like the JSON:
+    `12:00:01 INFO  service.oauth  message  key=value … [request id]`."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        when = datetime.fromtimestamp(record.created).strftime("%H:%M:%S")
+        parts = [f"{when} {record.levelname:<5} {record.name}  {redact(record.getMessage())}"]
+        extras = _extras(record)
+        if extras:
+            parts.append(" ".join(f"{key}={value}" for key, value in extras.items()))
+        request_id = request_id_var.get()
+        if request_id:
+            parts.append(f"[{request_id}]")
+        line = "  ".join(parts)
+        if record.exc_info:
+            line += "\n" + redact(self.formatException(record.exc_info))
+        return line
+
+
+def configure_logging(level: str = "INFO", *, human_on_tty: bool = False) -> None:
+    """Logs on stderr: JSON, or (with human_on_tty, when stderr is a terminal) one readable
+    line per record."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JSONFormatter())
+    human = human_on_tty and sys.stderr.isatty()
+    handler.setFormatter(ConsoleFormatter() if human else JSONFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -5,14 +5,28 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
+import pty
+import re
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
 from service.auth.jwt import issue_dev_token
-from service.observability import MAX_LOGGED_PATH, JSONFormatter, loggable_path, redact
+from service.observability import (
+    MAX_LOGGED_PATH,
+    ConsoleFormatter,
+    JSONFormatter,
+    configure_logging,
+    loggable_path,
+    redact,
+    request_id_var,
+)
 from tests.conftest import CLIENT_SECRET, JWT_SECRET, user_headers
 from tests.support.db_helpers import expire_access_token
 
@@ -177,3 +191,89 @@ async def test_a_pathological_path_does_not_stall_the_broker(client, captured_lo
                 and line["request_id"] == answer.headers["x-request-id"]]
     assert len(logged["path"]) < MAX_LOGGED_PATH + 40
     assert "truncated" in logged["path"]
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.fixture
+def logging_restored() -> Iterator[None]:
+    """configure_logging() rewires the process's loggers: put them back afterwards."""
+    names = ["uvicorn", "uvicorn.error", "uvicorn.access", "httpx", "pgserver"]
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level,
+             {n: (logging.getLogger(n).handlers[:], logging.getLogger(n).propagate,
+                  logging.getLogger(n).disabled, logging.getLogger(n).level) for n in names})
+    try:
+        yield
+    finally:
+        root.handlers[:], root.level = saved[0], saved[1]
+        for name, (handlers, propagate, disabled, level) in saved[2].items():
+            logger = logging.getLogger(name)
+            logger.handlers[:], logger.propagate, logger.disabled = handlers, propagate, disabled
+            logger.setLevel(level)
+
+
+@pytest.mark.parametrize(("stderr", "human_on_tty", "formatter"), [
+    (Terminal(), True, ConsoleFormatter),  # `dev` on a terminal
+    (io.StringIO(), True, JSONFormatter),  # `dev` piped or in a container
+    (Terminal(), False, JSONFormatter),  # `serve`, wherever it runs
+])
+def test_readable_logs_only_for_dev_on_a_terminal(
+        monkeypatch: pytest.MonkeyPatch, logging_restored: None, stderr: io.StringIO,
+        human_on_tty: bool, formatter: type[logging.Formatter]) -> None:
+    monkeypatch.setattr(sys, "stderr", stderr)
+    configure_logging("INFO", human_on_tty=human_on_tty)
+    [handler] = logging.getLogger().handlers
+    assert type(handler.formatter) is formatter
+
+
+def test_readable_lines_are_redacted_and_carry_the_request_id() -> None:
+    jwt = issue_dev_token(JWT_SECRET, tenant_id="t", user_id="u")
+    record = logging.LogRecord("service.oauth", logging.INFO, __file__, 1,
+                               "linked with Bearer %s", (jwt,), None)
+    record.connection_id = "c-1"
+    record.path = f"/callback?code=secret-code&state={jwt}"
+    token = request_id_var.set("req-42")
+    try:
+        line = ConsoleFormatter().format(record)
+    finally:
+        request_id_var.reset(token)
+    assert re.fullmatch(r"\d\d:\d\d:\d\d INFO  service\.oauth  linked with Bearer \[redacted\]  "
+                        r"connection_id=c-1 path=/callback\?code=\[redacted\]&state=\[redacted\]  "
+                        r"\[req-42\]", line), line
+    assert jwt not in line and "secret-code" not in line
+
+
+def test_dev_logs_are_readable_on_a_real_terminal() -> None:
+    """`dev`'s logging set-up, in a process whose stderr is a pseudo-terminal."""
+    script = ("import logging; from service.devserver import configure_dev_logging; "
+              "configure_dev_logging('INFO'); "
+              "logging.getLogger('service.oauth').info('linked', extra={'connection_id': 'c-1'})")
+    controller, terminal = pty.openpty()
+    try:
+        done = subprocess.run([sys.executable, "-c", script], stderr=terminal,
+                              stdout=subprocess.DEVNULL, timeout=60, check=False,
+                              cwd=Path(__file__).resolve().parents[1])
+        os.close(terminal)
+        terminal = -1
+        output = b""
+        while True:
+            try:
+                chunk = os.read(controller, 4096)
+            except OSError:  # the terminal's other end is closed: all read
+                break
+            if not chunk:
+                break
+            output += chunk
+    finally:
+        if terminal != -1:
+            os.close(terminal)
+        os.close(controller)
+    assert done.returncode == 0, output
+    text = output.decode().replace("\r\n", "\n")
+    assert re.search(r"^\d\d:\d\d:\d\d INFO  service\.oauth  linked  connection_id=c-1$", text,
+                     re.MULTILINE), text
+    assert "{" not in text
