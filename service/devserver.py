@@ -4,7 +4,10 @@ together, with a dev JWT and API key printed, so a newcomer can click through Co
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import logging
 import os
+from collections.abc import Awaitable
 from pathlib import Path
 
 import uvicorn
@@ -13,6 +16,32 @@ DEV_TENANT = "dev-tenant"
 DEV_USER = "dev-user"
 DEV_CLIENT_ID = "dev-client-id"
 DEV_CLIENT_SECRET = "dev-client-secret"  # noqa: S105 (the emulator's, never Intuit's)
+
+
+# Set in the emulator's server task: its uvicorn would say again what the broker's says
+# (started, running on, shutting down). Its address is in the banner; its warnings still show.
+_EMULATOR_SERVER = contextvars.ContextVar("qbo_broker_dev_emulator_server", default=False)
+
+
+class _QuietEmulatorServer(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or not _EMULATOR_SERVER.get()
+
+
+def configure_dev_logging(level: str) -> None:
+    """Readable lines on a terminal (JSON otherwise, as `serve` logs), and uvicorn's start-up
+    and shutdown lines once, from the broker's server."""
+    from service.observability import configure_logging
+
+    configure_logging(level, human_on_tty=True)
+    uvicorn_log = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, _QuietEmulatorServer) for f in uvicorn_log.filters):
+        uvicorn_log.addFilter(_QuietEmulatorServer())
+
+
+async def _as_emulator_server(serving: Awaitable[None]) -> None:
+    _EMULATOR_SERVER.set(True)  # this task's context, and the tasks it starts
+    await serving
 
 
 def _prepare_environment(host: str, port: int, emulator_port: int) -> Path:
@@ -64,11 +93,10 @@ def run_dev(*, host: str, port: int, emulator_port: int) -> None:
     from service.emulator import EmulatorSettings
     from service.emulator import create_app as create_emulator
     from service.main import create_app, database_url_for
-    from service.observability import configure_logging
 
     data_dir = _prepare_environment(host, port, emulator_port)
     settings = Settings()
-    configure_logging(settings.log_level)
+    configure_dev_logging(settings.log_level)
     database_url = database_url_for(settings)
     os.environ["DATABASE_URL"] = database_url
     upgrade_to_head(database_url)
@@ -81,12 +109,10 @@ def run_dev(*, host: str, port: int, emulator_port: int) -> None:
         public_url=f"http://{host}:{emulator_port}", client_id=DEV_CLIENT_ID,
         client_secret=DEV_CLIENT_SECRET, redirect_uris=[settings.redirect_uri],
         state_file=str(data_dir / "emulator-state.json")))
-    servers = [
-        uvicorn.Server(uvicorn.Config(emulator, host=host, port=emulator_port, log_config=None,
-                                      access_log=False)),
-        uvicorn.Server(uvicorn.Config(create_app(settings), host=host, port=port, log_config=None,
-                                      access_log=False)),
-    ]
+    emulator_server = uvicorn.Server(uvicorn.Config(emulator, host=host, port=emulator_port,
+                                                    log_config=None, access_log=False))
+    broker_server = uvicorn.Server(uvicorn.Config(create_app(settings), host=host, port=port,
+                                                  log_config=None, access_log=False))
     print(f"""
 qbo-broker dev is starting.
 
@@ -106,6 +132,6 @@ qbo-broker dev is starting.
 """, flush=True)
 
     async def serve_all() -> None:
-        await asyncio.gather(*(server.serve() for server in servers))
+        await asyncio.gather(_as_emulator_server(emulator_server.serve()), broker_server.serve())
 
     asyncio.run(serve_all())

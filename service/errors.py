@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
+import asyncpg
+import sqlalchemy.exc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.observability import loggable_path
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +151,14 @@ class IntuitUnavailable(ProblemError):
         super().__init__(detail, headers={"Retry-After": str(retry_after)}, **extra)
 
 
+class DatabaseUnavailable(ProblemError):
+    status, code, title = 503, "database_unavailable", "The database is not reachable right now"
+
+    def __init__(self, detail: str | None = None, *, retry_after: int = 5, **extra: Any) -> None:
+        super().__init__(detail or "PostgreSQL cannot be reached right now; retry shortly.",
+                         headers={"Retry-After": str(retry_after)}, **extra)
+
+
 class IntuitRejected(ProblemError):
     """Intuit answered something the broker cannot use (bad client credentials, a bad code)."""
 
@@ -213,6 +227,125 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.error("unhandled error on %s %s: %s", request.method, request.url.path, type(exc).__name__,
-                  exc_info=exc)
-        return problem_response(ProblemError("The broker failed to handle this request."))
+        # Only for an error raised outside ErrorBoundary (in an outer middleware): that one
+        # answers everything raised inside it.
+        return problem_response(unexpected_error(exc, request.scope))
+
+
+# Failures that mean "PostgreSQL cannot be reached, or is not serving, right now", not a bug: no
+# connection (refused, reset, a socket gone, a timeout), a session the server ended (a shutdown,
+# restart or failover: SQLSTATE classes 08 and 57, a cancelled statement included), a server
+# starting up or full, a pool with no connection to give in time.
+_UNREACHABLE: tuple[type[BaseException], ...] = (
+    OSError,  # ConnectionRefusedError, ConnectionResetError, TimeoutError (asyncio's too), ...
+    asyncpg.PostgresConnectionError,  # 08xxx, ConnectionDoesNotExistError
+    asyncpg.exceptions.OperatorInterventionError,  # 57xxx: CannotConnectNow, AdminShutdown, ...
+    asyncpg.exceptions.TooManyConnectionsError,
+    sqlalchemy.exc.TimeoutError,  # the pool had no connection to give in time
+)
+
+
+def database_unreachable(exc: BaseException) -> bool:
+    """Whether `exc` (or what it wraps: SQLAlchemy's `orig`, an explicit `raise … from`) says
+    the database cannot be reached, rather than that the broker has a bug."""
+    pending: list[BaseException] = [exc]
+    seen: set[int] = set()
+    while pending:
+        current = pending.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, _UNREACHABLE):
+            return True
+        if isinstance(current, asyncpg.InterfaceError) and "clos" in str(current):
+            return True  # "connection is closed", "pool is closing"
+        if (isinstance(current, asyncpg.exceptions.InternalClientError)
+                and "cannot switch to state" in str(current)):
+            # A pooled connection the server was ending (its FATAL came in, the close not yet)
+            # handed to the next statement.
+            return True
+        if isinstance(current, sqlalchemy.exc.DBAPIError):
+            if current.connection_invalidated:  # SQLAlchemy found the connection dead
+                return True
+            if isinstance(current.orig, BaseException):
+                pending.append(current.orig)
+        if current.__cause__ is not None:
+            pending.append(current.__cause__)
+    return False
+
+
+class _Throttled:
+    """One warning per interval, however many requests fail the same way meanwhile."""
+
+    def __init__(self, interval: float) -> None:
+        self._interval = interval
+        self._next = 0.0
+        self._suppressed = 0
+
+    def warn(self, message: str, *args: Any) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            self._suppressed += 1
+            return
+        self._next = now + self._interval
+        suppressed, self._suppressed = self._suppressed, 0
+        log.warning(message, *args, extra={"similar_suppressed": suppressed})
+
+
+_database_warnings = _Throttled(5.0)
+
+
+def database_unavailable(exc: BaseException) -> DatabaseUnavailable:
+    """The answer to a request that failed because the database cannot be reached (a warning
+    without traceback, at most every few seconds: an outage fails every request alike)."""
+    _database_warnings.warn("database unreachable (%s); answering 503 database_unavailable",
+                            type(exc).__name__)
+    return DatabaseUnavailable()
+
+
+def unexpected_error(exc: BaseException, scope: Scope) -> ProblemError:
+    """The answer to an exception nothing handled: 503 database_unavailable if the database
+    cannot be reached, else 500 internal_error, logged here with its traceback (details stay in
+    the log, under the request id; the caller gets none)."""
+    if isinstance(exc, ProblemError):  # raised where no handler of the app's saw it
+        return exc
+    if database_unreachable(exc):
+        return database_unavailable(exc)
+    route = scope.get("route")
+    where = getattr(route, "path", None) or loggable_path(scope.get("path", ""))
+    # The class first: after the path it would read as "…/token: <value>" to the redaction.
+    log.error("unhandled %s on %s %s", type(exc).__name__, scope.get("method", "?"), where,
+              exc_info=exc)
+    return ProblemError("The broker failed to handle this request.")
+
+
+class ErrorBoundary:
+    """ASGI middleware: answers every exception raised inside it as a problem, instead of
+    letting it reach the server (which would log a second traceback and close a keep-alive
+    connection). It sits inside the request context and CORS, so these answers carry
+    X-Request-ID and CORS headers, and their log lines the request id."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_tracking(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_tracking)
+        except Exception as exc:
+            error = unexpected_error(exc, scope)
+            if started:
+                # Part of an answer is out: nothing can follow it, and the server ends the
+                # connection when the app returns. Logged above; not raised, so not logged again.
+                return
+            await problem_response(error)(scope, receive, send)

@@ -9,11 +9,12 @@ request.
 
 It answers what the app would, and only successes: an API key to look up, a caller without the
 right, a query string it does not recognise, an unknown connection, or any other request goes
-on to the app unchanged, which answers (and fills the caches). The one error rendered here is a
-refresh's own outcome (reauthorization_required, intuit_unavailable, …), with the app's problem
-renderer: handing it to the app would only repeat the refresh to fail again. It sits inside
-every other middleware, so its answers get the same CORS headers, request ids, metrics and
-access logs as the app's. tests/test_fastlane.py compares the two answers byte for byte.
+on to the app unchanged, which answers (and fills the caches). The errors rendered here are a
+refresh's own outcome (reauthorization_required, intuit_unavailable, …) and a database that
+cannot be reached (database_unavailable), with the app's problem renderer: handing them to the
+app would only repeat the work to fail again. It sits inside every other middleware, so its
+answers get the same CORS headers, request ids, metrics and access logs as the app's.
+tests/test_fastlane.py compares the two answers byte for byte.
 """
 
 from __future__ import annotations
@@ -33,7 +34,12 @@ from service.auth.callers import Scope as CallerScope
 from service.auth.jwt import REJECTED_JWT
 from service.connections.schemas import TenantId
 from service.connections.service import link_status_body
-from service.errors import ProblemError, problem_response
+from service.errors import (
+    ProblemError,
+    database_unavailable,
+    database_unreachable,
+    problem_response,
+)
 from service.metrics import FAST_LANE_ANSWERS
 
 STATUS_PATH = "/status"
@@ -100,15 +106,22 @@ class FastLane:
                 and hasattr(self._state, "runtime")):
             path = scope["path"]
             answer: tuple[bytes, list[tuple[bytes, bytes]]] | ProblemError | None = None
+            if path == STATUS_PATH:
+                route, counter = self._status_route, self._count_status
+            else:
+                route, counter = self._token_route, self._count_token
             try:
                 if path == STATUS_PATH:
                     answer = await self._status(scope)
-                    route, counter = self._status_route, self._count_status
                 elif path.startswith(TOKEN_PREFIX) and path.endswith(TOKEN_SUFFIX):
                     answer = await self._token(scope, path[len(TOKEN_PREFIX):-len(TOKEN_SUFFIX)])
-                    route, counter = self._token_route, self._count_token
             except ProblemError:  # the app will say why, in its own words
                 answer = None
+            except Exception as exc:
+                # PostgreSQL cannot be reached: the app could only fail the same way again.
+                if not database_unreachable(exc):
+                    raise
+                answer = database_unavailable(exc)
             if isinstance(answer, ProblemError):
                 scope["route"] = route
                 counter.inc()

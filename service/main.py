@@ -17,7 +17,7 @@ from service.connections.router import router as connections_router
 from service.db.embedded import start_embedded_postgres
 from service.db.engine import asyncpg_dsn, build_engine, build_sessionmaker, create_reads_pool
 from service.docs import OPENAPI_PATH, install_docs
-from service.errors import Problem, install_error_handlers
+from service.errors import ErrorBoundary, Problem, install_error_handlers
 from service.fastlane import FastLane
 from service.intuit.client import IntuitClient
 from service.oauth.router import router as oauth_router
@@ -119,6 +119,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # metrics, logs) like the app's own.
     app.add_middleware(FastLane, state=app.state,
                        routes={route.path: route for route in connections_router.routes})  # type: ignore[attr-defined]
+    # Around the app and the fast lane: any exception becomes a problem answer here, inside CORS
+    # and the request context, so it carries their headers and the request id.
+    app.add_middleware(ErrorBoundary)
     if settings.cors_origins:
         # Credentials only in cookie mode, where authorize sets the browser-binding cookie.
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -89,3 +90,15 @@ async def test_dev_connects_and_survives_a_restart(tmp_path: Path) -> None:
             token = await http.get(f"/connections/{cid}/token", params={"force_refresh": "true"},
                                    headers={"X-API-Key": second["api_key"]})
             assert token.status_code == 200, token.text
+
+    # Not on a terminal, the logs are JSON; uvicorn's start-up and shutdown lines come once, from
+    # the broker's server (the emulator's would repeat them).
+    log = (tmp_path / "dev-2.log").read_text()
+    lines = [line for line in log.splitlines() if line.startswith("{")]
+    messages = [json.loads(line)["message"] for line in lines]
+    for said in ("Started server process", "Waiting for application startup.",
+                 "Application startup complete.", "Uvicorn running on", "Shutting down",
+                 "Finished server process"):
+        assert sum(message.startswith(said) for message in messages) == 1, (said, messages)
+    assert [m for m in messages if m.startswith("Uvicorn running on")] == [
+        f"Uvicorn running on http://127.0.0.1:{port} (Press CTRL+C to quit)"]

@@ -33,3 +33,11 @@ def test_both_security_schemes_are_offered() -> None:
     assert schemes["ServiceAPIKey"]["name"] == "X-API-Key"
     token_op = document["paths"]["/connections/{connection_id}/token"]["get"]
     assert {"UserJWT": []} in token_op["security"] and {"ServiceAPIKey": []} in token_op["security"]
+
+
+def test_every_api_operation_documents_database_unavailable() -> None:
+    document = yaml.safe_load(openapi_yaml())
+    missing = [f"{method.upper()} {path}" for path, item in document["paths"].items()
+               if path.startswith(("/connections", "/status"))
+               for method, operation in item.items() if "503" not in operation["responses"]]
+    assert not missing

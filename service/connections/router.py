@@ -34,7 +34,8 @@ Limit = Annotated[int, Query(ge=1, le=100, description="Page size (at most 100).
 Cursor = Annotated[str | None, Query(max_length=200, description="`next_cursor` of the previous page.")]
 TenantQuery = Annotated[TenantId | None, Query(description="Services only: the tenant to look at.")]
 
-ERRORS = problem_responses(401, 403, 404, 413, 422)
+# 503: database_unavailable (PostgreSQL cannot be reached right now), with Retry-After.
+ERRORS = problem_responses(401, 403, 404, 413, 422, 503)
 # A request body that is not even text (FastAPI: "There was an error parsing the body").
 MALFORMED = problem_responses(400)
 CONFLICT = problem_responses(409)

@@ -17,6 +17,11 @@ from sqlalchemy.ext.asyncio import (
 
 from service.cache import Caches, TrackingSession
 
+# A server that does not answer (a network cut, a host gone) fails a connection attempt after
+# this long, and the request that needed it with 503 database_unavailable, rather than after
+# asyncpg's default of a minute.
+CONNECT_TIMEOUT_SECONDS = 5.0
+
 
 def async_url(database_url: str) -> str:
     """`postgresql://…` as given by operators, in the form SQLAlchemy's asyncpg dialect wants."""
@@ -41,7 +46,8 @@ def build_engine(database_url: str, *, pool_size: int = 10) -> AsyncEngine:
         # that died is discarded by the pool when it fails, and recycling bounds their age.
         pool_recycle=1800,
         # Named in pg_stat_activity, so operators can tell the broker's sessions apart.
-        connect_args={"server_settings": {"application_name": "qbo-broker"}},
+        connect_args={"server_settings": {"application_name": "qbo-broker"},
+                      "timeout": CONNECT_TIMEOUT_SECONDS},
     )
 
 
@@ -79,4 +85,4 @@ async def create_reads_pool(database_url: str, *, max_size: int) -> asyncpg.Pool
     Such reads leave nothing behind on a connection, so the pool skips asyncpg's default reset
     (`RESET ALL`, `UNLISTEN *`, … : one more round trip on every release)."""
     return await asyncpg.create_pool(asyncpg_dsn(database_url), min_size=1, max_size=max_size,
-                                     reset=_nothing_to_reset)
+                                     reset=_nothing_to_reset, timeout=CONNECT_TIMEOUT_SECONDS)
