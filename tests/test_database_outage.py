@@ -28,7 +28,15 @@ from service.db.engine import build_engine, build_sessionmaker
 from service.db.migrations import upgrade_to_head
 from service.emulator import EmulatorSettings
 from service.emulator import create_app as create_emulator
-from tests.conftest import CLIENT_ID, CLIENT_SECRET, COMPANY_1, RETURN_URL, broker_settings, user_headers
+from tests.conftest import (
+    CLIENT_ID,
+    CLIENT_SECRET,
+    COMPANY_1,
+    RETURN_URL,
+    broker_settings,
+    finish_connect,
+    user_headers,
+)
 from tests.support import database
 from tests.support.intuit_user import sign_in_and_decide
 from tests.support.processes import BrokerProcess, BrokerProcesses, settings_env
@@ -171,8 +179,9 @@ async def setup(outage_postgres: StoppablePostgres,
             started = await http.post(f"/connections/{cid}/authorize",
                                       json={"return_url": RETURN_URL}, headers=user_headers())
             assert started.status_code == 200, started.text
-        result = await sign_in_and_decide(started.json()["authorization_url"],
-                                          email="alice@example.com", realm_id=COMPANY_1)
+            result = await finish_connect(http, await sign_in_and_decide(
+                started.json()["authorization_url"], email="alice@example.com",
+                realm_id=COMPANY_1), user_headers())
         assert result.params.get("result") == "connected", result.params
         yield Setup(brokers, cid, api_key)
     finally:

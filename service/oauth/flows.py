@@ -35,10 +35,11 @@ from service.errors import (
 )
 from service.intuit import errors as intuit_errors
 from service.intuit.client import QuickBooksUser, TokenSet
-from service.metrics import LINK_RESULTS
+from service.metrics import BACKGROUND_RUNS, LINK_RESULTS
 from service.oauth.state import consume_state, digest, nonce_matches, open_code_verifier
 from service.runtime import Runtime
 from service.tokens import credentials
+from service.tokens.crypto import DecryptionError
 from service.tokens.revocation import queue_revocation, revoke_or_queue, revoke_queued
 
 log = logging.getLogger(__name__)
@@ -344,13 +345,19 @@ async def expire_held_grants(rt: Runtime, *, batch: int = 50) -> int:
             .with_for_update(skip_locked=True))).scalars())
         queued = []
         for held in rows:
-            queued.append(queue_revocation(
-                session, rt.box, connection_id=held.connection_id,
-                token=credentials.open_held(held, rt.box).refresh_token,
-                reason="completion_ticket_expired"))
+            try:
+                token = credentials.open_held(held, rt.box).refresh_token
+            except DecryptionError:
+                # Sealed under a key this replica lacks: leave it for one that has the key.
+                log.error("held grant for connection %s cannot be decrypted here; kept",
+                          held.connection_id)
+                BACKGROUND_RUNS.labels("held_grant", "undecryptable").inc()
+                continue
+            queued.append(queue_revocation(session, rt.box, connection_id=held.connection_id,
+                                           token=token, reason="completion_ticket_expired"))
             await session.delete(held)
     await revoke_queued(rt.sessionmaker, rt.intuit, rt.box, queued)
-    return len(rows)
+    return len(queued)
 
 
 def _check_exclusive_rules(realm_elsewhere: bool, claimant: str | None, user_id: str) -> None:
