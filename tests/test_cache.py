@@ -166,3 +166,49 @@ async def test_a_failed_or_empty_load_caches_nothing() -> None:
 
     assert await cache.get_or_load("k", found) == 7
     assert cache.get("k") == 7
+
+
+async def test_a_truncate_empties_every_replicas_status(client, replica, new_connection,
+                                                         stack: Stack) -> None:
+    # Row triggers do not fire on TRUNCATE; a statement trigger tells every replica to drop all.
+    await new_connection()
+    async with httpx.AsyncClient(base_url=replica.url) as other:
+        for broker in (client, other):
+            assert len((await broker.get("/status", headers=user_headers())).json()["connections"]) == 1
+        await execute(stack.database_url, "TRUNCATE connections CASCADE")
+        for broker in (client, other):
+            async def emptied(broker: httpx.AsyncClient = broker) -> bool:
+                body = (await broker.get("/status", headers=user_headers())).json()
+                return body["connections"] == []
+
+            await _eventually(emptied)
+
+
+async def test_using_an_api_key_notifies_no_replica_but_revoking_it_does(stack: Stack) -> None:
+    import asyncpg
+
+    from service.db.engine import asyncpg_dsn
+
+    listener = await asyncpg.connect(asyncpg_dsn(stack.database_url))
+    heard: list[str] = []
+    await listener.add_listener("qbo_broker_api_keys", lambda *args: heard.append(args[2]))
+    try:
+        await execute(stack.database_url, "INSERT INTO api_keys (id, name, prefix, key_hash, scopes) "
+                      "VALUES (gen_random_uuid(), 'k', 'p', 'h-notify', '{status:read}')")
+        await until(lambda: _true(bool(heard)), "the insert to be notified", within=2.0)
+        heard.clear()
+        await execute(stack.database_url, "UPDATE api_keys SET last_used_at = now() "
+                      "WHERE key_hash = 'h-notify'")
+        await execute(stack.database_url, "UPDATE api_keys SET revoked_at = now() "
+                      "WHERE key_hash = 'h-notify'")
+        await until(lambda: _true(bool(heard)), "the revocation to be notified", within=2.0)
+        # Notifications arrive in commit order: had the touch been notified, it would be first,
+        # and there would be two.
+        await asyncio.sleep(0.2)
+        assert len(heard) == 1
+    finally:
+        await listener.close()
+
+
+async def _true(value: bool) -> bool:
+    return value
