@@ -50,6 +50,7 @@ def serve(host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0
     """Migrate to head (under an advisory lock, so replicas don't race), then serve."""
     import uvicorn
 
+    from service.httpserver import server_options
     from service.observability import configure_logging
 
     settings = _settings()
@@ -61,8 +62,9 @@ def serve(host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0
     url = _migrated_database(settings)
     # Workers read their settings from the environment; hand them the resolved database.
     os.environ["DATABASE_URL"] = url
+    # Request heads are bounded (service.httpserver): uvicorn's httptools would buffer any size.
     uvicorn.run("service.main:create_app", factory=True, host=host, port=port, workers=workers,
-                proxy_headers=True, log_config=None, access_log=False)
+                proxy_headers=True, log_config=None, access_log=False, **server_options())
 
 
 @app.command()
