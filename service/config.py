@@ -74,6 +74,8 @@ class Settings(BaseSettings):
     # answers, so this is a bound on calls to Intuit, not on database connections.
     refresh_concurrency: int = Field(default=50, alias="BROKER_REFRESH_CONCURRENCY", ge=1)
     max_body_bytes: int = Field(default=64 * 1024, alias="BROKER_MAX_BODY_BYTES", ge=1024)
+    max_connections_per_tenant: int = Field(default=20, alias="BROKER_MAX_CONNECTIONS_PER_TENANT",
+                                            ge=1)
     log_level: str = Field(default="INFO", alias="BROKER_LOG_LEVEL")
 
     # Background work (token keep-alive, pending-link expiry, revocation retries).

@@ -202,3 +202,8 @@ def install_error_handlers(app: FastAPI) -> None:
         log.error("unhandled error on %s %s: %s", request.method, request.url.path, type(exc).__name__,
                   exc_info=exc)
         return problem_response(ProblemError("The broker failed to handle this request."))
+
+
+class ConnectionLimitReached(ProblemError):
+    status, code = 409, "connection_limit_reached"
+    title = "The tenant has as many connections as it may have"

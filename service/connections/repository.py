@@ -14,6 +14,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from service.db.locking import TENANT_LOCK_NAMESPACE
 from service.db.models import Connection, ConnectionEvent, PendingLink, QuickBooksUserClaim
 from service.errors import ValidationFailed
 
@@ -71,6 +72,17 @@ def _event_cursor(cursor: str) -> int:
     return int(before)
 
 
+async def lock_tenant(session: AsyncSession, tenant_id: str) -> None:
+    """Serialize this transaction with others that lock the tenant, until it ends."""
+    await session.execute(sa.select(sa.func.pg_advisory_xact_lock(
+        sa.literal(TENANT_LOCK_NAMESPACE, sa.Integer), sa.func.hashtext(tenant_id))))
+
+
+async def count_tenant_connections(session: AsyncSession, tenant_id: str) -> int:
+    stmt = sa.select(sa.func.count()).select_from(Connection).where(C.tenant_id == tenant_id)
+    return int((await session.execute(stmt)).scalar_one())
+
+
 async def create_connection(session: AsyncSession, *, tenant_id: str) -> Connection:
     conn = Connection(tenant_id=tenant_id)
     session.add(conn)
@@ -121,13 +133,14 @@ async def list_connections(
 _STATUS_SQL = """
 SELECT id, status, realm_id, company_name, owner_user_id, owner_qb_sub, owner_qb_email,
        owner_qb_name, module_ar, module_ap, access_token_expires_at
-FROM connections WHERE tenant_id = $1 ORDER BY created_at DESC, id DESC
+FROM connections WHERE tenant_id = $1 ORDER BY created_at DESC, id DESC LIMIT $2
 """
 
 
-async def read_tenant_status(reads: asyncpg.Pool, tenant_id: str) -> list[SimpleNamespace]:
-    """The link-status columns of a tenant's connections."""
-    return [SimpleNamespace(**row) for row in await reads.fetch(_STATUS_SQL, tenant_id)]
+async def read_tenant_status(reads: asyncpg.Pool, tenant_id: str, *,
+                             limit: int) -> list[SimpleNamespace]:
+    """The link-status columns of a tenant's newest `limit` connections."""
+    return [SimpleNamespace(**row) for row in await reads.fetch(_STATUS_SQL, tenant_id, limit)]
 
 
 async def realm_linked_elsewhere(session: AsyncSession, *, realm_id: str,
