@@ -43,6 +43,32 @@ def _migrated_database(settings: Settings) -> str:
     return url
 
 
+def _check_stored_key_ids(settings: Settings, url: str) -> None:
+    """Refuse to serve when stored secrets are sealed under key ids this configuration lacks:
+    every refresh, disconnect and background pass touching them would fail."""
+    from service.db.engine import build_engine, build_sessionmaker
+    from service.tokens.crypto import printable_key_id
+    from service.tokens.rotation import unconfigured_key_ids
+
+    configured = [kid for kid, _ in settings.parsed_encryption_keys]
+
+    async def run() -> dict[str, int]:
+        engine = build_engine(url, pool_size=1)
+        try:
+            async with build_sessionmaker(engine)() as session:
+                return await unconfigured_key_ids(session, configured)
+        finally:
+            await engine.dispose()
+
+    missing = asyncio.run(run())
+    if missing:
+        listed = ", ".join(f"{printable_key_id(kid)} ({count} secrets)"
+                           for kid, count in sorted(missing.items()))
+        _fail(f"the database holds secrets encrypted under key ids that BROKER_ENCRYPTION_KEYS "
+              f"does not have: {listed}. Add those keys to BROKER_ENCRYPTION_KEYS (after the one "
+              f"that encrypts); configured key ids: {', '.join(configured)}")
+
+
 @app.command()
 def serve(host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
           port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
@@ -60,6 +86,7 @@ def serve(host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0
         _fail(str(exc))
     configure_logging(settings.log_level)
     url = _migrated_database(settings)
+    _check_stored_key_ids(settings, url)
     # Workers read their settings from the environment; hand them the resolved database.
     os.environ["DATABASE_URL"] = url
     # Request heads are bounded (service.httpserver): uvicorn's httptools would buffer any size.

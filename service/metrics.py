@@ -43,3 +43,9 @@ LINK_RESULTS = Counter(
 BACKGROUND_RUNS = Counter(
     "qbo_broker_background_tasks_total", "Background work done", ["task", "outcome"]
 )
+BACKGROUND_ROW_ERRORS = Counter(
+    "qbo_broker_background_row_errors_total",
+    "Rows the background worker left for a later pass (or a replica with the key): "
+    "reason unknown_key, undecryptable or error",
+    ["task", "reason"],
+)
