@@ -84,11 +84,19 @@ def serve(host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0
         settings.check_for_serving()
     except ConfigurationError as exc:
         _fail(str(exc))
+    if settings.metrics_port is not None:
+        # Each worker process has counters of its own, and only one process can listen on the
+        # metrics port: with several workers a scrape would see one worker's counters.
+        if workers > 1:
+            _fail("BROKER_METRICS_PORT needs --workers 1 (run more replicas instead)")
+        if settings.metrics_port == port:
+            _fail("BROKER_METRICS_PORT must differ from --port")
     configure_logging(settings.log_level)
     url = _migrated_database(settings)
     _check_stored_key_ids(settings, url)
     # Workers read their settings from the environment; hand them the resolved database.
     os.environ["DATABASE_URL"] = url
+    os.environ.setdefault("BROKER_METRICS_HOST", host)  # unset: the interface served
     # Request heads are bounded (service.httpserver): uvicorn's httptools would buffer any size.
     uvicorn.run("service.main:create_app", factory=True, host=host, port=port, workers=workers,
                 proxy_headers=True, log_config=None, access_log=False, **server_options())

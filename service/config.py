@@ -76,6 +76,10 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=64 * 1024, alias="BROKER_MAX_BODY_BYTES", ge=1024)
     max_connections_per_tenant: int = Field(default=20, alias="BROKER_MAX_CONNECTIONS_PER_TENANT",
                                             ge=1)
+    # Serve /metrics on this port instead of the main one (which then answers 404 for it).
+    metrics_port: int | None = Field(default=None, alias="BROKER_METRICS_PORT", ge=1, le=65535)
+    # Unset: the interface `serve --host` binds (127.0.0.1 outside `serve`).
+    metrics_host: str | None = Field(default=None, alias="BROKER_METRICS_HOST")
     log_level: str = Field(default="INFO", alias="BROKER_LOG_LEVEL")
 
     # Background work (token keep-alive, pending-link expiry, revocation retries).
