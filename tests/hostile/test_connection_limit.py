@@ -4,13 +4,38 @@ creates; GET /status lists at most that many."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
 import httpx
+import pytest
 
-from tests.conftest import TENANT, Stack, user_headers
+from service.config import Settings
+from service.main import create_app
+from tests.conftest import TENANT, Stack, broker_settings, user_headers
 from tests.support.db_helpers import execute, fetchrow
+from tests.support.servers import ThreadedServer, free_port
 
-LIMIT = 20  # the default (tests/conftest.py leaves it)
+LIMIT = 5
+
+
+@pytest.fixture
+async def capped(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
+    """A client of a broker (on the test database) that allows LIMIT connections per tenant."""
+    port = free_port()
+    server = ThreadedServer(create_app(broker_settings(
+        stack.database_url, port, stack.emulator_url, BROKER_MAX_CONNECTIONS_PER_TENANT=LIMIT)),
+        port).start()
+    try:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
+            yield http
+    finally:
+        server.stop()
+
+
+def test_the_default_cap_is_20() -> None:
+    assert Settings().max_connections_per_tenant == 20
+    with pytest.raises(ValueError):
+        Settings(BROKER_MAX_CONNECTIONS_PER_TENANT=0)  # type: ignore[call-arg]
 
 
 async def _count(stack: Stack, tenant: str = TENANT) -> int:
@@ -20,9 +45,9 @@ async def _count(stack: Stack, tenant: str = TENANT) -> int:
     return int(row["n"])
 
 
-async def test_the_cap_is_a_409_problem(client: httpx.AsyncClient, stack: Stack,
+async def test_the_cap_is_a_409_problem(capped: httpx.AsyncClient, stack: Stack,
                                         service_headers) -> None:
-    assert stack.settings.max_connections_per_tenant == LIMIT
+    client = capped
     created = [await client.post("/connections", json={}, headers=user_headers())
                for _ in range(LIMIT)]
     assert [r.status_code for r in created] == [201] * LIMIT
@@ -44,8 +69,9 @@ async def test_the_cap_is_a_409_problem(client: httpx.AsyncClient, stack: Stack,
     assert await _count(stack) == LIMIT
 
 
-async def test_concurrent_creates_do_not_share_the_last_slot(client: httpx.AsyncClient,
+async def test_concurrent_creates_do_not_share_the_last_slot(capped: httpx.AsyncClient,
                                                              stack: Stack) -> None:
+    client = capped
     for _ in range(LIMIT - 1):
         assert (await client.post("/connections", json={}, headers=user_headers())).status_code == 201
     for attempt in range(3):  # the last slot, then none, raced each time by many callers
@@ -57,7 +83,8 @@ async def test_concurrent_creates_do_not_share_the_last_slot(client: httpx.Async
         assert await _count(stack) == LIMIT
 
 
-async def test_status_lists_at_most_the_cap(client: httpx.AsyncClient, stack: Stack) -> None:
+async def test_status_lists_at_most_the_cap(capped: httpx.AsyncClient, stack: Stack) -> None:
+    client = capped
     # As if the cap had been lowered after the tenant made more: rows written directly.
     await execute(stack.database_url,
                   "INSERT INTO connections (id, tenant_id, status) SELECT gen_random_uuid(), $1, "
