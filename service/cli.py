@@ -43,6 +43,32 @@ def _migrated_database(settings: Settings) -> str:
     return url
 
 
+def _check_stored_key_ids(settings: Settings, url: str) -> None:
+    """Refuse to serve when stored secrets are sealed under key ids this configuration lacks:
+    every refresh, disconnect and background pass touching them would fail."""
+    from service.db.engine import build_engine, build_sessionmaker
+    from service.tokens.crypto import printable_key_id
+    from service.tokens.rotation import unconfigured_key_ids
+
+    configured = [kid for kid, _ in settings.parsed_encryption_keys]
+
+    async def run() -> dict[str, int]:
+        engine = build_engine(url, pool_size=1)
+        try:
+            async with build_sessionmaker(engine)() as session:
+                return await unconfigured_key_ids(session, configured)
+        finally:
+            await engine.dispose()
+
+    missing = asyncio.run(run())
+    if missing:
+        listed = ", ".join(f"{printable_key_id(kid)} ({count} secrets)"
+                           for kid, count in sorted(missing.items()))
+        _fail(f"the database holds secrets encrypted under key ids that BROKER_ENCRYPTION_KEYS "
+              f"does not have: {listed}. Add those keys to BROKER_ENCRYPTION_KEYS (after the one "
+              f"that encrypts); configured key ids: {', '.join(configured)}")
+
+
 @app.command()
 def serve(host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
           port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
@@ -50,6 +76,7 @@ def serve(host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0
     """Migrate to head (under an advisory lock, so replicas don't race), then serve."""
     import uvicorn
 
+    from service.httpserver import server_options
     from service.observability import configure_logging
 
     settings = _settings()
@@ -57,12 +84,22 @@ def serve(host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0
         settings.check_for_serving()
     except ConfigurationError as exc:
         _fail(str(exc))
+    if settings.metrics_port is not None:
+        # Each worker process has counters of its own, and only one process can listen on the
+        # metrics port: with several workers a scrape would see one worker's counters.
+        if workers > 1:
+            _fail("BROKER_METRICS_PORT needs --workers 1 (run more replicas instead)")
+        if settings.metrics_port == port:
+            _fail("BROKER_METRICS_PORT must differ from --port")
     configure_logging(settings.log_level)
     url = _migrated_database(settings)
+    _check_stored_key_ids(settings, url)
     # Workers read their settings from the environment; hand them the resolved database.
     os.environ["DATABASE_URL"] = url
+    os.environ.setdefault("BROKER_METRICS_HOST", host)  # unset: the interface served
+    # Request heads are bounded (service.httpserver): uvicorn's httptools would buffer any size.
     uvicorn.run("service.main:create_app", factory=True, host=host, port=port, workers=workers,
-                proxy_headers=True, log_config=None, access_log=False)
+                proxy_headers=True, log_config=None, access_log=False, **server_options())
 
 
 @app.command()

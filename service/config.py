@@ -68,12 +68,21 @@ class Settings(BaseSettings):
     jwt_jwks_url: str | None = Field(default=None, alias="BROKER_JWT_JWKS_URL")
     jwt_issuer: str | None = Field(default=None, alias="BROKER_JWT_ISSUER")
     jwt_audience: str | None = Field(default=None, alias="BROKER_JWT_AUDIENCE")
+    # Longest lifetime (exp - iat, or exp - now without iat) of a user JWT; None: no cap.
+    jwt_max_lifetime_seconds: int | None = Field(default=None, alias="BROKER_JWT_MAX_LIFETIME_SECONDS",
+                                                 ge=1)
 
     db_pool_size: int = Field(default=10, alias="BROKER_DB_POOL_SIZE", ge=1)
     # Token refreshes one process runs at once. None holds a pooled connection while Intuit
     # answers, so this is a bound on calls to Intuit, not on database connections.
     refresh_concurrency: int = Field(default=50, alias="BROKER_REFRESH_CONCURRENCY", ge=1)
     max_body_bytes: int = Field(default=64 * 1024, alias="BROKER_MAX_BODY_BYTES", ge=1024)
+    max_connections_per_tenant: int = Field(default=20, alias="BROKER_MAX_CONNECTIONS_PER_TENANT",
+                                            ge=1)
+    # Serve /metrics on this port instead of the main one (which then answers 404 for it).
+    metrics_port: int | None = Field(default=None, alias="BROKER_METRICS_PORT", ge=1, le=65535)
+    # Unset: the interface `serve --host` binds (127.0.0.1 outside `serve`).
+    metrics_host: str | None = Field(default=None, alias="BROKER_METRICS_HOST")
     log_level: str = Field(default="INFO", alias="BROKER_LOG_LEVEL")
     # Swagger UI at /docs and the document at /openapi.json. Unset: on, except with
     # INTUIT_ENVIRONMENT=production; see docs_enabled.
@@ -180,8 +189,20 @@ class Settings(BaseSettings):
             )
         if self.jwt_secret is not None and len(self.jwt_secret) < 32:
             problems.append("BROKER_JWT_SECRET must be at least 32 characters")
-        if self.intuit_environment == "production" and not self.public_url.startswith("https://"):
+        if (self.jwt_public_key or self.jwt_jwks_url) and not (self.jwt_issuer and self.jwt_audience):
+            # An RS256 key (above all a JWKS) often signs tokens for other audiences too: without
+            # both checks, a token issued for another application would be accepted here.
+            problems.append("BROKER_JWT_ISSUER and BROKER_JWT_AUDIENCE are required with "
+                            "BROKER_JWT_PUBLIC_KEY or BROKER_JWT_JWKS_URL")
+        if self.intuit_environment == "production":
             # Intuit accepts only https redirect URIs (and no localhost) for production apps.
-            problems.append("BROKER_PUBLIC_URL must be https:// when INTUIT_ENVIRONMENT=production")
+            if not self.public_url.startswith("https://"):
+                problems.append("BROKER_PUBLIC_URL must be https:// when INTUIT_ENVIRONMENT=production")
+            # Client secrets and tokens travel to these: never in clear text (sandbox may use the
+            # emulator over http).
+            for name, url in (("INTUIT_DISCOVERY_URL", self.intuit_discovery_url_override),
+                              ("INTUIT_API_BASE_URL", self.intuit_api_base_url_override)):
+                if url is not None and not url.lower().startswith("https://"):
+                    problems.append(f"{name} must be https:// when INTUIT_ENVIRONMENT=production")
         if problems:
             raise ConfigurationError("; ".join(problems))

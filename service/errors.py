@@ -349,3 +349,8 @@ class ErrorBoundary:
                 # connection when the app returns. Logged above; not raised, so not logged again.
                 return
             await problem_response(error)(scope, receive, send)
+
+
+class ConnectionLimitReached(ProblemError):
+    status, code = 409, "connection_limit_reached"
+    title = "The tenant has as many connections as it may have"

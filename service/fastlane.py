@@ -28,10 +28,10 @@ from pydantic import TypeAdapter, ValidationError
 from starlette.datastructures import State
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.auth.api_keys import hash_key
+from service.auth.api_keys import MAX_API_KEY_CHARS, hash_key
 from service.auth.callers import Caller
 from service.auth.callers import Scope as CallerScope
-from service.auth.jwt import REJECTED_JWT
+from service.auth.jwt import MAX_BEARER_TOKEN_CHARS, REJECTED_JWT
 from service.connections.schemas import TenantId
 from service.connections.service import link_status_body
 from service.errors import (
@@ -49,16 +49,27 @@ _TENANT_ID = TypeAdapter(TenantId)
 # In the order Starlette's Response writes them: the endpoint's own, then length and type.
 _NO_STORE = [(b"cache-control", b"no-store")]  # the token endpoint's own header
 _JSON = b"application/json"
+# Longer credentials are the app's to refuse, unread here ("Bearer " and some spaces).
+_MAX_AUTHORIZATION_BYTES = MAX_BEARER_TOKEN_CHARS + 64
+
+
+class _Oversized(Exception):
+    pass
 
 
 def _credentials(scope: Scope) -> tuple[str | None, str | None]:
-    """(Authorization, X-API-Key), the first of each, as Starlette reads them."""
+    """(Authorization, X-API-Key), the first of each, as Starlette reads them. Raises _Oversized
+    for a value too long to be valid, before decoding it."""
     authorization = api_key = None
     for name, value in scope["headers"]:
         if name == b"authorization":
             if authorization is None:
+                if len(value) > _MAX_AUTHORIZATION_BYTES:
+                    raise _Oversized
                 authorization = value.decode("latin-1")
         elif name == b"x-api-key" and api_key is None:
+            if len(value) > MAX_API_KEY_CHARS:
+                raise _Oversized
             api_key = value.decode("latin-1")
     return authorization, api_key
 
@@ -67,14 +78,19 @@ async def _caller(state: State, scope: Scope) -> Caller | None:
     """The caller, as service.auth.dependencies.authenticate finds them, when that needs no
     database: an API key in the cache, or a valid JWT. None whenever that function would have
     other work (an API key to look up) or an error to tell: the app does that."""
-    authorization, api_key = _credentials(scope)
+    try:
+        authorization, api_key = _credentials(scope)
+    except _Oversized:  # the app refuses it (or, next to a valid API key, ignores it)
+        return None
     if api_key:  # the API key wins, as in authenticate()
-        if len(api_key) > 200:
+        if len(api_key) > MAX_API_KEY_CHARS:
             return None
         cached: Caller | None = state.runtime.caches.api_keys.get(hash_key(api_key))
         return cached
     scheme, token = get_authorization_scheme_param(authorization)
     if not (authorization and scheme and token) or scheme.lower() != "bearer":
+        return None
+    if len(token) > MAX_BEARER_TOKEN_CHARS:
         return None
     verifier = state.jwt_verifier
     claims = verifier.remembered(token)

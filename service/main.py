@@ -81,12 +81,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.runtime = runtime
         app.state.sessionmaker = sessionmaker
         app.state.jwt_verifier = JWTVerifier(settings)
+        stop_metrics = (await ops.serve_metrics(app.state, settings)
+                        if settings.metrics_port is not None else None)
         worker = BackgroundWorker(runtime) if settings.background_enabled else None
         if worker is not None:
             worker.start()
         try:
             yield
         finally:
+            if stop_metrics is not None:
+                await stop_metrics()
             if worker is not None:
                 await worker.stop()
             await refresher.aclose()

@@ -34,6 +34,10 @@ REFRESH_TOKENS_LOST = Counter(
 CONNECTIONS_BY_STATUS = Gauge(
     "qbo_broker_connections", "Connections by status", ["status"]
 )
+METRICS_DATABASE_READS = Counter(
+    "qbo_broker_metrics_database_reads_total",
+    "Reads of the database gauges (qbo_broker_connections, qbo_broker_encrypted_secrets)",
+)
 SECRETS_BY_KEY = Gauge(
     "qbo_broker_encrypted_secrets", "Stored encrypted secrets by encryption key id", ["key_id"]
 )
@@ -42,4 +46,10 @@ LINK_RESULTS = Counter(
 )
 BACKGROUND_RUNS = Counter(
     "qbo_broker_background_tasks_total", "Background work done", ["task", "outcome"]
+)
+BACKGROUND_ROW_ERRORS = Counter(
+    "qbo_broker_background_row_errors_total",
+    "Rows the background worker left for a later pass (or a replica with the key): "
+    "reason unknown_key, undecryptable or error",
+    ["task", "reason"],
 )

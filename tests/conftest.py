@@ -76,6 +76,9 @@ def broker_settings(database_url: str, broker_port: int, emulator_url: str, **ov
         "BROKER_BACKGROUND_ENABLED": False,
         "INTUIT_BACKOFF_SECONDS": 0.01,
         "INTUIT_TIMEOUT_SECONDS": 5,
+        # Some tests link dozens of companies to one tenant; the cap itself is tested on brokers
+        # of its own (tests/hostile/test_connection_limit.py).
+        "BROKER_MAX_CONNECTIONS_PER_TENANT": 1000,
     }
     values.update(overrides)
     return Settings(**values)

@@ -464,6 +464,34 @@ def test_compose_emulator_has_its_own_healthcheck() -> None:
     assert emulator["command"][:2] == ["-m", "service.emulator"]
 
 
+def published_host_ip(port: str | int | dict[str, Any]) -> str | None:
+    """The host address a `ports:` entry publishes on; None when it names none (all interfaces)."""
+    if isinstance(port, dict):  # long syntax
+        return port.get("host_ip")
+    text = str(port)
+    if text.startswith("["):  # [::1]:8000:8000
+        return text[1:text.index("]")]
+    parts = text.split(":")
+    return parts[0] if len(parts) == 3 else None
+
+
+def test_compose_publishes_ports_on_loopback_only() -> None:
+    # The compose setup carries public dev credentials: never reachable from the network.
+    published = [(name, port) for name, service in compose()["services"].items()
+                 for port in service.get("ports") or []]
+    assert published, "the broker and the emulator publish their ports"
+    for name, port in published:
+        assert published_host_ip(port) in ("127.0.0.1", "::1"), f"{name}: {port!r}"
+
+
+def test_loopback_check_is_not_vacuous() -> None:
+    for port in ("8000:8000", "8000", 8000, "0.0.0.0:8000:8000", {"target": 8000, "published": 8000},
+                 {"target": 8000, "host_ip": "0.0.0.0"}):
+        assert published_host_ip(port) not in ("127.0.0.1", "::1"), port
+    for port in ("127.0.0.1:8000:8000", "[::1]:8000:8000", {"target": 8000, "host_ip": "127.0.0.1"}):
+        assert published_host_ip(port) in ("127.0.0.1", "::1"), port
+
+
 def test_compose_broker_reads_only_documented_settings() -> None:
     env = environment(compose()["services"]["broker"])
     undocumented = set(env) - DOCUMENTED_ENV_VARS

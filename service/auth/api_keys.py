@@ -14,6 +14,8 @@ from service.auth.callers import Scope
 from service.db.models import ApiKey
 
 _PREFIX = "qbk"
+# Keys are about 60 characters; longer values are refused before they are hashed or looked up.
+MAX_API_KEY_CHARS = 200
 _TOUCH_EVERY = timedelta(minutes=5)
 
 

@@ -7,9 +7,9 @@ from typing import Annotated
 from fastapi import Depends, Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
-from service.auth.api_keys import find_active_key, hash_key
+from service.auth.api_keys import MAX_API_KEY_CHARS, find_active_key, hash_key
 from service.auth.callers import Caller
-from service.auth.jwt import REJECTED_JWT, JWTVerifier
+from service.auth.jwt import MAX_BEARER_TOKEN_CHARS, REJECTED_JWT, JWTVerifier
 from service.errors import Unauthorized
 
 bearer_scheme = HTTPBearer(
@@ -28,7 +28,7 @@ async def authenticate(
     api_key: Annotated[str | None, Security(api_key_scheme)],
 ) -> Caller:
     if api_key:
-        if len(api_key) > 200:
+        if len(api_key) > MAX_API_KEY_CHARS:
             raise Unauthorized("The API key is not valid.")
         runtime = request.app.state.runtime
 
@@ -46,6 +46,8 @@ async def authenticate(
             raise Unauthorized("The API key is not valid or has been revoked.")
         caller = cached
     elif bearer is not None:
+        if len(bearer.credentials) > MAX_BEARER_TOKEN_CHARS:  # before anything parses it
+            raise Unauthorized("The bearer token is too long.")
         verifier: JWTVerifier = request.app.state.jwt_verifier
         if not verifier.configured:
             raise Unauthorized("User tokens are not accepted: no JWT verification is configured.")

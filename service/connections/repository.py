@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import base64
+import re
 import uuid
-from datetime import datetime
+from datetime import datetime, timedelta
 from types import SimpleNamespace
 from typing import Any
 
@@ -13,6 +14,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from service.db.locking import TENANT_LOCK_NAMESPACE
 from service.db.models import Connection, ConnectionEvent, PendingLink, QuickBooksUserClaim
 from service.errors import ValidationFailed
 
@@ -30,15 +32,55 @@ def encode_cursor(*parts: str) -> str:
     return base64.urlsafe_b64encode("|".join(parts).encode()).decode().rstrip("=")
 
 
+_CURSOR_TEXT = re.compile(r"[A-Za-z0-9_-]{1,200}")
+_EVENT_ID = re.compile(r"[1-9][0-9]{0,18}")
+_BIGINT_MAX = 2**63 - 1
+
+
 def decode_cursor(cursor: str, count: int) -> list[str]:
+    """The parts of a cursor this API issued. Anything else (non-ASCII, bad base64, a cursor
+    that is not in the exact form encode_cursor writes) is a ValidationFailed, never a 500."""
+    if not _CURSOR_TEXT.fullmatch(cursor):
+        raise _bad_cursor()
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
     except (ValueError, UnicodeDecodeError):
         raise _bad_cursor() from None
     parts = raw.split("|")
-    if len(parts) != count:
+    if len(parts) != count or encode_cursor(*parts) != cursor:
         raise _bad_cursor()
     return parts
+
+
+def _connection_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
+    created, ident = decode_cursor(cursor, 2)
+    try:
+        after = (datetime.fromisoformat(created), uuid.UUID(ident))
+    except ValueError:
+        raise _bad_cursor() from None
+    # Exactly as encode_cursor wrote it: a UTC timestamp and a canonical id.
+    if (after[0].utcoffset() != timedelta(0) or after[0].isoformat() != created
+            or str(after[1]) != ident):
+        raise _bad_cursor()
+    return after
+
+
+def _event_cursor(cursor: str) -> int:
+    (before,) = decode_cursor(cursor, 1)
+    if not _EVENT_ID.fullmatch(before) or int(before) > _BIGINT_MAX:
+        raise _bad_cursor()
+    return int(before)
+
+
+async def lock_tenant(session: AsyncSession, tenant_id: str) -> None:
+    """Serialize this transaction with others that lock the tenant, until it ends."""
+    await session.execute(sa.select(sa.func.pg_advisory_xact_lock(
+        sa.literal(TENANT_LOCK_NAMESPACE, sa.Integer), sa.func.hashtext(tenant_id))))
+
+
+async def count_tenant_connections(session: AsyncSession, tenant_id: str) -> int:
+    stmt = sa.select(sa.func.count()).select_from(Connection).where(C.tenant_id == tenant_id)
+    return int((await session.execute(stmt)).scalar_one())
 
 
 async def create_connection(session: AsyncSession, *, tenant_id: str) -> Connection:
@@ -75,12 +117,7 @@ async def list_connections(
     if status is not None:
         stmt = stmt.where(C.status == status)
     if cursor is not None:
-        created, ident = decode_cursor(cursor, 2)
-        try:
-            after = (datetime.fromisoformat(created), uuid.UUID(ident))
-        except ValueError:
-            raise _bad_cursor() from None
-        stmt = stmt.where(sa.tuple_(C.created_at, C.id) < sa.tuple_(*after))
+        stmt = stmt.where(sa.tuple_(C.created_at, C.id) < sa.tuple_(*_connection_cursor(cursor)))
     rows: list[tuple[Connection, PendingLink | None]] = [
         (row[0], row[1]) for row in (await session.execute(stmt)).all()]
     next_cursor = None
@@ -96,13 +133,14 @@ async def list_connections(
 _STATUS_SQL = """
 SELECT id, status, realm_id, company_name, owner_user_id, owner_qb_sub, owner_qb_email,
        owner_qb_name, module_ar, module_ap, access_token_expires_at
-FROM connections WHERE tenant_id = $1 ORDER BY created_at DESC, id DESC
+FROM connections WHERE tenant_id = $1 ORDER BY created_at DESC, id DESC LIMIT $2
 """
 
 
-async def read_tenant_status(reads: asyncpg.Pool, tenant_id: str) -> list[SimpleNamespace]:
-    """The link-status columns of a tenant's connections."""
-    return [SimpleNamespace(**row) for row in await reads.fetch(_STATUS_SQL, tenant_id)]
+async def read_tenant_status(reads: asyncpg.Pool, tenant_id: str, *,
+                             limit: int) -> list[SimpleNamespace]:
+    """The link-status columns of a tenant's newest `limit` connections."""
+    return [SimpleNamespace(**row) for row in await reads.fetch(_STATUS_SQL, tenant_id, limit)]
 
 
 async def realm_linked_elsewhere(session: AsyncSession, *, realm_id: str,
@@ -142,10 +180,7 @@ async def list_events(session: AsyncSession, *, connection_id: uuid.UUID, limit:
             .where(E.connection_id == connection_id, E.type != "refresh_attempt")
             .order_by(E.id.desc()).limit(limit + 1))
     if cursor is not None:
-        (before,) = decode_cursor(cursor, 1)
-        if not before.isdigit():
-            raise _bad_cursor()
-        stmt = stmt.where(E.id < int(before))
+        stmt = stmt.where(E.id < _event_cursor(cursor))
     events = list((await session.execute(stmt)).scalars())
     next_cursor = None
     if len(events) > limit:

@@ -43,12 +43,15 @@ UPSTREAM = problem_responses(502, 503)
 
 
 @router.post("/connections", status_code=201, response_model=ConnectionOut,
-             responses={**ERRORS, **MALFORMED},
-             summary="Create a connection for the tenant")
-async def create_connection(session: SessionDep, caller: CurrentCaller,
+             responses={**ERRORS, **MALFORMED, **CONFLICT},
+             summary="Create a connection for the tenant",
+             description="409 `connection_limit_reached` once the tenant has "
+                         "`BROKER_MAX_CONNECTIONS_PER_TENANT` connections (20 by default).")
+async def create_connection(session: SessionDep, rt: RuntimeDep, caller: CurrentCaller,
                             body: Annotated[ConnectionCreate | None, Body()] = None) -> ConnectionOut:
     tenant_id = caller.tenant_for_write(body.tenant_id if body else None)
-    conn = await service.create(session, tenant_id=tenant_id, caller=caller)
+    conn = await service.create(session, tenant_id=tenant_id, caller=caller,
+                                limit=rt.settings.max_connections_per_tenant)
     return connection_out(conn, None)
 
 
@@ -125,7 +128,9 @@ async def get_token(rt: RuntimeDep, caller: CurrentCaller,
 
 
 @router.get("/status", response_model=LinkStatusOut, responses=ERRORS, tags=["status"],
-            summary="The accounting link's status (the link icon)")
+            summary="The accounting link's status (the link icon)",
+            description="Lists the tenant's newest connections, at most "
+                        "`BROKER_MAX_CONNECTIONS_PER_TENANT` (20 by default).")
 async def link_status(rt: RuntimeDep, caller: CurrentCaller,
                       tenant_id: TenantQuery = None) -> Response:
     tenant = caller.tenant_for_read(tenant_id)

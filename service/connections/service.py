@@ -22,7 +22,7 @@ from service.connections.schemas import (
     owner_of,
 )
 from service.db.models import Connection
-from service.errors import NotConnected, NotFound
+from service.errors import ConnectionLimitReached, NotConnected, NotFound
 from service.runtime import Runtime
 from service.tokens import credentials
 from service.tokens.revocation import revoke_or_queue
@@ -52,7 +52,14 @@ async def present(session: AsyncSession, conn: Connection) -> ConnectionOut:
     return connection_out(conn, await repo.get_pending_link(session, conn.id))
 
 
-async def create(session: AsyncSession, *, tenant_id: str, caller: Caller) -> Connection:
+async def create(session: AsyncSession, *, tenant_id: str, caller: Caller, limit: int) -> Connection:
+    """A new pending connection, unless the tenant has `limit` already. The tenant's lock, held
+    until the transaction ends, makes concurrent creates count one after another."""
+    await repo.lock_tenant(session, tenant_id)
+    if await repo.count_tenant_connections(session, tenant_id) >= limit:
+        raise ConnectionLimitReached(
+            f"A tenant may have at most {limit} connections; delete one it no longer needs.",
+            limit=limit)
     conn = await repo.create_connection(session, tenant_id=tenant_id)
     await repo.add_event(session, conn, "created", actor=caller.actor)
     return conn
@@ -120,7 +127,9 @@ async def link_status_body(rt: Runtime, tenant_id: str) -> bytes:
     """GET /status's answer for a tenant, as JSON (cached; concurrent misses share one read)."""
 
     async def load() -> bytes:
-        connections = await repo.read_tenant_status(rt.reads, tenant_id)
+        # Creation stops at the cap; should the cap be lowered, the answer stays bounded.
+        connections = await repo.read_tenant_status(
+            rt.reads, tenant_id, limit=rt.settings.max_connections_per_tenant)
         items = [ConnectionStatusOut(
             id=c.id, status=Status(c.status), realm_id=c.realm_id, company_name=c.company_name,
             owner=owner_of(c), modules=Modules(accounts_receivable=c.module_ar,

@@ -3,6 +3,11 @@
 Replicas share the work through PostgreSQL: a due connection whose refresh lock (or row) another
 replica holds is skipped, and the one that refreshes re-checks under the lock that it is still
 due, so none is refreshed twice, and a killed replica leaves nothing locked.
+
+One row cannot stop the rest: rows sealed under an encryption key this process lacks are left
+for a replica that has it (and reported each pass), and a row that fails otherwise is logged by
+id, counted in qbo_broker_background_row_errors_total and retried on a later pass, while the
+other rows and tasks go on.
 """
 
 from __future__ import annotations
@@ -10,17 +15,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 
 import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.connections import repository as repo
 from service.db.models import Connection, PendingLink
 from service.errors import ProblemError
-from service.metrics import BACKGROUND_RUNS
+from service.metrics import BACKGROUND_ROW_ERRORS, BACKGROUND_RUNS
 from service.oauth.flows import discard_pending_link, expire_held_grants
 from service.runtime import Runtime
 from service.tasks import cancel_and_wait
+from service.tokens.crypto import DecryptionError, printable_key_id
 from service.tokens.revocation import retry_pending_revocations
 
 log = logging.getLogger(__name__)
@@ -59,27 +67,53 @@ class BackgroundWorker:
                 pass
 
     async def run_once(self) -> dict[str, int]:
-        return {
-            "refreshed": await keep_alive(self._rt),
-            "pending_links_expired": await expire_pending_links(self._rt),
-            "completion_tickets_expired": await expire_held_grants(self._rt),
-            "revocations": await retry_pending_revocations(self._rt.sessionmaker, self._rt.intuit,
-                                                           self._rt.box),
-        }
+        """One pass. Each task runs whatever the others do: a failing one is logged and counted
+        (task "pass", outcome "error"), and the next task runs."""
+        rt = self._rt
+        tasks: list[tuple[str, Callable[[], Awaitable[int]]]] = [
+            ("refreshed", lambda: keep_alive(rt)),
+            ("pending_links_expired", lambda: expire_pending_links(rt)),
+            ("completion_tickets_expired", lambda: expire_held_grants(rt)),
+            ("revocations", lambda: retry_pending_revocations(rt.sessionmaker, rt.intuit, rt.box)),
+            ("unknown_key_rows", lambda: report_unknown_keys(rt)),
+        ]
+        done: dict[str, int] = {}
+        for name, task in tasks:
+            try:
+                done[name] = await task()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("background task %s failed", name)
+                BACKGROUND_RUNS.labels("pass", "error").inc()
+        return done
 
 
-def due_connections_query(*, now: datetime, include_access: bool, limit: int) -> sa.Select:  # type: ignore[type-arg]
+def due_connections_query(*, now: datetime, include_access: bool, limit: int,
+                          key_ids: Sequence[str] | None = None) -> sa.Select:  # type: ignore[type-arg]
     """Connections whose refresh token is old or near its end (or, optionally, whose access
-    token is about to expire). Each branch is served by a partial index on connected rows."""
+    token is about to expire). Each branch is served by a partial index on connected rows.
+    With key_ids, only connections whose tokens are sealed under one of them."""
     # 'connected' as a literal, not a parameter: a generic plan could not use the partial indexes.
     connected = sa.text("status = 'connected'")
-    keepalive = (sa.select(C.id).where(connected, C.keepalive_due_at <= now)
+    readable = (sa.func.split_part(C.refresh_token, ".", 1).in_(key_ids) if key_ids is not None
+                else sa.true())
+    keepalive = (sa.select(C.id).where(connected, C.keepalive_due_at <= now, readable)
                  .order_by(C.keepalive_due_at).limit(limit))
     if not include_access:
         return keepalive
-    access = (sa.select(C.id).where(connected, C.access_token_expires_at <= now + ACCESS_TOKEN_LEAD)
+    access = (sa.select(C.id).where(connected, C.access_token_expires_at <= now + ACCESS_TOKEN_LEAD,
+                                    readable)
               .order_by(C.access_token_expires_at).limit(limit))
     return sa.union(keepalive, access).limit(limit)  # type: ignore[return-value]
+
+
+def _row_failed(task: str, row_id: object, exc: Exception) -> None:
+    """Log (by id and error type only: no secret is in either) and count one row's failure."""
+    reason = "undecryptable" if isinstance(exc, DecryptionError) else "error"
+    log.error("background %s of %s failed (%s); retried on a later pass", task, row_id,
+              type(exc).__name__)
+    BACKGROUND_ROW_ERRORS.labels(task, reason).inc()
 
 
 async def keep_alive(rt: Runtime, *, limit: int = 500) -> int:
@@ -89,7 +123,7 @@ async def keep_alive(rt: Runtime, *, limit: int = 500) -> int:
     async with rt.sessionmaker() as session:
         ids: list[uuid.UUID] = list((await session.execute(due_connections_query(
             now=datetime.now(UTC), include_access=rt.settings.keepalive_refresh_access_tokens,
-            limit=limit))).scalars())
+            limit=limit, key_ids=rt.box.key_ids))).scalars())
     if not ids:
         return 0
     gate = asyncio.Semaphore(rt.settings.keepalive_concurrency)
@@ -104,22 +138,85 @@ async def keep_alive(rt: Runtime, *, limit: int = 500) -> int:
                     BACKGROUND_RUNS.labels("keepalive", "refreshed").inc()
             except ProblemError as exc:
                 BACKGROUND_RUNS.labels("keepalive", exc.code).inc()
+            except Exception as exc:  # this connection's; the others go on
+                _row_failed("keepalive", connection_id, exc)
 
     await asyncio.gather(*(one(i) for i in ids))
     return refreshed
 
 
 async def expire_pending_links(rt: Runtime, *, batch: int = 50) -> int:
-    """Pending links older than 10 minutes: revoke their grants at Intuit and discard them."""
-    async with rt.sessionmaker() as session, session.begin():
-        rows = list((await session.execute(
-            sa.select(PendingLink).where(P.expires_at <= sa.func.now()).limit(batch)
-            .with_for_update(skip_locked=True))).scalars())
-        for pending in rows:
-            conn = await repo.get_connection(session, pending.connection_id, for_update=True)
+    """Pending links older than 10 minutes: revoke their grants at Intuit and discard them.
+    Each in a savepoint of its own: one that fails is left as it was for a later pass, and the
+    pass goes on past it (in expiry order, batch by batch)."""
+    readable = sa.and_(sa.func.split_part(P.access_token, ".", 1).in_(rt.box.key_ids),
+                       sa.func.split_part(P.refresh_token, ".", 1).in_(rt.box.key_ids))
+    expired = 0
+    after: tuple[datetime, uuid.UUID] | None = None
+    while True:
+        async with rt.sessionmaker() as session, session.begin():
+            stmt = (sa.select(PendingLink).where(P.expires_at <= sa.func.now(), readable)
+                    .order_by(P.expires_at, P.connection_id).limit(batch)
+                    .with_for_update(skip_locked=True))
+            if after is not None:
+                stmt = stmt.where(sa.tuple_(P.expires_at, P.connection_id) > sa.tuple_(*after))
+            rows = list((await session.execute(stmt)).scalars())
+            for pending in rows:
+                if await _expire_one(session, rt, pending):
+                    expired += 1
+        if len(rows) < batch:
+            return expired
+        after = (rows[-1].expires_at, rows[-1].connection_id)
+
+
+async def _expire_one(session: AsyncSession, rt: Runtime, pending: PendingLink) -> bool:
+    connection_id = pending.connection_id
+    try:
+        async with session.begin_nested():
+            conn = await repo.get_connection(session, connection_id, for_update=True)
             if conn is None:
-                continue  # deleted meanwhile; the cascade removes the pending link
+                return False  # deleted meanwhile; the cascade removes the pending link
             await discard_pending_link(session, rt, conn, pending, event="pending_link_expired",
                                        actor="broker")
-            BACKGROUND_RUNS.labels("pending_link", "expired").inc()
-    return len(rows)
+    except Exception as exc:
+        _row_failed("pending_link", connection_id, exc)
+        return False
+    BACKGROUND_RUNS.labels("pending_link", "expired").inc()
+    return True
+
+
+# Due work sealed under key ids this process is not configured with, by task and key id.
+_UNKNOWN_KEYS = sa.text("""
+SELECT 'keepalive' AS task, split_part(refresh_token, '.', 1) AS kid, count(*) AS n
+FROM connections
+WHERE status = 'connected' AND keepalive_due_at <= now()
+  AND split_part(refresh_token, '.', 1) <> ALL(:kids)
+GROUP BY 2
+UNION ALL
+SELECT 'pending_link', kid, count(*) FROM (
+  SELECT CASE WHEN split_part(access_token, '.', 1) <> ALL(:kids)
+              THEN split_part(access_token, '.', 1) ELSE split_part(refresh_token, '.', 1) END
+  FROM pending_links
+  WHERE expires_at <= now() AND (split_part(access_token, '.', 1) <> ALL(:kids)
+                                 OR split_part(refresh_token, '.', 1) <> ALL(:kids))) p(kid)
+GROUP BY 2
+UNION ALL
+SELECT 'revocation', split_part(token, '.', 1), count(*) FROM pending_revocations
+WHERE next_attempt_at <= now() AND split_part(token, '.', 1) <> ALL(:kids)
+GROUP BY 2
+""")
+
+
+async def report_unknown_keys(rt: Runtime) -> int:
+    """Count (and log, by key id) the due rows this process left alone because they are sealed
+    under a key it lacks. A replica configured with that key does them."""
+    async with rt.sessionmaker() as session:
+        rows = (await session.execute(_UNKNOWN_KEYS, {"kids": rt.box.key_ids})).all()
+    total = 0
+    for task, kid, count in rows:
+        total += count
+        BACKGROUND_ROW_ERRORS.labels(task, "unknown_key").inc(count)
+        log.error("%d due %s rows are sealed under encryption key id %r, which "
+                  "BROKER_ENCRYPTION_KEYS here lacks; left for a replica that has it", count, task,
+                  printable_key_id(kid))
+    return total

@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 _NONCE_BYTES = 12
+_KEY_ID = re.compile(r"[A-Za-z0-9_-]{1,32}")  # as BROKER_ENCRYPTION_KEYS allows (service.config)
+
+
+def printable_key_id(kid: str) -> str:
+    """A key id read from a stored ciphertext, fit for a log line or an error message: as
+    configured ids look, or else not echoed (it could be a malformed value's whole text)."""
+    return kid if _KEY_ID.fullmatch(kid) else "<malformed>"
 
 
 class DecryptionError(Exception):
@@ -31,6 +39,11 @@ class SecretBox:
     @property
     def primary_kid(self) -> str:
         return self._primary_kid
+
+    @property
+    def key_ids(self) -> list[str]:
+        """Every configured key id, the encrypting one first."""
+        return list(self._ciphers)
 
     def encrypt(self, plaintext: str, associated_data: str) -> str:
         nonce = os.urandom(_NONCE_BYTES)

@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from service.db.models import PendingRevocation
 from service.intuit.client import IntuitClient
 from service.intuit.errors import IntuitError
-from service.metrics import BACKGROUND_RUNS
+from service.metrics import BACKGROUND_ROW_ERRORS, BACKGROUND_RUNS
 from service.tokens.crypto import DecryptionError, SecretBox
 
 log = logging.getLogger(__name__)
@@ -74,31 +74,50 @@ async def revoke_or_queue(session: AsyncSession, intuit: IntuitClient, box: Secr
         return False
 
 
+def _back_off(row: PendingRevocation, error: str) -> None:
+    row.attempts += 1
+    row.last_error = error
+    row.next_attempt_at = datetime.now(UTC) + min(
+        timedelta(seconds=30 * 2 ** min(row.attempts, 10)), _MAX_BACKOFF)
+
+
 async def retry_pending_revocations(sessionmaker: async_sessionmaker[AsyncSession],
                                     intuit: IntuitClient, box: SecretBox, *,
                                     batch: int = 20) -> int:
-    """One pass over due revocations. Replicas share the work through SKIP LOCKED."""
+    """One pass over due revocations. Replicas share the work through SKIP LOCKED.
+
+    Only revocations sealed under a key this process has are taken: the others stay queued for
+    a replica that has it. One that does not open even so is never dropped: it stays queued,
+    retried later, and the failure is logged and counted (qbo_broker_background_row_errors_total).
+    """
     done = 0
     async with sessionmaker() as session, session.begin():
         rows = list((await session.execute(
-            sa.select(PendingRevocation).where(R.next_attempt_at <= sa.func.now())
+            sa.select(PendingRevocation).where(
+                R.next_attempt_at <= sa.func.now(),
+                sa.func.split_part(R.token, ".", 1).in_(box.key_ids))
             .order_by(R.next_attempt_at).limit(batch).with_for_update(skip_locked=True)
         )).scalars())
         for row in rows:
             try:
                 token = box.decrypt(row.token, _aad(row))
-            except DecryptionError:
-                log.error("pending revocation %s cannot be decrypted; dropped", row.id)
-                await session.delete(row)
+            except DecryptionError as exc:
+                log.error("pending revocation %s does not open (%s); kept queued", row.id, exc,
+                          extra={"connection_id": str(row.connection_id)})
+                BACKGROUND_ROW_ERRORS.labels("revocation", "undecryptable").inc()
+                _back_off(row, "DecryptionError")
                 continue
             try:
                 await intuit.revoke(token)
             except IntuitError as exc:
-                row.attempts += 1
-                row.last_error = type(exc).__name__
-                row.next_attempt_at = datetime.now(UTC) + min(
-                    timedelta(seconds=30 * 2 ** min(row.attempts, 10)), _MAX_BACKOFF)
+                _back_off(row, type(exc).__name__)
                 BACKGROUND_RUNS.labels("revocation", "deferred").inc()
+                continue
+            except Exception as exc:  # one row's surprise is not the others' problem
+                log.error("pending revocation %s failed: %s; kept queued", row.id,
+                          type(exc).__name__, extra={"connection_id": str(row.connection_id)})
+                BACKGROUND_ROW_ERRORS.labels("revocation", "error").inc()
+                _back_off(row, type(exc).__name__)
                 continue
             await session.delete(row)
             done += 1

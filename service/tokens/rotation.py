@@ -51,6 +51,12 @@ async def count_secrets_by_key(session: AsyncSession) -> dict[str, int]:
     return {kid: count for kid, count in rows.all()}
 
 
+async def unconfigured_key_ids(session: AsyncSession, configured: list[str]) -> dict[str, int]:
+    """Key ids the stored secrets are sealed under that `configured` lacks, with their counts."""
+    return {kid: count for kid, count in (await count_secrets_by_key(session)).items()
+            if kid not in configured}
+
+
 async def _rotate_batch(session: AsyncSession, box: SecretBox, col: SecretColumn, batch: int) -> int:
     rows = (await session.execute(sa.text(
         f"SELECT {col.key}{col.aad_columns}, {col.column} AS secret FROM {col.table} "  # noqa: S608 (fixed names)
