@@ -25,7 +25,7 @@ from service.db.models import Connection
 from service.errors import ConnectionLimitReached, NotConnected, NotFound
 from service.runtime import Runtime
 from service.tokens import credentials
-from service.tokens.revocation import revoke_or_queue
+from service.tokens.revocation import revoke_after_commit
 
 
 async def load_for_read(session: AsyncSession, caller: Caller, connection_id: uuid.UUID) -> Connection:
@@ -80,22 +80,24 @@ async def change_modules(session: AsyncSession, conn: Connection, patch: Modules
 
 
 async def disconnect(session: AsyncSession, rt: Runtime, conn: Connection, *, caller: Caller) -> None:
-    """Revoke at Intuit (or queue the revocation), wipe the tokens, remember the last owner."""
+    """Wipe the tokens and remember the last owner; the revocation at Intuit is queued here and
+    sent once this transaction has committed (a `revoked` event follows when Intuit confirms)."""
     if conn.status == Status.DISCONNECTED:
         return  # already done; disconnecting twice is not an error
     if conn.status == Status.PENDING:
         raise NotConnected("The connection was never linked to QuickBooks.",
                            connection_id=str(conn.id), connection_status=conn.status)
-    revoked = None
+    queued = False
     if conn.refresh_token is not None:
-        revoked = await revoke_or_queue(session, rt.intuit, rt.box, connection_id=conn.id,
-                                        token=credentials.open_refresh_token(conn, rt.box),
-                                        reason="disconnected")
+        revoke_after_commit(session, rt.sessionmaker, rt.intuit, rt.box, connection_id=conn.id,
+                            token=credentials.open_refresh_token(conn, rt.box),
+                            reason="disconnected")
+        queued = True
     pending = await repo.get_pending_link(session, conn.id, for_update=True)
     if pending is not None:
-        await revoke_or_queue(session, rt.intuit, rt.box, connection_id=conn.id,
-                              token=credentials.open_pending(pending, rt.box).refresh_token,
-                              reason="disconnected")
+        revoke_after_commit(session, rt.sessionmaker, rt.intuit, rt.box, connection_id=conn.id,
+                            token=credentials.open_pending(pending, rt.box).refresh_token,
+                            reason="disconnected")
         await session.delete(pending)
     now = datetime.now(UTC)
     credentials.wipe_tokens(conn)
@@ -103,9 +105,7 @@ async def disconnect(session: AsyncSession, rt: Runtime, conn: Connection, *, ca
     conn.disconnected_at = now
     conn.updated_at = now
     await repo.add_event(session, conn, "disconnected", actor=caller.actor,
-                         revoked_at_intuit=revoked,
-                         # only said when Intuit could not be told yet (None is left out)
-                         revocation_queued=True if revoked is False else None)
+                         revocation_queued=queued or None)
 
 
 async def delete(session: AsyncSession, rt: Runtime, conn: Connection, *, caller: Caller) -> None:
@@ -114,9 +114,10 @@ async def delete(session: AsyncSession, rt: Runtime, conn: Connection, *, caller
     else:
         pending = await repo.get_pending_link(session, conn.id, for_update=True)
         if pending is not None:
-            await revoke_or_queue(session, rt.intuit, rt.box, connection_id=conn.id,
-                                  token=credentials.open_pending(pending, rt.box).refresh_token,
-                                  reason="deleted")
+            revoke_after_commit(session, rt.sessionmaker, rt.intuit, rt.box,
+                                connection_id=conn.id,
+                                token=credentials.open_pending(pending, rt.box).refresh_token,
+                                reason="deleted")
     await session.flush()  # the disconnect's own changes first (its pending link, its event)
     # Through the ORM, so the commit drops the connection from this replica's caches at once.
     await session.delete(conn)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Annotated
 
 import asyncpg
@@ -21,6 +23,12 @@ from service.cache import Caches, TrackingSession
 # this long, and the request that needed it with 503 database_unavailable, rather than after
 # asyncpg's default of a minute.
 CONNECT_TIMEOUT_SECONDS = 5.0
+# A statement waiting this long for a row lock, or running this long, fails (as 503) instead of
+# holding a pooled connection and its caller indefinitely.
+LOCK_TIMEOUT = "5s"
+STATEMENT_TIMEOUT = "30s"
+
+log = logging.getLogger(__name__)
 
 
 def async_url(database_url: str) -> str:
@@ -46,7 +54,9 @@ def build_engine(database_url: str, *, pool_size: int = 10) -> AsyncEngine:
         # that died is discarded by the pool when it fails, and recycling bounds their age.
         pool_recycle=1800,
         # Named in pg_stat_activity, so operators can tell the broker's sessions apart.
-        connect_args={"server_settings": {"application_name": "qbo-broker"},
+        connect_args={"server_settings": {"application_name": "qbo-broker",
+                                          "lock_timeout": LOCK_TIMEOUT,
+                                          "statement_timeout": STATEMENT_TIMEOUT},
                       "timeout": CONNECT_TIMEOUT_SECONDS},
     )
 
@@ -58,17 +68,45 @@ def build_sessionmaker(engine: AsyncEngine, caches: Caches | None = None
                               info={"caches": caches} if caches is not None else None)
 
 
+def after_commit(session: AsyncSession, work: Callable[[], Awaitable[None]]) -> None:
+    """Run `work` once the session's transaction has committed, holding no lock or transaction:
+    the place for calls to Intuit that the transaction queued (the outbox). Work must find what
+    it acts on in the database, so that a rolled-back savepoint leaves it nothing to do."""
+    session.info.setdefault("after_commit", []).append(work)
+
+
+async def run_after_commit(session: AsyncSession) -> None:
+    for work in session.info.pop("after_commit", []):
+        try:
+            await work()
+        except Exception:  # what it queued stays queued, for the background worker
+            log.exception("work after commit failed")
+
+
+@asynccontextmanager
+async def transaction(sessionmaker: async_sessionmaker[AsyncSession]) -> AsyncIterator[AsyncSession]:
+    """A session in one transaction; work registered with `after_commit` runs once it committed
+    (and is dropped if it rolled back)."""
+    async with sessionmaker() as session:
+        async with session.begin():
+            yield session
+        await run_after_commit(session)
+
+
 async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
-    """One session per request: committed when the handler succeeds, rolled back otherwise."""
+    """One session per request: committed when the handler succeeds, rolled back otherwise; then
+    the work queued for after the commit (revocations at Intuit) runs."""
     sessionmaker: async_sessionmaker[AsyncSession] = request.app.state.sessionmaker
     async with sessionmaker() as session:
         try:
             yield session
         except BaseException:
+            session.info.pop("after_commit", None)
             await session.rollback()
             raise
         else:
             await session.commit()
+            await run_after_commit(session)
 
 
 # Committed before the response is sent, so a client never reads ahead of its own write.
@@ -85,4 +123,7 @@ async def create_reads_pool(database_url: str, *, max_size: int) -> asyncpg.Pool
     Such reads leave nothing behind on a connection, so the pool skips asyncpg's default reset
     (`RESET ALL`, `UNLISTEN *`, … : one more round trip on every release)."""
     return await asyncpg.create_pool(asyncpg_dsn(database_url), min_size=1, max_size=max_size,
-                                     reset=_nothing_to_reset, timeout=CONNECT_TIMEOUT_SECONDS)
+                                     reset=_nothing_to_reset, timeout=CONNECT_TIMEOUT_SECONDS,
+                                     server_settings={"application_name": "qbo-broker",
+                                                      "lock_timeout": LOCK_TIMEOUT,
+                                                      "statement_timeout": STATEMENT_TIMEOUT})

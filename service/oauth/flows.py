@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from service.auth.callers import Caller, Scope
 from service.connections import repository as repo
 from service.connections.schemas import Status
+from service.db.engine import transaction
 from service.db.models import Connection, HeldGrant, PendingLink
 from service.errors import (
     CompletionNotAllowed,
@@ -35,12 +36,12 @@ from service.errors import (
 )
 from service.intuit import errors as intuit_errors
 from service.intuit.client import QuickBooksUser, TokenSet
-from service.metrics import BACKGROUND_RUNS, LINK_RESULTS
+from service.metrics import BACKGROUND_ROW_ERRORS, LINK_RESULTS
 from service.oauth.state import consume_state, digest, nonce_matches, open_code_verifier
 from service.runtime import Runtime
 from service.tokens import credentials
 from service.tokens.crypto import DecryptionError
-from service.tokens.revocation import queue_revocation, revoke_or_queue, revoke_queued
+from service.tokens.revocation import queue_revocation, revoke_after_commit, revoke_queued
 
 log = logging.getLogger(__name__)
 
@@ -258,7 +259,7 @@ async def complete_with_ticket(rt: Runtime, caller: Caller, *, connection_id: uu
     """Finish Connect in ticket mode: the caller must be the user (or a service naming the user)
     who started it. Runs the linking rules; returns `connected` or `confirmation_required`."""
     refusal: ProblemError | None = None
-    async with rt.sessionmaker() as session, session.begin():
+    async with transaction(rt.sessionmaker) as session:
         held = (await session.execute(
             sa.select(HeldGrant).where(H.ticket_hash == digest(ticket)).with_for_update()
         )).scalar_one_or_none() if 0 < len(ticket) <= 200 else None
@@ -307,7 +308,7 @@ def _check_ticket_holder(caller: Caller, held: HeldGrant, user_id: str | None) -
 
 async def _apply_linking_rules(rt: Runtime, *, connection_id: uuid.UUID, user_id: str,
                                force: bool, grant: _Grant) -> str:
-    async with rt.sessionmaker() as session, session.begin():
+    async with transaction(rt.sessionmaker) as session:
         return await _link_or_hold(session, rt, connection_id=connection_id, user_id=user_id,
                                    force=force, grant=grant)
 
@@ -351,7 +352,7 @@ async def expire_held_grants(rt: Runtime, *, batch: int = 50) -> int:
                 # Sealed under a key this replica lacks: leave it for one that has the key.
                 log.error("held grant for connection %s cannot be decrypted here; kept",
                           held.connection_id)
-                BACKGROUND_RUNS.labels("held_grant", "undecryptable").inc()
+                BACKGROUND_ROW_ERRORS.labels("held_grant", "undecryptable").inc()
                 continue
             queued.append(queue_revocation(session, rt.box, connection_id=held.connection_id,
                                            token=token, reason="completion_ticket_expired"))
@@ -383,8 +384,9 @@ async def _discard_pending(session: AsyncSession, rt: Runtime, pending: PendingL
                            revoke: bool, reason: str) -> None:
     if revoke:
         tokens = credentials.open_pending(pending, rt.box)
-        await revoke_or_queue(session, rt.intuit, rt.box, connection_id=pending.connection_id,
-                              token=tokens.refresh_token, reason=reason)
+        revoke_after_commit(session, rt.sessionmaker, rt.intuit, rt.box,
+                            connection_id=pending.connection_id, token=tokens.refresh_token,
+                            reason=reason)
     await session.delete(pending)
     await session.flush()
 
@@ -422,9 +424,9 @@ async def _link(session: AsyncSession, rt: Runtime, conn: Connection, *, user_id
     if conn.refresh_token is not None and conn.realm_id != grant.realm_id:
         # The old grant is for another company and would stay live at Intuit. (For the same
         # company Intuit has already replaced it; revoking it could end the new one.)
-        await revoke_or_queue(session, rt.intuit, rt.box, connection_id=conn.id,
-                              token=credentials.open_refresh_token(conn, rt.box),
-                              reason="replaced_by_other_company")
+        revoke_after_commit(session, rt.sessionmaker, rt.intuit, rt.box, connection_id=conn.id,
+                            token=credentials.open_refresh_token(conn, rt.box),
+                            reason="replaced_by_other_company")
     previous = await repo.get_pending_link(session, conn.id, for_update=True)
     if previous is not None:
         await _discard_pending(session, rt, previous, revoke=previous.realm_id != grant.realm_id,

@@ -22,6 +22,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.connections import repository as repo
+from service.db.engine import transaction
 from service.db.models import Connection, PendingLink
 from service.errors import ProblemError
 from service.metrics import BACKGROUND_ROW_ERRORS, BACKGROUND_RUNS
@@ -154,7 +155,7 @@ async def expire_pending_links(rt: Runtime, *, batch: int = 50) -> int:
     expired = 0
     after: tuple[datetime, uuid.UUID] | None = None
     while True:
-        async with rt.sessionmaker() as session, session.begin():
+        async with transaction(rt.sessionmaker) as session:
             stmt = (sa.select(PendingLink).where(P.expires_at <= sa.func.now(), readable)
                     .order_by(P.expires_at, P.connection_id).limit(batch)
                     .with_for_update(skip_locked=True))

@@ -1,4 +1,6 @@
-"""Revoking grants at Intuit, and remembering the ones Intuit could not be told about yet."""
+"""Revoking grants at Intuit through an outbox: a revocation is queued in the transaction that
+decides it, and sent once that transaction has committed (or later, by the background worker),
+so that nothing waits on Intuit with a row locked or a transaction open."""
 
 from __future__ import annotations
 
@@ -9,7 +11,8 @@ from datetime import UTC, datetime, timedelta
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from service.db.models import PendingRevocation
+from service.db.engine import after_commit
+from service.db.models import Connection, ConnectionEvent, PendingRevocation
 from service.intuit.client import IntuitClient
 from service.intuit.errors import IntuitError
 from service.metrics import BACKGROUND_ROW_ERRORS, BACKGROUND_RUNS
@@ -19,6 +22,9 @@ log = logging.getLogger(__name__)
 
 R = PendingRevocation.__table__.c  # type: ignore[attr-defined]
 _MAX_BACKOFF = timedelta(hours=6)
+# How long a claimed revocation is left to the replica that claimed it (Intuit's call is bounded
+# by INTUIT_TIMEOUT_SECONDS × INTUIT_MAX_ATTEMPTS plus backoff, well under this).
+_CLAIM_LEASE = timedelta(minutes=5)
 
 
 def _aad(row: PendingRevocation) -> str:
@@ -36,11 +42,21 @@ def queue_revocation(session: AsyncSession, box: SecretBox, *, connection_id: uu
     return row.id
 
 
+def revoke_after_commit(session: AsyncSession, sessionmaker: async_sessionmaker[AsyncSession],
+                        intuit: IntuitClient, box: SecretBox, *, connection_id: uuid.UUID,
+                        token: str, reason: str) -> None:
+    """Queue the revocation in the session's transaction, and send it once that has committed."""
+    queued = queue_revocation(session, box, connection_id=connection_id, token=token,
+                              reason=reason)
+    after_commit(session, lambda: revoke_queued(sessionmaker, intuit, box, [queued]))
+
+
 async def revoke_queued(sessionmaker: async_sessionmaker[AsyncSession], intuit: IntuitClient,
                         box: SecretBox, ids: list[uuid.UUID]) -> None:
     """Revoke queued revocations now, after the transaction that queued them has committed.
     Nothing is locked while Intuit answers; one that fails stays queued for the background
-    worker (revoking twice is harmless: Intuit answers a dead token with 400)."""
+    worker (revoking twice is harmless: Intuit answers a dead token with 400). A revocation
+    whose queuing was rolled back is not found, and not sent."""
     for revocation_id in ids:
         async with sessionmaker() as session:
             row = await session.get(PendingRevocation, revocation_id)
@@ -56,22 +72,24 @@ async def revoke_queued(sessionmaker: async_sessionmaker[AsyncSession], intuit: 
                                "intuit_tid": exc.intuit_tid})
             continue
         async with sessionmaker() as session, session.begin():
-            await session.execute(sa.delete(PendingRevocation).where(R.id == revocation_id))
+            await _settle(session, row)
         BACKGROUND_RUNS.labels("revocation", "revoked").inc()
 
 
-async def revoke_or_queue(session: AsyncSession, intuit: IntuitClient, box: SecretBox, *,
-                          connection_id: uuid.UUID, token: str, reason: str) -> bool:
-    """Revoke now if Intuit answers; otherwise queue it in this transaction. True if revoked."""
-    try:
-        await intuit.revoke(token)
-        return True
-    except IntuitError as exc:
-        log.warning("revocation deferred: %s", type(exc).__name__,
-                    extra={"connection_id": str(connection_id), "intuit_tid": exc.intuit_tid})
-        queue_revocation(session, box, connection_id=connection_id, token=token, reason=reason,
-                         error=type(exc).__name__)
-        return False
+async def _settle(session: AsyncSession, row: PendingRevocation) -> None:
+    """Drop a revocation Intuit confirmed, with a `revoked` event on its connection, if that
+    still exists."""
+    deleted = (await session.execute(
+        sa.delete(PendingRevocation).where(R.id == row.id).returning(R.id))).first()
+    if deleted is None:
+        return  # another replica settled it first
+    C = Connection.__table__.c  # type: ignore[attr-defined]
+    E = ConnectionEvent.__table__.c  # type: ignore[attr-defined]
+    await session.execute(sa.insert(ConnectionEvent).from_select(
+        [E.connection_id, E.tenant_id, E.type, E.actor, E.details],
+        sa.select(C.id, C.tenant_id, sa.literal("revoked"), sa.literal("broker"),
+                  sa.func.jsonb_build_object("reason", row.reason))
+        .where(C.id == row.connection_id)))
 
 
 def _back_off(row: PendingRevocation, error: str) -> None:
@@ -84,13 +102,15 @@ def _back_off(row: PendingRevocation, error: str) -> None:
 async def retry_pending_revocations(sessionmaker: async_sessionmaker[AsyncSession],
                                     intuit: IntuitClient, box: SecretBox, *,
                                     batch: int = 20) -> int:
-    """One pass over due revocations. Replicas share the work through SKIP LOCKED.
+    """One pass over due revocations. Replicas share the work: a short transaction claims due
+    rows (SKIP LOCKED) by moving their next attempt past a lease, and commits; Intuit is then
+    called with nothing locked, and each outcome is written in a transaction of its own. A
+    replica killed meanwhile leaves its rows to be claimed again when the lease ends.
 
     Only revocations sealed under a key this process has are taken: the others stay queued for
     a replica that has it. One that does not open even so is never dropped: it stays queued,
     retried later, and the failure is logged and counted (qbo_broker_background_row_errors_total).
     """
-    done = 0
     async with sessionmaker() as session, session.begin():
         rows = list((await session.execute(
             sa.select(PendingRevocation).where(
@@ -99,27 +119,39 @@ async def retry_pending_revocations(sessionmaker: async_sessionmaker[AsyncSessio
             .order_by(R.next_attempt_at).limit(batch).with_for_update(skip_locked=True)
         )).scalars())
         for row in rows:
-            try:
-                token = box.decrypt(row.token, _aad(row))
-            except DecryptionError as exc:
-                log.error("pending revocation %s does not open (%s); kept queued", row.id, exc,
-                          extra={"connection_id": str(row.connection_id)})
-                BACKGROUND_ROW_ERRORS.labels("revocation", "undecryptable").inc()
-                _back_off(row, "DecryptionError")
-                continue
-            try:
-                await intuit.revoke(token)
-            except IntuitError as exc:
-                _back_off(row, type(exc).__name__)
-                BACKGROUND_RUNS.labels("revocation", "deferred").inc()
-                continue
-            except Exception as exc:  # one row's surprise is not the others' problem
-                log.error("pending revocation %s failed: %s; kept queued", row.id,
-                          type(exc).__name__, extra={"connection_id": str(row.connection_id)})
-                BACKGROUND_ROW_ERRORS.labels("revocation", "error").inc()
-                _back_off(row, type(exc).__name__)
-                continue
-            await session.delete(row)
-            done += 1
-            BACKGROUND_RUNS.labels("revocation", "revoked").inc()
+            row.next_attempt_at = datetime.now(UTC) + _CLAIM_LEASE
+    done = 0
+    for row in rows:
+        error = await _revoke_one(intuit, box, row)
+        async with sessionmaker() as session, session.begin():
+            if error is None:
+                await _settle(session, row)
+                done += 1
+                BACKGROUND_RUNS.labels("revocation", "revoked").inc()
+            else:
+                claimed = await session.get(PendingRevocation, row.id)
+                if claimed is not None:
+                    _back_off(claimed, error)
     return done
+
+
+async def _revoke_one(intuit: IntuitClient, box: SecretBox, row: PendingRevocation) -> str | None:
+    """Revoke one queued token; None when Intuit confirmed, else what went wrong."""
+    try:
+        token = box.decrypt(row.token, _aad(row))
+    except DecryptionError as exc:
+        log.error("pending revocation %s does not open (%s); kept queued", row.id, exc,
+                  extra={"connection_id": str(row.connection_id)})
+        BACKGROUND_ROW_ERRORS.labels("revocation", "undecryptable").inc()
+        return "DecryptionError"
+    try:
+        await intuit.revoke(token)
+    except IntuitError as exc:
+        BACKGROUND_RUNS.labels("revocation", "deferred").inc()
+        return type(exc).__name__
+    except Exception as exc:  # one row's surprise is not the others' problem
+        log.error("pending revocation %s failed: %s; kept queued", row.id,
+                  type(exc).__name__, extra={"connection_id": str(row.connection_id)})
+        BACKGROUND_ROW_ERRORS.labels("revocation", "error").inc()
+        return type(exc).__name__
+    return None

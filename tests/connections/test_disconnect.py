@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import httpx
 
 from service.config import Settings
@@ -11,6 +14,7 @@ from service.tokens.crypto import SecretBox
 from service.tokens.revocation import retry_pending_revocations
 from tests.conftest import ALICE, user_headers
 from tests.support.db_helpers import execute, fetchrow
+from tests.support.waiting import until
 
 
 async def test_disconnect_revokes_wipes_and_remembers_owner(client, new_connection, connect,
@@ -32,8 +36,11 @@ async def test_disconnect_revokes_wipes_and_remembers_owner(client, new_connecti
     again = await client.post(f"/connections/{conn['id']}/disconnect", headers=user_headers())
     assert again.status_code == 200 and again.json()["status"] == "disconnected"
     events = (await client.get(f"/connections/{conn['id']}/events", headers=user_headers())).json()
-    assert events["items"][0]["type"] == "disconnected"
-    assert events["items"][0]["details"]["revoked_at_intuit"] is True
+    # Queued with the disconnect, sent once it committed, confirmed by Intuit: newest first.
+    assert [e["type"] for e in events["items"][:2]] == ["revoked", "disconnected"]
+    assert events["items"][0]["details"] == {"reason": "disconnected"}
+    assert events["items"][1]["details"]["revocation_queued"] is True
+    assert (await fetchrow(stack.database_url, "SELECT count(*) AS n FROM pending_revocations"))["n"] == 0
     # Connecting again afterwards works, with the same QuickBooks user, without confirmation.
     relinked = await connect(conn["id"])
     assert relinked.params["result"] == "connected"
@@ -115,3 +122,30 @@ async def test_ops_endpoints(client: httpx.AsyncClient, new_connection, connect)
 
 def response_has_request_id(response: httpx.Response) -> bool:
     return bool(response.headers.get("x-request-id"))
+
+
+async def test_a_slow_revocation_at_intuit_holds_no_lock(client, new_connection, connect, emulator,
+                                                         stack) -> None:
+    # The disconnect commits first and revokes after: while Intuit takes 4 s to answer, the
+    # connection's row is free, and a PATCH of it answers at once.
+    conn = await new_connection()
+    await connect(conn["id"])
+    await emulator.post("/faults", json={"endpoint": "revoke", "kind": "timeout", "delay_s": 4})
+    disconnecting = asyncio.create_task(
+        client.post(f"/connections/{conn['id']}/disconnect", headers=user_headers()))
+
+    async def revoking() -> bool:
+        row = await fetchrow(stack.database_url, "SELECT status FROM connections WHERE id = $1",
+                             conn["id"])
+        return row["status"] == "disconnected"
+
+    await until(revoking, "the disconnect to commit", within=3.0)
+    started = time.monotonic()
+    patched = await client.patch(f"/connections/{conn['id']}", headers=user_headers(),
+                                 json={"modules": {"accounts_receivable": True}})
+    elapsed = time.monotonic() - started
+    assert patched.status_code == 200, patched.text
+    assert elapsed < 0.1, elapsed
+    assert not disconnecting.done()  # Intuit is still answering the revocation
+    assert (await disconnecting).status_code == 200
+    assert (await emulator.get("/grants")).json() == []

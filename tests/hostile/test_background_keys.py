@@ -107,8 +107,8 @@ async def test_one_bad_row_stops_nothing(linked, runtime, stack: Stack, caplog) 
     with caplog.at_level(logging.INFO):
         done = await BackgroundWorker(runtime).run_once()
 
-    assert done == {"refreshed": 1, "pending_links_expired": 1, "revocations": 1,
-                    "unknown_key_rows": 3}
+    assert done == {"refreshed": 1, "pending_links_expired": 1, "completion_tickets_expired": 0,
+                    "revocations": 1, "unknown_key_rows": 3}
     # The good rows were all done.
     assert (await fetchrow(stack.database_url, "SELECT last_refreshed_at > now() - interval "
                            "'1 minute' AS fresh FROM connections WHERE id = $1",

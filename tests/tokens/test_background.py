@@ -59,7 +59,9 @@ async def test_expired_pending_links_are_revoked_and_dropped(client, new_connect
     assert body["pending_link"] is None and body["status"] == "connected"
     assert {g["realm_id"] for g in (await emulator.get("/grants")).json()} == {"9341452988354102"}
     events = (await client.get(f"/connections/{conn['id']}/events", headers=user_headers())).json()
-    assert events["items"][0]["type"] == "pending_link_expired"
+    # The revocation was sent after the expiry committed, and Intuit confirmed it.
+    assert [e["type"] for e in events["items"][:2]] == ["revoked", "pending_link_expired"]
+    assert events["items"][0]["details"] == {"reason": "pending_link_expired"}
     confirm = await client.post(f"/connections/{conn['id']}/pending-link/confirm",
                                 headers=user_headers())
     assert confirm.json()["code"] == "no_pending_link"
