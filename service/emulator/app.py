@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 from fastapi.responses import HTMLResponse
 
+from .accounting import accounting_router
 from .config import EmulatorSettings
 from .control import control_router
 from .flow import flow_router
@@ -18,14 +19,16 @@ def create_app(settings: EmulatorSettings | None = None) -> FastAPI:
     store = Store(settings)
     app = FastAPI(
         title="Intuit emulator",
-        description="A local stand-in for Intuit's OAuth 2.0, OpenID and CompanyInfo "
-        "endpoints, with a control API under /_emulator.",
+        description="A local stand-in for Intuit's OAuth 2.0, OpenID and Accounting API "
+        "(CompanyInfo, entities, query, batch, CDC, reports, upload) endpoints, with a control "
+        "API under /_emulator.",
         docs_url="/_emulator/docs",
         redoc_url=None,
         openapi_url="/_emulator/openapi.json",
     )
     app.state.emulator = store
     app.include_router(oauth_router(store))
+    app.include_router(accounting_router(store))  # after oauth's CompanyInfo route
     app.include_router(flow_router(store))
     app.include_router(control_router(store))
 

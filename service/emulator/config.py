@@ -73,6 +73,13 @@ class EmulatorSettings(BaseModel):
     refresh_token_hard_ttl: int = FIVE_YEARS
     # How long a browser flow (authorize request -> consent) stays usable.
     flow_ttl: int = 1800
+    # Accounting API throttles per company and app, Intuit's limits (0 turns one off).
+    throttle_concurrent: int = 10
+    throttle_per_second: int = 10
+    throttle_per_minute: int = 500
+    throttle_batch_per_minute: int = 120
+    # Data rows in a generated report (`GET …/reports/{name}`); raise it for multi-MB answers.
+    report_rows: int = 200
 
     @field_validator("public_url", "internal_url")
     @classmethod

@@ -2,7 +2,8 @@
 
 Not part of Intuit and unauthenticated by design: the emulator only ever runs locally. It can
 reset to the seed, add users and companies, play "the user disconnected the app inside
-QuickBooks", change token lifetimes and latency, queue faults, and read counters.
+QuickBooks", change token lifetimes, latency, Accounting API throttles and report size, queue
+faults, and read counters (including what Accounting API callers did: `accounting` in stats).
 """
 
 from __future__ import annotations
@@ -44,11 +45,17 @@ class ConfigUpdate(BaseModel):
     refresh_token_ttl: int | None = Field(default=None, ge=1)
     code_ttl: int | None = Field(default=None, ge=1)
     latency_ms: int | None = Field(default=None, ge=0)
+    # Accounting API throttles per company and app (0: no limit) and generated report size.
+    throttle_concurrent: int | None = Field(default=None, ge=0)
+    throttle_per_second: int | None = Field(default=None, ge=0)
+    throttle_per_minute: int | None = Field(default=None, ge=0)
+    throttle_batch_per_minute: int | None = Field(default=None, ge=0)
+    report_rows: int | None = Field(default=None, ge=0, le=5_000_000)
 
 
 class FaultSpec(BaseModel):
-    endpoint: Literal["token", "revoke", "userinfo", "companyinfo"]
-    kind: Literal["status", "timeout", "drop_after_rotate"]
+    endpoint: Literal["token", "revoke", "userinfo", "companyinfo", "accounting"]
+    kind: Literal["status", "timeout", "drop_after_rotate", "drop_after_commit"]
     status: int | None = Field(default=None, ge=400, le=599)
     count: int = Field(default=1, ge=1)
     delay_s: float | None = Field(default=None, ge=0)
@@ -57,6 +64,8 @@ class FaultSpec(BaseModel):
     def _consistent(self) -> FaultSpec:
         if self.kind == "drop_after_rotate" and self.endpoint != "token":
             raise ValueError("drop_after_rotate only applies to the token endpoint")
+        if self.kind == "drop_after_commit" and self.endpoint != "accounting":
+            raise ValueError("drop_after_commit only applies to the accounting endpoint")
         return self
 
 
@@ -88,7 +97,12 @@ def control_router(store: Store) -> APIRouter:
         config = store.config
         return {"access_token_ttl": config.access_token_ttl,
                 "refresh_token_ttl": config.refresh_token_ttl, "code_ttl": config.code_ttl,
-                "latency_ms": config.latency_ms, "clock_offset_s": store.clock_offset}
+                "latency_ms": config.latency_ms, "clock_offset_s": store.clock_offset,
+                "throttle_concurrent": config.throttle_concurrent,
+                "throttle_per_second": config.throttle_per_second,
+                "throttle_per_minute": config.throttle_per_minute,
+                "throttle_batch_per_minute": config.throttle_batch_per_minute,
+                "report_rows": config.report_rows}
 
     @router.post("/reset")
     async def reset() -> dict[str, Any]:
@@ -179,7 +193,8 @@ def control_router(store: Store) -> APIRouter:
 
     @router.get("/stats")
     async def stats() -> dict[str, Any]:
-        return store.stats.snapshot(store.faults.fired)
+        return {**store.stats.snapshot(store.faults.fired),
+                "accounting": store.traffic.snapshot()}
 
     @router.post("/sessions/signin")
     async def session_signin(body: SigninRequest, response: Response) -> dict[str, Any]:

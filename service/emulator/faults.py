@@ -15,9 +15,9 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-Endpoint = Literal["token", "revoke", "userinfo", "companyinfo"]
-FaultKind = Literal["status", "timeout", "drop_after_rotate"]
-ENDPOINTS: tuple[str, ...] = ("token", "revoke", "userinfo", "companyinfo")
+Endpoint = Literal["token", "revoke", "userinfo", "companyinfo", "accounting"]
+FaultKind = Literal["status", "timeout", "drop_after_rotate", "drop_after_commit"]
+ENDPOINTS: tuple[str, ...] = ("token", "revoke", "userinfo", "companyinfo", "accounting")
 DEFAULT_TIMEOUT_S = 30.0
 
 
@@ -65,17 +65,21 @@ class Faults:
         with self._lock:
             return [fault.as_dict() for fault in self._queue]
 
-    def take(self, endpoint: str, *, is_refresh: bool = False) -> Fault | None:
+    def take(self, endpoint: str, *, is_refresh: bool = False,
+             is_write: bool = False) -> Fault | None:
         """Consume one unit of the first fault that applies to this call, if any.
 
         `drop_after_rotate` only makes sense for a refresh, so other token calls pass it by
-        and leave it queued for the refresh it was meant for.
+        and leave it queued for the refresh it was meant for; likewise `drop_after_commit`
+        waits for an Accounting API call that writes.
         """
         with self._lock:
             for fault in self._queue:
                 if fault.endpoint != endpoint:
                     continue
                 if fault.kind == "drop_after_rotate" and not is_refresh:
+                    continue
+                if fault.kind == "drop_after_commit" and not is_write:
                     continue
                 fault.remaining -= 1
                 if fault.remaining <= 0:

@@ -302,6 +302,8 @@ def oauth_router(store: Store) -> APIRouter:
         fault = await prelude("companyinfo")
         if fault is not None and fault.kind == "status":
             store.stats.count("companyinfo", f"status_{fault.status or 503}")
+            if (fault.status or 503) == 429:
+                store.traffic.count_throttled(realm_id, "fault")
             return status_fault("companyinfo", fault, tid)
         checked = store.check_access(_bearer(request))
         if isinstance(checked, str):
@@ -319,6 +321,14 @@ def oauth_router(store: Store) -> APIRouter:
                      "accounting scope", "code": "3100"}
             return _json({"Fault": {"Error": [error], "type": "AUTHENTICATION"},
                           "time": intuit_time(store.now())}, 403, tid)
+        # An Accounting API call like the others: throttled, observed and metered (CorePlus).
+        refusal = store.traffic.enter(realm_id, grant.client_id, store.config.limits)
+        if refusal is not None:
+            store.stats.count("companyinfo", "throttled")
+            return _json(_fault_body("companyinfo", 429, store.now()), 429, tid,
+                         **{"Retry-After": str(refusal.retry_after)})
+        store.traffic.leave(realm_id, grant.client_id)
+        store.traffic.meter(realm_id, "coreplus", "companyinfo")
         if company_id != realm_id:
             store.stats.count("companyinfo", "not_found")
             error = {"Message": "Object Not Found", "Detail": "Object Not Found : Something "

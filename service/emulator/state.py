@@ -21,9 +21,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from .books import Books, Ledger
 from .config import ADMIN_ROLES, COMPANY_SCOPES, SEED_COMPANIES, SEED_USERS, EmulatorSettings
 from .faults import Faults, Stats
 from .keys import SigningKey
+from .traffic import Limits, RequestIds, Traffic
 
 STATE_VERSION = 1
 _RETIRED_MAX = 10_000  # remembered dead refresh tokens (hashed), only to explain invalid_grant
@@ -158,11 +160,23 @@ class RuntimeConfig:
     refresh_token_ttl: int
     code_ttl: int
     latency_ms: int
+    throttle_concurrent: int = 10
+    throttle_per_second: int = 10
+    throttle_per_minute: int = 500
+    throttle_batch_per_minute: int = 120
+    report_rows: int = 200
 
     @classmethod
     def from_settings(cls, settings: EmulatorSettings) -> RuntimeConfig:
         return cls(settings.access_token_ttl, settings.refresh_token_ttl, settings.code_ttl,
-                   settings.latency_ms)
+                   settings.latency_ms, settings.throttle_concurrent,
+                   settings.throttle_per_second, settings.throttle_per_minute,
+                   settings.throttle_batch_per_minute, settings.report_rows)
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(self.throttle_concurrent, self.throttle_per_second,
+                      self.throttle_per_minute, self.throttle_batch_per_minute)
 
 
 def _access_token() -> str:
@@ -205,6 +219,10 @@ class Store:
         self.stats = Stats()
         self.faults = Faults()
         self.clock_offset = 0.0
+        # The Accounting API: each company's books, its front door and remembered requestids.
+        self.books = Books(seed=settings.seed)
+        self.traffic = Traffic()
+        self.request_ids = RequestIds(self.now)
         self.signing_key = SigningKey.generate()
         self._clear()
         path = self._path
@@ -235,6 +253,7 @@ class Store:
         # sha256(dead refresh token) -> (why it died, its realm): explains invalid_grant and
         # lets stats attribute a refresh with a stale token to its company.
         self.retired: dict[str, tuple[str, str | None]] = {}
+        self.books.clear()
 
     def _seed(self) -> None:
         if not self.settings.seed:
@@ -254,6 +273,8 @@ class Store:
             self.clock_offset = 0.0
             self.stats.reset()
             self.faults.reset()
+            self.traffic.reset()
+            self.request_ids.reset()
             self._seed()
             self._changed()
 
@@ -270,6 +291,7 @@ class Store:
             "codes": {code: asdict(c) for code, c in self.codes.items()},
             "grants": [asdict(g) for g in self.grants.values()],
             "access_tokens": {tok: asdict(a) for tok, a in self.access_tokens.items()},
+            "books": self.books.dump(),
         }
         path.parent.mkdir(parents=True, exist_ok=True)
         # Write-then-rename so a crash mid-write never leaves a truncated state file.
@@ -297,6 +319,7 @@ class Store:
         self.refresh_index = {
             g.refresh_token: g.grant_id for g in self.grants.values() if g.refresh_token
         }
+        self.books.load(document.get("books"))
 
     # -- users and companies --------------------------------------------------------------------
 
@@ -349,6 +372,14 @@ class Store:
             self.companies[realm_id] = company
             self._changed()
             return company
+
+    def ledger(self, realm_id: str) -> Ledger:
+        """A company's books (the caller holds the lock), seeded on first use."""
+        return self.books.ledger(realm_id, self.companies[realm_id].created_at)
+
+    def books_changed(self) -> None:
+        """Persist after an Accounting API write (the caller holds the lock)."""
+        self._changed()
 
     def companies_of(self, user: User) -> list[Company]:
         return [self.companies[r] for r in user.companies if r in self.companies]
