@@ -70,10 +70,7 @@ def open_refresh_token(conn: Any, box: SecretBox) -> str:
 
 
 def seal_pending(pending: PendingLink, tokens: TokenSet, box: SecretBox, *, now: datetime) -> None:
-    pending.access_token = box.encrypt(tokens.access_token, _aad(pending, "pending-access"))
-    pending.refresh_token = box.encrypt(tokens.refresh_token, _aad(pending, "pending-refresh"))
-    pending.access_token_expires_at = now + timedelta(seconds=tokens.expires_in)
-    pending.refresh_token_expires_at = refresh_token_expiry(tokens, now)
+    _seal(pending, tokens, box, "pending", now=now)
 
 
 def open_pending(pending: PendingLink, box: SecretBox) -> TokenSet:
@@ -82,15 +79,20 @@ def open_pending(pending: PendingLink, box: SecretBox) -> TokenSet:
 
 
 def seal_held(held: HeldGrant, tokens: TokenSet, box: SecretBox, *, now: datetime) -> None:
-    held.access_token = box.encrypt(tokens.access_token, _aad(held, "held-access"))
-    held.refresh_token = box.encrypt(tokens.refresh_token, _aad(held, "held-refresh"))
-    held.access_token_expires_at = now + timedelta(seconds=tokens.expires_in)
-    held.refresh_token_expires_at = refresh_token_expiry(tokens, now)
+    _seal(held, tokens, box, "held", now=now)
 
 
 def open_held(held: HeldGrant, box: SecretBox) -> TokenSet:
     """A grant held for a completion ticket, with lifetimes counted from now."""
     return _open(held, box, "held")
+
+
+def _seal(grant: PendingLink | HeldGrant, tokens: TokenSet, box: SecretBox, purpose: str, *,
+          now: datetime) -> None:
+    grant.access_token = box.encrypt(tokens.access_token, _aad(grant, f"{purpose}-access"))
+    grant.refresh_token = box.encrypt(tokens.refresh_token, _aad(grant, f"{purpose}-refresh"))
+    grant.access_token_expires_at = now + timedelta(seconds=tokens.expires_in)
+    grant.refresh_token_expires_at = refresh_token_expiry(tokens, now)
 
 
 def _open(grant: PendingLink | HeldGrant, box: SecretBox, purpose: str) -> TokenSet:
