@@ -1,4 +1,4 @@
-"""Settings for the broker, read from environment variables (see CONTRACT.md, Configuration)."""
+"""Settings for the broker, read from environment variables (README, "Configuration")."""
 
 from __future__ import annotations
 

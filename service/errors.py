@@ -104,6 +104,14 @@ class ReturnUrlNotAllowed(ProblemError):
     status, code, title = 400, "return_url_not_allowed", "The return URL is not allowed"
 
 
+class CallbackError(ProblemError):
+    status, code, title = 400, "invalid_callback", "The callback from Intuit is not valid"
+
+
+class AuthorizationCodeRejected(ProblemError):
+    status, code, title = 400, "authorization_code_rejected", "Intuit rejected the authorization"
+
+
 class ReturnUrlRequired(ProblemError):
     status, code, title = 400, "return_url_required", "A return URL is required"
 

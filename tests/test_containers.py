@@ -34,7 +34,7 @@ DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 
-# The configuration table of the contract (CONTRACT.md, "Configuration"). Compose may only set
+# The README's configuration table (section "Configuration"). Compose may only set
 # documented variables: anything else would be a setting that operators can't find.
 DOCUMENTED_ENV_VARS = frozenset(
     {
@@ -495,7 +495,7 @@ def test_loopback_check_is_not_vacuous() -> None:
 def test_compose_broker_reads_only_documented_settings() -> None:
     env = environment(compose()["services"]["broker"])
     undocumented = set(env) - DOCUMENTED_ENV_VARS
-    assert not undocumented, f"not in CONTRACT.md's configuration table: {sorted(undocumented)}"
+    assert not undocumented, f"not in the README's configuration table: {sorted(undocumented)}"
 
 
 def test_compose_services_are_wired_consistently() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Literal
 
 from service.errors import Forbidden, NotFound, ValidationFailed
 
@@ -19,7 +20,7 @@ class Scope(StrEnum):
 class Caller:
     """A signed-in cieTrade user (`kind="user"`) or an internal service (`kind="service"`)."""
 
-    kind: str
+    kind: Literal["user", "service"]
     subject: str
     tenant_id: str | None = None
     scopes: frozenset[str] = field(default_factory=frozenset)

@@ -1,4 +1,4 @@
-"""The JSON shapes of connections, events and link status (CONTRACT.md, Resources)."""
+"""The JSON shapes of connections, events and link status (see openapi.yaml)."""
 
 from __future__ import annotations
 

@@ -22,6 +22,8 @@ from service.connections.schemas import Status
 from service.db.engine import transaction
 from service.db.models import Connection, HeldGrant, PendingLink
 from service.errors import (
+    AuthorizationCodeRejected,
+    CallbackError,
     CompletionNotAllowed,
     IdentityNotVerified,
     IntuitRejected,
@@ -89,14 +91,6 @@ class _Started:
     return_url: str | None
     code_verifier: str | None
     nonce_hash: str | None
-
-
-class CallbackError(ProblemError):
-    status, code, title = 400, "invalid_callback", "The callback from Intuit is not valid"
-
-
-class AuthorizationCodeRejected(ProblemError):
-    status, code, title = 400, "authorization_code_rejected", "Intuit rejected the authorization"
 
 
 # Intuit's `error` parameter is never echoed: stored text reaches cieTrade's pages.
