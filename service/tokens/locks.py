@@ -25,6 +25,7 @@ import contextlib
 import hashlib
 import logging
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import asyncpg
@@ -73,17 +74,22 @@ class RefreshLocks:
         self._lost: tuple[int, object] | None = None
         self._held: dict[int, Hold] = {}
         self._asked: dict[int, asyncio.Future[bool]] = {}  # for the next round
+        self._on_sent: dict[int, Callable[[], None]] = {}  # told when their round goes out
         self._asking: set[int] = set()  # in the round that is out
         self._freed: set[int] = set()  # to unlock in the next round
         self._rounds: asyncio.Task[None] | None = None
 
-    async def acquire(self, connection_id: uuid.UUID) -> Hold | None:
-        """The connection's lock if no process (this one included) holds it; None otherwise."""
+    async def acquire(self, connection_id: uuid.UUID, *,
+                      on_sent: Callable[[], None] | None = None) -> Hold | None:
+        """The connection's lock if no process (this one included) holds it; None otherwise.
+        `on_sent` is called when the request leaves for the server (for timings)."""
         key = lock_key(connection_id)
         if key in self._held or key in self._asked or key in self._asking:
             return None
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._asked[key] = future
+        if on_sent is not None:
+            self._on_sent[key] = on_sent
         self._wake()
         try:
             taken = await asyncio.shield(future)
@@ -111,6 +117,7 @@ class RefreshLocks:
             if not future.done():
                 future.set_result(False)
         self._asked.clear()
+        self._on_sent.clear()
         self._forget()
         if self._session is not None and not self._session.is_closed():
             await self._session.close(timeout=2)
@@ -125,6 +132,11 @@ class RefreshLocks:
             asked, self._asked = self._asked, {}
             freed, self._freed = list(self._freed), set()
             self._asking = set(asked)
+            if self._on_sent:
+                for key in asked:
+                    told = self._on_sent.pop(key, None)
+                    if told is not None:
+                        told()
             try:
                 taken = await self._round(asked, freed)
             except BaseException as exc:

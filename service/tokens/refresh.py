@@ -26,9 +26,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
@@ -50,12 +52,16 @@ from service.intuit import errors as intuit_errors
 from service.intuit.client import IntuitClient, TokenSet
 from service.intuit.errors import IntuitError
 from service.metrics import REFRESH_TOKENS_LOST, REFRESHES
+from service.observability import request_id_var
 from service.tasks import shared
 from service.tokens import credentials
 from service.tokens.crypto import SecretBox
 from service.tokens.locks import Hold, RefreshLocks
 
 log = logging.getLogger(__name__)
+# Per-request refresh timings at DEBUG, for bench/refresh_storm.py: off unless a logging
+# configuration turns this logger on, and then one line per request that waited on a refresh.
+timeline_log = logging.getLogger("qbo_broker.refresh_timeline")
 
 MIN_VALIDITY = timedelta(minutes=5)
 # How long a process waits for another one's refresh before it looks at the row again (a
@@ -78,6 +84,26 @@ Watch = Callable[[str], AbstractAsyncContextManager[asyncio.Event]]
 
 class _LockLost(Exception):
     """The lock session was lost before the refresh token left: take the lock again."""
+
+
+class Timeline:
+    """When a refresh passed each point: (phase that just ended, time.monotonic()). The clock is
+    CLOCK_MONOTONIC, one for every process on a host, so a benchmark can line the marks up with
+    its own. A disabled timeline (the default) records nothing."""
+
+    __slots__ = ("marks",)
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.marks: list[tuple[str, float]] | None = [("start", time.monotonic())] if enabled else None
+
+    def mark(self, phase: str) -> None:
+        if self.marks is not None:
+            self.marks.append((phase, time.monotonic()))
+
+
+_OFF = Timeline(enabled=False)
+# When this request began reading its connection (a cache miss), for its timeline.
+_view_began: ContextVar[float | None] = ContextVar("qbo_broker_view_began", default=None)
 
 
 @asynccontextmanager
@@ -217,6 +243,8 @@ class TokenRefresher:
         # One refresh task per connection and purpose ("request", "forced", "keepalive"): callers
         # join the one that decides by their own rule.
         self._inflight: dict[tuple[uuid.UUID, str], asyncio.Task[tuple[AccessToken | None, bool]]] = {}
+        # The running refreshes' timelines, while the timeline log is on.
+        self._timelines: dict[tuple[uuid.UUID, str], Timeline] = {}
         # Refreshes this process runs at once (each one call to Intuit at a time).
         self._slots = asyncio.Semaphore(settings.refresh_concurrency)
         # How long to wait for another process's refresh: as long as one may take at Intuit.
@@ -238,6 +266,8 @@ class TokenRefresher:
 
     async def view(self, connection_id: uuid.UUID) -> ConnectionView | None:
         """The connection as the token endpoint needs it (cached; None: no such connection)."""
+        if timeline_log.isEnabledFor(logging.DEBUG):
+            _view_began.set(time.monotonic())
 
         async def load() -> ConnectionView | None:
             record = await self._pool.fetchrow(_READ, connection_id)
@@ -304,13 +334,36 @@ class TokenRefresher:
         if self._closing:
             raise IntuitUnavailable("The broker is shutting down; retry.", retry_after=1,
                                     connection_id=str(connection_id))
-        return await shared(self._inflight, (connection_id, purpose),
-                            lambda: self._refresh(connection_id, needed, trigger=trigger,
-                                                  skip_locked=skip_locked),
-                            name=f"qbo-broker-refresh-{connection_id}")
+        key = (connection_id, purpose)
+        if not timeline_log.isEnabledFor(logging.DEBUG):
+            return await shared(self._inflight, key,
+                                lambda: self._refresh(connection_id, needed, trigger=trigger,
+                                                      skip_locked=skip_locked, timeline=_OFF),
+                                name=f"qbo-broker-refresh-{connection_id}")
+        entered = time.monotonic()
+        timeline = self._timelines.get(key) if key in self._inflight else None
+        if timeline is None:
+            timeline = self._timelines[key] = Timeline()
+        outcome = "ok"
+        try:
+            return await shared(self._inflight, key,
+                                lambda: self._refresh(connection_id, needed, trigger=trigger,
+                                                      skip_locked=skip_locked, timeline=timeline),
+                                name=f"qbo-broker-refresh-{connection_id}")
+        except BaseException as exc:
+            outcome = type(exc).__name__
+            raise
+        finally:
+            if self._timelines.get(key) is timeline and key not in self._inflight:
+                del self._timelines[key]
+            timeline_log.debug("refresh timeline", extra={"timeline": json.dumps({
+                "request_id": request_id_var.get(), "connection_id": str(connection_id),
+                "trigger": trigger, "refresh": id(timeline), "view": _view_began.get(),
+                "entered": entered, "left": time.monotonic(), "outcome": outcome,
+                "marks": timeline.marks})})
 
     async def _refresh(self, connection_id: uuid.UUID, needed: _Needed, *, trigger: str,
-                       skip_locked: bool) -> tuple[AccessToken | None, bool]:
+                       skip_locked: bool, timeline: Timeline) -> tuple[AccessToken | None, bool]:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._wait_limit
         # Watched from the start, so that no notification falls between two looks at the row.
@@ -322,12 +375,16 @@ class TokenRefresher:
                         "stored credentials are unchanged. Retry later.", retry_after=5,
                         connection_id=str(connection_id))
                 async with self._slots:
-                    hold = await self._locks.acquire(connection_id)
+                    timeline.mark("slot")
+                    hold = await self._locks.acquire(
+                        connection_id, on_sent=None if timeline.marks is None
+                        else lambda: timeline.mark("lock_sent"))
+                    timeline.mark("lock_taken" if hold is not None else "lock_busy")
                     if hold is not None:
                         try:
                             return await self._refresh_holding_lock(
                                 connection_id, hold, needed, trigger=trigger,
-                                skip_locked=skip_locked)
+                                skip_locked=skip_locked, timeline=timeline)
                         except _LockLost:
                             continue
                         finally:
@@ -338,10 +395,12 @@ class TokenRefresher:
                 try:
                     async with asyncio.timeout(WAIT_POLL_SECONDS):
                         await changed.wait()
+                    timeline.mark("notified")
                 except TimeoutError:
-                    pass
+                    timeline.mark("polled")
                 changed.clear()  # before the look: a change after it wakes the next wait
                 record = await self._pool.fetchrow(_READ, connection_id)
+                timeline.mark("read")
                 if record is None:
                     raise NotFound("No such connection.")
                 conn = _row(record)
@@ -350,27 +409,30 @@ class TokenRefresher:
                     return self._token_of(conn), False
 
     async def _refresh_holding_lock(self, connection_id: uuid.UUID, hold: Hold, needed: _Needed,
-                                    *, trigger: str,
-                                    skip_locked: bool) -> tuple[AccessToken | None, bool]:
+                                    *, trigger: str, skip_locked: bool,
+                                    timeline: Timeline) -> tuple[AccessToken | None, bool]:
         for _ in range(MAX_ROUNDS):
             # 1. Re-read under the row lock (a writer of the row, such as a disconnect, finishes
             # first), decide, and record the attempt.
-            async with self._pool.acquire() as db, db.transaction():
-                record = await db.fetchrow(_LOCK_OR_SKIP if skip_locked else _LOCK, connection_id)
-                if record is None:
-                    if skip_locked:
-                        return None, False
-                    raise NotFound("No such connection.")
-                conn = _row(record)
-                _usable_or_raise(conn)
-                if not needed(conn, datetime.now(UTC)):
-                    return self._token_of(conn), False
-                refresh_token = credentials.open_refresh_token(conn, self._box)
-                name = _token_name(conn.refresh_token_issued_at)
-                unresolved = name in conn.attempts
-                attempt = await db.fetchval(
-                    _RECORD_ATTEMPT, conn.id, conn.tenant_id, trigger,
-                    json.dumps({"refresh_token_issued_at": name}))
+            async with self._pool.acquire() as db:
+                timeline.mark("pool")
+                async with db.transaction():
+                    record = await db.fetchrow(_LOCK_OR_SKIP if skip_locked else _LOCK, connection_id)
+                    if record is None:
+                        if skip_locked:
+                            return None, False
+                        raise NotFound("No such connection.")
+                    conn = _row(record)
+                    _usable_or_raise(conn)
+                    if not needed(conn, datetime.now(UTC)):
+                        return self._token_of(conn), False
+                    refresh_token = credentials.open_refresh_token(conn, self._box)
+                    name = _token_name(conn.refresh_token_issued_at)
+                    unresolved = name in conn.attempts
+                    attempt = await db.fetchval(
+                        _RECORD_ATTEMPT, conn.id, conn.tenant_id, trigger,
+                        json.dumps({"refresh_token_issued_at": name}))
+            timeline.mark("attempt")
             if not hold.valid:
                 # The lock session was lost meanwhile, and another process may hold the lock
                 # now: the token must not leave from here.
@@ -382,9 +444,11 @@ class TokenRefresher:
                 outcome = await self._intuit.refresh(refresh_token)
             except IntuitError as exc:
                 outcome = exc
+            timeline.mark("intuit")
             # 3. The outcome, committed before anyone hears of it.
             result = await self._commit_outcome(conn, outcome, attempt=attempt,
                                                 unresolved=unresolved, trigger=trigger)
+            timeline.mark("stored")
             if result is not None:
                 return result, True
             # The row changed under the refresh (disconnected, linked anew): look again.
