@@ -61,10 +61,11 @@ TIMELINE_LOGGER = "qbo_broker.refresh_timeline"
 
 # What the time up to each of a refresh's marks was spent on (service/tokens/refresh.py).
 PHASES = {
-    "slot": "waiting for a refresh slot",
+    "room": "waiting for room to ask for a lock",
     "lock_sent": "lock: waiting for its round to go out",
     "lock_taken": "lock: round at the server",
     "lock_busy": "lock: round at the server",
+    "slot": "waiting for a refresh slot",
     "pool": "waiting for a pool connection",
     "attempt": "row lock + attempt record",
     "intuit": "Intuit",

@@ -9,9 +9,10 @@ The session asks the server to probe it with TCP keepalives, so a session cut of
 network is ended (and its locks released) within a minute, and a process that lost its session
 ends the old backend itself when it connects again.
 
-Lock and unlock requests are sent in rounds: while one round is out, new requests gather, and
-the next round takes them all in two statements. A storm of refreshes costs a few round trips
-on the lock session, not two for each refresh in a row.
+Lock and unlock requests are sent in rounds: a request made while the session is idle goes out
+at once; while one round is out, new requests gather, and the next round takes them all in one
+statement. A storm of refreshes costs a few round trips on the lock session, not two for each
+refresh in a row.
 
 Session locks nest within a session, so this process never asks for a key it holds or is asking
 for. Each grant is a `Hold`: releasing it, or asking whether it still stands, concerns that
@@ -37,6 +38,13 @@ log = logging.getLogger(__name__)
 _NAMESPACE = b"qbo-broker refresh "
 _LOCK = "SELECT k FROM unnest($1::bigint[]) AS k WHERE pg_try_advisory_lock(k)"
 _UNLOCK = "SELECT pg_advisory_unlock(k) FROM unnest($1::bigint[]) AS k"
+# Both in one round trip. Each part runs for all its keys (a one-row target list is always
+# evaluated), and their order does not matter: a key both freed and asked for is either
+# unlocked then taken again (or not, if another process was quicker), or taken once more (locks
+# nest) then unlocked once, still held.
+_UNLOCK_AND_LOCK = """
+SELECT ARRAY(SELECT k FROM unnest($1::bigint[]) AS k WHERE pg_try_advisory_lock(k)) AS taken,
+       (SELECT count(*) FROM unnest($2::bigint[]) AS k WHERE pg_advisory_unlock(k)) AS freed"""
 _SESSION_LOST = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
                  asyncpg.AdminShutdownError)
 _ROUND_SECONDS = 10.0  # a round that takes longer: the session is treated as lost
@@ -164,11 +172,14 @@ class RefreshLocks:
             try:
                 async with asyncio.timeout(_ROUND_SECONDS):
                     session = await self._live_session()
-                    if freed:
-                        await session.execute(_UNLOCK, freed)
                     if not asked:
+                        await session.execute(_UNLOCK, freed)
                         return set()
-                    return {row["k"] for row in await session.fetch(_LOCK, list(asked))}
+                    if not freed:
+                        return {row["k"] for row in await session.fetch(_LOCK, list(asked))}
+                    row = await session.fetchrow(_UNLOCK_AND_LOCK, list(asked), freed)
+                    assert row is not None
+                    return set(row["taken"])
             except BaseException as exc:
                 # Which locks the session holds is unknown now: end it, which releases them all.
                 if session is not None:

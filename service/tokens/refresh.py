@@ -38,7 +38,7 @@ from typing import Any
 
 import asyncpg
 
-from service.cache import Caches
+from service.cache import Caches, Watch
 from service.config import Settings
 from service.connections.schemas import AccessTokenOut, Status
 from service.errors import (
@@ -64,9 +64,15 @@ log = logging.getLogger(__name__)
 timeline_log = logging.getLogger("qbo_broker.refresh_timeline")
 
 MIN_VALIDITY = timedelta(minutes=5)
-# How long a process waits for another one's refresh before it looks at the row again (a
-# change notification usually ends the wait sooner).
-WAIT_POLL_SECONDS = 0.2
+# How long a process waits for another one's refresh before it looks at the row again. The
+# holder's commit is notified (service.cache.ChangeFeed) and ends the wait within milliseconds;
+# the timeout is a safety net, short only while the change feed is down.
+SAFETY_POLL_SECONDS = 2.0
+WAIT_POLL_SECONDS = 0.2  # while changes are not being notified
+# Locks one process may hold or be asking for at once, per refresh slot: enough for every slot
+# to be busy and as many refreshes to wait for one, without filling PostgreSQL's lock table
+# when a storm spans many connections.
+LOCKS_PER_SLOT = 2
 # Times a refresh starts over because the row changed under it, before it gives up.
 MAX_ROUNDS = 3
 # Writing an outcome again after the database connection failed under it (the statement is
@@ -77,9 +83,9 @@ _RETRIABLE = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
 
 # Whether a connection (a row as read) needs a refresh now.
 _Needed = Callable[[Any, datetime], bool]
-# Given a connection id: an async context whose value is an asyncio.Event set when the row
-# changes (service.cache.ChangeFeed.watching); None: poll.
-Watch = Callable[[str], AbstractAsyncContextManager[asyncio.Event]]
+# Given a connection id: an async context whose value tells when the row changes
+# (service.cache.ChangeFeed.watching); None: poll.
+Watching = Callable[[str], AbstractAsyncContextManager[Watch]]
 
 
 class _LockLost(Exception):
@@ -107,8 +113,8 @@ _view_began: ContextVar[float | None] = ContextVar("qbo_broker_view_began", defa
 
 
 @asynccontextmanager
-async def _no_watch(_connection_id: str) -> AsyncIterator[asyncio.Event]:
-    yield asyncio.Event()  # never set: waiting always polls
+async def _no_watch(_connection_id: str) -> AsyncIterator[Watch]:
+    yield Watch(None)  # never set: waiting always polls
 
 
 @dataclass(frozen=True)
@@ -232,7 +238,7 @@ def _token_name(issued_at: datetime | None) -> str | None:
 class TokenRefresher:
     def __init__(self, settings: Settings, pool: asyncpg.Pool, intuit: IntuitClient,
                  box: SecretBox, locks: RefreshLocks, caches: Caches, *,
-                 watch: Watch | None = None) -> None:
+                 watch: Watching | None = None) -> None:
         self._settings = settings
         self._pool = pool
         self._intuit = intuit
@@ -247,6 +253,7 @@ class TokenRefresher:
         self._timelines: dict[tuple[uuid.UUID, str], Timeline] = {}
         # Refreshes this process runs at once (each one call to Intuit at a time).
         self._slots = asyncio.Semaphore(settings.refresh_concurrency)
+        self._lock_room = asyncio.Semaphore(settings.refresh_concurrency * LOCKS_PER_SLOT)
         # How long to wait for another process's refresh: as long as one may take at Intuit.
         self._wait_limit = (settings.intuit_timeout_seconds * settings.intuit_max_attempts
                             + settings.intuit_backoff_max_seconds * settings.intuit_max_attempts
@@ -367,38 +374,46 @@ class TokenRefresher:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._wait_limit
         # Watched from the start, so that no notification falls between two looks at the row.
-        async with self._watch(str(connection_id)) as changed:
+        async with self._watch(str(connection_id)) as watch:
             while True:
                 if loop.time() > deadline:
                     raise IntuitUnavailable(
                         "Another replica's refresh of this connection is taking too long; the "
                         "stored credentials are unchanged. Retry later.", retry_after=5,
                         connection_id=str(connection_id))
-                async with self._slots:
-                    timeline.mark("slot")
+                # The lock first, the slot after: a process that finds the lock taken waits for
+                # the holder's commit, holding nothing, however busy its own slots are.
+                async with self._lock_room:
+                    timeline.mark("room")
                     hold = await self._locks.acquire(
                         connection_id, on_sent=None if timeline.marks is None
                         else lambda: timeline.mark("lock_sent"))
                     timeline.mark("lock_taken" if hold is not None else "lock_busy")
                     if hold is not None:
                         try:
-                            return await self._refresh_holding_lock(
-                                connection_id, hold, needed, trigger=trigger,
-                                skip_locked=skip_locked, timeline=timeline)
+                            async with self._slots:
+                                timeline.mark("slot")
+                                return await self._refresh_holding_lock(
+                                    connection_id, hold, needed, trigger=trigger,
+                                    skip_locked=skip_locked, timeline=timeline)
                         except _LockLost:
                             continue
                         finally:
                             self._locks.release(hold)
                 if skip_locked:
                     return None, False
-                # Another process is refreshing: its commit notifies us (or it died: poll).
+                # Another process is refreshing (or this one, for another purpose): its commit
+                # is notified (the poll is a safety net, for a holder gone without a word).
+                # Whatever wakes the wait, look at the row, and ask for the lock again only if
+                # it still needs a refresh.
                 try:
-                    async with asyncio.timeout(WAIT_POLL_SECONDS):
-                        await changed.wait()
+                    async with asyncio.timeout(SAFETY_POLL_SECONDS if watch.notified
+                                               else WAIT_POLL_SECONDS):
+                        await watch.changed.wait()
                     timeline.mark("notified")
                 except TimeoutError:
                     timeline.mark("polled")
-                changed.clear()  # before the look: a change after it wakes the next wait
+                watch.changed.clear()  # before the look: a change after it wakes the next wait
                 record = await self._pool.fetchrow(_READ, connection_id)
                 timeline.mark("read")
                 if record is None:
