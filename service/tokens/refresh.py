@@ -4,12 +4,13 @@ Two layers. Inside a process, concurrent callers for one connection share one re
 per connection), so waiters hold nothing. Across processes, a refresh runs under the
 connection's advisory lock (service.tokens.locks), held on a session of its own from before the
 row is re-read until the outcome is committed; a process that finds the lock taken waits for
-the holder's commit (a change notification, or a short poll) and reads the new token from the
-row instead of spending the dead refresh token. A killed process releases its locks at once.
+the holder's commit (its change notification; a slow poll is only a safety net) and reads the
+new token from the row instead of spending the dead refresh token. It holds no refresh slot and
+no pooled connection while it waits. A killed process releases its locks at once.
 
 No pooled connection waits on Intuit. A refresh is three steps, in plain SQL on the asyncpg pool:
-1. a short transaction under the row lock (so a writer of the row, such as a disconnect, is
-   done first): re-read the row, decide, and commit a `refresh_attempt` record;
+1. one statement under the row lock (so a writer of the row, such as a disconnect, is done
+   first): re-read the row, decide, and record a `refresh_attempt` if a refresh is due;
 2. the call to Intuit, holding no database connection;
 3. one statement that stores the outcome (new tokens above all) if the row still holds the
    refresh token that was sent, settles the attempt records and logs the event. If the row
@@ -81,8 +82,34 @@ STORE_RETRY_DELAYS = (0.1, 0.3, 1.0)
 _RETRIABLE = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
               asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
 
-# Whether a connection (a row as read) needs a refresh now.
-_Needed = Callable[[Any, datetime], bool]
+
+
+@dataclass(frozen=True)
+class _Due:
+    """When a connection needs a refresh, as of one moment. The same test runs in Python on a
+    row that was read (`__call__`) and in SQL under the row lock (`_DUE`, from $2, $3, $4)."""
+
+    valid_until: datetime | None = None  # the access token must be valid at least until then
+    refreshed_after: datetime | None = None  # a refresh must have happened after this
+    keepalive_by: datetime | None = None  # keepalive_due_at this or earlier
+
+    def __call__(self, conn: Any) -> bool:
+        if self.valid_until is not None and (
+                conn.access_token is None or conn.access_token_expires_at is None
+                or conn.access_token_expires_at < self.valid_until):
+            return True
+        if self.refreshed_after is not None and (
+                conn.last_refreshed_at is None or conn.last_refreshed_at < self.refreshed_after):
+            return True
+        return (self.keepalive_by is not None and conn.keepalive_due_at is not None
+                and conn.keepalive_due_at <= self.keepalive_by)
+
+    def args(self) -> tuple[datetime | None, datetime | None, datetime | None]:
+        return self.valid_until, self.refreshed_after, self.keepalive_by
+
+
+# What is due as of a moment (the rule of one kind of refresh).
+_Needed = Callable[[datetime], _Due]
 # Given a connection id: an async context whose value tells when the row changes
 # (service.cache.ChangeFeed.watching); None: poll.
 Watching = Callable[[str], AbstractAsyncContextManager[Watch]]
@@ -180,17 +207,40 @@ _READ = """
 SELECT id, tenant_id, status, realm_id, access_token, refresh_token, access_token_expires_at,
        refresh_token_issued_at, keepalive_due_at, last_refreshed_at
 FROM connections WHERE id = $1"""
-# Under the row lock: the row, and the stored tokens named by refresh attempts left behind.
-_LOCK = """
-SELECT id, tenant_id, status, realm_id, access_token, refresh_token, access_token_expires_at,
-       refresh_token_issued_at, keepalive_due_at, last_refreshed_at,
-       ARRAY(SELECT e.details->>'refresh_token_issued_at' FROM connection_events e
-             WHERE e.connection_id = c.id AND e.type = 'refresh_attempt') AS attempts
-FROM connections c WHERE c.id = $1 FOR NO KEY UPDATE"""
-_LOCK_OR_SKIP = _LOCK + " SKIP LOCKED"
-_RECORD_ATTEMPT = """
-INSERT INTO connection_events (connection_id, tenant_id, type, actor, details)
-VALUES ($1, $2, 'refresh_attempt', $3, $4::jsonb) RETURNING id"""
+# _Due in SQL, over a row `c`.
+_DUE = """(
+  ($2::timestamptz IS NOT NULL AND (c.access_token IS NULL OR c.access_token_expires_at IS NULL
+                                    OR c.access_token_expires_at < $2))
+  OR ($3::timestamptz IS NOT NULL AND (c.last_refreshed_at IS NULL OR c.last_refreshed_at < $3))
+  OR ($4::timestamptz IS NOT NULL AND c.keepalive_due_at <= $4))"""
+
+
+def _decide_statement(lock: str) -> str:
+    """One statement under the row lock ($1 the id): the row; whether a refresh attempt left
+    behind names its stored refresh token (`unresolved`: the token may be dead already); and,
+    if the connection is usable and a refresh is due (_DUE), a new `refresh_attempt` record
+    naming that token, by its issue time ($5 the actor), whose id is `attempt` (else NULL).
+    All of it in one round trip, atomic like the transaction it replaces."""
+    return f"""
+WITH c AS (
+  SELECT id, tenant_id, status, realm_id, access_token, refresh_token, access_token_expires_at,
+         refresh_token_issued_at, keepalive_due_at, last_refreshed_at,
+         EXISTS (SELECT 1 FROM connection_events e
+                 WHERE e.connection_id = c.id AND e.type = 'refresh_attempt'
+                   AND (e.details->>'refresh_token_issued_at')::timestamptz
+                       IS NOT DISTINCT FROM c.refresh_token_issued_at) AS unresolved
+  FROM connections c WHERE c.id = $1 {lock}),
+attempt AS (
+  INSERT INTO connection_events (connection_id, tenant_id, type, actor, details)
+  SELECT c.id, c.tenant_id, 'refresh_attempt', $5,
+         jsonb_build_object('refresh_token_issued_at', c.refresh_token_issued_at)
+  FROM c WHERE c.status = 'connected' AND c.refresh_token IS NOT NULL AND {_DUE}
+  RETURNING id)
+SELECT c.*, (SELECT id FROM attempt) AS attempt FROM c"""  # noqa: S608 (this module's literals)
+
+
+_DECIDE = _decide_statement("FOR NO KEY UPDATE")
+_DECIDE_OR_SKIP = _decide_statement("FOR NO KEY UPDATE SKIP LOCKED")
 
 
 def _outcome_statement(assignments: str, event: str) -> str:
@@ -228,11 +278,6 @@ _REFUSED_MESSAGE = ("Intuit refused the refresh token (the app was disconnected 
 
 def _row(record: asyncpg.Record) -> SimpleNamespace:
     return SimpleNamespace(**record)
-
-
-def _token_name(issued_at: datetime | None) -> str | None:
-    """Names a stored refresh token (not secret): it changes whenever a new one is stored."""
-    return issued_at.isoformat() if issued_at else None
 
 
 class TokenRefresher:
@@ -306,11 +351,9 @@ class TokenRefresher:
             return fresh
         asked_at = datetime.now(UTC)
 
-        def needed(row: Any, now: datetime) -> bool:
-            if not _fresh_enough(row, now):
-                return True
+        def needed(now: datetime) -> _Due:
             # A forced refresh is satisfied by any refresh that happened after it was asked for.
-            return force and (row.last_refreshed_at is None or row.last_refreshed_at < asked_at)
+            return _Due(valid_until=now + MIN_VALIDITY, refreshed_after=asked_at if force else None)
 
         token, _ = await self._single_flight(conn.id, needed, trigger="request",
                                              purpose="forced" if force else "request")
@@ -321,10 +364,10 @@ class TokenRefresher:
         """Refresh if the connection is still due when its lock is ours. True if refreshed."""
         include_access = self._settings.keepalive_refresh_access_tokens
 
-        def needed(row: Any, now: datetime) -> bool:
-            if row.keepalive_due_at is not None and row.keepalive_due_at <= now:
-                return True
-            return include_access and not _fresh_enough(row, now + timedelta(minutes=5))
+        def needed(now: datetime) -> _Due:
+            # With access tokens: one that would not be fresh enough five minutes from now.
+            return _Due(keepalive_by=now, valid_until=(now + timedelta(minutes=5) + MIN_VALIDITY
+                                                       if include_access else None))
 
         # A connection another replica is refreshing (or changing) right now is theirs.
         _, refreshed = await self._single_flight(connection_id, needed, trigger="keepalive",
@@ -420,7 +463,7 @@ class TokenRefresher:
                     raise NotFound("No such connection.")
                 conn = _row(record)
                 _usable_or_raise(conn)
-                if not needed(conn, datetime.now(UTC)):
+                if not needed(datetime.now(UTC))(conn):
                     return self._token_of(conn), False
 
     async def _refresh_holding_lock(self, connection_id: uuid.UUID, hold: Hold, needed: _Needed,
@@ -431,23 +474,24 @@ class TokenRefresher:
             # first), decide, and record the attempt.
             async with self._pool.acquire() as db:
                 timeline.mark("pool")
-                async with db.transaction():
-                    record = await db.fetchrow(_LOCK_OR_SKIP if skip_locked else _LOCK, connection_id)
-                    if record is None:
-                        if skip_locked:
-                            return None, False
-                        raise NotFound("No such connection.")
-                    conn = _row(record)
-                    _usable_or_raise(conn)
-                    if not needed(conn, datetime.now(UTC)):
-                        return self._token_of(conn), False
-                    refresh_token = credentials.open_refresh_token(conn, self._box)
-                    name = _token_name(conn.refresh_token_issued_at)
-                    unresolved = name in conn.attempts
-                    attempt = await db.fetchval(
-                        _RECORD_ATTEMPT, conn.id, conn.tenant_id, trigger,
-                        json.dumps({"refresh_token_issued_at": name}))
+                record = await db.fetchrow(_DECIDE_OR_SKIP if skip_locked else _DECIDE,
+                                           connection_id, *needed(datetime.now(UTC)).args(),
+                                           trigger)
+            if record is None:
+                if skip_locked:
+                    return None, False
+                raise NotFound("No such connection.")
+            conn = _row(record)
+            _usable_or_raise(conn)
+            attempt = conn.attempt
+            if attempt is None:  # not due (any more)
+                return self._token_of(conn), False
             timeline.mark("attempt")
+            try:
+                refresh_token = credentials.open_refresh_token(conn, self._box)
+            except BaseException:
+                await self._pool.execute(_SETTLE_ONE, attempt)  # nothing left for Intuit
+                raise
             if not hold.valid:
                 # The lock session was lost meanwhile, and another process may hold the lock
                 # now: the token must not leave from here.
@@ -462,7 +506,7 @@ class TokenRefresher:
             timeline.mark("intuit")
             # 3. The outcome, committed before anyone hears of it.
             result = await self._commit_outcome(conn, outcome, attempt=attempt,
-                                                unresolved=unresolved, trigger=trigger)
+                                                unresolved=conn.unresolved, trigger=trigger)
             timeline.mark("stored")
             if result is not None:
                 return result, True
