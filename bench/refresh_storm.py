@@ -61,11 +61,12 @@ TIMELINE_LOGGER = "qbo_broker.refresh_timeline"
 
 # What the time up to each of a refresh's marks was spent on (service/tokens/refresh.py).
 PHASES = {
-    "room": "waiting for room to ask for a lock",
+    "probed": "lock: probe while every slot was busy",
+    "probed_busy": "lock: probe while every slot was busy",
+    "slot": "waiting for a refresh slot",
     "lock_sent": "lock: waiting for its round to go out",
     "lock_taken": "lock: round at the server",
     "lock_busy": "lock: round at the server",
-    "slot": "waiting for a refresh slot",
     "pool": "waiting for a pool connection",
     "attempt": "row lock + attempt record",
     "intuit": "Intuit",
@@ -281,11 +282,23 @@ async def storm(args: argparse.Namespace, database_url: str, emulator: Server,
     try:
         # Each one used once, for the token it will ask for again, while that is still fresh:
         # the brokers are in service, as before any storm (the caller's key known, database
-        # pools open). Nothing is refreshed here; the emulator's counts are taken after.
-        for index, connection in enumerate(connections):
+        # pools open). All at once, as a busy service would have asked: one at a time, each
+        # broker's pool would open one connection, and the storm would pay for opening the
+        # others. Nothing is refreshed here; the emulator's counts are taken after.
+        async def warm(index: int, connection: KeepAliveConnection) -> None:
             status, _ = await connection.get(f"/connections/{ids[index % len(ids)]}/token",
                                              {"X-API-Key": key})
             assert status == 200
+
+        if args.sequential_warmup:
+            for index, connection in enumerate(connections):
+                await warm(index, connection)
+        else:
+            # Twice: the first use of a key records it (last_used_at), and the notification of
+            # that write drops the key from every broker's cache, the one load that all the
+            # concurrent first requests shared included. The second time it is cached for good.
+            for _ in range(2):
+                await asyncio.gather(*(warm(i, c) for i, c in enumerate(connections)))
         db = await db_connect(database_url)
         try:
             before_tokens = {str(r["id"]): r["access_token"] for r in await db.fetch(
@@ -392,6 +405,9 @@ def main() -> None:
                         help="BROKER_DB_POOL_SIZE for the brokers (default: the broker's default)")
     parser.add_argument("--refresh-concurrency", type=int, default=None,
                         help="BROKER_REFRESH_CONCURRENCY for the brokers (default: the broker's)")
+    parser.add_argument("--sequential-warmup", action="store_true",
+                        help="warm the brokers up one request at a time (their pools then hold one "
+                             "connection each when the storm starts)")
     parser.add_argument("--no-timeline", action="store_true",
                         help="leave the brokers' refresh timeline off (no phase breakdown)")
     args = parser.parse_args()

@@ -70,10 +70,6 @@ MIN_VALIDITY = timedelta(minutes=5)
 # the timeout is a safety net, short only while the change feed is down.
 SAFETY_POLL_SECONDS = 2.0
 WAIT_POLL_SECONDS = 0.2  # while changes are not being notified
-# Locks one process may hold or be asking for at once, per refresh slot: enough for every slot
-# to be busy and as many refreshes to wait for one, without filling PostgreSQL's lock table
-# when a storm spans many connections.
-LOCKS_PER_SLOT = 2
 # Times a refresh starts over because the row changed under it, before it gives up.
 MAX_ROUNDS = 3
 # Writing an outcome again after the database connection failed under it (the statement is
@@ -298,7 +294,6 @@ class TokenRefresher:
         self._timelines: dict[tuple[uuid.UUID, str], Timeline] = {}
         # Refreshes this process runs at once (each one call to Intuit at a time).
         self._slots = asyncio.Semaphore(settings.refresh_concurrency)
-        self._lock_room = asyncio.Semaphore(settings.refresh_concurrency * LOCKS_PER_SLOT)
         # How long to wait for another process's refresh: as long as one may take at Intuit.
         self._wait_limit = (settings.intuit_timeout_seconds * settings.intuit_max_attempts
                             + settings.intuit_backoff_max_seconds * settings.intuit_max_attempts
@@ -424,25 +419,30 @@ class TokenRefresher:
                         "Another replica's refresh of this connection is taking too long; the "
                         "stored credentials are unchanged. Retry later.", retry_after=5,
                         connection_id=str(connection_id))
-                # The lock first, the slot after: a process that finds the lock taken waits for
-                # the holder's commit, holding nothing, however busy its own slots are.
-                async with self._lock_room:
-                    timeline.mark("room")
-                    hold = await self._locks.acquire(
-                        connection_id, on_sent=None if timeline.marks is None
-                        else lambda: timeline.mark("lock_sent"))
-                    timeline.mark("lock_taken" if hold is not None else "lock_busy")
-                    if hold is not None:
-                        try:
-                            async with self._slots:
-                                timeline.mark("slot")
+                # A refresh slot, then the lock: a process holds a lock only while it refreshes.
+                # With every slot busy, it first asks whether another process holds the lock
+                # (taking nothing): if one does, it waits for that one's commit without queueing
+                # for a slot behind refreshes of other connections.
+                free = not self._slots.locked()
+                if not free:
+                    free = await self._locks.is_free(connection_id)
+                    timeline.mark("probed" if free else "probed_busy")
+                if free:
+                    async with self._slots:
+                        timeline.mark("slot")
+                        hold = await self._locks.acquire(
+                            connection_id, on_sent=None if timeline.marks is None
+                            else lambda: timeline.mark("lock_sent"))
+                        timeline.mark("lock_taken" if hold is not None else "lock_busy")
+                        if hold is not None:
+                            try:
                                 return await self._refresh_holding_lock(
                                     connection_id, hold, needed, trigger=trigger,
                                     skip_locked=skip_locked, timeline=timeline)
-                        except _LockLost:
-                            continue
-                        finally:
-                            self._locks.release(hold)
+                            except _LockLost:
+                                continue
+                            finally:
+                                self._locks.release(hold)
                 if skip_locked:
                     return None, False
                 # Another process is refreshing (or this one, for another purpose): its commit

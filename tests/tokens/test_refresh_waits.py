@@ -216,3 +216,38 @@ async def test_the_feed_wakes_waiters_when_it_goes_down_and_comes_back(stack) ->
             await asyncio.wait_for(watch.changed.wait(), timeout=10)
     finally:
         await feed.stop()
+
+
+async def test_a_probe_tells_whether_another_process_holds_a_lock_and_takes_nothing(stack) -> None:
+    dsn = asyncpg_dsn(stack.database_url)
+    one, other = RefreshLocks(dsn), RefreshLocks(dsn)
+    held, free = uuid.uuid4(), uuid.uuid4()
+    try:
+        hold = await one.acquire(held)
+        assert hold is not None
+        # Probed together, in one round: one answer each, and probes of one key share it.
+        answers = await asyncio.gather(other.is_free(held), other.is_free(free),
+                                       other.is_free(free))
+        assert answers == [False, True, True]
+        assert not await one.is_free(held)  # its own: not free either
+        # The probe left nothing held: both processes can still take the free one.
+        taken = await other.acquire(free)
+        assert taken is not None
+        other.release(taken)
+
+        async def free_for_one() -> bool:
+            grant = await one.acquire(free)
+            if grant is not None:
+                one.release(grant)
+            return grant is not None
+
+        await until(free_for_one, "the probed lock to be free", within=10.0)
+        one.release(hold)
+
+        async def released() -> bool:
+            return await other.is_free(held)
+
+        await until(released, "the released lock to be free", within=10.0)
+    finally:
+        await one.close()
+        await other.close()
