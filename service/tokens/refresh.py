@@ -202,7 +202,7 @@ def _usable_or_raise(conn: Any) -> None:
 _READ = """
 SELECT id, tenant_id, status, realm_id, access_token, refresh_token, access_token_expires_at,
        refresh_token_issued_at, keepalive_due_at, last_refreshed_at
-FROM connections WHERE id = $1"""
+FROM connections WHERE id = ANY($1::uuid[])"""
 # _Due in SQL, over a row `c`.
 _DUE = """(
   ($2::timestamptz IS NOT NULL AND (c.access_token IS NULL OR c.access_token_expires_at IS NULL
@@ -276,6 +276,44 @@ def _row(record: asyncpg.Record) -> SimpleNamespace:
     return SimpleNamespace(**record)
 
 
+class _Rows:
+    """Reads of connection rows by id, gathered: a read asked for while none is out goes at once;
+    those asked for while one is out go together in the next statement. A storm's hundreds of
+    reads (cache misses, waiters woken by the same commit) take a pooled connection for a few
+    round trips, instead of queueing for the pool one by one."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+        self._asked: dict[uuid.UUID, asyncio.Future[asyncpg.Record | None]] = {}
+        self._reading: asyncio.Task[None] | None = None
+
+    async def read(self, connection_id: uuid.UUID) -> asyncpg.Record | None:
+        """The row as it is after this call (the statement starts after it), or None."""
+        future = self._asked.get(connection_id)
+        if future is None:
+            future = self._asked[connection_id] = asyncio.get_running_loop().create_future()
+            if self._reading is None or self._reading.done():
+                self._reading = asyncio.create_task(self._read_all(), name="qbo-broker-rows")
+        return await asyncio.shield(future)
+
+    async def _read_all(self) -> None:
+        while self._asked:
+            asked, self._asked = self._asked, {}
+            try:
+                rows = {row["id"]: row for row in await self._pool.fetch(_READ, list(asked))}
+            except BaseException as exc:
+                for future in asked.values():
+                    if not future.done():
+                        future.set_exception(exc if isinstance(exc, Exception)
+                                             else RuntimeError("connection reads stopped"))
+                if not isinstance(exc, Exception):
+                    raise
+                continue
+            for connection_id, future in asked.items():
+                if not future.done():
+                    future.set_result(rows.get(connection_id))
+
+
 class TokenRefresher:
     def __init__(self, settings: Settings, pool: asyncpg.Pool, intuit: IntuitClient,
                  box: SecretBox, locks: RefreshLocks, caches: Caches, *,
@@ -287,6 +325,7 @@ class TokenRefresher:
         self._locks = locks
         self._caches = caches
         self._watch = watch or _no_watch
+        self._rows = _Rows(pool)
         # One refresh task per connection and purpose ("request", "forced", "keepalive"): callers
         # join the one that decides by their own rule.
         self._inflight: dict[tuple[uuid.UUID, str], asyncio.Task[tuple[AccessToken | None, bool]]] = {}
@@ -317,7 +356,7 @@ class TokenRefresher:
             _view_began.set(time.monotonic())
 
         async def load() -> ConnectionView | None:
-            record = await self._pool.fetchrow(_READ, connection_id)
+            record = await self._rows.read(connection_id)
             return None if record is None else ConnectionView.of(_row(record), self._box)
 
         return await self._caches.connections.get_or_load(str(connection_id), load)
@@ -457,7 +496,7 @@ class TokenRefresher:
                 except TimeoutError:
                     timeline.mark("polled")
                 watch.changed.clear()  # before the look: a change after it wakes the next wait
-                record = await self._pool.fetchrow(_READ, connection_id)
+                record = await self._rows.read(connection_id)
                 timeline.mark("read")
                 if record is None:
                     raise NotFound("No such connection.")

@@ -251,3 +251,23 @@ async def test_a_probe_tells_whether_another_process_holds_a_lock_and_takes_noth
     finally:
         await one.close()
         await other.close()
+
+
+async def test_reads_gathered_in_one_statement_answer_each_caller(
+        replicas, linked_company, stack) -> None:
+    first, second = [uuid.UUID((await linked_company(i))[0]) for i in (1, 2)]
+    replica = await replicas(pool_size=1)
+    missing = uuid.uuid4()
+    # Cache misses of two connections and of one that does not exist, all at once and twice
+    # over, on a pool of one connection: each caller gets its own row (or None).
+    views = await asyncio.gather(*(replica.refresher.view(cid)
+                                   for cid in (first, second, missing) * 2))
+    assert [v.id if v else None for v in views] == [first, second, None] * 2
+    # A read asked for after a change sees it, whatever was read before.
+    await expire_access_token(stack.database_url, str(first), seconds_left=30)
+    replica.refresher._caches.connections.invalidate(str(first))
+    again = await replica.refresher.view(first)
+    before = next(v for v in views if v and v.id == first)
+    assert again is not None and before.access_token_expires_at is not None
+    assert again.access_token_expires_at is not None
+    assert again.access_token_expires_at < before.access_token_expires_at
