@@ -196,8 +196,34 @@ def read_timelines(files: list[Path]) -> dict[str, dict[str, Any]]:
             with contextlib.suppress(ValueError):
                 entry = json.loads(line)
                 if entry.get("request_id"):
+                    entry["broker"] = path.name.removesuffix("-timeline.jsonl")
                     found[entry["request_id"]] = entry
     return found
+
+
+def story_rows(answers: list[Answer], timelines: dict[str, dict[str, Any]], released_at: float,
+               count: int) -> list[list[str]]:
+    """The slowest requests one by one: each refresh it waited on, as its marks in ms since the
+    release, and the refresh that called Intuit for its connection (in either broker)."""
+    calls = {t["connection_id"]: t for t in timelines.values()
+             if any(phase == "intuit" for phase, _ in t["marks"])}
+
+    def marks(timeline: dict[str, Any]) -> str:
+        return " ".join(f"{phase}@{(moment - released_at) * 1000:.0f}"
+                        for phase, moment in timeline["marks"])
+
+    rows = []
+    for answer in sorted(answers, key=lambda a: a.seconds, reverse=True)[:count]:
+        timeline = timelines.get(answer.request_id)
+        if timeline is None:
+            rows.append([answer.request_id, "", f"{answer.seconds * 1000:.0f}", "no refresh"])
+            continue
+        rows.append([answer.request_id, timeline["broker"], f"{answer.seconds * 1000:.0f}",
+                     f"entered@{(timeline['entered'] - released_at) * 1000:.0f} {marks(timeline)}"])
+        call = calls.get(timeline["connection_id"])
+        if call is not None and call["refresh"] != timeline["refresh"]:
+            rows.append(["  its refresh", call["broker"], "", marks(call)])
+    return rows
 
 
 def phases_of(answer: Answer, timeline: dict[str, Any] | None) -> dict[str, float]:
@@ -250,6 +276,30 @@ def breakdown_rows(answers: list[Answer], timelines: dict[str, dict[str, Any]],
     return rows
 
 
+async def postgres_pids(database_url: str) -> list[int]:
+    """The server's processes serving this database, and its background ones."""
+    db = await db_connect(database_url)
+    try:
+        return [r["pid"] for r in await db.fetch(
+            "SELECT pid FROM pg_stat_activity WHERE (datname = current_database() "
+            "OR datname IS NULL) AND pid <> pg_backend_pid()")]
+    finally:
+        await db.close()
+
+
+def processes_cpu_seconds(pids: list[int]) -> float | None:
+    """User + system CPU time of these processes so far (None: none of them on this host)."""
+    total, found = 0.0, False
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        except (FileNotFoundError, PermissionError):
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        found = True
+    return total if found else None
+
+
 async def database_round_trip(database_url: str) -> float:
     """The median of 50 `SELECT 1` on one connection, in seconds."""
     db = await db_connect(database_url)
@@ -266,10 +316,13 @@ async def database_round_trip(database_url: str) -> float:
 
 async def storm(args: argparse.Namespace, database_url: str, emulator: Server,
                 brokers: list[Server], timeline_files: list[Path]) -> None:
-    admins = await create_companies(emulator.url, args.connections)
-    ids, connect_seconds = await connect_many(brokers[0].url, admins, concurrency=8)
-    print(f"connected {len(ids)} connections through the Connect flow in {connect_seconds:.1f} s",
-          flush=True)
+    # One more connection than the storm's, refreshed by each broker before the storm: a broker
+    # in service has refreshed before (its refresh lock session open, its statements prepared).
+    everyone = await create_companies(emulator.url, args.connections + 1)
+    all_ids, connect_seconds = await connect_many(brokers[0].url, everyone, concurrency=8)
+    print(f"connected {len(all_ids)} connections through the Connect flow in "
+          f"{connect_seconds:.1f} s", flush=True)
+    admins, ids, warm_id = everyone[:-1], all_ids[:-1], all_ids[-1]
     key = await new_api_key(database_url, "tokens:read")
 
     # Connections opened first, as a calling service's pool would have them: the storm
@@ -290,6 +343,12 @@ async def storm(args: argparse.Namespace, database_url: str, emulator: Server,
                                              {"X-API-Key": key})
             assert status == 200
 
+        if not args.sequential_warmup:
+            async with httpx.AsyncClient(timeout=30, headers={"X-API-Key": key}) as http:
+                for broker in brokers:
+                    forced = await http.get(f"{broker.url}/connections/{warm_id}/token",
+                                            params={"force_refresh": "true"})
+                    assert forced.status_code == 200, forced.text
         if args.sequential_warmup:
             for index, connection in enumerate(connections):
                 await warm(index, connection)
@@ -311,13 +370,19 @@ async def storm(args: argparse.Namespace, database_url: str, emulator: Server,
         stats_before = await emulator_stats(emulator.url)
         await asyncio.sleep(0.5)  # the brokers' caches hear of the expiry (NOTIFY)
         round_trip = await database_round_trip(database_url)
+        postgres = await postgres_pids(database_url)
         load = os.getloadavg()
         servers = [*brokers, emulator]
         cpu_before = [s.cpu_seconds() for s in servers]
+        postgres_before = processes_cpu_seconds(postgres)
         client_cpu_before = time.process_time()
         answers, released_at = await fire(connections, ids, key)
         client_cpu = time.process_time() - client_cpu_before
         cpu = {s.name: s.cpu_seconds() - c for s, c in zip(servers, cpu_before, strict=True)}
+        if postgres_before is not None:
+            after = processes_cpu_seconds(postgres)
+            if after is not None:
+                cpu["postgres (its processes on this host)"] = after - postgres_before
     finally:
         await asyncio.gather(*(c.close() for c in connections))
 
@@ -380,18 +445,29 @@ async def storm(args: argparse.Namespace, database_url: str, emulator: Server,
     ])
     # Where the CPU went during the storm: on a shared machine, a storm that took far longer than
     # its CPU time waited for the CPU (or on locks), not on its own work.
+    # On a machine with few cores the CPU they all need is a floor of its own: the storm cannot
+    # be over sooner than that CPU time spread over every core.
+    total_cpu = sum(cpu.values()) + client_cpu
+    cores = os.cpu_count() or 1
     print_table("CPU seconds used during the storm", ["process", "CPU s"],
                 [*([name, f"{seconds:.2f}"] for name, seconds in cpu.items()),
-                 [f"this process (the {args.requests} clients)", f"{client_cpu:.2f}"]])
+                 [f"this process (the {args.requests} clients)", f"{client_cpu:.2f}"],
+                 [f"all of them; spread over {cores} cores: at least (s)",
+                  f"{total_cpu:.2f}; {total_cpu / cores:.2f}"]])
     if errors:
         print_table("Errors", ["status code", "count"], sorted(errors.items()))
     timelines = read_timelines(timeline_files)
     if timelines:
         slowest = sum(1 for a in answers if a.seconds >= p99)
-        print_table(f"Where the time went, mean ms per request ({len(timelines)} of "
+        waited = sum(1 for a in answers if a.request_id in timelines)
+        print_table(f"Where the time went, mean ms per request ({waited} of "
                     f"{len(answers)} requests waited on a refresh)",
                     ["phase", f"slowest {slowest} (>= p99)", f"all {len(answers)}"],
                     breakdown_rows(answers, timelines, p99))
+        if args.show_slowest:
+            print_table("The slowest requests (marks: phase that ended @ ms since the release)",
+                        ["request", "broker", "ms", "marks"],
+                        story_rows(answers, timelines, released_at, args.show_slowest))
 
 
 def main() -> None:
@@ -406,8 +482,11 @@ def main() -> None:
     parser.add_argument("--refresh-concurrency", type=int, default=None,
                         help="BROKER_REFRESH_CONCURRENCY for the brokers (default: the broker's)")
     parser.add_argument("--sequential-warmup", action="store_true",
-                        help="warm the brokers up one request at a time (their pools then hold one "
-                             "connection each when the storm starts)")
+                        help="warm the brokers up as the benchmark did at first: one request "
+                             "at a time (their pools then hold one connection each when the "
+                             "storm starts) and no refresh before the storm")
+    parser.add_argument("--show-slowest", type=int, default=0, metavar="N",
+                        help="print the timelines of the N slowest requests")
     parser.add_argument("--no-timeline", action="store_true",
                         help="leave the brokers' refresh timeline off (no phase breakdown)")
     args = parser.parse_args()
