@@ -39,15 +39,20 @@ log = logging.getLogger(__name__)
 
 _NAMESPACE = b"qbo-broker refresh "
 # A round in one statement: take the keys asked for ($1) that are free, tell which of the keys
-# probed ($2) are free (taken and given back at once), and unlock the keys freed ($3). Each part
-# runs for all its keys (a one-row target list is always evaluated), and their order does not
-# matter: a key both freed and asked for is either unlocked then taken again (or not, if another
-# process was quicker), or taken once more (locks nest) then unlocked once, still held; a key
-# both freed and probed is free once the statement is over either way.
+# probed ($2) no other session of this database holds (read from pg_locks: a probe takes nothing,
+# not even for an instant, so it can never make another process's ask fail), and unlock the keys
+# freed ($3). Each part runs for all its keys (a one-row target list is always evaluated), and
+# their order does not matter: a key both freed and asked for is either unlocked then taken
+# again (or not, if another process was quicker), or taken once more (locks nest) then unlocked
+# once, still held. A bigint key shows in pg_locks as its high and low 32 bits.
 _ROUND = """
 SELECT ARRAY(SELECT k FROM unnest($1::bigint[]) AS k WHERE pg_try_advisory_lock(k)) AS taken,
-       ARRAY(SELECT k FROM unnest($2::bigint[]) AS k
-             WHERE pg_try_advisory_lock(k) AND pg_advisory_unlock(k)) AS free,
+       ARRAY(SELECT k FROM unnest($2::bigint[]) AS k WHERE NOT EXISTS (
+               SELECT 1 FROM pg_locks l
+               WHERE l.locktype = 'advisory' AND l.objsubid = 1 AND l.granted
+                 AND l.pid <> pg_backend_pid()
+                 AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+                 AND ((l.classid::bigint << 32) | l.objid::bigint) = k)) AS free,
        (SELECT count(*) FROM unnest($3::bigint[]) AS k WHERE pg_advisory_unlock(k)) AS freed"""
 _SESSION_LOST = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
                  asyncpg.AdminShutdownError)
