@@ -271,4 +271,3 @@ async def test_reads_gathered_in_one_statement_answer_each_caller(
     assert again is not None and before.access_token_expires_at is not None
     assert again.access_token_expires_at is not None
     assert again.access_token_expires_at < before.access_token_expires_at
-
