@@ -450,8 +450,21 @@ class TokenRefresher:
                        skip_locked: bool, timeline: Timeline) -> tuple[AccessToken | None, bool]:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._wait_limit
-        # Watched from the start, so that no notification falls between two looks at the row.
+
+        async def due_after_look() -> tuple[bool, Any]:
+            record = await self._rows.read(connection_id)
+            timeline.mark("read")
+            if record is None:
+                raise NotFound("No such connection.")
+            conn = _row(record)
+            _usable_or_raise(conn)
+            return needed(datetime.now(UTC))(conn), conn
+
+        # Watched from the start: a change committed after the watch began sets `changed`, and
+        # a wait begins only after a look at the row that followed the last clear() of it, so
+        # no commit can fall between the look that decided to wait and the wait.
         async with self._watch(str(connection_id)) as watch:
+            looked = False  # at the row, since the last clear(), and found due
             while True:
                 if loop.time() > deadline:
                     raise IntuitUnavailable(
@@ -484,10 +497,17 @@ class TokenRefresher:
                                 self._locks.release(hold)
                 if skip_locked:
                     return None, False
-                # Another process is refreshing (or this one, for another purpose): its commit
-                # is notified (the poll is a safety net, for a holder gone without a word).
-                # Whatever wakes the wait, look at the row, and ask for the lock again only if
-                # it still needs a refresh.
+                # Another process is refreshing (or this one, for another purpose). What made
+                # this one ask was read before the watch began, and the other may have
+                # committed since: look again before waiting.
+                if not looked:
+                    watch.changed.clear()
+                    due, conn = await due_after_look()
+                    if not due:
+                        return self._token_of(conn), False
+                # Its commit is notified (the poll is a safety net, for a holder gone without a
+                # word). Whatever wakes the wait, look at the row, and ask for the lock again
+                # only if it still needs a refresh.
                 try:
                     async with asyncio.timeout(SAFETY_POLL_SECONDS if watch.notified
                                                else WAIT_POLL_SECONDS):
@@ -496,14 +516,10 @@ class TokenRefresher:
                 except TimeoutError:
                     timeline.mark("polled")
                 watch.changed.clear()  # before the look: a change after it wakes the next wait
-                record = await self._rows.read(connection_id)
-                timeline.mark("read")
-                if record is None:
-                    raise NotFound("No such connection.")
-                conn = _row(record)
-                _usable_or_raise(conn)
-                if not needed(datetime.now(UTC))(conn):
+                due, conn = await due_after_look()
+                if not due:
                     return self._token_of(conn), False
+                looked = True
 
     async def _refresh_holding_lock(self, connection_id: uuid.UUID, hold: Hold, needed: _Needed,
                                     *, trigger: str, skip_locked: bool,

@@ -128,6 +128,27 @@ async def test_a_commit_between_the_refused_lock_and_the_wait_is_not_missed(
     assert await _refreshes(emulator) == {"ok": 1}
 
 
+async def test_a_commit_before_the_wait_began_is_seen_by_looking_at_the_row(
+        replicas, linked, emulator, stack, no_poll) -> None:
+    cid = uuid.UUID(await linked())
+    one, other = await replicas(), await replicas()
+    await expire_access_token(stack.database_url, str(cid))
+    # The other replica read the connection (expired) before the first one's refresh committed,
+    # and its own refresh starts only after: no notification is left for it to hear.
+    stale = await other.refresher.view(cid)
+    assert stale is not None and other.refresher.fresh_token(stale) is None
+    token = await one.refresher.access_token(await one.refresher.view(cid))
+    # And the lock is still taken when it asks (a holder whose unlock has not gone out yet).
+    holder = RefreshLocks(asyncpg_dsn(stack.database_url))
+    try:
+        assert await holder.acquire(cid) is not None
+        waited = await asyncio.wait_for(other.refresher.access_token(stale), timeout=10)
+    finally:
+        await holder.close()
+    assert waited.access_token == token.access_token
+    assert await _refreshes(emulator) == {"ok": 1}
+
+
 async def test_a_waiter_needs_no_refresh_slot(replicas, linked, emulator, stack, no_poll) -> None:
     cid = uuid.UUID(await linked())
     one, other = await replicas(), await replicas(BROKER_REFRESH_CONCURRENCY=1)
