@@ -67,8 +67,8 @@ PHASES = {
     "lock_sent": "lock: waiting for its round to go out",
     "lock_taken": "lock: round at the server",
     "lock_busy": "lock: round at the server",
-    "pool": "waiting for a pool connection",
-    "attempt": "row lock + attempt record",
+    "pool": "waiting for a pool connection",  # earlier versions; now part of the next
+    "attempt": "decision under the row lock + attempt record",
     "intuit": "Intuit",
     "stored": "storing the outcome",
     "notified": "other process's refresh (woken by notification)",

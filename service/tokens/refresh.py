@@ -29,7 +29,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -83,7 +83,7 @@ _RETRIABLE = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
 @dataclass(frozen=True)
 class _Due:
     """When a connection needs a refresh, as of one moment. The same test runs in Python on a
-    row that was read (`__call__`) and in SQL under the row lock (`_DUE`, from $2, $3, $4)."""
+    row that was read (`__call__`) and in SQL under the row lock (`_due`)."""
 
     valid_until: datetime | None = None  # the access token must be valid at least until then
     refreshed_after: datetime | None = None  # a refresh must have happened after this
@@ -203,40 +203,52 @@ _READ = """
 SELECT id, tenant_id, status, realm_id, access_token, refresh_token, access_token_expires_at,
        refresh_token_issued_at, keepalive_due_at, last_refreshed_at
 FROM connections WHERE id = ANY($1::uuid[])"""
-# _Due in SQL, over a row `c`.
-_DUE = """(
-  ($2::timestamptz IS NOT NULL AND (c.access_token IS NULL OR c.access_token_expires_at IS NULL
-                                    OR c.access_token_expires_at < $2))
-  OR ($3::timestamptz IS NOT NULL AND (c.last_refreshed_at IS NULL OR c.last_refreshed_at < $3))
-  OR ($4::timestamptz IS NOT NULL AND c.keepalive_due_at <= $4))"""
+def _due(valid_until: str, refreshed_after: str, keepalive_by: str) -> str:
+    """_Due in SQL over a row `c`, its thresholds given as SQL expressions."""
+    return f"""(
+  ({valid_until} IS NOT NULL AND (c.access_token IS NULL OR c.access_token_expires_at IS NULL
+                                  OR c.access_token_expires_at < {valid_until}))
+  OR ({refreshed_after} IS NOT NULL AND (c.last_refreshed_at IS NULL
+                                         OR c.last_refreshed_at < {refreshed_after}))
+  OR ({keepalive_by} IS NOT NULL AND c.keepalive_due_at <= {keepalive_by}))"""
 
 
 def _decide_statement(lock: str) -> str:
-    """One statement under the row lock ($1 the id): the row; whether a refresh attempt left
-    behind names its stored refresh token (`unresolved`: the token may be dead already); and,
-    if the connection is usable and a refresh is due (_DUE), a new `refresh_attempt` record
-    naming that token, by its issue time ($5 the actor), whose id is `attempt` (else NULL).
-    All of it in one round trip, atomic like the transaction it replaces."""
+    """One statement under the row locks of several connections, each with its own rule and
+    actor ($1 ids, $2 valid_until, $3 refreshed_after, $4 keepalive_by, $5 actors): for each
+    connection, the row; whether a refresh attempt left behind names its stored refresh token
+    (`unresolved`: the token may be dead already); and, if the connection is usable and a
+    refresh is due (_due), a new `refresh_attempt` record naming that token by its issue time,
+    whose id is `attempt` (else NULL). Rows are locked in id order. Atomic like the transaction
+    it replaces, in one round trip for all of them."""
     return f"""
-WITH c AS (
-  SELECT id, tenant_id, status, realm_id, access_token, refresh_token, access_token_expires_at,
-         refresh_token_issued_at, keepalive_due_at, last_refreshed_at,
+WITH asked AS (
+  SELECT * FROM unnest($1::uuid[], $2::timestamptz[], $3::timestamptz[], $4::timestamptz[],
+                       $5::text[]) AS a(id, valid_until, refreshed_after, keepalive_by, actor)),
+c AS (
+  SELECT c.id, c.tenant_id, c.status, c.realm_id, c.access_token, c.refresh_token,
+         c.access_token_expires_at, c.refresh_token_issued_at, c.keepalive_due_at,
+         c.last_refreshed_at, a.valid_until, a.refreshed_after, a.keepalive_by, a.actor,
          EXISTS (SELECT 1 FROM connection_events e
                  WHERE e.connection_id = c.id AND e.type = 'refresh_attempt'
                    AND (e.details->>'refresh_token_issued_at')::timestamptz
                        IS NOT DISTINCT FROM c.refresh_token_issued_at) AS unresolved
-  FROM connections c WHERE c.id = $1 {lock}),
+  FROM connections c JOIN asked a ON a.id = c.id ORDER BY c.id {lock}),
 attempt AS (
   INSERT INTO connection_events (connection_id, tenant_id, type, actor, details)
-  SELECT c.id, c.tenant_id, 'refresh_attempt', $5,
+  SELECT c.id, c.tenant_id, 'refresh_attempt', c.actor,
          jsonb_build_object('refresh_token_issued_at', c.refresh_token_issued_at)
-  FROM c WHERE c.status = 'connected' AND c.refresh_token IS NOT NULL AND {_DUE}
-  RETURNING id)
-SELECT c.*, (SELECT id FROM attempt) AS attempt FROM c"""  # noqa: S608 (this module's literals)
+  FROM c WHERE c.status = 'connected' AND c.refresh_token IS NOT NULL
+    AND {_due("c.valid_until", "c.refreshed_after", "c.keepalive_by")}
+  RETURNING id, connection_id)
+SELECT c.id, c.tenant_id, c.status, c.realm_id, c.access_token, c.refresh_token,
+       c.access_token_expires_at, c.refresh_token_issued_at, c.keepalive_due_at,
+       c.last_refreshed_at, c.unresolved, t.id AS attempt
+FROM c LEFT JOIN attempt t ON t.connection_id = c.id"""  # noqa: S608 (this module's literals)
 
 
-_DECIDE = _decide_statement("FOR NO KEY UPDATE")
-_DECIDE_OR_SKIP = _decide_statement("FOR NO KEY UPDATE SKIP LOCKED")
+_DECIDE = _decide_statement("FOR NO KEY UPDATE OF c")
+_DECIDE_OR_SKIP = _decide_statement("FOR NO KEY UPDATE OF c SKIP LOCKED")
 
 
 def _outcome_statement(assignments: str, event: str) -> str:
@@ -276,42 +288,58 @@ def _row(record: asyncpg.Record) -> SimpleNamespace:
     return SimpleNamespace(**record)
 
 
-class _Rows:
-    """Reads of connection rows by id, gathered: a read asked for while none is out goes at once;
-    those asked for while one is out go together in the next statement. A storm's hundreds of
-    reads (cache misses, waiters woken by the same commit) take a pooled connection for a few
-    round trips, instead of queueing for the pool one by one."""
+# The args of one call of a gathered statement, and a batch of calls.
+_Batch = list[tuple[uuid.UUID, tuple[Any, ...]]]
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
-        self._pool = pool
-        self._asked: dict[uuid.UUID, asyncio.Future[asyncpg.Record | None]] = {}
-        self._reading: asyncio.Task[None] | None = None
 
-    async def read(self, connection_id: uuid.UUID) -> asyncpg.Record | None:
-        """The row as it is after this call (the statement starts after it), or None."""
-        future = self._asked.get(connection_id)
+class _Gathered:
+    """Calls of one statement for many connections, gathered: a call made while none is out goes
+    at once; those made while one is out go together in the next statement, which starts after
+    every one of them was made. A storm's hundreds of calls (reads on cache misses and by waiters
+    woken by the same commit, decisions of the refreshes that just took their locks) take a
+    pooled connection for a few round trips, instead of queueing for the pool one by one. Calls
+    with the same connection and arguments share one answer; `run` returns one row per
+    connection (by `id`), or none for a connection it did not find (the call's answer: None).
+    """
+
+    def __init__(self, run: Callable[[_Batch], Awaitable[list[asyncpg.Record]]], name: str) -> None:
+        self._run = run
+        self._name = name
+        self._asked: dict[tuple[uuid.UUID, tuple[Any, ...]],
+                          asyncio.Future[asyncpg.Record | None]] = {}
+        self._running: asyncio.Task[None] | None = None
+
+    async def __call__(self, connection_id: uuid.UUID, *args: Any) -> asyncpg.Record | None:
+        key = (connection_id, args)
+        future = self._asked.get(key)
         if future is None:
-            future = self._asked[connection_id] = asyncio.get_running_loop().create_future()
-            if self._reading is None or self._reading.done():
-                self._reading = asyncio.create_task(self._read_all(), name="qbo-broker-rows")
+            future = self._asked[key] = asyncio.get_running_loop().create_future()
+            if self._running is None or self._running.done():
+                self._running = asyncio.create_task(self._run_all(), name=self._name)
         return await asyncio.shield(future)
 
-    async def _read_all(self) -> None:
+    async def _run_all(self) -> None:
         while self._asked:
             asked, self._asked = self._asked, {}
             try:
-                rows = {row["id"]: row for row in await self._pool.fetch(_READ, list(asked))}
+                rows = {row["id"]: row for row in await self._run(list(asked))}
             except BaseException as exc:
                 for future in asked.values():
                     if not future.done():
                         future.set_exception(exc if isinstance(exc, Exception)
-                                             else RuntimeError("connection reads stopped"))
+                                             else RuntimeError(f"{self._name} stopped"))
                 if not isinstance(exc, Exception):
                     raise
                 continue
-            for connection_id, future in asked.items():
+            for (connection_id, _), future in asked.items():
                 if not future.done():
                     future.set_result(rows.get(connection_id))
+
+
+def _columns(batch: _Batch) -> list[list[Any]]:
+    """A batch of decisions as the arrays _DECIDE takes: ids, then each argument's column."""
+    return [[cid for cid, _ in batch], *(list(column) for column in zip(*(a for _, a in batch),
+                                                                          strict=True))]
 
 
 class TokenRefresher:
@@ -325,7 +353,12 @@ class TokenRefresher:
         self._locks = locks
         self._caches = caches
         self._watch = watch or _no_watch
-        self._rows = _Rows(pool)
+        self._read = _Gathered(lambda batch: pool.fetch(_READ, [cid for cid, _ in batch]),
+                               "qbo-broker-reads")
+        self._decide = _Gathered(lambda batch: pool.fetch(_DECIDE, *_columns(batch)),
+                                 "qbo-broker-decisions")
+        self._decide_or_skip = _Gathered(
+            lambda batch: pool.fetch(_DECIDE_OR_SKIP, *_columns(batch)), "qbo-broker-decisions")
         # One refresh task per connection and purpose ("request", "forced", "keepalive"): callers
         # join the one that decides by their own rule.
         self._inflight: dict[tuple[uuid.UUID, str], asyncio.Task[tuple[AccessToken | None, bool]]] = {}
@@ -356,7 +389,7 @@ class TokenRefresher:
             _view_began.set(time.monotonic())
 
         async def load() -> ConnectionView | None:
-            record = await self._rows.read(connection_id)
+            record = await self._read(connection_id)
             return None if record is None else ConnectionView.of(_row(record), self._box)
 
         return await self._caches.connections.get_or_load(str(connection_id), load)
@@ -452,7 +485,7 @@ class TokenRefresher:
         deadline = loop.time() + self._wait_limit
 
         async def due_after_look() -> tuple[bool, Any]:
-            record = await self._rows.read(connection_id)
+            record = await self._read(connection_id)
             timeline.mark("read")
             if record is None:
                 raise NotFound("No such connection.")
@@ -527,11 +560,8 @@ class TokenRefresher:
         for _ in range(MAX_ROUNDS):
             # 1. Re-read under the row lock (a writer of the row, such as a disconnect, finishes
             # first), decide, and record the attempt.
-            async with self._pool.acquire() as db:
-                timeline.mark("pool")
-                record = await db.fetchrow(_DECIDE_OR_SKIP if skip_locked else _DECIDE,
-                                           connection_id, *needed(datetime.now(UTC)).args(),
-                                           trigger)
+            decide = self._decide_or_skip if skip_locked else self._decide
+            record = await decide(connection_id, *needed(datetime.now(UTC)).args(), trigger)
             if record is None:
                 if skip_locked:
                     return None, False

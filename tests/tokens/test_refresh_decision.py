@@ -4,7 +4,9 @@ whichever version of the broker recorded them."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import uuid
 from datetime import UTC, datetime, timedelta
 from itertools import product
 from types import SimpleNamespace
@@ -12,7 +14,7 @@ from types import SimpleNamespace
 import asyncpg
 
 from service.db.engine import asyncpg_dsn
-from service.tokens.refresh import _DUE, _Due
+from service.tokens.refresh import _Due, _due
 from tests.conftest import user_headers
 from tests.support.db_helpers import execute, expire_access_token, fetchrow
 
@@ -29,7 +31,8 @@ RULES = [
 
 
 async def test_the_rule_is_the_same_in_python_and_in_sql(stack) -> None:
-    query = (f"SELECT {_DUE} AS due FROM (SELECT $1::text AS access_token, "
+    due = _due("$2::timestamptz", "$3::timestamptz", "$4::timestamptz")
+    query = (f"SELECT {due} AS due FROM (SELECT $1::text AS access_token, "
              "$5::timestamptz AS access_token_expires_at, $6::timestamptz AS last_refreshed_at, "
              "$7::timestamptz AS keepalive_due_at) AS c")
     db = await asyncpg.connect(asyncpg_dsn(stack.database_url))
@@ -69,3 +72,25 @@ async def test_an_attempt_recorded_in_the_earlier_format_still_marks_the_token_l
     left = await fetchrow(stack.database_url, "SELECT count(*) AS n FROM connection_events "
                           "WHERE connection_id = $1 AND type = 'refresh_attempt'", cid)
     assert left is not None and left["n"] == 0
+
+
+async def test_decisions_gathered_in_one_statement_follow_each_ones_rule(
+        runtime, linked_company, stack) -> None:
+    (due, _), (fresh, _), (forced, _) = [await linked_company(i) for i in (1, 2, 3)]
+    await expire_access_token(stack.database_url, due)
+    now = datetime.now(UTC)
+    request = _Due(valid_until=now + timedelta(minutes=5))
+    force = _Due(valid_until=now + timedelta(minutes=5), refreshed_after=now)
+    decide = runtime.refresher._decide
+    # Four decisions at once (one statement): each by its own rule, and None for no such row.
+    rows = await asyncio.gather(
+        decide(uuid.UUID(due), *request.args(), "request"),
+        decide(uuid.UUID(fresh), *request.args(), "request"),
+        decide(uuid.UUID(forced), *force.args(), "forced"),
+        decide(uuid.uuid4(), *request.args(), "request"))
+    assert [row is not None and row["attempt"] is not None for row in rows] == [
+        True, False, True, False]
+    assert rows[3] is None
+    recorded = await fetchrow(stack.database_url, "SELECT array_agg(actor ORDER BY actor) AS actors "
+                              "FROM connection_events WHERE type = 'refresh_attempt'")
+    assert recorded is not None and recorded["actors"] == ["forced", "request"]
