@@ -10,7 +10,8 @@ no pooled connection while it waits. A killed process releases its locks at once
 
 No pooled connection waits on Intuit. A refresh is three steps, in plain SQL on the asyncpg pool:
 1. one statement under the row lock (so a writer of the row, such as a disconnect, is done
-   first): re-read the row, decide, and record a `refresh_attempt` if a refresh is due;
+   first): re-read the row, decide, and record a `refresh_attempt` if a refresh is due (the
+   decisions of refreshes that come at once go in one statement, as do reads of rows);
 2. the call to Intuit, holding no database connection;
 3. one statement that stores the outcome (new tokens above all) if the row still holds the
    refresh token that was sent, settles the attempt records and logs the event. If the row
@@ -77,7 +78,6 @@ MAX_ROUNDS = 3
 STORE_RETRY_DELAYS = (0.1, 0.3, 1.0)
 _RETRIABLE = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
               asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
-
 
 
 @dataclass(frozen=True)
