@@ -165,11 +165,14 @@ def broker_env(database_url: str, *, public_url: str, emulator_url: str,
     return env
 
 
-def uvicorn_command(app: str, port: int, *, app_dir: Path | None = None) -> list[str]:
+def uvicorn_command(app: str, port: int, *, app_dir: Path | None = None,
+                    log_config: Path | None = None) -> list[str]:
     command = [sys.executable, "-m", "uvicorn", app, "--factory", "--workers", "1",
                "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
     if app_dir is not None:
         command += ["--app-dir", str(app_dir)]
+    if log_config is not None:
+        command += ["--log-config", str(log_config)]
     return command
 
 

@@ -128,6 +128,24 @@ class Caches:
             cache.enabled = enabled
 
 
+class Watch:
+    """What one waiter hears of a connection's changes while its watch is open: `changed` is set
+    when any replica's change of the connection is notified, and also whenever the feed
+    connects or loses its connection (a change may have gone unheard: look again)."""
+
+    __slots__ = ("_feed", "changed")
+
+    def __init__(self, feed: ChangeFeed | None) -> None:
+        self._feed = feed
+        self.changed = asyncio.Event()
+
+    @property
+    def notified(self) -> bool:
+        """Whether changes are being notified now. While not, nothing sets `changed` but the
+        feed's coming back: wait with a short timeout."""
+        return self._feed is not None and self._feed.listening
+
+
 class ChangeFeed:
     """LISTENs on PostgreSQL for changes made by any replica; reconnects when the link drops."""
 
@@ -137,21 +155,30 @@ class ChangeFeed:
         self._retry = retry_seconds
         self._task: asyncio.Task[None] | None = None
         self._connected = asyncio.Event()
-        self._watchers: dict[str, set[asyncio.Event]] = {}
+        self._listening = False
+        self._watchers: dict[str, set[Watch]] = {}
+
+    @property
+    def listening(self) -> bool:
+        return self._listening
 
     @asynccontextmanager
-    async def watching(self, connection_id: str) -> AsyncIterator[asyncio.Event]:
-        """An event set when a change of the connection is notified (by any replica) while the
-        context is open. While the feed is down nothing sets it: wait with a timeout."""
-        event = asyncio.Event()
+    async def watching(self, connection_id: str) -> AsyncIterator[Watch]:
+        """A Watch of the connection, for as long as the context is open."""
+        watch = Watch(self)
         watchers = self._watchers.setdefault(connection_id, set())
-        watchers.add(event)
+        watchers.add(watch)
         try:
-            yield event
+            yield watch
         finally:
-            watchers.discard(event)
+            watchers.discard(watch)
             if not watchers and self._watchers.get(connection_id) is watchers:
                 del self._watchers[connection_id]
+
+    def _wake_all(self) -> None:
+        for watchers in self._watchers.values():
+            for watch in watchers:
+                watch.changed.set()
 
     async def start(self, wait_seconds: float = 5.0) -> None:
         self._task = asyncio.create_task(self._run(), name="qbo-broker-change-feed")
@@ -175,12 +202,10 @@ class ChangeFeed:
             self._caches.connection_changed(connection_id, str(change["tenant_id"]))
         except (ValueError, KeyError, TypeError):
             self._caches.set_enabled(True)  # unreadable: drop everything, stay on
-            for watchers in self._watchers.values():
-                for event in watchers:
-                    event.set()
+            self._wake_all()
             return
-        for event in self._watchers.get(connection_id, ()):
-            event.set()
+        for watch in self._watchers.get(connection_id, ()):
+            watch.changed.set()
 
     async def _run(self) -> None:
         while True:
@@ -191,9 +216,12 @@ class ChangeFeed:
                 conn.add_termination_listener(lambda _c, lost=lost: lost.set())
                 await conn.add_listener(CONNECTIONS_CHANNEL, self._on_notify)
                 await conn.add_listener(API_KEYS_CHANNEL, self._on_notify)
-                # Anything cached before this point may have missed a notification.
+                # Anything cached before this point may have missed a notification, and so
+                # may anyone waiting for one.
                 self._caches.set_enabled(True)
+                self._listening = True
                 self._connected.set()
+                self._wake_all()
                 await lost.wait()
                 log.warning("change feed lost its connection; caches off until it is back")
             except asyncio.CancelledError:
@@ -202,6 +230,9 @@ class ChangeFeed:
                 log.warning("change feed cannot listen: %s", type(exc).__name__)
             finally:
                 self._caches.set_enabled(False)
+                if self._listening:  # waiters stop counting on notifications
+                    self._listening = False
+                    self._wake_all()
                 if conn is not None and not conn.is_closed():
                     await conn.close(timeout=2)
             await asyncio.sleep(self._retry)
