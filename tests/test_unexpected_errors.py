@@ -25,8 +25,8 @@ from service.db import engine as db_engine
 from service.db.engine import asyncpg_dsn, build_engine
 from service.errors import database_unreachable
 from service.main import create_app
-from service.observability import JSONFormatter
 from tests.conftest import Stack, user_headers
+from tests.support.logs import captured_json_logs
 from tests.support.servers import ThreadedServer, free_port
 
 ORIGIN = "https://app.cietrade.test"  # in the test settings' CORS origins
@@ -170,18 +170,8 @@ async def _select_one(engine: Any) -> None:
 
 @pytest.fixture
 def captured() -> Iterator[io.StringIO]:
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(JSONFormatter())
-    root = logging.getLogger()
-    old_level = root.level
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)
-    try:
+    with captured_json_logs(logging.INFO) as stream:
         yield stream
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(old_level)
 
 
 async def _refused_dependency() -> None:
