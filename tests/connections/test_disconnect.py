@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 
 import httpx
@@ -130,6 +131,11 @@ async def test_a_slow_revocation_at_intuit_holds_no_lock(client, new_connection,
     # connection's row is free, and a PATCH of it answers at once.
     conn = await new_connection()
     await connect(conn["id"])
+    # The same PATCH once beforehand, so the one measured below is not the first of its kind
+    # (statements compiled and cached, pool warm): what is left is any wait on a lock.
+    warm = await client.patch(f"/connections/{conn['id']}", headers=user_headers(),
+                              json={"modules": {"accounts_payable": True}})
+    assert warm.status_code == 200, warm.text
     await emulator.post("/faults", json={"endpoint": "revoke", "kind": "timeout", "delay_s": 4})
     disconnecting = asyncio.create_task(
         client.post(f"/connections/{conn['id']}/disconnect", headers=user_headers()))
@@ -140,10 +146,17 @@ async def test_a_slow_revocation_at_intuit_holds_no_lock(client, new_connection,
         return row["status"] == "disconnected"
 
     await until(revoking, "the disconnect to commit", within=3.0)
-    started = time.monotonic()
-    patched = await client.patch(f"/connections/{conn['id']}", headers=user_headers(),
-                                 json={"modules": {"accounts_receivable": True}})
-    elapsed = time.monotonic() - started
+    # The broker runs in this process: a full garbage collection of the suite's heap in the
+    # middle would be measured too, and it is no lock.
+    gc.collect()
+    gc.disable()
+    try:
+        started = time.monotonic()
+        patched = await client.patch(f"/connections/{conn['id']}", headers=user_headers(),
+                                     json={"modules": {"accounts_receivable": True}})
+        elapsed = time.monotonic() - started
+    finally:
+        gc.enable()
     assert patched.status_code == 200, patched.text
     assert elapsed < 0.1, elapsed
     assert not disconnecting.done()  # Intuit is still answering the revocation
