@@ -53,6 +53,7 @@ from sqlalchemy.dialects.postgresql.asyncpg import PGDialect_asyncpg
 from service.cache import Caches
 from service.config import Settings
 from service.db.engine import asyncpg_dsn, build_engine, build_sessionmaker, create_reads_pool
+from service.gateway.metering import Meter
 from service.intuit.client import IntuitClient
 from service.observability import configure_logging
 from service.runtime import Runtime
@@ -181,7 +182,7 @@ async def sweep(database_url: str, emulator_url: str, *, concurrency: int, ids: 
     locks = RefreshLocks(asyncpg_dsn(database_url))
     runtime = Runtime(settings=settings, engine=engine, sessionmaker=sessionmaker, intuit=intuit,
                       box=box, refresher=TokenRefresher(settings, reads, intuit, box, locks, Caches()),
-                      reads=reads)
+                      reads=reads, meter=Meter(reads, settings))
     db = await db_connect(database_url)
     try:
         await intuit.discovery()  # read once, as the first real request of a running broker would

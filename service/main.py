@@ -19,6 +19,8 @@ from service.db.engine import asyncpg_dsn, build_engine, build_sessionmaker, cre
 from service.docs import OPENAPI_PATH, install_docs
 from service.errors import ErrorBoundary, Problem, install_error_handlers
 from service.fastlane import FastLane
+from service.gateway.metering import Meter
+from service.gateway.usage import router as usage_router
 from service.intuit.client import IntuitClient
 from service.oauth.router import router as oauth_router
 from service.observability import BodySizeLimitMiddleware, RequestContextMiddleware
@@ -75,9 +77,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         box = SecretBox(settings.parsed_encryption_keys)
         locks = RefreshLocks(asyncpg_dsn(database_url))
         refresher = TokenRefresher(settings, reads, intuit, box, locks, caches, watch=feed.watching)
+        meter = Meter(reads, settings)
+        meter.start()
         runtime = Runtime(settings=settings, engine=engine, sessionmaker=sessionmaker,
                           intuit=intuit, box=box, refresher=refresher, caches=caches,
-                          reads=reads)
+                          reads=reads, meter=meter)
         app.state.runtime = runtime
         app.state.sessionmaker = sessionmaker
         app.state.jwt_verifier = JWTVerifier(settings)
@@ -94,6 +98,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if worker is not None:
                 await worker.stop()
             await refresher.aclose()
+            await meter.aclose()
             await feed.stop()
             await locks.close()
             await reads.close()
@@ -118,6 +123,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     _document_problems(app)
     app.include_router(connections_router)
     app.include_router(oauth_router)
+    app.include_router(usage_router)
     app.include_router(ops.router)
     # Innermost: its answers pass through CORS, body limits and the request context (ids,
     # metrics, logs) like the app's own.

@@ -15,6 +15,7 @@ from service.intuit.client import IntuitClient
 from service.tokens.crypto import SecretBox
 
 if TYPE_CHECKING:
+    from service.gateway.metering import Meter
     from service.tokens.refresh import TokenRefresher
 
 
@@ -27,6 +28,7 @@ class Runtime:
     box: SecretBox
     refresher: TokenRefresher
     reads: asyncpg.Pool  # plain asyncpg, for the hot single-statement reads
+    meter: Meter  # counts Accounting API calls, guards the tenants' CorePlus caps
     caches: Caches = field(default_factory=Caches)
 
 

@@ -271,6 +271,7 @@ def linked_company(emulator: httpx.AsyncClient,
 async def runtime(stack: Stack) -> AsyncIterator[Any]:
     """The broker's runtime objects, for driving background work directly in a test."""
     from service.cache import Caches
+    from service.gateway.metering import Meter
     from service.intuit.client import IntuitClient
     from service.runtime import Runtime
     from service.tokens.crypto import SecretBox
@@ -283,9 +284,11 @@ async def runtime(stack: Stack) -> AsyncIterator[Any]:
     intuit = IntuitClient(stack.settings)
     box = SecretBox(stack.settings.parsed_encryption_keys)
     locks = RefreshLocks(asyncpg_dsn(stack.database_url))
+    meter = Meter(reads, stack.settings)
     yield Runtime(settings=stack.settings, engine=engine, sessionmaker=sessionmaker, intuit=intuit,
                   box=box, refresher=TokenRefresher(stack.settings, reads, intuit, box, locks, Caches()),
-                  reads=reads)
+                  reads=reads, meter=meter)
+    await meter.aclose()
     await locks.close()
     await intuit.aclose()
     await reads.close()

@@ -1,0 +1,252 @@
+"""The Meter against a real PostgreSQL: exact counts from concurrent replicas (Meters with pools
+of their own, and separate processes), the per-tenant cap, months, the budget thresholds."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+import pytest
+
+from service.config import Settings
+from service.db.engine import asyncpg_dsn, create_reads_pool
+from service.gateway.metering import Meter, QuickBooksBudgetExhausted, month_of
+from service.metrics import COREPLUS_BUDGET_THRESHOLD, COREPLUS_MONTH_CALLS, QUICKBOOKS_CALLS
+from tests.support.logs import captured_json_logs
+from tests.support.processes import REPO_ROOT, process_env
+
+TABLES = "quickbooks_usage, quickbooks_budgets, quickbooks_budget_alerts"
+DECEMBER = datetime(2026, 12, 15, 12, 0, tzinfo=UTC)
+
+
+def settings(**values: Any) -> Settings:
+    return Settings(**values)
+
+
+@pytest.fixture
+async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
+    conn = await asyncpg.connect(asyncpg_dsn(database_url))
+    await conn.execute(f"TRUNCATE {TABLES}")
+    yield conn
+    await conn.close()
+
+
+@pytest.fixture
+async def meters(database_url: str) -> AsyncIterator[Callable[..., Any]]:
+    """Meters as replicas have them: each on a pool of its own; closed (flushed) at the end."""
+    made: list[tuple[Meter, asyncpg.Pool]] = []
+
+    async def make(config: Settings | None = None, **kwargs: Any) -> Meter:
+        pool = await create_reads_pool(database_url, max_size=4)
+        meter = Meter(pool, config or settings(), **kwargs)
+        made.append((meter, pool))
+        return meter
+
+    yield make
+    for meter, pool in made:
+        await meter.aclose()
+        await pool.close()
+
+
+async def stored(conn: asyncpg.Connection) -> Counter[tuple[str, str, str, str]]:
+    rows = await conn.fetch("SELECT month, call_class, tenant_id, realm_id, calls "
+                            "FROM quickbooks_usage")
+    return Counter({(f"{r['month']:%Y-%m}", r["call_class"], r["tenant_id"], r["realm_id"]):
+                    r["calls"] for r in rows})
+
+
+def mixed_calls(seed: int, count: int) -> list[tuple[str, str, str, str]]:
+    rng = random.Random(seed)
+    return [(f"tenant-{rng.randrange(5)}", f"realm-{rng.randrange(3)}",
+             rng.choice(["core", "coreplus"]),
+             rng.choice(["ok", "ok", "ok", "client_error", "throttled", "network_error"]))
+            for _ in range(count)]
+
+
+async def test_counts_are_exact_after_concurrent_calls_on_two_replicas(db, meters) -> None:
+    # Flushing every 5 ms: the two replicas' upserts of the same rows overlap many times.
+    first, second = await meters(flush_interval=0.005), await meters(flush_interval=0.005)
+    calls = mixed_calls(seed=1, count=2000)
+    before = QUICKBOOKS_CALLS.labels("coreplus", "throttled")._value.get()
+
+    async def one(index: int, call: tuple[str, str, str, str]) -> None:
+        await asyncio.sleep(random.random() * 0.3)  # spread over many flushes
+        meter = first if index % 2 else second
+        await meter.admit(call[0], call[1], call[2])  # type: ignore[arg-type]
+        await meter.record(*call)  # type: ignore[arg-type]
+
+    await asyncio.gather(*(one(i, call) for i, call in enumerate(calls)))
+    await first.aclose()
+    await second.aclose()
+
+    month = f"{datetime.now(UTC):%Y-%m}"
+    expected = Counter((month, cls, tenant, realm) for tenant, realm, cls, _ in calls)
+    assert await stored(db) == expected
+    assert sum(expected.values()) == 2000
+    throttled = sum(1 for *_, cls, outcome in calls if cls == "coreplus" and outcome == "throttled")
+    assert QUICKBOOKS_CALLS.labels("coreplus", "throttled")._value.get() - before == throttled
+
+
+async def test_counts_are_exact_from_two_processes(db, database_url: str) -> None:
+    script = """
+import asyncio, json, random, sys
+from service.config import Settings
+from service.db.engine import create_reads_pool
+from service.gateway.metering import Meter
+
+async def main(url, seed, count):
+    pool = await create_reads_pool(url, max_size=4)
+    meter = Meter(pool, Settings(), flush_interval=0.005)
+    rng = random.Random(seed)
+    calls = [(f"tenant-{rng.randrange(5)}", f"realm-{rng.randrange(3)}",
+              rng.choice(["core", "coreplus"])) for _ in range(count)]
+
+    async def one(call):
+        await asyncio.sleep(rng.random() * 0.5)
+        await meter.record(*call, "ok")
+
+    await asyncio.gather(*(one(call) for call in calls))
+    await meter.aclose()
+    await pool.close()
+    print(json.dumps(calls))
+
+asyncio.run(main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3])))
+"""
+    processes = [subprocess.Popen([sys.executable, "-c", script, database_url, str(seed), "1000"],
+                                  cwd=REPO_ROOT, env=process_env({}), stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE)
+                 for seed in (11, 12)]
+    outputs = [await asyncio.to_thread(p.communicate, timeout=120) for p in processes]
+    for process, (_, err) in zip(processes, outputs, strict=True):
+        assert process.returncode == 0, err.decode()
+    month = f"{datetime.now(UTC):%Y-%m}"
+    expected: Counter[tuple[str, str, str, str]] = Counter()
+    for out, _ in outputs:
+        expected.update((month, cls, tenant, realm) for tenant, realm, cls in json.loads(out))
+    assert sum(expected.values()) == 2000
+    assert await stored(db) == expected
+
+
+async def test_a_tenant_at_its_cap_is_refused_reads_but_not_writes(db, meters) -> None:
+    now = DECEMBER
+    meter = await meters(settings(BROKER_COREPLUS_TENANT_MONTHLY_CAP="3"), now=lambda: now)
+    for _ in range(3):
+        await meter.admit("tenant-a", "r1", "coreplus")
+        await meter.record("tenant-a", "r1", "coreplus", "ok")
+    with pytest.raises(QuickBooksBudgetExhausted) as refused:
+        await meter.admit("tenant-a", "r2", "coreplus")  # any realm of the tenant
+    problem = refused.value
+    assert (problem.status, problem.code) == (429, "quickbooks_budget_exhausted")
+    # Until 2027-01-01T00:00Z: 16.5 days.
+    assert problem.headers["Retry-After"] == str(16 * 86400 + 12 * 3600)
+    assert problem.body()["coreplus_cap"] == 3
+    await meter.admit("tenant-a", "r1", "core")  # writes pass
+    await meter.admit("tenant-b", "r1", "coreplus")  # another tenant has its own count
+    # Reads resume in the new month.
+    now = datetime(2027, 1, 1, 0, 0, 1, tzinfo=UTC)
+    await meter.admit("tenant-a", "r1", "coreplus")
+
+
+async def test_no_cap_by_default(db, meters) -> None:
+    meter = await meters()
+    for _ in range(50):
+        await meter.record("tenant-a", "r1", "coreplus", "ok")
+    await meter.flush()
+    await meter.admit("tenant-a", "r1", "coreplus")
+
+
+async def test_a_replica_sees_the_calls_of_another(db, meters) -> None:
+    config = settings(BROKER_COREPLUS_TENANT_MONTHLY_CAP="10")
+    first, second = await meters(config), await meters(config)
+    await second.admit("tenant-a", "r1", "coreplus")  # second now follows tenant-a
+    for _ in range(10):
+        await first.record("tenant-a", "r1", "coreplus", "ok")
+    await second.admit("tenant-a", "r1", "coreplus")  # first has not flushed yet
+    await first.flush()
+    await second.flush()  # reads the tenant's figures again
+    with pytest.raises(QuickBooksBudgetExhausted):
+        await second.admit("tenant-a", "r1", "coreplus")
+    # A replica that never saw the tenant reads its figures before the first call.
+    third = await meters(config)
+    with pytest.raises(QuickBooksBudgetExhausted):
+        await third.admit("tenant-a", "r9", "coreplus")
+
+
+async def test_a_tenants_own_cap_overrides_the_default(db, meters) -> None:
+    meter = await meters(settings(BROKER_COREPLUS_TENANT_MONTHLY_CAP="100"))
+    await db.execute("INSERT INTO quickbooks_budgets (tenant_id, coreplus_monthly_cap, "
+                     "updated_by) VALUES ('tenant-a', 0, 'test')")
+    with pytest.raises(QuickBooksBudgetExhausted):
+        await meter.admit("tenant-a", "r1", "coreplus")
+    await meter.admit("tenant-b", "r1", "coreplus")  # the default
+    # Removed: the default applies again, on the next read of the tenant's figures.
+    await db.execute("DELETE FROM quickbooks_budgets")
+    await meter.flush()
+    await meter.admit("tenant-a", "r1", "coreplus")
+
+
+async def test_calls_are_counted_in_their_utc_month(db, meters) -> None:
+    now = datetime(2026, 11, 30, 23, 59, 59, tzinfo=UTC)
+    meter = await meters(now=lambda: now)
+    await meter.record("tenant-a", "r1", "coreplus", "ok")
+    now = datetime(2026, 12, 1, 0, 0, 0, tzinfo=UTC)
+    await meter.record("tenant-a", "r1", "coreplus", "ok")
+    await meter.record("tenant-a", "r1", "core", "ok")
+    await meter.flush()
+    assert await stored(db) == Counter({("2026-11", "coreplus", "tenant-a", "r1"): 1,
+                                        ("2026-12", "coreplus", "tenant-a", "r1"): 1,
+                                        ("2026-12", "core", "tenant-a", "r1"): 1})
+
+
+async def test_counts_kept_when_a_flush_fails_are_written_by_the_next(db, meters,
+                                                                      database_url: str) -> None:
+    meter = await meters(flush_interval=3600)  # flushed by the test alone
+    for _ in range(7):
+        await meter.record("tenant-a", "r1", "core", "ok")
+    await db.execute("ALTER TABLE quickbooks_usage RENAME TO quickbooks_usage_away")
+    try:
+        with pytest.raises(asyncpg.UndefinedTableError):
+            await meter.flush()
+        await meter.record("tenant-a", "r1", "core", "ok")
+    finally:
+        await db.execute("ALTER TABLE quickbooks_usage_away RENAME TO quickbooks_usage")
+    await meter.flush()
+    month = f"{datetime.now(UTC):%Y-%m}"
+    assert await stored(db) == Counter({(month, "core", "tenant-a", "r1"): 8})
+
+
+async def test_each_budget_threshold_is_logged_once_across_replicas(db, meters) -> None:
+    config = settings(BROKER_COREPLUS_MONTHLY_BUDGET="20")
+    # Checked by the test alone (not by the meters' timers).
+    first, second = await meters(config, flush_interval=3600), await meters(config, flush_interval=3600)
+    for _ in range(16):
+        await first.record("tenant-a", "r1", "coreplus", "ok")
+    await first.flush()
+    with captured_json_logs(logging.WARNING) as logs:
+        await asyncio.gather(first.check_budget(), second.check_budget())
+        await asyncio.gather(first.check_budget(), second.check_budget())
+        assert COREPLUS_MONTH_CALLS._value.get() == 16
+        assert COREPLUS_BUDGET_THRESHOLD.labels("80")._value.get() == 1
+        assert COREPLUS_BUDGET_THRESHOLD.labels("95")._value.get() == 0
+        for _ in range(4):
+            await second.record("tenant-b", "r2", "coreplus", "ok")
+        await second.flush()
+        await asyncio.gather(first.check_budget(), second.check_budget())
+        third = await meters(config, flush_interval=3600)  # a replica started later announces nothing again
+        await third.check_budget()
+    lines = [json.loads(line) for line in logs.getvalue().splitlines()]
+    announced = [line["coreplus_threshold"] for line in lines if "coreplus_threshold" in line]
+    assert sorted(announced) == [80, 95, 100]
+    assert COREPLUS_BUDGET_THRESHOLD.labels("100")._value.get() == 1
+    rows = await db.fetch("SELECT month, threshold FROM quickbooks_budget_alerts ORDER BY 2")
+    month = month_of(datetime.now(UTC))
+    assert [(r["month"], r["threshold"]) for r in rows] == [(month, 80), (month, 95), (month, 100)]
