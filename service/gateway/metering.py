@@ -166,6 +166,8 @@ class Meter:
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         COREPLUS_BUDGET.set(self._budget)
+        for threshold in BUDGET_THRESHOLDS:  # shown (0) before the first check
+            COREPLUS_BUDGET_THRESHOLD.labels(str(threshold))
 
     # -- the interface of the gateway ------------------------------------------------------
 

@@ -7,7 +7,6 @@ import asyncio
 import json
 import logging
 import random
-import subprocess
 import sys
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -97,35 +96,11 @@ async def test_counts_are_exact_after_concurrent_calls_on_two_replicas(db, meter
 
 
 async def test_counts_are_exact_from_two_processes(db, database_url: str) -> None:
-    script = """
-import asyncio, json, random, sys
-from service.config import Settings
-from service.db.engine import create_reads_pool
-from service.gateway.metering import Meter
-
-async def main(url, seed, count):
-    pool = await create_reads_pool(url, max_size=4)
-    meter = Meter(pool, Settings(), flush_interval=0.005)
-    rng = random.Random(seed)
-    calls = [(f"tenant-{rng.randrange(5)}", f"realm-{rng.randrange(3)}",
-              rng.choice(["core", "coreplus"])) for _ in range(count)]
-
-    async def one(call):
-        await asyncio.sleep(rng.random() * 0.5)
-        await meter.record(*call, "ok")
-
-    await asyncio.gather(*(one(call) for call in calls))
-    await meter.aclose()
-    await pool.close()
-    print(json.dumps(calls))
-
-asyncio.run(main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3])))
-"""
-    processes = [subprocess.Popen([sys.executable, "-c", script, database_url, str(seed), "1000"],
-                                  cwd=REPO_ROOT, env=process_env({}), stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE)
-                 for seed in (11, 12)]
-    outputs = [await asyncio.to_thread(p.communicate, timeout=120) for p in processes]
+    processes = [await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tests.support.meter_process", database_url, str(seed), "1000",
+        cwd=REPO_ROOT, env=process_env({}), stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE) for seed in (11, 12)]
+    outputs = await asyncio.wait_for(asyncio.gather(*(p.communicate() for p in processes)), 120)
     for process, (_, err) in zip(processes, outputs, strict=True):
         assert process.returncode == 0, err.decode()
     month = f"{datetime.now(UTC):%Y-%m}"
