@@ -8,7 +8,7 @@ from datetime import date
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Query
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from service.auth.callers import Scope
 from service.auth.dependencies import CurrentCaller
@@ -60,6 +60,17 @@ class BudgetIn(BaseModel):
         ge=0, le=MAX_CAP,
         description="CorePlus calls the tenant may make per UTC month; null: the default "
                     "(BROKER_COREPLUS_TENANT_MONTHLY_CAP) applies again.")
+
+
+    @field_validator("coreplus_monthly_cap", mode="before")
+    @classmethod
+    def _a_json_integer(cls, value: object) -> object:
+        # JSON's integers (2 and 2.0 alike), not what Python would turn into one (false, "3").
+        if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ValueError("must be a whole number of calls or null")
 
 
 class BudgetOut(BaseModel):

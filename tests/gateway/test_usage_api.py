@@ -149,7 +149,7 @@ async def test_a_service_sets_and_clears_a_tenants_cap(client, service_headers, 
                                                       meter_on) -> None:
     writer = await service_headers("connections:write")
     reader = await service_headers("status:read")
-    response = await put_cap(client, "tenant-a", {"coreplus_monthly_cap": 2}, writer)
+    response = await put_cap(client, "tenant-a", {"coreplus_monthly_cap": 2.0}, writer)
     assert response.status_code == 200, response.text
     assert response.json() == {"tenant_id": "tenant-a", "coreplus_monthly_cap": 2,
                                "coreplus_cap": 2}
@@ -204,6 +204,7 @@ async def test_without_its_own_cap_a_tenant_has_the_default(stack, meter_on) -> 
 @pytest.mark.parametrize("body", [
     {"coreplus_monthly_cap": -1}, {"coreplus_monthly_cap": 10**9 + 1},
     {"coreplus_monthly_cap": "many"}, {"coreplus_monthly_cap": 1.5}, {},
+    {"coreplus_monthly_cap": False}, {"coreplus_monthly_cap": "3"}, {"coreplus_monthly_cap": 1e30},
     {"coreplus_monthly_cap": 1, "coreplus_monthly_budget": 2}, [], "5",
     {"coreplus_monthly_cap": 10**30}])
 async def test_a_bad_cap_is_a_validation_problem(client, service_headers, body) -> None:
