@@ -225,3 +225,28 @@ async def test_each_budget_threshold_is_logged_once_across_replicas(db, meters) 
     rows = await db.fetch("SELECT month, threshold FROM quickbooks_budget_alerts ORDER BY 2")
     month = month_of(datetime.now(UTC))
     assert [(r["month"], r["threshold"]) for r in rows] == [(month, 80), (month, 95), (month, 100)]
+
+
+async def test_with_the_database_unreachable_known_tenants_keep_their_figures(
+        db, database_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from service.errors import database_unreachable
+    from service.gateway import metering
+
+    pool = await create_reads_pool(database_url, max_size=2)
+    meter = Meter(pool, settings(BROKER_COREPLUS_TENANT_MONTHLY_CAP="2"), flush_interval=3600)
+    await meter.admit("tenant-a", "r1", "coreplus")  # figures read
+    await pool.close()  # the database gone, for this replica
+    monkeypatch.setattr(metering, "SNAPSHOT_STALE_SECONDS", 0.0)  # every admit wants a new read
+    await meter.record("tenant-a", "r1", "coreplus", "ok")
+    await meter.admit("tenant-a", "r1", "coreplus")  # the last figures, and its own call
+    await meter.record("tenant-a", "r1", "coreplus", "ok")
+    with pytest.raises(QuickBooksBudgetExhausted):
+        await meter.admit("tenant-a", "r1", "coreplus")  # still counting while it cannot write
+    # A tenant it knows nothing of: the database's own error (answered 503 by the app).
+    with pytest.raises(Exception) as unknown:
+        await meter.admit("tenant-b", "r1", "coreplus")
+    assert database_unreachable(unknown.value)
+    await meter.admit("tenant-b", "r1", "core")  # writes need no figures
+    with captured_json_logs(logging.ERROR) as logs:
+        await meter.aclose()  # tries to write, and says what it could not
+    assert "2 counted calls not written at shutdown" in logs.getvalue()
