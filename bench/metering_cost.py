@@ -25,10 +25,10 @@ from typing import Any
 import asyncpg
 from harness import fresh_database, print_table
 
-from service.config import Settings
-from service.db.engine import create_reads_pool
-from service.gateway import usage_repository as repo
-from service.gateway.metering import CallClass, Meter, month_of
+from service.core.config import Settings
+from service.core.db.engine import create_reads_pool
+from service.metering import repository as repo
+from service.metering.meter import CallClass, Meter, month_of
 
 INTUIT_SECONDS = 0.005
 

@@ -13,8 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from service.auth.callers import Scope
 from service.auth.dependencies import CurrentCaller
 from service.connections.schemas import TenantId
-from service.errors import problem_responses
-from service.gateway import usage_repository as repo
+from service.core.errors import problem_responses
+from service.metering import repository as repo
 from service.runtime import RuntimeDep
 
 router = APIRouter(tags=["usage"])

@@ -26,7 +26,8 @@ with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message="The httpx module is deprecated")
     from authlib.integrations.httpx_client import AsyncOAuth2Client
 
-from service.config import Settings
+from service.core.config import Settings
+from service.core.metrics import INTUIT_CALLS, INTUIT_LATENCY
 from service.intuit.errors import (
     IntuitError,
     IntuitProtocolError,
@@ -36,7 +37,6 @@ from service.intuit.errors import (
     InvalidIdToken,
     InvalidToken,
 )
-from service.metrics import INTUIT_CALLS, INTUIT_LATENCY
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ class Discovery:
     jwks_uri: str | None
 
 
-class _UnstoredTokenClient(AsyncOAuth2Client):
+class _UnstoredTokenClient(AsyncOAuth2Client):  # type: ignore[misc]
     """Authlib's client, minus remembering the last token: one client serves every connection."""
 
     def parse_response_token(self, resp: httpx.Response) -> dict[str, Any]:
@@ -94,7 +94,7 @@ class _UnstoredTokenClient(AsyncOAuth2Client):
                                       intuit_tid=resp.headers.get("intuit_tid"))
         if "error" in token:
             error = OAuthError(error=token["error"], description=token.get("error_description"))
-            error.intuit_tid = resp.headers.get("intuit_tid")  # type: ignore[attr-defined]
+            error.intuit_tid = resp.headers.get("intuit_tid")
             raise error
         return token
 
@@ -315,7 +315,7 @@ class IntuitClient:
 
         async def attempt() -> httpx.Response:
             try:
-                response = await self._oauth.request(
+                response: httpx.Response = await self._oauth.request(
                     "GET", url, params={"minorversion": _MINOR_VERSION},
                     headers={"Authorization": f"Bearer {access_token}",
                              "Accept": "application/json"}, withhold_token=True)
@@ -435,7 +435,7 @@ class IntuitClient:
                     _raise_for_unavailable(result)
                 return result
             except OAuthError as exc:
-                exc.after_lost_response = maybe_processed  # type: ignore[attr-defined]
+                exc.after_lost_response = maybe_processed
                 raise
             except IntuitUnavailable as exc:
                 last = exc

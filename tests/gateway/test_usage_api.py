@@ -10,9 +10,9 @@ from typing import Any
 import httpx
 import pytest
 
-from service.config import Settings
-from service.db.engine import create_reads_pool
-from service.gateway.metering import Meter, QuickBooksBudgetExhausted, month_of
+from service.core.config import Settings
+from service.core.db.engine import create_reads_pool
+from service.metering.meter import Meter, QuickBooksBudgetExhausted, month_of
 from tests.conftest import COMPANY_1, TENANT, user_headers
 from tests.support.db_helpers import execute
 from tests.support.waiting import until

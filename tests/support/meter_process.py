@@ -9,9 +9,9 @@ import json
 import random
 import sys
 
-from service.config import Settings
-from service.db.engine import create_reads_pool
-from service.gateway.metering import Meter
+from service.core.config import Settings
+from service.core.db.engine import create_reads_pool
+from service.metering.meter import Meter
 
 
 async def main(database_url: str, seed: int, count: int) -> None:

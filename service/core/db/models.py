@@ -1,4 +1,4 @@
-"""The broker's tables. Secrets are stored only as ciphertext (see service.tokens.crypto)."""
+"""The broker's tables. Secrets are stored only as ciphertext (see service.core.crypto)."""
 
 from __future__ import annotations
 
@@ -211,7 +211,7 @@ class ApiKey(SQLModel, table=True):
 
 class QuickBooksUsage(SQLModel, table=True):
     """Accounting API calls that reached Intuit, one row per (UTC month, class, tenant, realm),
-    incremented in place (service.gateway.metering): never a row per call."""
+    incremented in place (service.metering): never a row per call."""
 
     __tablename__ = "quickbooks_usage"
     __table_args__ = (

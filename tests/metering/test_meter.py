@@ -16,10 +16,10 @@ from typing import Any
 import asyncpg
 import pytest
 
-from service.config import Settings
-from service.db.engine import asyncpg_dsn, create_reads_pool
-from service.gateway.metering import Meter, QuickBooksBudgetExhausted, month_of
-from service.metrics import COREPLUS_BUDGET_THRESHOLD, COREPLUS_MONTH_CALLS, QUICKBOOKS_CALLS
+from service.core.config import Settings
+from service.core.db.engine import asyncpg_dsn, create_reads_pool
+from service.core.metrics import COREPLUS_BUDGET_THRESHOLD, COREPLUS_MONTH_CALLS, QUICKBOOKS_CALLS
+from service.metering.meter import Meter, QuickBooksBudgetExhausted, month_of
 from tests.support.logs import captured_json_logs
 from tests.support.processes import REPO_ROOT, process_env
 
@@ -229,8 +229,8 @@ async def test_each_budget_threshold_is_logged_once_across_replicas(db, meters) 
 
 async def test_with_the_database_unreachable_known_tenants_keep_their_figures(
         db, database_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    from service.errors import database_unreachable
-    from service.gateway import metering
+    from service.core.errors import database_unreachable
+    from service.metering import meter as metering
 
     pool = await create_reads_pool(database_url, max_size=2)
     meter = Meter(pool, settings(BROKER_COREPLUS_TENANT_MONTHLY_CAP="2"), flush_interval=3600)

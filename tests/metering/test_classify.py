@@ -1,4 +1,5 @@
-"""Intuit's class of each kind of Accounting API call (INTUIT.md, "Accounting API calls")."""
+"""Intuit's class of each kind of Accounting API call (INTUIT.md, "Accounting API calls"), through
+the interface the gateway calls (service.gateway.metering)."""
 
 from __future__ import annotations
 
