@@ -14,7 +14,7 @@ import json
 import logging
 import math
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
@@ -47,6 +47,11 @@ FLUSH_INTERVAL_SECONDS = 0.5
 SNAPSHOT_STALE_SECONDS = 5.0
 # A tenant admit() has not asked about for this long is no longer read by the flushes.
 SNAPSHOT_IDLE_SECONDS = 60.0
+# A CorePlus call admitted near its tenant's cap holds a place until it is recorded, so that
+# concurrent calls on one replica cannot all pass on the same count; one that never reaches
+# Intuit (refused by a throttle, its token) gives its place back after this long.
+ADMISSION_HOLD_SECONDS = 60.0
+IN_FLIGHT_RETRY_SECONDS = 5  # Retry-After when the last places are held by calls under way
 # How often the app's month total is read, for the budget gauges and thresholds.
 BUDGET_CHECK_SECONDS = 5.0
 BUDGET_THRESHOLDS = (80, 95, 100)  # percent of BROKER_COREPLUS_MONTHLY_BUDGET
@@ -156,6 +161,8 @@ class Meter:
         # Counted, not yet in the database; and, per (tenant, month), the CorePlus part of it.
         self._pending: Counter[_Key] = Counter()
         self._unflushed: Counter[tuple[str, date]] = Counter()
+        # Per (tenant, month): when each admitted CorePlus call not yet recorded was admitted.
+        self._admitted: dict[tuple[str, date], deque[float]] = {}
         self._figures: dict[str, _TenantFigures] = {}
         self._reading: dict[str, asyncio.Task[_TenantFigures]] = {}
         # Held by a flush and by a tenant's read: a read never sees a batch half-applied.
@@ -186,17 +193,26 @@ class Meter:
         figures.used_at = clock
         if figures.cap is None:
             return
+        admitted = self._admitted.setdefault((tenant_id, month), deque())
+        while admitted and clock - admitted[0] > ADMISSION_HOLD_SECONDS:
+            admitted.popleft()
         used = figures.coreplus + self._unflushed[(tenant_id, month)]
+        if used + len(admitted) < figures.cap:
+            admitted.append(clock)
+            return
+        COREPLUS_BUDGET_REFUSALS.inc()
         if used >= figures.cap:
-            COREPLUS_BUDGET_REFUSALS.inc()
             retry_after = math.ceil((datetime.combine(next_month(month), datetime.min.time(), UTC)
                                      - self._now()).total_seconds())
-            raise QuickBooksBudgetExhausted(
-                f"This tenant has used its {figures.cap} QuickBooks reads (CorePlus calls) for "
-                f"{month:%Y-%m}; reads resume next month, writes still pass.",
-                headers={"Retry-After": str(max(1, retry_after))},
-                tenant_id=tenant_id, month=f"{month:%Y-%m}", coreplus_cap=figures.cap,
-                coreplus=used)
+            detail = (f"This tenant has used its {figures.cap} QuickBooks reads (CorePlus calls) "
+                      f"for {month:%Y-%m}; reads resume next month, writes still pass.")
+        else:
+            retry_after = IN_FLIGHT_RETRY_SECONDS
+            detail = (f"The last of this tenant's {figures.cap} QuickBooks reads (CorePlus calls) "
+                      f"for {month:%Y-%m} are under way; retry shortly, writes still pass.")
+        raise QuickBooksBudgetExhausted(
+            detail, headers={"Retry-After": str(max(1, retry_after))}, tenant_id=tenant_id,
+            month=f"{month:%Y-%m}", coreplus_cap=figures.cap, coreplus=used)
 
     async def record(self, tenant_id: str, realm_id: str, call_class: CallClass,
                      outcome: str) -> None:
@@ -207,6 +223,9 @@ class Meter:
         self._pending[(month, call_class, tenant_id, realm_id)] += 1
         if call_class == "coreplus":
             self._unflushed[(tenant_id, month)] += 1
+            admitted = self._admitted.get((tenant_id, month))
+            if admitted:
+                admitted.popleft()  # the call it admitted now counts itself
         QUICKBOOKS_CALLS.labels(call_class, outcome if outcome in OUTCOMES else "other").inc()
         self._ensure_running()
 
@@ -262,6 +281,10 @@ class Meter:
             for tenant_id in [t for t, f in self._figures.items()
                               if clock - f.used_at > SNAPSHOT_IDLE_SECONDS]:
                 del self._figures[tenant_id]
+            current = month_of(self._now())
+            for key in [k for k, admitted in self._admitted.items()
+                        if not admitted or k[1] != current]:
+                del self._admitted[key]
             if batch:
                 try:
                     async with self._pool.acquire() as conn:

@@ -250,3 +250,39 @@ async def test_with_the_database_unreachable_known_tenants_keep_their_figures(
     with captured_json_logs(logging.ERROR) as logs:
         await meter.aclose()  # tries to write, and says what it could not
     assert "2 counted calls not written at shutdown" in logs.getvalue()
+
+
+async def test_concurrent_calls_on_one_replica_cannot_pass_the_cap_together(db, meters) -> None:
+    meter = await meters(settings(BROKER_COREPLUS_TENANT_MONTHLY_CAP="10"))
+    await meter.admit("tenant-a", "r1", "core")  # (reads nothing: writes are not metered)
+    outcomes: list[str] = []
+
+    async def call() -> None:
+        try:
+            await meter.admit("tenant-a", "r1", "coreplus")
+        except QuickBooksBudgetExhausted as refused:
+            outcomes.append(f"refused {refused.headers['Retry-After']}")
+            return
+        outcomes.append("admitted")
+        await asyncio.sleep(0.05)  # at Intuit
+        await meter.record("tenant-a", "r1", "coreplus", "ok")
+
+    await asyncio.gather(*(call() for _ in range(50)))
+    assert outcomes.count("admitted") == 10
+    # Refused while the last ten were under way: retry shortly, they may still fail.
+    assert outcomes.count("refused 5") == 40
+    with pytest.raises(QuickBooksBudgetExhausted) as spent:
+        await meter.admit("tenant-a", "r1", "coreplus")
+    assert int(spent.value.headers["Retry-After"]) > 5  # until the next month
+
+
+async def test_an_admitted_call_that_never_reached_intuit_gives_its_place_back(
+        db, meters, monkeypatch: pytest.MonkeyPatch) -> None:
+    from service.metering import meter as metering
+
+    meter = await meters(settings(BROKER_COREPLUS_TENANT_MONTHLY_CAP="1"))
+    await meter.admit("tenant-a", "r1", "coreplus")  # then refused by a throttle, say
+    with pytest.raises(QuickBooksBudgetExhausted):
+        await meter.admit("tenant-a", "r1", "coreplus")
+    monkeypatch.setattr(metering, "ADMISSION_HOLD_SECONDS", -1.0)  # its hold has run out
+    await meter.admit("tenant-a", "r1", "coreplus")
