@@ -70,6 +70,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     await worker.stop()
 
     app = FastAPI(
+        # The broker's metrics are Prometheus's (service.core.metrics) and its logs its own:
+        # FastAPI's OpenTelemetry hooks stay off, instead of looking for a provider on every
+        # request.
+        telemetry={"tracing": False, "metrics": False, "logs": False, "operation_spans": False},
         title="qbo-broker",
         version="0.1.0",
         description=DESCRIPTION.strip(),
