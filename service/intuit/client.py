@@ -146,7 +146,11 @@ class IntuitClient:
             redirect_uri=settings.redirect_uri,
             timeout=httpx.Timeout(settings.intuit_timeout_seconds, connect=5.0),
             transport=transport,
-            limits=httpx.Limits(max_connections=100, max_keepalive_connections=20),
+            # As many idle connections kept as refreshes may run at once: a storm of refreshes
+            # then reuses connections instead of opening (in production, TLS-handshaking) new
+            # ones for all but the first 20.
+            limits=httpx.Limits(max_connections=max(100, settings.refresh_concurrency),
+                                max_keepalive_connections=settings.refresh_concurrency),
             event_hooks={"response": [self._log_response]},
         )
         for hook in ("access_token_response", "refresh_token_response"):
