@@ -18,6 +18,7 @@ from service.core.config import Settings
 from service.core.errors import ErrorBoundary, Problem, install_error_handlers
 from service.core.observability import RequestContextMiddleware
 from service.docs import OPENAPI_PATH, install_docs
+from service.gateway.usage import router as usage_router
 from service.oauth.router import router as oauth_router
 from service.runtime import build_runtime
 from service.worker import BackgroundWorker
@@ -62,6 +63,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             gc.freeze()
             app.state.runtime = runtime
             app.state.sessionmaker = runtime.sessionmaker
+            runtime.meter.start()  # flushes, and the budget gauges, even before the first call
             stop_metrics = (await ops.serve_metrics(app.state, settings)
                             if settings.metrics_port is not None else None)
             worker = BackgroundWorker(runtime) if settings.background_enabled else None
@@ -97,6 +99,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     _document_problems(app)
     app.include_router(connections_router)
     app.include_router(oauth_router)
+    app.include_router(usage_router)
     app.include_router(ops.router)
     # Ahead of the documented routes they stand for (service.core.routing).
     app.router.routes[:0] = direct_routes

@@ -99,11 +99,18 @@ class Settings(BaseSettings):
     )
     keepalive_concurrency: int = Field(default=8, alias="BROKER_KEEPALIVE_CONCURRENCY", ge=1)
 
+    # Intuit's CorePlus calls: the app's monthly budget (the free tier's), and the cap of a
+    # tenant without one of its own (unset: none). README, "Usage and the CorePlus budget".
+    coreplus_monthly_budget: int = Field(default=500_000, alias="BROKER_COREPLUS_MONTHLY_BUDGET",
+                                         ge=1, le=10**12)
+    coreplus_tenant_monthly_cap: int | None = Field(
+        default=None, alias="BROKER_COREPLUS_TENANT_MONTHLY_CAP", ge=0, le=10**12)
+
     _split = field_validator("return_url_allowlist", "cors_origins_setting", mode="before")(
         _split_commas
     )
 
-    @field_validator("docs_setting", mode="before")
+    @field_validator("docs_setting", "coreplus_tenant_monthly_cap", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
