@@ -20,6 +20,8 @@ from service.docs import OPENAPI_PATH, install_docs
 from service.errors import ErrorBoundary, Problem, install_error_handlers
 from service.fastlane import FastLane
 from service.intuit.client import IntuitClient
+from service.intuit_webhooks import router as intuit_webhooks
+from service.intuit_webhooks.processor import NotificationProcessor
 from service.oauth.router import router as oauth_router
 from service.observability import BodySizeLimitMiddleware, RequestContextMiddleware
 from service.runtime import Runtime
@@ -84,8 +86,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         stop_metrics = (await ops.serve_metrics(app.state, settings)
                         if settings.metrics_port is not None else None)
         worker = BackgroundWorker(runtime) if settings.background_enabled else None
+        notifications = (NotificationProcessor(asyncpg_dsn(database_url), sessionmaker,
+                                               poll_seconds=settings.background_interval_seconds)
+                         if settings.background_enabled else None)
         if worker is not None:
             worker.start()
+        if notifications is not None:
+            notifications.start()
         try:
             yield
         finally:
@@ -93,6 +100,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 await stop_metrics()
             if worker is not None:
                 await worker.stop()
+            if notifications is not None:
+                await notifications.stop()
             await refresher.aclose()
             await feed.stop()
             await locks.close()
@@ -119,6 +128,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(connections_router)
     app.include_router(oauth_router)
     app.include_router(ops.router)
+    app.include_router(intuit_webhooks.router)
     # Innermost: its answers pass through CORS, body limits and the request context (ids,
     # metrics, logs) like the app's own.
     app.add_middleware(FastLane, state=app.state,
@@ -133,7 +143,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                            allow_methods=["GET", "POST", "PATCH", "DELETE"],
                            allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
                            expose_headers=["X-Request-ID", "Retry-After"], max_age=600)
-    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes,
+                       own_limits=frozenset({intuit_webhooks.PATH}))
     app.add_middleware(RequestContextMiddleware)
     return app
 
