@@ -104,10 +104,10 @@ async def prune(session: AsyncSession, *, changes_before: timedelta,
     time, so no statement runs long); how many rows went."""
     changes = await session.execute(sa.text(
         "DELETE FROM intuit_entity_changes WHERE ctid IN (SELECT ctid FROM intuit_entity_changes "
-        "WHERE occurred_second < now() - :age LIMIT :batch)"),
+        "WHERE occurred_second < now() - CAST(:age AS interval) LIMIT :batch)"),
         {"age": changes_before, "batch": batch})
     notifications = await session.execute(sa.text(
         "DELETE FROM intuit_notifications WHERE ctid IN (SELECT ctid FROM intuit_notifications "
-        "WHERE processed_at < now() - :age LIMIT :batch)"),
+        "WHERE processed_at < now() - CAST(:age AS interval) LIMIT :batch)"),
         {"age": notifications_before, "batch": batch})
     return int(changes.rowcount or 0) + int(notifications.rowcount or 0)  # type: ignore[attr-defined]
