@@ -179,15 +179,23 @@ async def test_forged_missing_and_retired_signatures_are_refused(intuit: httpx.A
     assert await stored(stack.database_url) == 0
 
 
-async def test_without_verifier_tokens_nothing_is_accepted(client: httpx.AsyncClient,
-                                                           stack: Stack) -> None:
-    # The suite's shared broker has INTUIT_WEBHOOK_VERIFIER_TOKENS unset.
+async def test_without_verifier_tokens_nothing_is_accepted(stack: Stack) -> None:
+    port = free_port()
+    settings = broker_settings(stack.database_url, port, stack.emulator_url,
+                               INTUIT_WEBHOOK_VERIFIER_TOKENS=" , ")
+    assert settings.intuit_webhook_verifier_tokens == []
+    server = ThreadedServer(create_app(settings), port).start()
     when, _ = recently()
     body = legacy(COMPANY_1, ("Invoice", "130", "Create", when))
-    for headers in ({"intuit-signature": sign(NEW_TOKEN, body)}, {}):
-        response = await client.post("/intuit/webhooks", content=body, headers=headers)
-        assert_problem(response, 503, "intuit_webhooks_not_configured")
-        assert response.headers["retry-after"]
+    try:
+        async with httpx.AsyncClient(base_url=server.url) as http:
+            for headers in ({"intuit-signature": sign(NEW_TOKEN, body)},
+                            {"intuit-signature": sign("", body)}, {}):
+                response = await http.post("/intuit/webhooks", content=body, headers=headers)
+                assert_problem(response, 503, "intuit_webhooks_not_configured")
+                assert response.headers["retry-after"]
+    finally:
+        server.stop()
     assert await stored(stack.database_url) == 0
 
 
