@@ -40,6 +40,9 @@ DEDUPE_WINDOW = timedelta(days=7)
 NOTIFICATION_RETENTION = timedelta(days=7)  # processed notifications, kept for inspection
 MAX_ATTEMPTS = 5  # failed processing attempts before a notification is set aside
 BATCH = 100
+# After a wake-up, how long to let further notifications arrive before claiming: under load one
+# transaction then takes many (Intuit's retries of one body arrive together, too).
+GATHER_SECONDS = 0.02
 _PRUNE_EVERY = timedelta(hours=1)
 
 
@@ -136,8 +139,7 @@ async def _process(session: AsyncSession, rows: list[repo.Claimed]) -> Counter[s
             connection_id, tenant_id = holders[change.realm_id]
             await emit(session, QUICKBOOKS_ENTITY_CHANGED, tenant_id=tenant_id,
                        connection_id=connection_id, data=_event_data(change))
-    for row, _ in parsed:
-        await repo.mark_processed(session, row.id, dict(per_row[row.id]))
+    await repo.mark_processed(session, {row.id: dict(per_row[row.id]) for row, _ in parsed})
     total: Counter[str] = Counter()
     for counts in per_row.values():
         total.update(counts)
@@ -202,7 +204,8 @@ class NotificationProcessor:
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=self._poll)
             except TimeoutError:
-                pass
+                continue
+            await asyncio.sleep(GATHER_SECONDS)
 
     async def _prune_if_due(self) -> None:
         now = datetime.now(UTC)

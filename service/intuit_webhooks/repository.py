@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -81,10 +82,15 @@ async def live_connections(session: AsyncSession,
     return {row.realm_id: (row.id, row.tenant_id) for row in rows}
 
 
-async def mark_processed(session: AsyncSession, notification_id: int,
-                         outcomes: dict[str, int]) -> None:
-    await session.execute(sa.update(IntuitNotification).where(N.id == notification_id)
-                          .values(processed_at=sa.func.now(), outcomes=outcomes))
+async def mark_processed(session: AsyncSession, outcomes: dict[int, dict[str, int]]) -> None:
+    """Mark notifications processed, each with its outcomes, in one statement."""
+    if not outcomes:
+        return
+    await session.execute(sa.text(
+        "UPDATE intuit_notifications n SET processed_at = now(), outcomes = o.outcomes "
+        "FROM jsonb_each(CAST(:outcomes AS jsonb)) AS o(id, outcomes) "
+        "WHERE n.id = CAST(o.id AS bigint)"),
+        {"outcomes": json.dumps({str(k): v for k, v in outcomes.items()})})
 
 
 async def record_failure(session: AsyncSession, notification_id: int, error: str, *,
