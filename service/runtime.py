@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from service.cache import Caches
 from service.config import Settings
 from service.intuit.client import IntuitClient
+from service.intuit_webhooks.waker import NotificationWaker
 from service.tokens.crypto import SecretBox
 
 if TYPE_CHECKING:
@@ -28,6 +29,7 @@ class Runtime:
     refresher: TokenRefresher
     reads: asyncpg.Pool  # plain asyncpg, for the hot single-statement reads
     caches: Caches = field(default_factory=Caches)
+    intuit_notifications: NotificationWaker = field(default_factory=NotificationWaker)
 
 
 async def get_runtime(request: Request) -> Runtime:

@@ -1,5 +1,5 @@
-"""Intuit's webhooks in: notifications as received (announced to the processors on insert), and
-the entity changes seen, for dropping duplicates.
+"""Intuit's webhooks in: notifications as received, and the entity changes seen, for dropping
+duplicates.
 
 Revision ID: 0008
 Revises: 0007
@@ -52,24 +52,9 @@ def upgrade() -> None:
     )
     op.create_index("ix_intuit_entity_changes_second", "intuit_entity_changes",
                     ["occurred_second"])
-    # Every replica's processor LISTENs: a stored notification wakes them when it commits.
-    op.execute("""
-        CREATE FUNCTION qbo_broker_notify_intuit_notification() RETURNS trigger
-        LANGUAGE plpgsql AS $$
-        BEGIN
-            PERFORM pg_notify('qbo_broker_intuit_notifications', '');
-            RETURN NULL;
-        END $$;
-    """)
-    op.execute("""
-        CREATE TRIGGER intuit_notifications_notify AFTER INSERT ON intuit_notifications
-        FOR EACH STATEMENT EXECUTE FUNCTION qbo_broker_notify_intuit_notification();
-    """)
 
 
 def downgrade() -> None:
-    op.execute("DROP TRIGGER intuit_notifications_notify ON intuit_notifications")
-    op.execute("DROP FUNCTION qbo_broker_notify_intuit_notification()")
     op.drop_index("ix_intuit_entity_changes_second", table_name="intuit_entity_changes")
     op.drop_table("intuit_entity_changes")
     op.drop_index("ix_intuit_notifications_processed", table_name="intuit_notifications")

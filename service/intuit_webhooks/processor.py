@@ -32,6 +32,7 @@ from service.intuit_webhooks.metrics import (
     PROCESSING_LAG,
 )
 from service.intuit_webhooks.payloads import EntityChange, parse
+from service.intuit_webhooks.waker import CHANNEL
 from service.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
@@ -224,7 +225,7 @@ class NotificationProcessor:
                 conn = await asyncpg.connect(self._dsn)
                 lost = asyncio.Event()
                 conn.add_termination_listener(lambda _c, lost=lost: lost.set())
-                await conn.add_listener(repo.CHANNEL, lambda *_: self._wake.set())
+                await conn.add_listener(CHANNEL, lambda *_: self._wake.set())
                 self._wake.set()  # anything stored while not listening
                 await lost.wait()
                 log.warning("Intuit notification listener lost its connection")

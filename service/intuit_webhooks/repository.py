@@ -19,14 +19,14 @@ from service.intuit_webhooks.payloads import EntityChange
 
 N = IntuitNotification.__table__.c  # type: ignore[attr-defined]
 K = IntuitEntityChange.__table__.c  # type: ignore[attr-defined]
-CHANNEL = "qbo_broker_intuit_notifications"  # notified on insert (migration 0008)
 
 _STORE = "INSERT INTO intuit_notifications (body) VALUES ($1)"
 
 
 async def store(pool: asyncpg.Pool, body: bytes) -> None:
-    """Keep a verified notification; its insert wakes the processors when it commits. One
-    statement in autocommit on the plain pool: the intake answers Intuit within milliseconds."""
+    """Keep a verified notification: one statement in autocommit on the plain pool, so the
+    intake answers Intuit within milliseconds (service.intuit_webhooks.waker then wakes the
+    processors)."""
     await pool.execute(_STORE, body)
 
 

@@ -98,5 +98,6 @@ async def receive_notification(request: Request, runtime: RuntimeDep) -> dict[st
         raise InvalidSignature("The intuit-signature does not match the body under any "
                                "configured verifier token.")
     await repo.store(runtime.reads, body)
+    runtime.intuit_notifications.wake(runtime.reads)
     NOTIFICATIONS_RECEIVED.labels("accepted").inc()
     return {"status": "accepted"}
