@@ -1,6 +1,6 @@
 """Turns stored notifications into `quickbooks.entity_changed` events, after Intuit was answered.
 
-Every replica that runs background work runs a processor: it LISTENs for stored notifications
+Every process that runs background work (service.worker) runs a processor: it LISTENs for stored notifications
 (and looks anyway every BROKER_BACKGROUND_INTERVAL, for what a lost connection missed) and
 claims unprocessed rows with SKIP LOCKED, so replicas share the work and never process one row
 at once. A batch commits its events, its change keys and "processed" together: a replica killed
@@ -23,7 +23,8 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from service.errors import database_unreachable
+from service.core.aio import cancel_and_wait
+from service.core.errors import database_unreachable
 from service.events.outbox import QUICKBOOKS_ENTITY_CHANGED, emit
 from service.intuit_webhooks import repository as repo
 from service.intuit_webhooks.metrics import (
@@ -33,7 +34,6 @@ from service.intuit_webhooks.metrics import (
 )
 from service.intuit_webhooks.payloads import EntityChange, parse
 from service.intuit_webhooks.waker import CHANNEL
-from service.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +170,7 @@ class NotificationProcessor:
 
     def __init__(self, dsn: str, sessionmaker: async_sessionmaker[AsyncSession], *,
                  poll_seconds: float, retry_seconds: float = 2.0) -> None:
-        self._dsn = dsn  # asyncpg's form (service.db.engine.asyncpg_dsn)
+        self._dsn = dsn  # asyncpg's form (service.core.db.engine.asyncpg_dsn)
         self._sessionmaker = sessionmaker
         self._poll = poll_seconds
         self._retry = retry_seconds

@@ -14,7 +14,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from service.errors import PayloadTooLarge, ProblemError, problem_responses
+from service.core.errors import PayloadTooLarge, ProblemError, problem_responses
 from service.intuit_webhooks import repository as repo
 from service.intuit_webhooks.metrics import NOTIFICATIONS_RECEIVED
 from service.intuit_webhooks.signature import verify

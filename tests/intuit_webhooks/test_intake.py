@@ -22,7 +22,7 @@ import asyncpg
 import httpx
 import pytest
 
-from service.db.engine import asyncpg_dsn
+from service.core.db.engine import asyncpg_dsn
 from service.main import create_app
 from tests.conftest import COMPANY_1, Stack, broker_settings
 from tests.support.db_helpers import fetchrow

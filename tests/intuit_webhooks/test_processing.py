@@ -11,7 +11,7 @@ from typing import Any
 import asyncpg
 import httpx
 
-from service.db.engine import asyncpg_dsn
+from service.core.db.engine import asyncpg_dsn
 from service.main import create_app
 from tests.conftest import COMPANY_1, Stack, broker_settings
 from tests.intuit_webhooks.test_intake import (
