@@ -82,6 +82,7 @@ async def _process_singly(sessionmaker: async_sessionmaker[AsyncSession], *,
                           limit: int) -> tuple[int, Counter[str]]:
     total: Counter[str] = Counter()
     for claimed in range(limit):
+        rows: list[repo.Claimed] = []
         async with sessionmaker() as session:
             try:
                 async with session.begin():
@@ -92,7 +93,7 @@ async def _process_singly(sessionmaker: async_sessionmaker[AsyncSession], *,
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                if database_unreachable(exc):
+                if database_unreachable(exc) or not rows:
                     raise
                 await _failed(sessionmaker, rows[0], exc)
                 continue
