@@ -63,11 +63,11 @@ def parse_time(value: Any) -> datetime | None:
         return None
     try:
         parsed = datetime.fromisoformat(value.strip())
-    except ValueError:
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=UTC)
+        return parsed.astimezone(UTC)
+    except (ValueError, OverflowError):  # OverflowError: a year-9999 time moved past UTC's end
         return None
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=UTC)
-    return parsed.astimezone(UTC)
 
 
 def _text(value: Any, pattern: re.Pattern[str]) -> str | None:
@@ -80,7 +80,7 @@ def parse(body: bytes) -> Parsed:
     """The entity changes in a notification body, in either format."""
     try:
         document = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # RecursionError: nesting deeper than the parser goes
         return Parsed([], {"unreadable": 1})
     if isinstance(document, dict) and "eventNotifications" in document:
         return _legacy(document["eventNotifications"])

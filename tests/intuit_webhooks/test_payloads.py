@@ -74,6 +74,9 @@ def test_what_cannot_be_read_is_counted_by_reason() -> None:
     assert [c.realm_id for c in parsed.changes] == ["4620816365"]
     assert parsed.rejected == {"unplaced": 2, "unsupported_type": 2, "malformed": 3}
     assert parse(b"\xff\xfe").rejected == {"unreadable": 1}
+    assert parse(b"[" * 100_000).rejected == {"unreadable": 1}
+    past_the_end = parse(body([{**event, "time": "9999-12-31T23:59:59-05:00"}]))
+    assert past_the_end.rejected == {"malformed": 1}
     assert parse(b'{"something": "else"}').rejected == {"unreadable": 1}
     legacy = parse(body({"eventNotifications": [
         {"realmId": "123", "dataChangeEvent": {"entities": [
