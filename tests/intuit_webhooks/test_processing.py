@@ -23,7 +23,7 @@ from tests.intuit_webhooks.test_intake import (
     stored,
     unprocessed,
 )
-from tests.support.db_helpers import fetchrow
+from tests.support.db_helpers import execute, fetchrow
 from tests.support.servers import ThreadedServer, free_port
 from tests.support.waiting import until
 
@@ -112,3 +112,39 @@ async def _outcomes(database_url: str) -> dict[str, Any]:
     finally:
         await conn.close()
     return {row["key"]: row["n"] for row in rows}
+
+
+async def test_a_notification_that_keeps_failing_is_set_aside(
+        stack: Stack, linked: Callable[..., Awaitable[str]]) -> None:
+    await linked()
+    when, _ = recently()
+    with broker(stack, processing=False) as intake:
+        async with httpx.AsyncClient(base_url=intake, timeout=30) as http:
+            for entity_id in ("1", "poison", "2"):
+                body = legacy(COMPANY_1, ("Invoice", entity_id, "Create", when))
+                assert (await post(http, body)).status_code == 200
+    # A fault the processor cannot get past for one notification: its change cannot be recorded.
+    await execute(stack.database_url, """
+        CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF NEW.entity_id = 'poison' THEN RAISE EXCEPTION 'poisoned'; END IF;
+            RETURN NEW;
+        END $$;
+        CREATE TRIGGER refuse_poison BEFORE INSERT ON intuit_entity_changes
+        FOR EACH ROW EXECUTE FUNCTION refuse_poison();""")
+    try:
+        with broker(stack, processing=True):
+            async def done() -> bool:
+                return await unprocessed(stack.database_url) == 0
+
+            await until(done, "every notification processed or set aside")
+    finally:
+        await execute(stack.database_url, "DROP TRIGGER refuse_poison ON intuit_entity_changes; "
+                                          "DROP FUNCTION refuse_poison()")
+    events = await entity_events(stack.database_url)
+    assert sorted(e["data"]["entity_id"] for e in events) == ["1", "2"]
+    poisoned = await fetchrow(stack.database_url, "SELECT attempts, last_error, outcomes FROM "
+                              "intuit_notifications WHERE attempts > 0")
+    assert poisoned is not None
+    assert (poisoned["attempts"], poisoned["outcomes"]) == (5, None)
+    assert poisoned["last_error"] == "DBAPIError"  # the class only: no message, no data
