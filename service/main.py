@@ -19,6 +19,7 @@ from service.core.errors import ErrorBoundary, Problem, install_error_handlers
 from service.core.observability import RequestContextMiddleware
 from service.docs import OPENAPI_PATH, install_docs
 from service.gateway.usage import router as usage_router
+from service.intuit_webhooks import router as intuit_webhooks
 from service.oauth.router import router as oauth_router
 from service.runtime import build_runtime
 from service.worker import BackgroundWorker
@@ -101,6 +102,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(oauth_router)
     app.include_router(usage_router)
     app.include_router(ops.router)
+    app.include_router(intuit_webhooks.router)
     # Ahead of the documented routes they stand for (service.core.routing).
     app.router.routes[:0] = direct_routes
     # Around the app: any exception becomes a problem answer here, inside CORS
@@ -113,7 +115,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                            allow_methods=["GET", "POST", "PATCH", "DELETE"],
                            allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
                            expose_headers=["X-Request-ID", "Retry-After"], max_age=600)
-    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes,
+                       own_limits=frozenset({intuit_webhooks.PATH}))
     app.add_middleware(RequestContextMiddleware)
     return app
 

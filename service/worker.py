@@ -1,5 +1,6 @@
 """Background work: keep links alive, expire pending links and completion tickets, send the
-revocation outbox. It runs inside every `serve` process (unless BROKER_BACKGROUND_ENABLED=false),
+revocation outbox, turn Intuit's notifications into events (service.intuit_webhooks.processor,
+woken as they are stored). It runs inside every `serve` process (unless BROKER_BACKGROUND_ENABLED=false),
 or alone as `qbo-broker worker` (run_worker).
 
 Replicas share the work through PostgreSQL: a due connection whose refresh lock (or row) another
@@ -27,10 +28,11 @@ from service.connections import repository as repo
 from service.core.aio import cancel_and_wait
 from service.core.config import Settings
 from service.core.crypto import DecryptionError, printable_key_id
-from service.core.db.engine import transaction
+from service.core.db.engine import asyncpg_dsn, transaction
 from service.core.db.models import Connection, PendingLink
 from service.core.errors import ProblemError
 from service.core.metrics import BACKGROUND_ROW_ERRORS, BACKGROUND_RUNS
+from service.intuit_webhooks.processor import NotificationProcessor
 from service.oauth.flows import discard_pending_link, expire_held_grants
 from service.runtime import Runtime, build_runtime
 from service.tokens.revocation import retry_pending_revocations
@@ -60,12 +62,17 @@ class BackgroundWorker:
         self._rt = runtime
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
+        self._notifications = NotificationProcessor(
+            asyncpg_dsn(runtime.database_url), runtime.sessionmaker,
+            poll_seconds=runtime.settings.background_interval_seconds)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="qbo-broker-background")
+        self._notifications.start()
 
     async def stop(self) -> None:
         self._stopping.set()
+        await self._notifications.stop()
         await cancel_and_wait(self._task)
 
     async def _run(self) -> None:

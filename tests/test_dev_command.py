@@ -17,6 +17,7 @@ import httpx
 
 from tests.support.intuit_user import sign_in_and_decide
 from tests.support.servers import free_port
+from tests.support.waiting import until
 
 
 @contextmanager
@@ -90,6 +91,23 @@ async def test_dev_connects_and_survives_a_restart(tmp_path: Path) -> None:
             token = await http.get(f"/connections/{cid}/token", params={"force_refresh": "true"},
                                    headers={"X-API-Key": second["api_key"]})
             assert token.status_code == 200, token.text
+        # Intuit's webhooks: a change made through the Accounting API reaches the dev broker,
+        # signed with the verifier token dev generated (a wrong one is answered 401).
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{emulator_port}",
+                                     timeout=30) as emulator:
+            changed = await emulator.post(
+                "/v3/company/9341452988354102/customer", json={"DisplayName": "Webhook Test"},
+                headers={"Authorization": f"Bearer {token.json()['access_token']}",
+                         "Accept": "application/json"})
+            assert changed.status_code == 200, changed.text
+
+            async def delivered() -> bool:
+                deliveries = (await emulator.get("/_emulator/webhooks/deliveries")).json()
+                return any(d.get("status") == 200 for d in deliveries)
+
+            await until(delivered, "the emulator's webhook to reach the dev broker")
+            hook = (await emulator.get("/_emulator/webhooks")).json()
+            assert hook["url"] == f"http://127.0.0.1:{port}/intuit/webhooks"
 
     # Not on a terminal, the logs are JSON; uvicorn's start-up and shutdown lines come once, from
     # the broker's server (the emulator's would repeat them).

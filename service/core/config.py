@@ -106,9 +106,13 @@ class Settings(BaseSettings):
     coreplus_tenant_monthly_cap: int | None = Field(
         default=None, alias="BROKER_COREPLUS_TENANT_MONTHLY_CAP", ge=0, le=10**12)
 
-    _split = field_validator("return_url_allowlist", "cors_origins_setting", mode="before")(
-        _split_commas
-    )
+    # Intuit's webhook verifier tokens (comma-separated: during a rotation, the new and the old);
+    # none: POST /intuit/webhooks refuses everything.
+    intuit_webhook_verifier_tokens: CommaList = Field(
+        default_factory=list, alias="INTUIT_WEBHOOK_VERIFIER_TOKENS", repr=False)
+
+    _split = field_validator("return_url_allowlist", "cors_origins_setting",
+                             "intuit_webhook_verifier_tokens", mode="before")(_split_commas)
 
     @field_validator("docs_setting", "coreplus_tenant_monthly_cap", mode="before")
     @classmethod
