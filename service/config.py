@@ -88,6 +88,14 @@ class Settings(BaseSettings):
     # INTUIT_ENVIRONMENT=production; see docs_enabled.
     docs_setting: bool | None = Field(default=None, alias="BROKER_DOCS")
 
+    # Live event streams (service/streams), per process.
+    streams_max: int = Field(default=1000, alias="BROKER_STREAMS_MAX", ge=1)
+    streams_per_tenant: int = Field(default=50, alias="BROKER_STREAMS_PER_TENANT", ge=1)
+    stream_heartbeat_seconds: float = Field(default=15.0, alias="BROKER_STREAM_HEARTBEAT_SECONDS",
+                                            gt=0)
+    stream_max_seconds: float = Field(default=3600.0, alias="BROKER_STREAM_MAX_SECONDS", gt=0)
+    stream_queue_size: int = Field(default=100, alias="BROKER_STREAM_QUEUE_SIZE", ge=1)
+
     # Background work (token keep-alive, pending-link expiry, revocation retries).
     background_enabled: bool = Field(default=True, alias="BROKER_BACKGROUND_ENABLED")
     background_interval_seconds: float = Field(default=30.0, alias="BROKER_BACKGROUND_INTERVAL", gt=0)

@@ -23,6 +23,8 @@ from service.intuit.client import IntuitClient
 from service.oauth.router import router as oauth_router
 from service.observability import BodySizeLimitMiddleware, RequestContextMiddleware
 from service.runtime import Runtime
+from service.streams.hub import EVENTS_CHANNEL, StreamHub
+from service.streams.router import router as streams_router
 from service.tokens.background import BackgroundWorker
 from service.tokens.crypto import SecretBox
 from service.tokens.locks import RefreshLocks
@@ -81,6 +83,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.runtime = runtime
         app.state.sessionmaker = sessionmaker
         app.state.jwt_verifier = JWTVerifier(settings)
+        streams = StreamHub(asyncpg_dsn(database_url), reads, channel=EVENTS_CHANNEL,
+                            queue_size=settings.stream_queue_size, max_streams=settings.streams_max,
+                            max_streams_per_tenant=settings.streams_per_tenant)
+        await streams.start()
+        app.state.streams = streams
         stop_metrics = (await ops.serve_metrics(app.state, settings)
                         if settings.metrics_port is not None else None)
         worker = BackgroundWorker(runtime) if settings.background_enabled else None
@@ -89,6 +96,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            await streams.close()
             if stop_metrics is not None:
                 await stop_metrics()
             if worker is not None:
@@ -118,6 +126,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     _document_problems(app)
     app.include_router(connections_router)
     app.include_router(oauth_router)
+    app.include_router(streams_router)
     app.include_router(ops.router)
     # Innermost: its answers pass through CORS, body limits and the request context (ids,
     # metrics, logs) like the app's own.
@@ -131,8 +140,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
                            allow_credentials=settings.connect_binding == "cookie",
                            allow_methods=["GET", "POST", "PATCH", "DELETE"],
-                           allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
-                           expose_headers=["X-Request-ID", "Retry-After"], max_age=600)
+                           allow_headers=["Authorization", "Content-Type", "X-Request-ID",
+                                          "Last-Event-ID"],
+                           expose_headers=["X-Request-ID", "Retry-After", "X-Stream-Resumed"],
+                           max_age=600)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestContextMiddleware)
     return app
