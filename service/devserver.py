@@ -92,6 +92,8 @@ def run_dev(*, host: str, port: int, emulator_port: int) -> None:
     from service.db.migrations import upgrade_to_head
     from service.emulator import EmulatorSettings
     from service.emulator import create_app as create_emulator
+    from service.httpserver import server_options
+    from service.integration_page import PAGE_PATH, install_integration_page
     from service.main import create_app, database_url_for
 
     data_dir = _prepare_environment(host, port, emulator_port)
@@ -111,12 +113,19 @@ def run_dev(*, host: str, port: int, emulator_port: int) -> None:
         state_file=str(data_dir / "emulator-state.json")))
     emulator_server = uvicorn.Server(uvicorn.Config(emulator, host=host, port=emulator_port,
                                                     log_config=None, access_log=False))
-    broker_server = uvicorn.Server(uvicorn.Config(create_app(settings), host=host, port=port,
-                                                  log_config=None, access_log=False))
+    broker = create_app(settings)
+    jwt_secret = settings.jwt_secret
+    install_integration_page(
+        broker, lambda user: issue_dev_token(jwt_secret, tenant_id=DEV_TENANT, user_id=user),
+        default_user=DEV_USER)
+    # serve's protocol: bounded request heads, and open event streams ended at shutdown.
+    broker_server = uvicorn.Server(uvicorn.Config(broker, host=host, port=port, log_config=None,
+                                                  access_log=False, **server_options()))
     print(f"""
 qbo-broker dev is starting.
 
   Swagger UI        http://localhost:{port}/docs
+  Integration page  http://localhost:{port}{PAGE_PATH}  (Connect, modules, live status)
   Intuit emulator   http://{host}:{emulator_port}  (sign in as alice@example.com, an admin)
   Data              {data_dir}  (kept across restarts)
 
