@@ -13,6 +13,7 @@ from alembic import context
 from service.db import models  # noqa: F401  (registers the tables on SQLModel.metadata)
 from service.db.engine import async_url
 from service.db.locking import MIGRATION_LOCK_KEY
+from service.events import models as event_models  # noqa: F401  (the same)
 
 config = context.config
 target_metadata = SQLModel.metadata

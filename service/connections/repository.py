@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from service.db.locking import TENANT_LOCK_NAMESPACE
 from service.db.models import Connection, ConnectionEvent, PendingLink, QuickBooksUserClaim
 from service.errors import ValidationFailed
+from service.events import outbox
 
 C = Connection.__table__.c  # type: ignore[attr-defined]
 P = PendingLink.__table__.c  # type: ignore[attr-defined]
@@ -168,9 +169,15 @@ async def claim_quickbooks_user(session: AsyncSession, *, tenant_id: str, qb_sub
 
 async def add_event(session: AsyncSession, conn: Connection, type_: str, *,
                     actor: str | None, **details: Any) -> None:
+    """Record a change in the connection's audit trail and, for the public kinds, publish its
+    event (service.events.outbox), both in the change's transaction."""
+    kept = {k: v for k, v in details.items() if v is not None}
     session.add(ConnectionEvent(connection_id=conn.id, tenant_id=conn.tenant_id, type=type_,
-                                actor=actor, details={k: v for k, v in details.items()
-                                                      if v is not None}))
+                                actor=actor, details=kept))
+    public = outbox.public_event(type_, conn, kept)
+    if public is not None:
+        await outbox.emit(session, public[0], tenant_id=conn.tenant_id, connection_id=conn.id,
+                          data=public[1])
 
 
 async def list_events(session: AsyncSession, *, connection_id: uuid.UUID, limit: int,

@@ -23,6 +23,7 @@ from service.connections.schemas import (
 )
 from service.db.models import Connection
 from service.errors import ConnectionLimitReached, NotConnected, NotFound
+from service.events import outbox
 from service.runtime import Runtime
 from service.tokens import credentials
 from service.tokens.revocation import revoke_after_commit
@@ -118,6 +119,7 @@ async def delete(session: AsyncSession, rt: Runtime, conn: Connection, *, caller
                                 connection_id=conn.id,
                                 token=credentials.open_pending(pending, rt.box).refresh_token,
                                 reason="deleted")
+    await outbox.emit_for_connection(session, outbox.CONNECTION_DELETED, conn)
     await session.flush()  # the disconnect's own changes first (its pending link, its event)
     # Through the ORM, so the commit drops the connection from this replica's caches at once.
     await session.delete(conn)

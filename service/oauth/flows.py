@@ -36,6 +36,7 @@ from service.errors import (
     QuickBooksCompanyInUse,
     QuickBooksUserBelongsToAnotherUser,
 )
+from service.events import outbox
 from service.intuit import errors as intuit_errors
 from service.intuit.client import QuickBooksUser, TokenSet
 from service.metrics import BACKGROUND_ROW_ERRORS, LINK_RESULTS
@@ -511,9 +512,8 @@ async def discard_pending_link(session: AsyncSession, rt: Runtime, conn: Connect
     await _discard_pending(session, rt, pending, revoke=True, reason=event)
     now = datetime.now(UTC)
     conn.updated_at = now
-    await repo.add_event(session, conn, event, actor=actor, realm_id=pending.realm_id,
-                         quickbooks_user_sub=pending.qb_sub)
-    if pending.realm_id == conn.realm_id and conn.status == Status.CONNECTED:
+    lost_grant = pending.realm_id == conn.realm_id and conn.status == Status.CONNECTED
+    if lost_grant:
         conn.status = Status.REAUTHORIZATION_REQUIRED
         conn.last_error_code = "quickbooks_connection_revoked"
         conn.last_error_message = (
@@ -521,3 +521,7 @@ async def discard_pending_link(session: AsyncSession, rt: Runtime, conn: Connect
             "change was not confirmed, so Intuit no longer honours the earlier credentials. "
             "Connect again.")
         conn.last_error_at = now
+    await repo.add_event(session, conn, event, actor=actor, realm_id=pending.realm_id,
+                         quickbooks_user_sub=pending.qb_sub)
+    if lost_grant:
+        await outbox.emit_for_connection(session, outbox.CONNECTION_REAUTHORIZATION_REQUIRED, conn)

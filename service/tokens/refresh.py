@@ -50,6 +50,7 @@ from service.errors import (
     NotFound,
     ReauthorizationRequired,
 )
+from service.events import outbox
 from service.intuit import errors as intuit_errors
 from service.intuit.client import IntuitClient, TokenSet
 from service.intuit.errors import IntuitError
@@ -251,21 +252,26 @@ _DECIDE = _decide_statement("FOR NO KEY UPDATE OF c")
 _DECIDE_OR_SKIP = _decide_statement("FOR NO KEY UPDATE OF c SKIP LOCKED")
 
 
-def _outcome_statement(assignments: str, event: str) -> str:
+def _outcome_statement(assignments: str, event: str, public_event: str | None = None) -> str:
     """One statement that stores a refresh's outcome: it changes the row (`assignments`, from
     $5 on) only if the row still holds the refresh token the refresh started from ($1 id, $2 its
     refresh_token_issued_at), then drops every refresh_attempt record (the token's fate is
-    known) and logs `event` ($3 actor, $4 details). It returns the tenant id if it applied."""
+    known), logs `event` ($3 actor, $4 details) and, if given, publishes `public_event` with the
+    connection's new state (service.events.outbox). It returns the tenant id if it applied."""
+    published = "" if public_event is None else f""",
+published AS (INSERT INTO events (id, type, tenant_id, connection_id, data)
+              SELECT gen_random_uuid(), '{public_event}', c.tenant_id, c.id,
+                     {outbox.CONNECTION_STATE_SQL} FROM changed c)"""  # noqa: S608
     return f"""
 WITH changed AS (
   UPDATE connections SET {assignments}
   WHERE id = $1 AND status = 'connected' AND refresh_token IS NOT NULL
     AND refresh_token_issued_at IS NOT DISTINCT FROM $2
-  RETURNING id, tenant_id),
+  RETURNING *),
 settled AS (DELETE FROM connection_events WHERE connection_id = $1 AND type = 'refresh_attempt'
             AND EXISTS (SELECT 1 FROM changed)),
 logged AS (INSERT INTO connection_events (connection_id, tenant_id, type, actor, details)
-           SELECT id, tenant_id, '{event}', $3, $4::jsonb FROM changed)
+           SELECT id, tenant_id, '{event}', $3, $4::jsonb FROM changed){published}
 SELECT tenant_id FROM changed"""  # noqa: S608 (built from this module's literals only)
 
 
@@ -275,7 +281,8 @@ _STORE_TOKENS = _outcome_statement(
     "keepalive_due_at = $10, updated_at = $9", "refreshed")
 _MARK_REFUSED = _outcome_statement(
     "status = 'reauthorization_required', last_error_code = $5, last_error_message = $6, "
-    "last_error_at = $7, updated_at = $7", "refresh_failed")
+    "last_error_at = $7, updated_at = $7", "refresh_failed",
+    outbox.CONNECTION_REAUTHORIZATION_REQUIRED)
 _SETTLE_ONE = "DELETE FROM connection_events WHERE id = $1"
 
 _LOST_MESSAGE = ("Intuit's answer to a refresh was lost after it may have issued a new refresh "
