@@ -18,12 +18,13 @@ from service.db.embedded import start_embedded_postgres
 from service.db.engine import asyncpg_dsn, build_engine, build_sessionmaker, create_reads_pool
 from service.docs import OPENAPI_PATH, install_docs
 from service.errors import ErrorBoundary, Problem, install_error_handlers
+from service.events import outbox
 from service.fastlane import FastLane
 from service.intuit.client import IntuitClient
 from service.oauth.router import router as oauth_router
 from service.observability import BodySizeLimitMiddleware, RequestContextMiddleware
 from service.runtime import Runtime
-from service.streams.hub import EVENTS_CHANNEL, StreamHub
+from service.streams.hub import StreamHub
 from service.streams.router import router as streams_router
 from service.tokens.background import BackgroundWorker
 from service.tokens.crypto import SecretBox
@@ -83,7 +84,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.runtime = runtime
         app.state.sessionmaker = sessionmaker
         app.state.jwt_verifier = JWTVerifier(settings)
-        streams = StreamHub(asyncpg_dsn(database_url), reads, channel=EVENTS_CHANNEL,
+        streams = StreamHub(asyncpg_dsn(database_url), reads, channel=outbox.CHANNEL,
                             queue_size=settings.stream_queue_size, max_streams=settings.streams_max,
                             max_streams_per_tenant=settings.streams_per_tenant)
         await streams.start()

@@ -31,7 +31,6 @@ from service.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
-EVENTS_CHANNEL = "qbo_broker_events"  # NOTIFY on every insert into events
 HOLD_SECONDS = 2.0
 LATE_SECONDS = 60.0
 BATCH = 500
