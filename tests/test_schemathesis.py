@@ -29,9 +29,20 @@ from schemathesis.generation.hypothesis.builder import ApiOperationMark
 from schemathesis.schemas import APIOperation
 
 from service.connections.schemas import TenantId
-from service.main import openapi_yaml
-from tests.conftest import ALICE, COMPANY_1, COMPANY_2, DAVE, RETURN_URL, TENANT, Stack, user_headers
+from service.main import create_app, openapi_yaml
+from tests.conftest import (
+    ALICE,
+    COMPANY_1,
+    COMPANY_2,
+    DAVE,
+    RETURN_URL,
+    TENANT,
+    Stack,
+    broker_settings,
+    user_headers,
+)
 from tests.support.intuit_user import CallbackResult
+from tests.support.servers import ThreadedServer, free_port
 
 TOKEN_PATH = "/connections/{connection_id}/token"
 AUTHORIZE = ("POST", "/connections/{connection_id}/authorize")
@@ -154,6 +165,7 @@ def _allowed_return_url(case: Case) -> None:
 _SERVICE_NAMES = {
     ("GET", "/connections"): ("query", "tenant_id", TENANT),
     ("GET", "/status"): ("query", "tenant_id", TENANT),
+    ("GET", "/status/stream"): ("query", "tenant_id", TENANT),
     ("POST", "/connections"): ("body", "tenant_id", TENANT),
     ("POST", "/connections/{connection_id}/authorize"): ("body", "user_id", "user-1"),
 }
@@ -245,9 +257,20 @@ async def seeded(identity: str, client: httpx.AsyncClient,
     SEEDED.connection_ids, SEEDED.cursors, SEEDED.headers = [], {}, {}
 
 
+@pytest.fixture(scope="module")
+def fuzzed_broker(stack: Stack) -> Iterator[str]:
+    """A broker like the stack's, on its database, whose event streams end after half a second:
+    a stream's success is an answer that goes on, which a generated case cannot wait for."""
+    port = free_port()
+    server = ThreadedServer(create_app(broker_settings(
+        stack.database_url, port, stack.emulator_url, BROKER_STREAM_MAX_SECONDS=0.5)), port).start()
+    yield server.url
+    server.stop()
+
+
 @pytest.fixture
-def broker(stack: Stack, seeded: Seeded) -> Iterator[str]:
-    yield stack.broker_url
+def broker(fuzzed_broker: str, seeded: Seeded) -> Iterator[str]:
+    yield fuzzed_broker
 
 
 @schema.parametrize()
@@ -271,7 +294,8 @@ async def test_a_service_must_name_the_tenant_and_the_user(
     headers = await service_headers("status:read", "connections:write")
     connection = await new_connection()
     requests: list[tuple[str, str, dict[str, str] | None]] = [
-        ("GET", "/connections", None), ("GET", "/status", None), ("POST", "/connections", {}),
+        ("GET", "/connections", None), ("GET", "/status", None), ("GET", "/status/stream", None),
+        ("POST", "/connections", {}),
         ("POST", f"/connections/{connection['id']}/authorize", {"return_url": RETURN_URL})]
     for method, url, body in requests:
         response = await client.request(method, url, json=body, headers=headers)

@@ -70,11 +70,15 @@ LastEventID = Annotated[str | None, Header(alias="Last-Event-ID", max_length=100
 TenantQuery = Annotated[TenantId | None, Query(description="Services only: the tenant to follow.")]
 
 
-class EventStreamResponse(Response):
-    """An SSE response fed by a hub subscription (a plain ASGI response, so no middleware
-    buffers it)."""
+class EventStream(Response):
+    """The streams' response class, as the OpenAPI document names it."""
 
     media_type = EVENT_STREAM
+
+
+class EventStreamResponse(EventStream):
+    """An SSE response fed by a hub subscription (a plain ASGI response, so no middleware
+    buffers it)."""
 
     def __init__(self, hub: StreamHub, subscription: Subscription, backlog: list[StreamEvent],
                  *, heartbeat_seconds: float, ends_at: float, resumed: bool | None,
@@ -198,7 +202,7 @@ def _parse_event_id(value: str) -> uuid.UUID | None:
         return None
 
 
-@router.get("/connections/{connection_id}/stream", response_class=EventStreamResponse,
+@router.get("/connections/{connection_id}/stream", response_class=EventStream,
             responses=_RESPONSES, summary="Live events of one connection (server-sent events)",
             description=_STREAM_DOC)
 async def connection_stream(request: Request, session: SessionDep, rt: RuntimeDep,
@@ -209,7 +213,7 @@ async def connection_stream(request: Request, session: SessionDep, rt: RuntimeDe
                        last_event_id=last_event_id)
 
 
-@router.get("/status/stream", response_class=EventStreamResponse, responses=_RESPONSES,
+@router.get("/status/stream", response_class=EventStream, responses=_RESPONSES,
             tags=["status"], summary="Live events of every connection of the tenant "
                                      "(server-sent events)", description=_STREAM_DOC)
 async def status_stream(request: Request, rt: RuntimeDep, caller: CurrentCaller,

@@ -115,7 +115,7 @@ async def test_shutdown_ends_open_streams_instead_of_waiting_for_them(stack: Sta
         async with stream(server.url, "/status/stream", user_headers()) as events:
             stopping = asyncio.create_task(asyncio.to_thread(server.stop))
             # The response ends completely (a cut one would raise here), with no event.
-            assert await events.events_until_end(timeout=10) == []
+            assert await events.events_until_end(seconds=10) == []
             await stopping
         assert not server.running
     finally:

@@ -192,7 +192,7 @@ async def test_a_user_stream_ends_when_its_token_expires(stack: Stack) -> None:
     async with stream(stack.broker_url, "/status/stream",
                       {"Authorization": f"Bearer {token}"}) as events:
         # It ends by itself (the body is complete), for the client to come back with a new token.
-        assert await events.events_until_end(timeout=15) == []
+        assert await events.events_until_end(seconds=15) == []
 
 
 async def test_many_streams_share_one_listening_connection(stack: Stack, emit: Emit,

@@ -60,15 +60,15 @@ class EventReader:
                 message.retry = int(value)
         return message if seen else None
 
-    async def next_event(self, timeout: float = 10.0) -> Message:
+    async def next_event(self, seconds: float = 10.0) -> Message:
         """The next message that is an event (heartbeats and retry hints skipped)."""
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(seconds):
             while True:
                 message = await self.next_message()
                 assert message is not None, "the stream ended"
                 if message.event is not None:
                     return message
 
-    async def events_until_end(self, timeout: float = 10.0) -> list[Message]:
-        async with asyncio.timeout(timeout):
+    async def events_until_end(self, seconds: float = 10.0) -> list[Message]:
+        async with asyncio.timeout(seconds):
             return [m async for m in self if m.event is not None]
