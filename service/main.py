@@ -18,6 +18,8 @@ from service.db.embedded import start_embedded_postgres
 from service.db.engine import asyncpg_dsn, build_engine, build_sessionmaker, create_reads_pool
 from service.docs import OPENAPI_PATH, install_docs
 from service.errors import ErrorBoundary, Problem, install_error_handlers
+from service.events.delivery import WebhookSender
+from service.events.router import router as webhooks_router
 from service.fastlane import FastLane
 from service.intuit.client import IntuitClient
 from service.oauth.router import router as oauth_router
@@ -86,6 +88,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         worker = BackgroundWorker(runtime) if settings.background_enabled else None
         if worker is not None:
             worker.start()
+        sender = (WebhookSender(settings, reads, box, dsn=asyncpg_dsn(database_url))
+                  if settings.background_enabled and settings.webhook_delivery_enabled else None)
+        if sender is not None:
+            sender.start()
         try:
             yield
         finally:
@@ -93,6 +99,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 await stop_metrics()
             if worker is not None:
                 await worker.stop()
+            if sender is not None:
+                await sender.stop()
             await refresher.aclose()
             await feed.stop()
             await locks.close()
@@ -118,6 +126,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     _document_problems(app)
     app.include_router(connections_router)
     app.include_router(oauth_router)
+    app.include_router(webhooks_router)
     app.include_router(ops.router)
     # Innermost: its answers pass through CORS, body limits and the request context (ids,
     # metrics, logs) like the app's own.
