@@ -327,3 +327,28 @@ async def test_delete_endpoint(local, hooks_key, receivers) -> None:
     assert again.status_code == 404
     assert (await local.get(f"/webhook-endpoints/{endpoint['id']}/deliveries",
                             headers=hooks_key)).status_code == 404
+
+
+async def test_a_lease_left_by_a_killed_replica_is_taken_over(
+        local, client, hooks_key, receivers, senders, clock, stack) -> None:
+    import asyncpg
+
+    from service.db.engine import asyncpg_dsn
+    from service.events import repository
+    from service.events.delivery import LEASE
+
+    receiver, url = receivers()
+    await register(local, hooks_key, url)
+    (connection_id,) = await make_events(client, 1)
+    # A replica leases the delivery and dies before it records anything.
+    pool = await asyncpg.create_pool(asyncpg_dsn(stack.database_url), min_size=1, max_size=1)
+    try:
+        _, rows = await repository.claim(pool, now=clock(), per_endpoint=3, limit=10, lease=LEASE)
+    finally:
+        await pool.close()
+    assert len(rows) == 1
+    survivor = await senders()
+    assert await survivor.drain() == 0  # leased: not sent a second time meanwhile
+    clock.advance(LEASE.total_seconds())
+    assert await survivor.drain() == 1
+    assert receiver.ids() == [(await event_ids(stack.database_url))[connection_id]]
