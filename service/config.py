@@ -107,6 +107,17 @@ class Settings(BaseSettings):
     )
     keepalive_concurrency: int = Field(default=8, alias="BROKER_KEEPALIVE_CONCURRENCY", ge=1)
 
+    # Outgoing webhooks (service.events). Private destinations (and plain http) only in development.
+    webhook_allow_private: bool = Field(default=False, alias="BROKER_WEBHOOK_ALLOW_PRIVATE")
+    webhook_delivery_enabled: bool = Field(default=True, alias="BROKER_WEBHOOK_DELIVERY_ENABLED")
+    webhook_timeout_seconds: float = Field(default=10.0, alias="BROKER_WEBHOOK_TIMEOUT", gt=0,
+                                           le=30)
+    webhook_concurrency_per_endpoint: int = Field(
+        default=10, alias="BROKER_WEBHOOK_CONCURRENCY_PER_ENDPOINT", ge=1, le=100)
+    webhook_max_in_flight: int = Field(default=100, alias="BROKER_WEBHOOK_MAX_IN_FLIGHT", ge=1)
+    webhook_max_endpoints_per_tenant: int = Field(
+        default=10, alias="BROKER_WEBHOOK_MAX_ENDPOINTS_PER_TENANT", ge=1)
+
     _split = field_validator("return_url_allowlist", "cors_origins_setting", mode="before")(
         _split_commas
     )

@@ -60,6 +60,8 @@ def _prepare_environment(host: str, port: int, emulator_port: int) -> Path:
         "BROKER_RETURN_URL_ALLOWLIST": f"http://localhost:{port},http://127.0.0.1:{port}",
         "BROKER_ENCRYPTION_KEYS": "dev:" + dev_secret(data_dir / "dev-encryption-key", generate_key()),
         "BROKER_JWT_SECRET": dev_secret(data_dir / "dev-jwt-secret", new_secret()),
+        # Local receivers (plain http, this machine) may get webhooks.
+        "BROKER_WEBHOOK_ALLOW_PRIVATE": "true",
     }
     for name, value in defaults.items():
         os.environ.setdefault(name, value)

@@ -19,6 +19,8 @@ from service.db.engine import asyncpg_dsn, build_engine, build_sessionmaker, cre
 from service.docs import OPENAPI_PATH, install_docs
 from service.errors import ErrorBoundary, Problem, install_error_handlers
 from service.events import outbox
+from service.events.delivery import WebhookSender
+from service.events.router import router as webhooks_router
 from service.fastlane import FastLane
 from service.intuit.client import IntuitClient
 from service.oauth.router import router as oauth_router
@@ -94,6 +96,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         worker = BackgroundWorker(runtime) if settings.background_enabled else None
         if worker is not None:
             worker.start()
+        sender = (WebhookSender(settings, reads, box, dsn=asyncpg_dsn(database_url))
+                  if settings.background_enabled and settings.webhook_delivery_enabled else None)
+        if sender is not None:
+            sender.start()
         try:
             yield
         finally:
@@ -102,6 +108,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 await stop_metrics()
             if worker is not None:
                 await worker.stop()
+            if sender is not None:
+                await sender.stop()
             await refresher.aclose()
             await feed.stop()
             await locks.close()
@@ -128,6 +136,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(connections_router)
     app.include_router(oauth_router)
     app.include_router(streams_router)
+    app.include_router(webhooks_router)
     app.include_router(ops.router)
     # Innermost: its answers pass through CORS, body limits and the request context (ids,
     # metrics, logs) like the app's own.

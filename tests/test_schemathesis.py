@@ -80,8 +80,17 @@ CONFIG = schemathesis.Config.from_dict({
         "include-name": COMPLETE,
         "checks": {"positive_data_acceptance": {
             "expected-statuses": ["2xx", "400", "401", "403", "404", "409", "429", "5xx"]}},
+    }, {
+        # Which URLs may receive webhooks is decided after DNS resolution (https to public
+        # addresses only), not by the document: a generated URL is refused with 422 (tested in
+        # tests/events/test_webhooks.py); a good one becomes a public address (_public_webhook_url),
+        # and past the per-tenant cap a create is 409.
+        "include-name": "POST /webhook-endpoints",
+        "checks": {"positive_data_acceptance": {
+            "expected-statuses": ["2xx", "401", "403", "404", "409", "422", "429", "5xx"]}},
     }],
 })
+PUBLIC_WEBHOOK_URL = "https://93.184.216.34/hooks"
 
 
 @dataclass
@@ -89,6 +98,8 @@ class Seeded:
     """What the running test seeded; read while Hypothesis draws and while requests are sent."""
 
     connection_ids: list[str] = field(default_factory=list)
+    endpoint_ids: list[str] = field(default_factory=list)
+    event_ids: list[str] = field(default_factory=list)
     cursors: dict[str, str] = field(default_factory=dict)
     headers: dict[str, str] = field(default_factory=dict)
 
@@ -122,11 +133,13 @@ def real_connection_ids(ctx: schemathesis.HookContext, path_parameters: dict[str
     # A generated well-formed id never exists; use a seeded one about half of the time, so the
     # operations' success answers are exercised too. Malformed ids stay: negative cases must remain
     # negative.
-    if (not path_parameters or not _is_uuid(path_parameters.get("connection_id"))
-            or not SEEDED.connection_ids):  # nothing seeded yet (cases built at collection)
-        return st.just(path_parameters)
-    return st.one_of(st.just(path_parameters), st.sampled_from(SEEDED.connection_ids).map(
-        lambda real: {**path_parameters, "connection_id": real}))
+    for name, seeded in [("connection_id", SEEDED.connection_ids),
+                         ("endpoint_id", SEEDED.endpoint_ids), ("event_id", SEEDED.event_ids)]:
+        if (path_parameters and _is_uuid(path_parameters.get(name))
+                and seeded):  # nothing seeded yet: cases built at collection
+            return st.one_of(st.just(path_parameters), st.sampled_from(seeded).map(
+                lambda real, name=name: {**path_parameters, name: real}))
+    return st.just(path_parameters)
 
 
 @schema.hook("flatmap_query")
@@ -150,6 +163,14 @@ def _issued_cursor(case: Case) -> None:
     value = (case.query or {}).get("cursor")
     if isinstance(value, str) and len(value) <= 200:
         case.query = {**case.query, "cursor": SEEDED.cursors[case.path]}
+
+
+def _public_webhook_url(case: Case) -> None:
+    # A URL the document calls valid becomes one of a public address (see CONFIG).
+    if (case.method.upper(), case.path) == ("POST", "/webhook-endpoints") and isinstance(
+            case.body, dict) and isinstance(case.body.get("url"), str) and 0 < len(
+            case.body["url"]) <= 2048:
+        case.body = {**case.body, "url": PUBLIC_WEBHOOK_URL}
 
 
 def _allowed_return_url(case: Case) -> None:
@@ -229,6 +250,12 @@ async def seeded(identity: str, client: httpx.AsyncClient,
     if identity == "anonymous":
         yield SEEDED
         return
+    # Webhook endpoints before the events, so they have deliveries (and pages of them).
+    hooks = await service_headers("webhooks:write", name="seed-webhooks")
+    for _ in range(2):
+        created = await client.post("/webhook-endpoints", json={"url": PUBLIC_WEBHOOK_URL},
+                                    headers=hooks)
+        SEEDED.endpoint_ids.append(created.raise_for_status().json()["id"])
     pending = await new_connection()
     connected = await new_connection()
     linked = await connect(connected["id"], email=ALICE, realm_id=COMPANY_1)
@@ -244,17 +271,26 @@ async def seeded(identity: str, client: httpx.AsyncClient,
 
     pages = {"/connections": "/connections",
              "/connections/{connection_id}/events": f"/connections/{awaiting['id']}/events"}
+    pages.update({"/webhook-endpoints": "/webhook-endpoints",
+                  "/webhook-endpoints/{endpoint_id}/deliveries":
+                  f"/webhook-endpoints/{SEEDED.endpoint_ids[0]}/deliveries"})
+    deliveries = await client.get(pages["/webhook-endpoints/{endpoint_id}/deliveries"],
+                                  headers=hooks)
+    SEEDED.event_ids = [d["event_id"] for d in deliveries.raise_for_status().json()["items"]]
     for template, url in pages.items():
-        page = await client.get(url, params={"limit": 1}, headers=user_headers())
+        page = await client.get(url, params={"limit": 1}, headers=(
+            hooks if template.startswith("/webhook") else user_headers()))
         SEEDED.cursors[template] = page.raise_for_status().json()["next_cursor"]
         assert SEEDED.cursors[template], (url, page.text)
 
     if identity == "user":
         SEEDED.headers = user_headers()
     elif identity == "service":
-        SEEDED.headers = await service_headers("status:read", "tokens:read", "connections:write")
+        SEEDED.headers = await service_headers("status:read", "tokens:read", "connections:write",
+                                               "webhooks:write")
     yield SEEDED
     SEEDED.connection_ids, SEEDED.cursors, SEEDED.headers = [], {}, {}
+    SEEDED.endpoint_ids, SEEDED.event_ids = [], []
 
 
 @pytest.fixture(scope="module")
@@ -281,6 +317,7 @@ def broker(fuzzed_broker: str, seeded: Seeded) -> Iterator[str]:
 def test_operation(case: Case, broker: str, identity: str) -> None:
     _issued_cursor(case)
     _allowed_return_url(case)
+    _public_webhook_url(case)
     if identity == "service":
         _as_a_service_would(case)
     _ticket_mode_return_url(case)

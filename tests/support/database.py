@@ -13,7 +13,8 @@ from sqlalchemy.engine import make_url
 
 from service.db.engine import asyncpg_dsn
 
-TABLES = ["events", "connection_events", "pending_links", "authorization_states", "held_grants",
+TABLES = ["webhook_deliveries", "webhook_endpoints", "events",
+          "connection_events", "pending_links", "authorization_states", "held_grants",
           "pending_revocations",
           "quickbooks_user_claims", "api_keys", "connections"]
 

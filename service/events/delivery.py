@@ -1,0 +1,246 @@
+"""Sending webhooks: at least once, retried on a schedule, shared by replicas.
+
+A delivery is leased in one short transaction (service.events.repository.claim: due rows of
+enabled endpoints, a bounded number per endpoint in flight anywhere, under an advisory lock so
+replicas take turns counting), sent with no transaction open, and its outcome recorded in
+another, only if the lease is still ours. A replica killed mid-send leaves its leases to run out
+(LEASE, longer than the request timeout); another replica then sends again: at least once.
+The sender wakes on the events channel (an event's deliveries are made in its transaction) and
+otherwise when the next retry is due.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+import httpx
+
+from service.config import Settings
+from service.events import destinations, signing
+from service.events import repository as repo
+from service.events.outbox import CHANNEL
+from service.tasks import cancel_and_wait
+from service.tokens.crypto import DecryptionError, SecretBox
+
+log = logging.getLogger(__name__)
+
+# Delays before each attempt: immediately, then after 5 s, 5 min, 30 min, 2 h, 5 h, 10 h and
+# 10 h (about 28 hours in all); a delivery whose last attempt fails is marked failed.
+RETRY_SCHEDULE: tuple[float, ...] = (0, 5, 300, 1800, 7200, 18000, 36000, 36000)
+LEASE = timedelta(seconds=60)
+POLL_SECONDS = 5.0
+BUSY_RETRY_SECONDS = 0.1
+USER_AGENT = "qbo-broker-webhooks/1"
+
+
+def secret_associated_data(endpoint_id: uuid.UUID, which: str) -> str:
+    return f"webhook_endpoint:{endpoint_id}:{which}"
+
+
+def body_of(row: Any) -> bytes:
+    """The Standard Webhooks body: type, timestamp and data (tenant, connection, the event's)."""
+    data = json.loads(row["data"]) if isinstance(row["data"], str) else dict(row["data"])
+    connection_id = row["connection_id"]
+    return json.dumps({
+        "type": row["type"],
+        "timestamp": row["occurred_at"].astimezone(UTC).isoformat().replace("+00:00", "Z"),
+        "data": {"tenant_id": row["tenant_id"],
+                 "connection_id": None if connection_id is None else str(connection_id),
+                 **data},
+    }, separators=(",", ":")).encode()
+
+
+class WebhookSender:
+    def __init__(self, settings: Settings, pool: asyncpg.Pool, box: SecretBox, *,
+                 dsn: str | None = None, clock: Callable[[], datetime | None] = lambda: None,
+                 schedule: Sequence[float] = RETRY_SCHEDULE,
+                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+        self._settings = settings
+        self._pool = pool
+        self._box = box
+        self._dsn = dsn
+        self._clock = clock
+        self._schedule = tuple(schedule)
+        self._transport = transport
+        self._clients: dict[tuple[str, int, str | None], httpx.AsyncClient] = {}
+        self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._listener: asyncpg.Connection | None = None
+
+    # Lifecycle, for the app's lifespan.
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="qbo-broker-webhooks")
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        await cancel_and_wait(self._task)
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        if self._listener is not None:
+            with contextlib.suppress(Exception):
+                await self._listener.close()
+            self._listener = None
+        for client in self._clients.values():
+            await client.aclose()
+        self._clients.clear()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def _listen(self) -> None:
+        if self._dsn is None or (self._listener is not None and not self._listener.is_closed()):
+            return
+        try:
+            self._listener = await asyncpg.connect(self._dsn, timeout=5)
+            for channel in (CHANNEL, repo.DELIVERIES_CHANNEL):
+                await self._listener.add_listener(channel, lambda *_: self._wake.set())
+        except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+            log.warning("webhook sender cannot listen for events (%s); polling",
+                        type(exc).__name__)
+            self._listener = None
+
+    async def _run(self) -> None:
+        while not self._stopping.is_set():
+            await self._listen()
+            try:
+                attempts = await self.drain()
+                wait = POLL_SECONDS
+                due = await repo.next_due(self._pool)
+                if due is not None:
+                    wait = min(wait, max(0.0, (due - datetime.now(UTC)).total_seconds()))
+                if not attempts:
+                    # Due work this pass could not take (its endpoints' places are all taken by
+                    # other replicas): look again shortly, not in a tight loop.
+                    wait = max(wait, BUSY_RETRY_SECONDS)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("webhook delivery pass failed")
+                wait = POLL_SECONDS
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=wait)
+
+    # The work.
+
+    async def drain(self) -> int:
+        """Send what is due until nothing is due or in flight here; the number of attempts."""
+        capacity = self._settings.webhook_max_in_flight
+        inflight: set[asyncio.Task[None]] = set()
+        attempts = 0
+        try:
+            while True:
+                self._wake.clear()
+                free = capacity - len(inflight)
+                claimed = 0
+                if free > 0:
+                    token, rows = await repo.claim(
+                        self._pool, now=self._clock(), lease=LEASE, limit=free,
+                        per_endpoint=self._settings.webhook_concurrency_per_endpoint)
+                    claimed = len(rows)
+                    attempts += claimed
+                    inflight.update(asyncio.create_task(self._deliver_logged(token, row))
+                                    for row in rows)
+                if claimed and claimed == free:
+                    continue
+                if not inflight:
+                    return attempts
+                woken = asyncio.create_task(self._wake.wait())
+                done, _ = await asyncio.wait({*inflight, woken}, timeout=1.0,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                woken.cancel()
+                inflight.difference_update(done)
+        finally:
+            for task in inflight:
+                task.cancel()
+
+    def _secrets(self, row: Any) -> list[str]:
+        endpoint_id = row["endpoint_id"]
+        current = [self._box.decrypt(row["secret"], secret_associated_data(endpoint_id, "secret"))]
+        expires = row["previous_secret_expires_at"]
+        if row["previous_secret"] is not None and expires is not None and expires > datetime.now(UTC):
+            current.append(self._box.decrypt(row["previous_secret"],
+                                             secret_associated_data(endpoint_id, "previous_secret")))
+        return current
+
+    def _client(self, target: destinations.Destination) -> httpx.AsyncClient:
+        # One client per host and checked address: a pooled TLS connection made for one host is
+        # never reused for another name on the same address.
+        key = (target.host, target.port, None if target.address is None else str(target.address))
+        client = self._clients.get(key)
+        if client is None:
+            client = self._clients[key] = httpx.AsyncClient(
+                timeout=self._settings.webhook_timeout_seconds, follow_redirects=False,
+                transport=self._transport, trust_env=False,
+                limits=httpx.Limits(max_connections=self._settings.webhook_concurrency_per_endpoint))
+        return client
+
+    def _retry_at(self, attempts: int) -> datetime | None:
+        if attempts >= len(self._schedule):
+            return None
+        return (self._clock() or datetime.now(UTC)) + timedelta(seconds=self._schedule[attempts])
+
+    async def _deliver_logged(self, token: uuid.UUID, row: Any) -> None:
+        try:
+            await self._deliver(token, row)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # this delivery's; its lease runs out and it is sent again
+            log.exception("webhook delivery %s failed unexpectedly", row["id"])
+
+    async def _deliver(self, token: uuid.UUID, row: Any) -> None:
+        delivery_id, attempts = row["id"], row["attempts"]
+        started = time.monotonic()
+        status: int | None = None
+        error: str
+        try:
+            body = body_of(row)
+            headers = signing.headers(self._secrets(row), msg_id=str(row["event_id"]),
+                                      timestamp=int(time.time()), body=body)
+            headers["user-agent"] = USER_AGENT
+            target = await destinations.resolve(
+                row["url"], allow_private=self._settings.webhook_allow_private)
+            url, extensions = httpx.URL(target.url), {}
+            if target.address is not None:  # send to the address that was checked
+                headers["host"] = url.netloc.decode("ascii")
+                extensions["sni_hostname"] = target.host
+                url = url.copy_with(host=str(target.address))
+            async with self._client(target).stream("POST", url, content=body, headers=headers,
+                                                    extensions=extensions) as response:
+                status = response.status_code
+            duration = int((time.monotonic() - started) * 1000)
+            if 200 <= status < 300:
+                await repo.record_success(self._pool, delivery_id, token,
+                                          now=self._clock() or datetime.now(UTC),
+                                          status_code=status, duration_ms=duration)
+                return
+            error = f"the endpoint answered {status}"
+        except destinations.DestinationRefused as exc:
+            error = f"destination refused: {exc}"
+        except DecryptionError:
+            error = "the endpoint's secret does not open under the configured keys"
+        except httpx.TimeoutException:
+            error = "timed out"
+        except httpx.HTTPError as exc:
+            error = f"request failed ({type(exc).__name__})"
+        duration = int((time.monotonic() - started) * 1000)
+        gone = status == 410
+        await repo.record_failure(self._pool, delivery_id, token, status_code=status,
+                                  duration_ms=duration, error=error,
+                                  retry_at=None if gone else self._retry_at(attempts))
+        if gone:
+            await repo.disable_endpoint(self._pool, row["endpoint_id"],
+                                        now=self._clock() or datetime.now(UTC),
+                                        reason="the endpoint answered 410 Gone")
+            log.warning("webhook endpoint %s answered 410 Gone and was disabled", row["endpoint_id"])
