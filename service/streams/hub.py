@@ -15,17 +15,16 @@ reaches the live streams, out of order.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
 import asyncpg
 
+from service.events.delivery import body_of
 from service.streams import repository
 from service.tasks import cancel_and_wait
 
@@ -48,20 +47,15 @@ class StreamEvent:
     message: bytes  # the whole SSE message, rendered once for every stream
 
 
-def render(row: asyncpg.Record | dict[str, Any]) -> StreamEvent:
+def render(row: asyncpg.Record) -> StreamEvent:
     """An event row as an SSE message whose data is the webhook body."""
-    occurred: datetime = row["occurred_at"]
-    data = row["data"]
-    if isinstance(data, str):
-        data = json.loads(data)
-    connection_id = str(row["connection_id"]) if row["connection_id"] is not None else None
-    body = {"type": row["type"], "timestamp": occurred.isoformat(),
-            "data": {**(data or {}), "tenant_id": row["tenant_id"],
-                     "connection_id": connection_id}}
-    payload = json.dumps(body, separators=(",", ":"), default=str)
+    connection_id = row["connection_id"]
+    payload = body_of(row).decode()
     message = f"id: {row['id']}\nevent: {row['type']}\ndata: {payload}\n\n".encode()
     return StreamEvent(seq=int(row["seq"]), id=str(row["id"]), type=row["type"],
-                       tenant_id=row["tenant_id"], connection_id=connection_id, message=message)
+                       tenant_id=row["tenant_id"],
+                       connection_id=None if connection_id is None else str(connection_id),
+                       message=message)
 
 
 def streamed(event_type: str) -> bool:

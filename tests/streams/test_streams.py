@@ -11,6 +11,7 @@ from typing import Any
 import asyncpg
 import httpx
 
+from service.events.delivery import body_of
 from tests.conftest import TENANT, Stack, user_headers
 from tests.streams.conftest import insert_event, stream
 
@@ -19,7 +20,7 @@ NewConnection = Callable[..., Awaitable[dict[str, Any]]]
 
 
 async def test_status_stream_carries_the_tenants_events_live_as_webhook_bodies(
-        stack: Stack, emit: Emit) -> None:
+        stack: Stack, emit: Emit, db: asyncpg.Connection) -> None:
     connection_id = str(uuid.uuid4())
     async with stream(stack.broker_url, "/status/stream", user_headers()) as events:
         assert events.response.headers["cache-control"] == "no-store"
@@ -35,6 +36,10 @@ async def test_status_stream_carries_the_tenants_events_live_as_webhook_bodies(
     assert body["type"] == "connection.modules_changed"
     assert body["data"] == {"tenant_id": TENANT, "connection_id": connection_id,
                             "modules": {"accounts_receivable": True, "accounts_payable": False}}
+    # Byte for byte what a webhook endpoint receives for it.
+    row = await db.fetchrow("SELECT * FROM events WHERE id = $1", uuid.UUID(event_id))
+    assert message.data == body_of(row).decode()
+    assert body["timestamp"].endswith("Z")
 
 
 async def test_a_stream_never_sees_another_tenants_events(stack: Stack, emit: Emit) -> None:
