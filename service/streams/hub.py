@@ -24,9 +24,9 @@ from typing import Any
 
 import asyncpg
 
+from service.core.aio import cancel_and_wait
 from service.events.delivery import body_of
 from service.streams import repository
-from service.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 

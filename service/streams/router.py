@@ -23,9 +23,9 @@ from starlette.types import Receive, Scope, Send
 from service.auth.dependencies import CurrentCaller
 from service.connections import service as connections
 from service.connections.schemas import TenantId
-from service.db.engine import SessionDep
-from service.errors import ProblemError, problem_responses
-from service.httpserver import END_STREAM_SCOPE_KEY
+from service.core.db.engine import SessionDep
+from service.core.errors import ProblemError, problem_responses
+from service.core.httpserver import END_STREAM_SCOPE_KEY
 from service.runtime import RuntimeDep
 from service.streams.hub import StreamEvent, StreamHub, StreamLimitReached, Subscription
 
@@ -98,7 +98,7 @@ class EventStreamResponse(EventStream):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         subscription = self._subscription
-        # The server ends this stream when it shuts down (service.httpserver), rather than
+        # The server ends this stream when it shuts down (service.core.httpserver), rather than
         # waiting for the client to leave.
         scope[END_STREAM_SCOPE_KEY] = subscription.close
 

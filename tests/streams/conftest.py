@@ -12,7 +12,7 @@ import asyncpg
 import httpx
 import pytest
 
-from service.db.engine import asyncpg_dsn
+from service.core.db.engine import asyncpg_dsn
 from tests.conftest import Stack
 from tests.support.sse import EventReader
 

@@ -11,7 +11,7 @@ from contextlib import AsyncExitStack
 import httpx
 import pytest
 
-from service.httpserver import server_options
+from service.core.httpserver import server_options
 from service.main import create_app
 from service.streams.hub import StreamEvent, StreamHub, StreamLimitReached, Subscription
 from tests.conftest import Stack, broker_settings, user_headers
@@ -109,7 +109,7 @@ async def test_the_hub_refuses_streams_beyond_its_caps_and_after_close() -> None
 async def test_shutdown_ends_open_streams_instead_of_waiting_for_them(stack: Stack) -> None:
     port = free_port()
     settings = broker_settings(stack.database_url, port, stack.emulator_url)
-    # serve's protocol (service.httpserver), which tells a stream that the server stops.
+    # serve's protocol (service.core.httpserver), which tells a stream that the server stops.
     server = ThreadedServer(create_app(settings), port, **server_options()).start()
     try:
         async with stream(server.url, "/status/stream", user_headers()) as events:

@@ -138,7 +138,7 @@ async def test_a_rolled_back_event_does_not_hold_the_stream(stack: Stack, db: as
 
 
 def _dsn(stack: Stack) -> str:
-    from service.db.engine import asyncpg_dsn
+    from service.core.db.engine import asyncpg_dsn
 
     return asyncpg_dsn(stack.database_url)
 
