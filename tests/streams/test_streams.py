@@ -216,3 +216,30 @@ async def test_many_streams_share_one_listening_connection(stack: Stack, emit: E
         expected = await emit(TENANT, str(uuid.uuid4()))
         ids = await asyncio.gather(*(s.next_event() for s in (one, two, three)))
     assert [m.id for m in ids] == [expected] * 3
+
+
+async def test_events_committed_while_the_listener_is_down_still_arrive(
+        stack: Stack, emit: Emit, db: asyncpg.Connection) -> None:
+    """PostgreSQL ends the listening connection (a restart, a failover): the hub listens again
+    and reads what was committed meanwhile, so the open streams miss nothing."""
+    async with stream(stack.broker_url, "/status/stream", user_headers()) as events:
+        ended = await db.fetchval(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND application_name = 'qbo-broker-streams'")
+        assert ended >= 1
+        during = await emit(TENANT, str(uuid.uuid4()))
+        assert (await events.next_event(seconds=20)).id == during
+
+
+async def test_a_resume_too_far_behind_starts_from_now(stack: Stack, emit: Emit,
+                                                      db: asyncpg.Connection) -> None:
+    first = await emit(TENANT, str(uuid.uuid4()))
+    await db.execute(
+        "INSERT INTO events (id, type, tenant_id, connection_id, data)"
+        " SELECT gen_random_uuid(), 'connection.modules_changed', $1, gen_random_uuid(), '{}'"
+        " FROM generate_series(1, 1001)", TENANT)
+    async with stream(stack.broker_url, "/status/stream",
+                      {**user_headers(), "Last-Event-ID": first}) as events:
+        assert events.response.headers["x-stream-resumed"] == "false"
+        live = await emit(TENANT, str(uuid.uuid4()))
+        assert (await events.next_event()).id == live
