@@ -37,24 +37,24 @@ async def open_page(page: Page, stack: BrowserStack, user: str = "user-1", *,
 
 async def click_connect(page: Page, camera: Camera, stack: BrowserStack) -> None:
     """Connect to QuickBooks: the browser lands on Intuit."""
-    await camera.shot("cietrade-integration")
+    await camera.shot("cietrade-integration", of=page)
     await page.click("#connect")
     await page.wait_for_url(f"{stack.emulator_url}/connect/oauth2/flow/*")
 
 
 async def sign_in(page: Page, camera: Camera, email: str) -> None:
     await expect(page.locator(f"#signin-{SUB[email]}")).to_be_visible()
-    await camera.shot("intuit-signin")
+    await camera.shot("intuit-signin", of=page)
     await page.click(f"#signin-{SUB[email]}")
     await expect(page.locator("#signed-in-user")).to_contain_text(email)
 
 
 async def choose_company_and_connect(page: Page, camera: Camera, realm_id: str = COMPANY_1) -> None:
     await expect(page.locator(f"#company-{realm_id}")).to_be_visible()
-    await camera.shot("intuit-choose-company")
+    await camera.shot("intuit-choose-company", of=page)
     await page.click(f"#company-{realm_id}")
     await expect(page.locator("#connect")).to_be_visible()
-    await camera.shot("intuit-consent")
+    await camera.shot("intuit-consent", of=page)
     await page.click("#connect")
 
 
@@ -64,7 +64,7 @@ async def back_on_the_page(page: Page, camera: Camera, stack: BrowserStack, step
     await page.wait_for_url(f"{on or stack.broker_url}/dev/integration?user=*")
     await expect(page.locator("#message")).not_to_be_empty()
     assert "completion_ticket" not in page.url
-    await camera.shot(f"cietrade-returned-{step}")
+    await camera.shot(f"cietrade-returned-{step}", of=page)
 
 
 async def connect_as_alice(page: Page, camera: Camera, stack: BrowserStack) -> None:
@@ -165,13 +165,13 @@ async def colleague_connects_anyway_as_bob(page: Page, camera: Camera,
     await open_page(page, stack, user="user-2")
     await click_connect(page, camera, stack)
     await expect(page.locator("#signed-in-user")).to_contain_text(ALICE)
-    await camera.shot("intuit-remembers-alice")
+    await camera.shot("intuit-remembers-alice", of=page)
     await page.click("#not-you")
     await sign_in(page, camera, BOB)
     # Bob administers one company, so Intuit skips the chooser; Alice's live connection makes
     # this Intuit's Switch Admin page.
     await expect(page.locator("#switch-admin")).to_contain_text(ALICE)
-    await camera.shot("intuit-switch-admin")
+    await camera.shot("intuit-switch-admin", of=page)
     await page.click("#connect-anyway")
     await back_on_the_page(page, camera, stack, "confirmation-required")
     await expect(page.locator("#pending")).to_be_visible()
