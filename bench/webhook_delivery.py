@@ -41,7 +41,7 @@ from harness import (
     uvicorn_command,
 )
 
-from service.db.engine import build_engine, build_sessionmaker
+from service.core.db.engine import build_engine, build_sessionmaker
 from service.events import outbox
 
 ENDPOINTS = 3

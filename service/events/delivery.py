@@ -24,13 +24,13 @@ from typing import Any
 import asyncpg
 import httpx
 
-from service.config import Settings
+from service.core.aio import cancel_and_wait
+from service.core.config import Settings
+from service.core.crypto import DecryptionError, SecretBox
 from service.events import destinations, signing
 from service.events import repository as repo
 from service.events.outbox import CHANNEL
 from service.events.repository import Outcome
-from service.tasks import cancel_and_wait
-from service.tokens.crypto import DecryptionError, SecretBox
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.connections.repository import decode_cursor, encode_cursor
-from service.errors import ValidationFailed
+from service.core.errors import ValidationFailed
 from service.events.models import Event, WebhookDelivery, WebhookEndpoint
 
 W = WebhookEndpoint.__table__.c  # type: ignore[attr-defined]

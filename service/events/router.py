@@ -12,8 +12,8 @@ from fastapi import APIRouter, Path, Query, Response
 from service.auth.dependencies import CurrentCaller
 from service.connections.router import ERRORS, MALFORMED, Cursor, Limit
 from service.connections.schemas import Page, TenantId
-from service.db.engine import SessionDep
-from service.errors import problem_responses
+from service.core.db.engine import SessionDep
+from service.core.errors import problem_responses
 from service.events import repository as repo
 from service.events import webhooks
 from service.events.schemas import (

@@ -8,15 +8,15 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.auth.callers import Caller, Scope
-from service.config import Settings
 from service.connections.repository import lock_tenant
-from service.errors import NotFound, ProblemError, ValidationFailed
+from service.core.config import Settings
+from service.core.crypto import SecretBox
+from service.core.errors import NotFound, ProblemError, ValidationFailed
 from service.events import destinations, signing
 from service.events import repository as repo
 from service.events.delivery import secret_associated_data
 from service.events.models import WebhookDelivery, WebhookEndpoint
 from service.events.schemas import WebhookEndpointCreate
-from service.tokens.crypto import SecretBox
 
 ROTATION_OVERLAP = timedelta(hours=24)
 

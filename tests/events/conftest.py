@@ -11,8 +11,8 @@ import asyncpg
 import httpx
 import pytest
 
-from service.config import Settings
-from service.db.engine import asyncpg_dsn
+from service.core.config import Settings
+from service.core.db.engine import asyncpg_dsn
 from service.events.delivery import WebhookSender
 from service.main import create_app
 from tests.conftest import Stack, broker_settings

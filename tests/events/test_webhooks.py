@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-from service.db.engine import transaction
+from service.core.db.engine import transaction
 from service.events import outbox
 from service.events.delivery import RETRY_SCHEDULE
 from tests.conftest import user_headers
@@ -45,7 +45,7 @@ async def event_ids(database_url: str) -> dict[str, str]:
     """connection id -> id of its connection.created event."""
     import asyncpg
 
-    from service.db.engine import asyncpg_dsn
+    from service.core.db.engine import asyncpg_dsn
 
     conn = await asyncpg.connect(asyncpg_dsn(database_url))
     try:
@@ -333,7 +333,7 @@ async def test_a_lease_left_by_a_killed_replica_is_taken_over(
         local, client, hooks_key, receivers, senders, clock, stack) -> None:
     import asyncpg
 
-    from service.db.engine import asyncpg_dsn
+    from service.core.db.engine import asyncpg_dsn
     from service.events import repository
     from service.events.delivery import LEASE
 

@@ -1,4 +1,6 @@
-"""Background work in every replica: keep links alive, expire pending links, retry revocations.
+"""Background work: keep links alive, expire pending links and completion tickets, send the
+revocation outbox. It runs inside every `serve` process (unless BROKER_BACKGROUND_ENABLED=false),
+or alone as `qbo-broker worker` (run_worker).
 
 Replicas share the work through PostgreSQL: a due connection whose refresh lock (or row) another
 replica holds is skipped, and the one that refreshes re-checks under the lock that it is still
@@ -22,14 +24,16 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.connections import repository as repo
-from service.db.engine import transaction
-from service.db.models import Connection, PendingLink
-from service.errors import ProblemError
-from service.metrics import BACKGROUND_ROW_ERRORS, BACKGROUND_RUNS
+from service.core.aio import cancel_and_wait
+from service.core.config import Settings
+from service.core.crypto import DecryptionError, printable_key_id
+from service.core.db.engine import asyncpg_dsn, transaction
+from service.core.db.models import Connection, PendingLink
+from service.core.errors import ProblemError
+from service.core.metrics import BACKGROUND_ROW_ERRORS, BACKGROUND_RUNS
+from service.events.delivery import WebhookSender
 from service.oauth.flows import discard_pending_link, expire_held_grants
-from service.runtime import Runtime
-from service.tasks import cancel_and_wait
-from service.tokens.crypto import DecryptionError, printable_key_id
+from service.runtime import Runtime, build_runtime
 from service.tokens.revocation import retry_pending_revocations
 
 log = logging.getLogger(__name__)
@@ -39,18 +43,40 @@ P = PendingLink.__table__.c  # type: ignore[attr-defined]
 ACCESS_TOKEN_LEAD = timedelta(minutes=10)
 
 
+async def run_worker(settings: Settings, stop: asyncio.Event, *, database_url: str | None = None) -> None:
+    """The background work alone, without serving HTTP, until `stop` is set."""
+    async with build_runtime(settings, database_url=database_url) as runtime:
+        worker = BackgroundWorker(runtime)
+        worker.start()
+        log.info("worker started")
+        try:
+            await stop.wait()
+        finally:
+            await worker.stop()
+            log.info("worker stopped")
+
+
 class BackgroundWorker:
     def __init__(self, runtime: Runtime) -> None:
         self._rt = runtime
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
+        # Webhooks go out from a task of their own, woken by each event's commit rather than on
+        # this worker's interval.
+        self._sender = (WebhookSender(runtime.settings, runtime.reads, runtime.box,
+                                      dsn=asyncpg_dsn(runtime.database_url))
+                        if runtime.settings.webhook_delivery_enabled else None)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="qbo-broker-background")
+        if self._sender is not None:
+            self._sender.start()
 
     async def stop(self) -> None:
         self._stopping.set()
         await cancel_and_wait(self._task)
+        if self._sender is not None:
+            await self._sender.stop()
 
     async def _run(self) -> None:
         interval = self._rt.settings.background_interval_seconds
