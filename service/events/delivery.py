@@ -43,6 +43,7 @@ POLL_SECONDS = 5.0
 RECORD_WINDOW = 0.002
 BUSY_RETRY_SECONDS = 0.1
 USER_AGENT = "qbo-broker-webhooks/1"
+MAX_ANSWER_BYTES = 64 * 1024
 
 
 def secret_associated_data(endpoint_id: uuid.UUID, which: str) -> str:
@@ -242,6 +243,13 @@ class WebhookSender:
             async with self._client(target).stream("POST", url, content=body, headers=headers,
                                                     extensions=extensions) as response:
                 status = response.status_code
+                # Read a short answer to its end, so the connection is kept for the next
+                # delivery; a longer one is not read on (the connection is closed instead).
+                read = 0
+                async for chunk in response.aiter_raw():
+                    read += len(chunk)
+                    if read > MAX_ANSWER_BYTES:
+                        break
             if 200 <= status < 300:
                 return Outcome(row["id"], token, row["endpoint_id"], succeeded=True,
                                status_code=status, duration_ms=_ms_since(started))
