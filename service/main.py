@@ -20,7 +20,6 @@ from service.core.errors import ErrorBoundary, Problem, install_error_handlers
 from service.core.observability import RequestContextMiddleware
 from service.docs import OPENAPI_PATH, install_docs
 from service.events import outbox
-from service.events.delivery import WebhookSender
 from service.events.router import router as webhooks_router
 from service.oauth.router import router as oauth_router
 from service.runtime import build_runtime
@@ -68,8 +67,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             gc.freeze()
             app.state.runtime = runtime
             app.state.sessionmaker = runtime.sessionmaker
-            dsn = asyncpg_dsn(runtime.database_url)
-            streams = StreamHub(dsn, runtime.reads, channel=outbox.CHANNEL,
+            streams = StreamHub(asyncpg_dsn(runtime.database_url), runtime.reads, channel=outbox.CHANNEL,
                                 queue_size=settings.stream_queue_size,
                                 max_streams=settings.streams_max,
                                 max_streams_per_tenant=settings.streams_per_tenant)
@@ -80,11 +78,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             worker = BackgroundWorker(runtime) if settings.background_enabled else None
             if worker is not None:
                 worker.start()
-            sender = (WebhookSender(settings, runtime.reads, runtime.box, dsn=dsn)
-                      if settings.background_enabled and settings.webhook_delivery_enabled
-                      else None)
-            if sender is not None:
-                sender.start()
             try:
                 yield
             finally:
@@ -93,8 +86,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     await stop_metrics()
                 if worker is not None:
                     await worker.stop()
-                if sender is not None:
-                    await sender.stop()
 
     app = FastAPI(
         # The broker's metrics are Prometheus's (service.core.metrics) and its logs its own:

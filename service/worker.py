@@ -27,10 +27,11 @@ from service.connections import repository as repo
 from service.core.aio import cancel_and_wait
 from service.core.config import Settings
 from service.core.crypto import DecryptionError, printable_key_id
-from service.core.db.engine import transaction
+from service.core.db.engine import asyncpg_dsn, transaction
 from service.core.db.models import Connection, PendingLink
 from service.core.errors import ProblemError
 from service.core.metrics import BACKGROUND_ROW_ERRORS, BACKGROUND_RUNS
+from service.events.delivery import WebhookSender
 from service.oauth.flows import discard_pending_link, expire_held_grants
 from service.runtime import Runtime, build_runtime
 from service.tokens.revocation import retry_pending_revocations
@@ -60,13 +61,22 @@ class BackgroundWorker:
         self._rt = runtime
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
+        # Webhooks go out from a task of their own, woken by each event's commit rather than on
+        # this worker's interval.
+        self._sender = (WebhookSender(runtime.settings, runtime.reads, runtime.box,
+                                      dsn=asyncpg_dsn(runtime.database_url))
+                        if runtime.settings.webhook_delivery_enabled else None)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="qbo-broker-background")
+        if self._sender is not None:
+            self._sender.start()
 
     async def stop(self) -> None:
         self._stopping.set()
         await cancel_and_wait(self._task)
+        if self._sender is not None:
+            await self._sender.stop()
 
     async def _run(self) -> None:
         interval = self._rt.settings.background_interval_seconds

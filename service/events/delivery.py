@@ -30,6 +30,7 @@ from service.core.crypto import DecryptionError, SecretBox
 from service.events import destinations, signing
 from service.events import repository as repo
 from service.events.outbox import CHANNEL
+from service.events.repository import Outcome
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +39,11 @@ log = logging.getLogger(__name__)
 RETRY_SCHEDULE: tuple[float, ...] = (0, 5, 300, 1800, 7200, 18000, 36000, 36000)
 LEASE = timedelta(seconds=60)
 POLL_SECONDS = 5.0
+# How long outcomes wait for others finishing at about the same time, to be recorded together.
+RECORD_WINDOW = 0.002
 BUSY_RETRY_SECONDS = 0.1
 USER_AGENT = "qbo-broker-webhooks/1"
+MAX_ANSWER_BYTES = 64 * 1024
 
 
 def secret_associated_data(endpoint_id: uuid.UUID, which: str) -> str:
@@ -135,9 +139,11 @@ class WebhookSender:
     # The work.
 
     async def drain(self) -> int:
-        """Send what is due until nothing is due or in flight here; the number of attempts."""
+        """Send what is due until nothing is due or in flight here; the number of attempts.
+        Outcomes that come in together are recorded in one statement, before the next claim
+        (their leases count against their endpoints' places until then)."""
         capacity = self._settings.webhook_max_in_flight
-        inflight: set[asyncio.Task[None]] = set()
+        inflight: set[asyncio.Task[Outcome | None]] = set()
         attempts = 0
         try:
             while True:
@@ -150,7 +156,7 @@ class WebhookSender:
                         per_endpoint=self._settings.webhook_concurrency_per_endpoint)
                     claimed = len(rows)
                     attempts += claimed
-                    inflight.update(asyncio.create_task(self._deliver_logged(token, row))
+                    inflight.update(asyncio.create_task(self._send_logged(token, row))
                                     for row in rows)
                 if claimed and claimed == free:
                     continue
@@ -160,10 +166,27 @@ class WebhookSender:
                 done, _ = await asyncio.wait({*inflight, woken}, timeout=1.0,
                                              return_when=asyncio.FIRST_COMPLETED)
                 woken.cancel()
-                inflight.difference_update(done)
+                finished = {task for task in inflight if task in done}
+                if finished and inflight - finished:
+                    # Those about to finish too, into the same statement.
+                    more, _ = await asyncio.wait(inflight - finished, timeout=RECORD_WINDOW)
+                    finished |= more
+                inflight.difference_update(finished)
+                await self._record([t.result() for t in finished])
         finally:
             for task in inflight:
                 task.cancel()
+
+    async def _record(self, outcomes: list[Outcome | None]) -> None:
+        recorded = [o for o in outcomes if o is not None]
+        if not recorded:
+            return
+        now = self._clock() or datetime.now(UTC)
+        await repo.record_outcomes(self._pool, recorded, now=now)
+        for endpoint_id in {o.endpoint_id for o in recorded if o.status_code == 410}:
+            await repo.disable_endpoint(self._pool, endpoint_id, now=now,
+                                        reason="the endpoint answered 410 Gone")
+            log.warning("webhook endpoint %s answered 410 Gone and was disabled", endpoint_id)
 
     def _secrets(self, row: Any) -> list[str]:
         endpoint_id = row["endpoint_id"]
@@ -191,16 +214,17 @@ class WebhookSender:
             return None
         return (self._clock() or datetime.now(UTC)) + timedelta(seconds=self._schedule[attempts])
 
-    async def _deliver_logged(self, token: uuid.UUID, row: Any) -> None:
+    async def _send_logged(self, token: uuid.UUID, row: Any) -> Outcome | None:
         try:
-            await self._deliver(token, row)
+            return await self._send(token, row)
         except asyncio.CancelledError:
             raise
         except Exception:  # this delivery's; its lease runs out and it is sent again
             log.exception("webhook delivery %s failed unexpectedly", row["id"])
+            return None
 
-    async def _deliver(self, token: uuid.UUID, row: Any) -> None:
-        delivery_id, attempts = row["id"], row["attempts"]
+    async def _send(self, token: uuid.UUID, row: Any) -> Outcome:
+        """One attempt, with no transaction open; its outcome, to record."""
         started = time.monotonic()
         status: int | None = None
         error: str
@@ -219,12 +243,16 @@ class WebhookSender:
             async with self._client(target).stream("POST", url, content=body, headers=headers,
                                                     extensions=extensions) as response:
                 status = response.status_code
-            duration = int((time.monotonic() - started) * 1000)
+                # Read a short answer to its end, so the connection is kept for the next
+                # delivery; a longer one is not read on (the connection is closed instead).
+                read = 0
+                async for chunk in response.aiter_raw():
+                    read += len(chunk)
+                    if read > MAX_ANSWER_BYTES:
+                        break
             if 200 <= status < 300:
-                await repo.record_success(self._pool, delivery_id, token,
-                                          now=self._clock() or datetime.now(UTC),
-                                          status_code=status, duration_ms=duration)
-                return
+                return Outcome(row["id"], token, row["endpoint_id"], succeeded=True,
+                               status_code=status, duration_ms=_ms_since(started))
             error = f"the endpoint answered {status}"
         except destinations.DestinationRefused as exc:
             error = f"destination refused: {exc}"
@@ -234,13 +262,10 @@ class WebhookSender:
             error = "timed out"
         except httpx.HTTPError as exc:
             error = f"request failed ({type(exc).__name__})"
-        duration = int((time.monotonic() - started) * 1000)
-        gone = status == 410
-        await repo.record_failure(self._pool, delivery_id, token, status_code=status,
-                                  duration_ms=duration, error=error,
-                                  retry_at=None if gone else self._retry_at(attempts))
-        if gone:
-            await repo.disable_endpoint(self._pool, row["endpoint_id"],
-                                        now=self._clock() or datetime.now(UTC),
-                                        reason="the endpoint answered 410 Gone")
-            log.warning("webhook endpoint %s answered 410 Gone and was disabled", row["endpoint_id"])
+        return Outcome(row["id"], token, row["endpoint_id"], succeeded=False, status_code=status,
+                       duration_ms=_ms_since(started), error=error,
+                       retry_at=None if status == 410 else self._retry_at(row["attempts"]))
+
+
+def _ms_since(started: float) -> int:
+    return int((time.monotonic() - started) * 1000)

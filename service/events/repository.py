@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -157,20 +159,20 @@ RETURNING d.id, d.attempts, d.endpoint_id, e.url, e.secret, e.previous_secret,
           ev.tenant_id, ev.connection_id, ev.data::text AS data
 """
 
-_SUCCEEDED = """
-UPDATE webhook_deliveries SET status = 'succeeded', delivered_at = $3, next_attempt_at = NULL,
-  lease_token = NULL, lease_expires_at = NULL, last_status_code = $4, last_duration_ms = $5,
-  last_error = NULL
-WHERE id = $1 AND lease_token = $2 AND status = 'pending'
-"""
-
-# $6: when to try again; NULL: attempts are spent, the delivery failed.
-_FAILED = """
-UPDATE webhook_deliveries SET
-  status = CASE WHEN $6::timestamptz IS NULL THEN 'failed' ELSE 'pending' END,
-  next_attempt_at = $6, lease_token = NULL, lease_expires_at = NULL, last_status_code = $3,
-  last_duration_ms = $4, last_error = $5
-WHERE id = $1 AND lease_token = $2 AND status = 'pending'
+# Outcomes of attempts, each applied only while its lease holds: succeeded, to be retried at
+# retry_at, or failed (no retry_at).
+_RECORD = """
+UPDATE webhook_deliveries d SET
+  status = CASE WHEN o.succeeded THEN 'succeeded'
+                WHEN o.retry_at IS NULL THEN 'failed' ELSE 'pending' END,
+  delivered_at = CASE WHEN o.succeeded THEN $8::timestamptz END,
+  next_attempt_at = CASE WHEN o.succeeded THEN NULL ELSE o.retry_at END,
+  lease_token = NULL, lease_expires_at = NULL,
+  last_status_code = o.status_code, last_duration_ms = o.duration_ms, last_error = o.error
+FROM unnest($1::uuid[], $2::uuid[], $3::bool[], $4::int[], $5::int[], $6::text[],
+            $7::timestamptz[]) AS o(id, token, succeeded, status_code, duration_ms, error,
+                                    retry_at)
+WHERE d.id = o.id AND d.lease_token = o.token AND d.status = 'pending'
 """
 
 _DISABLE = """
@@ -189,6 +191,20 @@ WHERE d.status = 'pending' AND e.disabled_at IS NULL
 """
 
 
+@dataclass(frozen=True)
+class Outcome:
+    """What one attempt came to."""
+
+    delivery_id: uuid.UUID
+    token: uuid.UUID  # the lease it was sent under
+    endpoint_id: uuid.UUID
+    succeeded: bool
+    status_code: int | None
+    duration_ms: int
+    error: str | None = None
+    retry_at: datetime | None = None  # None for a failure: no more attempts
+
+
 async def claim(pool: asyncpg.Pool, *, now: datetime | None, per_endpoint: int, limit: int,
                 lease: timedelta) -> tuple[uuid.UUID, list[asyncpg.Record]]:
     """Lease due deliveries for sending (one short transaction); the lease token and the rows.
@@ -203,15 +219,12 @@ async def claim(pool: asyncpg.Pool, *, now: datetime | None, per_endpoint: int, 
     return token, rows
 
 
-async def record_success(pool: asyncpg.Pool, delivery_id: uuid.UUID, token: uuid.UUID, *,
-                         now: datetime, status_code: int, duration_ms: int) -> None:
-    await pool.execute(_SUCCEEDED, delivery_id, token, now, status_code, duration_ms)
-
-
-async def record_failure(pool: asyncpg.Pool, delivery_id: uuid.UUID, token: uuid.UUID, *,
-                         status_code: int | None, duration_ms: int | None, error: str,
-                         retry_at: datetime | None) -> None:
-    await pool.execute(_FAILED, delivery_id, token, status_code, duration_ms, error, retry_at)
+async def record_outcomes(pool: asyncpg.Pool, outcomes: Sequence[Outcome], *,
+                          now: datetime) -> None:
+    await pool.execute(_RECORD, [o.delivery_id for o in outcomes], [o.token for o in outcomes],
+                       [o.succeeded for o in outcomes], [o.status_code for o in outcomes],
+                       [o.duration_ms for o in outcomes], [o.error for o in outcomes],
+                       [o.retry_at for o in outcomes], now)
 
 
 async def disable_endpoint(pool: asyncpg.Pool, endpoint_id: uuid.UUID, *, now: datetime,
