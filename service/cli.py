@@ -1,4 +1,5 @@
-"""The `qbo-broker` command: serve, migrate, dev, api-key, dev-token, rotate-keys."""
+"""The `qbo-broker` command: serve, migrate, dev, api-key, webhook-endpoint, dev-token,
+rotate-keys."""
 
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ app = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="qbo-broker: cieTrade's OAuth 2.0 broker for QuickBooks Online.")
 api_key_app = typer.Typer(no_args_is_help=True, help="Service API keys.")
 app.add_typer(api_key_app, name="api-key")
+webhook_app = typer.Typer(no_args_is_help=True, help="Endpoints that receive the broker's events.")
+app.add_typer(webhook_app, name="webhook-endpoint")
 
 
 def _fail(message: str) -> None:
@@ -241,6 +244,118 @@ def api_key_revoke(key_id: Annotated[str, typer.Argument(help="The key's id.")])
     if not _in_session(work):
         _fail(f"no active key {key_id}")
     typer.echo(f"revoked {key_id}")
+
+
+def _endpoint_id(text: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(text)
+    except ValueError:
+        _fail(f"not an endpoint id: {text!r}")
+        raise  # unreachable
+
+
+def _box(settings: Settings):  # type: ignore[no-untyped-def]
+    from service.core.crypto import SecretBox
+
+    try:
+        return SecretBox(settings.parsed_encryption_keys)
+    except ConfigurationError as exc:
+        _fail(str(exc))
+
+
+@webhook_app.command("create")
+def webhook_create(
+        url: Annotated[str, typer.Option(help="https URL of a public host.")],
+        event_type: Annotated[list[str] | None, typer.Option(
+            help="Only this event type (repeatable); all when left out.")] = None,
+        tenant: Annotated[str | None, typer.Option(help="Only this tenant's events.")] = None,
+) -> None:
+    """Register an endpoint; its signing secret is printed alone on the last line."""
+    from pydantic import ValidationError
+
+    from service.auth.callers import Caller
+    from service.core.errors import ProblemError
+    from service.events import webhooks
+    from service.events.schemas import WebhookEndpointCreate
+
+    settings = _settings()
+    box = _box(settings)
+    try:
+        body = WebhookEndpointCreate.model_validate(
+            {"url": url, "event_types": event_type or None, "tenant_id": tenant})
+    except ValidationError as exc:
+        _fail("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()))
+        return
+
+    async def work(session):  # type: ignore[no-untyped-def]
+        return await webhooks.create(session, settings, box, body,
+                                     caller=Caller(kind="service", subject="cli"))
+
+    try:
+        endpoint, secret = _in_session(work)
+    except ProblemError as exc:
+        _fail(exc.detail)
+        return
+    typer.echo(f"created webhook endpoint {endpoint.id} for {endpoint.url}")
+    typer.echo("its signing secret; store it now, it is not shown again:")
+    typer.echo(secret)
+
+
+@webhook_app.command("list")
+def webhook_list() -> None:
+    """List endpoints (never their secrets)."""
+    from service.events import repository
+
+    async def work(session):  # type: ignore[no-untyped-def]
+        return (await repository.list_endpoints(session, tenant_id=None, limit=1000,
+                                                cursor=None))[0]
+
+    for row in _in_session(work):
+        state = f"disabled ({row.disabled_reason})" if row.disabled_at else "enabled"
+        types = ",".join(row.event_types) if row.event_types else "all events"
+        typer.echo(f"{row.id}  {row.url}  tenant={row.tenant_id or 'all'}  {types}  {state}")
+
+
+@webhook_app.command("delete")
+def webhook_delete(endpoint_id: Annotated[str, typer.Argument(help="The endpoint's id.")]) -> None:
+    """Delete an endpoint and its deliveries."""
+    from service.core.errors import NotFound
+    from service.events import webhooks
+
+    ident = _endpoint_id(endpoint_id)
+
+    async def work(session):  # type: ignore[no-untyped-def]
+        await webhooks.delete(session, await webhooks.load(session, ident, for_update=True))
+
+    try:
+        _in_session(work)
+    except NotFound:
+        _fail(f"no webhook endpoint {endpoint_id}")
+    typer.echo(f"deleted {endpoint_id}")
+
+
+@webhook_app.command("rotate-secret")
+def webhook_rotate_secret(
+        endpoint_id: Annotated[str, typer.Argument(help="The endpoint's id.")]) -> None:
+    """A new signing secret, printed alone on the last line; the old one signs too for 24 h."""
+    from service.core.errors import NotFound
+    from service.events import webhooks
+
+    box = _box(_settings())
+    ident = _endpoint_id(endpoint_id)
+
+    async def work(session):  # type: ignore[no-untyped-def]
+        return await webhooks.rotate_secret(
+            session, box, await webhooks.load(session, ident, for_update=True))
+
+    try:
+        secret, expires = _in_session(work)
+    except NotFound:
+        _fail(f"no webhook endpoint {endpoint_id}")
+        return
+    typer.echo(f"rotated; the previous secret keeps signing until {expires:%Y-%m-%dT%H:%M:%SZ}")
+    typer.echo("the new signing secret; store it now, it is not shown again:")
+    typer.echo(secret)
 
 
 @app.command("rotate-keys")

@@ -32,6 +32,7 @@ from service.core.db.engine import asyncpg_dsn, transaction
 from service.core.db.models import Connection, PendingLink
 from service.core.errors import ProblemError
 from service.core.metrics import BACKGROUND_ROW_ERRORS, BACKGROUND_RUNS
+from service.events.delivery import WebhookSender
 from service.intuit_webhooks.processor import NotificationProcessor
 from service.oauth.flows import discard_pending_link, expire_held_grants
 from service.runtime import Runtime, build_runtime
@@ -66,14 +67,24 @@ class BackgroundWorker:
             asyncpg_dsn(runtime.database_url), runtime.sessionmaker,
             poll_seconds=runtime.settings.background_interval_seconds)
 
+        # Webhooks go out from a task of their own, woken by each event's commit rather than on
+        # this worker's interval.
+        self._sender = (WebhookSender(runtime.settings, runtime.reads, runtime.box,
+                                      dsn=asyncpg_dsn(runtime.database_url))
+                        if runtime.settings.webhook_delivery_enabled else None)
+
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="qbo-broker-background")
         self._notifications.start()
+        if self._sender is not None:
+            self._sender.start()
 
     async def stop(self) -> None:
         self._stopping.set()
         await self._notifications.stop()
         await cancel_and_wait(self._task)
+        if self._sender is not None:
+            await self._sender.stop()
 
     async def _run(self) -> None:
         interval = self._rt.settings.background_interval_seconds

@@ -29,9 +29,20 @@ from schemathesis.generation.hypothesis.builder import ApiOperationMark
 from schemathesis.schemas import APIOperation
 
 from service.connections.schemas import TenantId
-from service.main import openapi_yaml
-from tests.conftest import ALICE, COMPANY_1, COMPANY_2, DAVE, RETURN_URL, TENANT, Stack, user_headers
+from service.main import create_app, openapi_yaml
+from tests.conftest import (
+    ALICE,
+    COMPANY_1,
+    COMPANY_2,
+    DAVE,
+    RETURN_URL,
+    TENANT,
+    Stack,
+    broker_settings,
+    user_headers,
+)
 from tests.support.intuit_user import CallbackResult
+from tests.support.servers import ThreadedServer, free_port
 
 TOKEN_PATH = "/connections/{connection_id}/token"
 AUTHORIZE = ("POST", "/connections/{connection_id}/authorize")
@@ -75,8 +86,17 @@ CONFIG = schemathesis.Config.from_dict({
         # notifications are tested in tests/intuit_webhooks/test_intake.py.
         "include-name": "POST /intuit/webhooks",
         "checks": {"positive_data_acceptance": {"expected-statuses": ["2xx", "401", "413"]}},
+    }, {
+        # Which URLs may receive webhooks is decided after DNS resolution (https to public
+        # addresses only), not by the document: a generated URL is refused with 422 (tested in
+        # tests/events/test_webhooks.py); a good one becomes a public address (_public_webhook_url),
+        # and past the per-tenant cap a create is 409.
+        "include-name": "POST /webhook-endpoints",
+        "checks": {"positive_data_acceptance": {
+            "expected-statuses": ["2xx", "401", "403", "404", "409", "422", "429", "5xx"]}},
     }],
 })
+PUBLIC_WEBHOOK_URL = "https://93.184.216.34/hooks"
 
 
 @dataclass
@@ -84,6 +104,8 @@ class Seeded:
     """What the running test seeded; read while Hypothesis draws and while requests are sent."""
 
     connection_ids: list[str] = field(default_factory=list)
+    endpoint_ids: list[str] = field(default_factory=list)
+    event_ids: list[str] = field(default_factory=list)
     cursors: dict[str, str] = field(default_factory=dict)
     headers: dict[str, str] = field(default_factory=dict)
 
@@ -117,11 +139,13 @@ def real_connection_ids(ctx: schemathesis.HookContext, path_parameters: dict[str
     # A generated well-formed id never exists; use a seeded one about half of the time, so the
     # operations' success answers are exercised too. Malformed ids stay: negative cases must remain
     # negative.
-    if (not path_parameters or not _is_uuid(path_parameters.get("connection_id"))
-            or not SEEDED.connection_ids):  # nothing seeded yet (cases built at collection)
-        return st.just(path_parameters)
-    return st.one_of(st.just(path_parameters), st.sampled_from(SEEDED.connection_ids).map(
-        lambda real: {**path_parameters, "connection_id": real}))
+    for name, seeded in [("connection_id", SEEDED.connection_ids),
+                         ("endpoint_id", SEEDED.endpoint_ids), ("event_id", SEEDED.event_ids)]:
+        if (path_parameters and _is_uuid(path_parameters.get(name))
+                and seeded):  # nothing seeded yet: cases built at collection
+            return st.one_of(st.just(path_parameters), st.sampled_from(seeded).map(
+                lambda real, name=name: {**path_parameters, name: real}))
+    return st.just(path_parameters)
 
 
 @schema.hook("flatmap_query")
@@ -147,6 +171,14 @@ def _issued_cursor(case: Case) -> None:
         case.query = {**case.query, "cursor": SEEDED.cursors[case.path]}
 
 
+def _public_webhook_url(case: Case) -> None:
+    # A URL the document calls valid becomes one of a public address (see CONFIG).
+    if (case.method.upper(), case.path) == ("POST", "/webhook-endpoints") and isinstance(
+            case.body, dict) and isinstance(case.body.get("url"), str) and 0 < len(
+            case.body["url"]) <= 2048:
+        case.body = {**case.body, "url": PUBLIC_WEBHOOK_URL}
+
+
 def _allowed_return_url(case: Case) -> None:
     # Where the browser may return is configuration (BROKER_RETURN_URL_ALLOWLIST); refusing other
     # origins (400 return_url_not_allowed) is tested in tests/auth/test_authentication.py. A valid
@@ -160,6 +192,7 @@ def _allowed_return_url(case: Case) -> None:
 _SERVICE_NAMES = {
     ("GET", "/connections"): ("query", "tenant_id", TENANT),
     ("GET", "/status"): ("query", "tenant_id", TENANT),
+    ("GET", "/status/stream"): ("query", "tenant_id", TENANT),
     ("POST", "/connections"): ("body", "tenant_id", TENANT),
     ("POST", "/connections/{connection_id}/authorize"): ("body", "user_id", "user-1"),
 }
@@ -223,6 +256,12 @@ async def seeded(identity: str, client: httpx.AsyncClient,
     if identity == "anonymous":
         yield SEEDED
         return
+    # Webhook endpoints before the events, so they have deliveries (and pages of them).
+    hooks = await service_headers("webhooks:write", name="seed-webhooks")
+    for _ in range(2):
+        created = await client.post("/webhook-endpoints", json={"url": PUBLIC_WEBHOOK_URL},
+                                    headers=hooks)
+        SEEDED.endpoint_ids.append(created.raise_for_status().json()["id"])
     pending = await new_connection()
     connected = await new_connection()
     linked = await connect(connected["id"], email=ALICE, realm_id=COMPANY_1)
@@ -238,22 +277,42 @@ async def seeded(identity: str, client: httpx.AsyncClient,
 
     pages = {"/connections": "/connections",
              "/connections/{connection_id}/events": f"/connections/{awaiting['id']}/events"}
+    pages.update({"/webhook-endpoints": "/webhook-endpoints",
+                  "/webhook-endpoints/{endpoint_id}/deliveries":
+                  f"/webhook-endpoints/{SEEDED.endpoint_ids[0]}/deliveries"})
+    deliveries = await client.get(pages["/webhook-endpoints/{endpoint_id}/deliveries"],
+                                  headers=hooks)
+    SEEDED.event_ids = [d["event_id"] for d in deliveries.raise_for_status().json()["items"]]
     for template, url in pages.items():
-        page = await client.get(url, params={"limit": 1}, headers=user_headers())
+        page = await client.get(url, params={"limit": 1}, headers=(
+            hooks if template.startswith("/webhook") else user_headers()))
         SEEDED.cursors[template] = page.raise_for_status().json()["next_cursor"]
         assert SEEDED.cursors[template], (url, page.text)
 
     if identity == "user":
         SEEDED.headers = user_headers()
     elif identity == "service":
-        SEEDED.headers = await service_headers("status:read", "tokens:read", "connections:write")
+        SEEDED.headers = await service_headers("status:read", "tokens:read", "connections:write",
+                                               "webhooks:write")
     yield SEEDED
     SEEDED.connection_ids, SEEDED.cursors, SEEDED.headers = [], {}, {}
+    SEEDED.endpoint_ids, SEEDED.event_ids = [], []
+
+
+@pytest.fixture(scope="module")
+def fuzzed_broker(stack: Stack) -> Iterator[str]:
+    """A broker like the stack's, on its database, whose event streams end after half a second:
+    a stream's success is an answer that goes on, which a generated case cannot wait for."""
+    port = free_port()
+    server = ThreadedServer(create_app(broker_settings(
+        stack.database_url, port, stack.emulator_url, BROKER_STREAM_MAX_SECONDS=0.5)), port).start()
+    yield server.url
+    server.stop()
 
 
 @pytest.fixture
-def broker(stack: Stack, seeded: Seeded) -> Iterator[str]:
-    yield stack.broker_url
+def broker(fuzzed_broker: str, seeded: Seeded) -> Iterator[str]:
+    yield fuzzed_broker
 
 
 @schema.parametrize()
@@ -264,6 +323,7 @@ def broker(stack: Stack, seeded: Seeded) -> Iterator[str]:
 def test_operation(case: Case, broker: str, identity: str) -> None:
     _issued_cursor(case)
     _allowed_return_url(case)
+    _public_webhook_url(case)
     if identity == "service":
         _as_a_service_would(case)
     _ticket_mode_return_url(case)
@@ -277,7 +337,8 @@ async def test_a_service_must_name_the_tenant_and_the_user(
     headers = await service_headers("status:read", "connections:write")
     connection = await new_connection()
     requests: list[tuple[str, str, dict[str, str] | None]] = [
-        ("GET", "/connections", None), ("GET", "/status", None), ("POST", "/connections", {}),
+        ("GET", "/connections", None), ("GET", "/status", None), ("GET", "/status/stream", None),
+        ("POST", "/connections", {}),
         ("POST", f"/connections/{connection['id']}/authorize", {"return_url": RETURN_URL})]
     for method, url, body in requests:
         response = await client.request(method, url, json=body, headers=headers)

@@ -14,6 +14,7 @@ class Scope(StrEnum):
     STATUS_READ = "status:read"
     TOKENS_READ = "tokens:read"
     CONNECTIONS_WRITE = "connections:write"
+    WEBHOOKS_WRITE = "webhooks:write"
 
 
 @dataclass(frozen=True)

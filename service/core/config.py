@@ -88,6 +88,14 @@ class Settings(BaseSettings):
     # INTUIT_ENVIRONMENT=production; see docs_enabled.
     docs_setting: bool | None = Field(default=None, alias="BROKER_DOCS")
 
+    # Live event streams (service/streams), per process.
+    streams_max: int = Field(default=1000, alias="BROKER_STREAMS_MAX", ge=1)
+    streams_per_tenant: int = Field(default=50, alias="BROKER_STREAMS_PER_TENANT", ge=1)
+    stream_heartbeat_seconds: float = Field(default=15.0, alias="BROKER_STREAM_HEARTBEAT_SECONDS",
+                                            gt=0)
+    stream_max_seconds: float = Field(default=3600.0, alias="BROKER_STREAM_MAX_SECONDS", gt=0)
+    stream_queue_size: int = Field(default=100, alias="BROKER_STREAM_QUEUE_SIZE", ge=1)
+
     # Background work (token keep-alive, pending-link expiry, revocation retries).
     background_enabled: bool = Field(default=True, alias="BROKER_BACKGROUND_ENABLED")
     background_interval_seconds: float = Field(default=30.0, alias="BROKER_BACKGROUND_INTERVAL", gt=0)
@@ -105,6 +113,18 @@ class Settings(BaseSettings):
                                          ge=1, le=10**12)
     coreplus_tenant_monthly_cap: int | None = Field(
         default=None, alias="BROKER_COREPLUS_TENANT_MONTHLY_CAP", ge=0, le=10**12)
+
+    # Outgoing webhooks (service.events). Private destinations (and plain http) only in development.
+    webhook_allow_private: bool = Field(default=False, alias="BROKER_WEBHOOK_ALLOW_PRIVATE")
+    webhook_delivery_enabled: bool = Field(default=True, alias="BROKER_WEBHOOK_DELIVERY_ENABLED")
+    webhook_timeout_seconds: float = Field(default=10.0, alias="BROKER_WEBHOOK_TIMEOUT", gt=0,
+                                           le=30)
+    webhook_concurrency_per_endpoint: int = Field(
+        default=10, alias="BROKER_WEBHOOK_CONCURRENCY_PER_ENDPOINT", ge=1, le=100)
+    webhook_max_in_flight: int = Field(default=100, alias="BROKER_WEBHOOK_MAX_IN_FLIGHT", ge=1)
+    webhook_max_endpoints_per_tenant: int = Field(
+        default=10, alias="BROKER_WEBHOOK_MAX_ENDPOINTS_PER_TENANT", ge=1)
+
 
     # Intuit's webhook verifier tokens (comma-separated: during a rotation, the new and the old);
     # none: POST /intuit/webhooks refuses everything.

@@ -41,6 +41,10 @@ SECRET_COLUMNS = [
                  lambda r: sealed_aad(r.connection_id, Sealed.HELD_REFRESH), aad_columns=", connection_id"),
     SecretColumn("authorization_states", "state_hash", "code_verifier",
                  lambda r: f"authorization:{r.state_hash}:pkce"),
+    # service.events.delivery.secret_associated_data
+    SecretColumn("webhook_endpoints", "id", "secret", lambda r: f"webhook_endpoint:{r.id}:secret"),
+    SecretColumn("webhook_endpoints", "id", "previous_secret",
+                 lambda r: f"webhook_endpoint:{r.id}:previous_secret"),
 ]
 
 

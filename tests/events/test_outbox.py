@@ -158,3 +158,15 @@ async def test_emit_refuses_an_unknown_type(runtime) -> None:
         with pytest.raises(ValueError, match="not a valid EventType"):
             await outbox.emit(session, "connection.renamed", tenant_id="t", connection_id=None,
                               data={})
+
+
+async def test_a_refused_link_is_published(new_connection, connect, stack) -> None:
+    first, second = await new_connection(), await new_connection()
+    await connect(first["id"], realm_id=COMPANY_1)
+    refused = await connect(second["id"], realm_id=COMPANY_1)
+    assert refused.params["error"] == "quickbooks_company_in_use", refused.params
+    last = (await events_of(stack.database_url, second["id"]))[-1]
+    assert last["type"] == "connection.link_refused"
+    assert last["data"]["error"]["code"] == "quickbooks_company_in_use"
+    assert last["data"]["last_error"]["code"] == "quickbooks_company_in_use"
+    assert last["data"]["status"] == "pending"

@@ -13,7 +13,8 @@ from sqlalchemy.engine import make_url
 
 from service.core.db.engine import asyncpg_dsn
 
-TABLES = ["events", "connection_events", "pending_links", "authorization_states", "held_grants",
+TABLES = ["webhook_deliveries", "webhook_endpoints", "events",
+          "connection_events", "pending_links", "authorization_states", "held_grants",
           "quickbooks_usage", "quickbooks_budgets", "quickbooks_budget_alerts",
           "pending_revocations", "intuit_notifications", "intuit_entity_changes",
           "quickbooks_user_claims", "api_keys", "connections"]
