@@ -99,6 +99,29 @@ class Settings(BaseSettings):
     )
     keepalive_concurrency: int = Field(default=8, alias="BROKER_KEEPALIVE_CONCURRENCY", ge=1)
 
+    # The QuickBooks gateway (service.gateway): forwarding, retries and Intuit's per-company limits.
+    quickbooks_minor_version: int = Field(default=75, alias="BROKER_QUICKBOOKS_MINOR_VERSION", ge=1)
+    quickbooks_max_body_bytes: int = Field(default=25 * 1024 * 1024,
+                                           alias="BROKER_QUICKBOOKS_MAX_BODY_BYTES", ge=1024)
+    # Request bodies up to this size are read before forwarding, and so can be sent again.
+    quickbooks_retry_body_bytes: int = Field(default=1024 * 1024,
+                                             alias="BROKER_QUICKBOOKS_RETRY_BODY_BYTES", ge=0)
+    quickbooks_deadline_seconds: float = Field(default=30.0, alias="BROKER_QUICKBOOKS_DEADLINE_SECONDS",
+                                               gt=0)
+    quickbooks_queue_seconds: float = Field(default=5.0, alias="BROKER_QUICKBOOKS_QUEUE_SECONDS", ge=0)
+    quickbooks_max_in_flight: int = Field(default=10, alias="BROKER_QUICKBOOKS_MAX_IN_FLIGHT", ge=0)
+    quickbooks_per_second: int = Field(default=10, alias="BROKER_QUICKBOOKS_PER_SECOND", ge=0)
+    quickbooks_per_minute: int = Field(default=500, alias="BROKER_QUICKBOOKS_PER_MINUTE", ge=0)
+    quickbooks_batch_per_minute: int = Field(default=120, alias="BROKER_QUICKBOOKS_BATCH_PER_MINUTE",
+                                             ge=0)
+    # Added to each window (1 s, 60 s): a call admitted at the edge of one can reach Intuit a few
+    # milliseconds later than another, and Intuit counts arrivals.
+    quickbooks_window_margin_seconds: float = Field(
+        default=0.1, alias="BROKER_QUICKBOOKS_WINDOW_MARGIN_SECONDS", ge=0, le=5)
+    # An in-flight slot lapses after this long unless renewed (a replica killed mid-call).
+    quickbooks_lease_seconds: float = Field(default=60.0, alias="BROKER_QUICKBOOKS_LEASE_SECONDS",
+                                            ge=5)
+
     _split = field_validator("return_url_allowlist", "cors_origins_setting", mode="before")(
         _split_commas
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -19,6 +20,9 @@ from service.db.engine import asyncpg_dsn, build_engine, build_sessionmaker, cre
 from service.docs import OPENAPI_PATH, install_docs
 from service.errors import ErrorBoundary, Problem, install_error_handlers
 from service.fastlane import FastLane
+from service.gateway.proxy import Gateway
+from service.gateway.router import router as gateway_router
+from service.gateway.throttle import RealmThrottle
 from service.intuit.client import IntuitClient
 from service.oauth.router import router as oauth_router
 from service.observability import BodySizeLimitMiddleware, RequestContextMiddleware
@@ -29,6 +33,7 @@ from service.tokens.locks import RefreshLocks
 from service.tokens.refresh import TokenRefresher
 
 log = logging.getLogger(__name__)
+GATEWAY_PATHS = re.compile(r"^/connections/[^/]+/quickbooks/")
 
 DESCRIPTION = """
 qbo-broker owns cieTrade's links to QuickBooks Online: connections, the Connect flow with Intuit,
@@ -79,6 +84,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                           intuit=intuit, box=box, refresher=refresher, caches=caches,
                           reads=reads)
         app.state.runtime = runtime
+        gateway = app.state.gateway = Gateway(settings, refresher, RealmThrottle(settings, reads))
         app.state.sessionmaker = sessionmaker
         app.state.jwt_verifier = JWTVerifier(settings)
         stop_metrics = (await ops.serve_metrics(app.state, settings)
@@ -93,6 +99,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 await stop_metrics()
             if worker is not None:
                 await worker.stop()
+            await gateway.aclose()
             await refresher.aclose()
             await feed.stop()
             await locks.close()
@@ -117,6 +124,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     _document_problems(app)
     app.include_router(connections_router)
+    app.include_router(gateway_router)
     app.include_router(oauth_router)
     app.include_router(ops.router)
     # Innermost: its answers pass through CORS, body limits and the request context (ids,
@@ -133,7 +141,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                            allow_methods=["GET", "POST", "PATCH", "DELETE"],
                            allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
                            expose_headers=["X-Request-ID", "Retry-After"], max_age=600)
-    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
+    # The gateway streams bodies up to a limit of its own (BROKER_QUICKBOOKS_MAX_BODY_BYTES).
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes,
+                       exempt=GATEWAY_PATHS)
     app.add_middleware(RequestContextMiddleware)
     return app
 

@@ -14,6 +14,8 @@ class Scope(StrEnum):
     STATUS_READ = "status:read"
     TOKENS_READ = "tokens:read"
     CONNECTIONS_WRITE = "connections:write"
+    QUICKBOOKS_READ = "quickbooks:read"
+    QUICKBOOKS_WRITE = "quickbooks:write"
 
 
 @dataclass(frozen=True)

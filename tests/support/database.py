@@ -14,7 +14,7 @@ from sqlalchemy.engine import make_url
 from service.db.engine import asyncpg_dsn
 
 TABLES = ["connection_events", "pending_links", "authorization_states", "held_grants",
-          "pending_revocations",
+          "pending_revocations", "quickbooks_realm_throttles",
           "quickbooks_user_claims", "api_keys", "connections"]
 
 
