@@ -102,7 +102,10 @@ def request_headers(raw: list[tuple[bytes, bytes]], access_token: str) -> list[t
             continue
         if lowered in _NOT_FORWARDED or lowered in named_by_connection:
             continue
-        accept = accept or lowered == b"accept"
+        if lowered == b"accept":
+            if value.strip() == b"*/*":  # anything will do (HTTP clients' default): JSON then
+                continue
+            accept = True
         headers.append((lowered, value))
     if not accept:
         headers.append((b"accept", b"application/json"))

@@ -126,11 +126,17 @@ class _Relay(Response):
         try:
             await send({"type": "http.response.start", "status": self.status_code,
                         "headers": self.raw_headers})
-            async for chunk in self._upstream.aiter_raw():
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                if loop.time() > renew_at:
-                    await self._throttle.renew(self._lease)
-                    renew_at = loop.time() + self._renew_every
+            try:
+                async for chunk in self._upstream.aiter_raw():
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    if loop.time() > renew_at:
+                        await self._throttle.renew(self._lease)
+                        renew_at = loop.time() + self._renew_every
+            except httpx.TransportError as exc:
+                # Cut off mid-answer: the status has gone, so the caller learns it from an answer
+                # that ends early (the server closes the connection).
+                log.warning("QuickBooks answer cut off while relayed (%s)", type(exc).__name__)
+                return
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             await self._upstream.aclose()
@@ -247,6 +253,13 @@ class _Call:
                                              content=self.body.content())
         return await self.g._http.send(request, stream=True)
 
+    def _unavailable(self) -> IntuitUnavailable:
+        return IntuitUnavailable(
+            "QuickBooks did not answer; the call may be repeated"
+            + (f" with the same requestid ({REQUEST_ID_HEADER})." if self.request_id else "."),
+            retry_after=max(1, math.ceil(self.g._settings.intuit_backoff_max_seconds)),
+            connection_id=str(self.connection_id))
+
     async def _record(self, outcome: str) -> None:
         await self.g._meter.record(self.tenant_id, self.token.realm_id, self.call_class, outcome)
 
@@ -282,11 +295,7 @@ class _Call:
                     attempt += 1
                     await asyncio.sleep(delay)
                     continue
-                raise IntuitUnavailable("QuickBooks did not answer; the call may be repeated"
-                                        + (f" with the same requestid ({REQUEST_ID_HEADER})."
-                                           if self.request_id else "."),
-                                        retry_after=max(1, math.ceil(s.intuit_backoff_max_seconds)),
-                                        connection_id=str(self.connection_id)) from None
+                raise self._unavailable() from None
             except BaseException:
                 throttle.release_soon(lease)
                 raise
@@ -319,7 +328,31 @@ class _Call:
                 await upstream.aclose()
                 throttle.release_soon(lease)
                 raise
+            body: bytes | None = None
+            length = upstream.headers.get("content-length", "")
+            if length.isdigit() and int(length) <= s.quickbooks_retry_body_bytes:
+                # A small answer is read before it is relayed, so that one cut off on the way
+                # (Intuit's connection dropped) can still be asked for again.
+                try:
+                    body = b"".join([chunk async for chunk in upstream.aiter_raw()])
+                except httpx.TransportError as exc:
+                    throttle.release_soon(lease)
+                    delay = self._backoff(attempt, None)
+                    if replayable and attempt + 1 < s.intuit_max_attempts and \
+                            loop.time() + delay < deadline:
+                        log.warning("QuickBooks answer cut off (%s), retrying", type(exc).__name__)
+                        attempt += 1
+                        await asyncio.sleep(delay)
+                        continue
+                    raise self._unavailable() from None
+                finally:
+                    await upstream.aclose()
             headers = forwarding.response_headers(upstream.headers.raw)
             if self.request_id is not None:
                 headers.append((REQUEST_ID_HEADER.lower().encode(), self.request_id.encode()))
+            if body is not None:
+                throttle.release_soon(lease)
+                answer = Response(body, upstream.status_code)
+                answer.raw_headers = headers  # Intuit's own Content-Length among them
+                return answer
             return _Relay(upstream, headers, lease, throttle, s.quickbooks_lease_seconds / 3)
