@@ -9,8 +9,8 @@ Keywords and entity and field names are case-insensitive; strings are single-quo
 (or `''`, as SQL writes it) for a quote. QuickBooks has no OR, no parentheses around conditions
 and no `!=`: they are parse errors (Fault 4000, QueryParserError), as are unknown tokens. A
 query that parses but names an unknown entity or a field that cannot be filtered, or asks for
-more than 1000 rows, is refused with Fault 4001 (QueryValidationError). Name lists (Customer, Item, Account) answer
-only active entries unless the query says something about `Active`.
+more than 1000 rows, is refused with Fault 4001 (QueryValidationError). Name lists (Customer,
+Item, Account) answer only active entries unless the query says something about `Active`.
 """
 
 from __future__ import annotations
