@@ -45,15 +45,29 @@ room within Intuit's limits for the company, shared by every replica, else answe
 `application/problem+json`; Intuit's own answers keep Intuit's content type.
 """
 
-_INTUIT = {"description": "Intuit's answer, relayed unchanged (any status, JSON or XML).",
-           "content": {"application/json": {}, "application/xml": {}, "*/*": {}},
-           "headers": {"intuit_tid": {"description": "Intuit's transaction id, for support.",
-                                      "schema": {"type": "string"}},
-                       REQUEST_ID_HEADER: {"description": "The call's requestid (not on GET).",
-                                           "schema": {"type": "string"}}}}
+_INTUIT_CONTENT: dict[str, Any] = {"application/json": {}, "application/xml": {}, "*/*": {}}
+_HEADERS: dict[str, Any] = {
+    "intuit_tid": {"description": "Intuit's transaction id, for support.",
+                   "schema": {"type": "string"}},
+    REQUEST_ID_HEADER: {"description": "The call's requestid (not on GET).",
+                        "schema": {"type": "string"}}}
+_INTUIT: dict[str, Any] = {"description": "Intuit's answer, relayed unchanged (any status, JSON "
+                                          "or XML).", "content": _INTUIT_CONTENT,
+                           "headers": _HEADERS}
+
+
+def _problem_or_intuit(problem: dict[str, Any]) -> dict[str, Any]:
+    """The broker's problem for this status, or Intuit's own answer with it."""
+    return {"description": "A problem (application/problem+json) from the broker, or Intuit's "
+                           "own answer relayed unchanged.",
+            "content": {**problem["content"], **_INTUIT_CONTENT}, "headers": _HEADERS}
+
+
 RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: _INTUIT,
+    **{status: _problem_or_intuit(problem) for status, problem in
+       problem_responses(400, 401, 403, 404, 409, 413, 422, 429, 503).items()},
     "default": _INTUIT,
-    **problem_responses(400, 401, 403, 404, 409, 413, 422, 429, 503),
 }
 
 
