@@ -118,6 +118,11 @@ class Settings(BaseSettings):
     # milliseconds later than another, and Intuit counts arrivals.
     quickbooks_window_margin_seconds: float = Field(
         default=0.1, alias="BROKER_QUICKBOOKS_WINDOW_MARGIN_SECONDS", ge=0, le=5)
+    # Least time between two calls to one company; unset: 60 s / the per-minute limit (0.12 s),
+    # the pace that uses a whole minute. Spread out, ten calls take 1.2 s, so each second's
+    # window at Intuit keeps 0.2 s of slack for calls that arrive later than others.
+    quickbooks_min_interval_seconds: float | None = Field(
+        default=None, alias="BROKER_QUICKBOOKS_MIN_INTERVAL_SECONDS", ge=0, le=60)
     # An in-flight slot lapses after this long unless renewed (a replica killed mid-call).
     quickbooks_lease_seconds: float = Field(default=60.0, alias="BROKER_QUICKBOOKS_LEASE_SECONDS",
                                             ge=5)
@@ -135,6 +140,12 @@ class Settings(BaseSettings):
     @classmethod
     def _strip_slash(cls, value: str) -> str:
         return value.rstrip("/")
+
+    @property
+    def quickbooks_interval_seconds(self) -> float:
+        if self.quickbooks_min_interval_seconds is not None:
+            return self.quickbooks_min_interval_seconds
+        return 60.0 / self.quickbooks_per_minute if self.quickbooks_per_minute else 0.0
 
     @property
     def redirect_uri(self) -> str:

@@ -32,12 +32,14 @@ def upgrade() -> None:
     )
     # One call per statement: lock the realm's row, read the time after the lock (so admissions
     # are stamped in the order they are made, by one clock for every replica), and either admit
-    # (stamp the windows, take a free or lapsed in-flight slot) or say how long to wait. Limits
-    # of 0 are off. `wait_seconds` is what the windows and a pause ask for; `busy`: no free slot.
+    # (stamp the windows, take a free or lapsed in-flight slot) or say how long to wait. Calls
+    # are also spaced `p_interval` apart, so a burst does not reach Intuit as one. Limits of 0
+    # are off. `wait_seconds` is what the windows and a pause ask for; `busy`: no free slot.
     op.execute("""
         CREATE FUNCTION qbo_broker_gateway_admit(
             p_realm text, p_batch boolean, p_in_flight int, p_per_second int, p_per_minute int,
-            p_batch_per_minute int, p_margin double precision, p_lease double precision)
+            p_batch_per_minute int, p_margin double precision, p_lease double precision,
+            p_interval double precision)
         RETURNS TABLE (admitted boolean, slot int, lease timestamptz, wait_seconds double precision,
                        busy boolean)
         LANGUAGE plpgsql AS $$
@@ -71,6 +73,10 @@ def upgrade() -> None:
             IF p_per_minute > 0 AND n >= p_per_minute THEN
                 wait := greatest(wait, extract(epoch FROM
                     r.admitted[n - p_per_minute + 1] + minute_ - now_));
+            END IF;
+            IF p_interval > 0 AND n > 0 THEN
+                wait := greatest(wait, extract(epoch FROM
+                    r.admitted[n] + make_interval(secs => p_interval) - now_));
             END IF;
             nb := cardinality(r.batch_admitted);
             IF p_batch AND p_batch_per_minute > 0 AND nb >= p_batch_per_minute THEN
@@ -108,5 +114,5 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.execute("DROP FUNCTION qbo_broker_gateway_admit(text, boolean, int, int, int, int, "
-               "double precision, double precision)")
+               "double precision, double precision, double precision)")
     op.drop_table("quickbooks_realm_throttles")

@@ -30,7 +30,7 @@ from service.errors import ProblemError
 # process (a release in this process wakes it at once).
 BUSY_POLL_SECONDS = 0.02
 
-_ADMIT = "SELECT * FROM qbo_broker_gateway_admit($1, $2, $3, $4, $5, $6, $7, $8)"
+_ADMIT = "SELECT * FROM qbo_broker_gateway_admit($1, $2, $3, $4, $5, $6, $7, $8, $9)"
 _RELEASE = ("UPDATE quickbooks_realm_throttles SET leases[$2] = NULL "
             "WHERE realm_id = $1 AND leases[$2] = $3")
 _RENEW = ("UPDATE quickbooks_realm_throttles "
@@ -71,6 +71,7 @@ class RealmThrottle:
         self._settings = settings
         self._pool = pool
         self._queues: dict[tuple[str, bool], _Queue] = {}
+        self._interval = settings.quickbooks_interval_seconds
         self._tasks: set[asyncio.Task[None]] = set()
 
     @asynccontextmanager
@@ -127,7 +128,7 @@ class RealmThrottle:
         statement = asyncio.ensure_future(self._pool.fetchrow(
             _ADMIT, realm_id, batch, s.quickbooks_max_in_flight, s.quickbooks_per_second,
             s.quickbooks_per_minute, s.quickbooks_batch_per_minute,
-            s.quickbooks_window_margin_seconds, s.quickbooks_lease_seconds))
+            s.quickbooks_window_margin_seconds, s.quickbooks_lease_seconds, self._interval))
         try:
             return await asyncio.shield(statement)
         except asyncio.CancelledError:
