@@ -29,6 +29,7 @@ def upgrade() -> None:
         sa.Column("batch_admitted", pg.ARRAY(TZ), nullable=False, server_default=sa.text("'{}'")),
         sa.Column("leases", pg.ARRAY(TZ), nullable=False, server_default=sa.text("'{}'")),
         sa.Column("paused_until", TZ, nullable=True),
+        sa.Column("paced_until", TZ, nullable=True),
     )
     # One call per statement: lock the realm's row, read the time after the lock (so admissions
     # are stamped in the order they are made, by one clock for every replica), and either admit
@@ -74,9 +75,8 @@ def upgrade() -> None:
                 wait := greatest(wait, extract(epoch FROM
                     r.admitted[n - p_per_minute + 1] + minute_ - now_));
             END IF;
-            IF p_interval > 0 AND n > 0 THEN
-                wait := greatest(wait, extract(epoch FROM
-                    r.admitted[n] + make_interval(secs => p_interval) - now_));
+            IF p_interval > 0 AND r.paced_until IS NOT NULL AND r.paced_until > now_ THEN
+                wait := greatest(wait, extract(epoch FROM r.paced_until - now_));
             END IF;
             nb := cardinality(r.batch_admitted);
             IF p_batch AND p_batch_per_minute > 0 AND nb >= p_batch_per_minute THEN
@@ -104,8 +104,16 @@ def upgrade() -> None:
             IF free IS NOT NULL THEN
                 r.leases[free] := now_ + make_interval(secs => p_lease);
             END IF;
+            IF p_interval > 0 THEN
+                -- The pace is kept on schedule: a call admitted a little late (a busy replica)
+                -- does not push every later one back, down to half an interval after it.
+                r.paced_until := greatest(coalesce(r.paced_until, now_)
+                                          + make_interval(secs => p_interval),
+                                          now_ + make_interval(secs => p_interval / 2));
+            END IF;
             UPDATE quickbooks_realm_throttles t
-               SET admitted = r.admitted, batch_admitted = r.batch_admitted, leases = r.leases
+               SET admitted = r.admitted, batch_admitted = r.batch_admitted, leases = r.leases,
+                   paced_until = r.paced_until
              WHERE t.realm_id = p_realm;
             RETURN QUERY SELECT true, free, r.leases[free], 0::double precision, false;
         END $$;

@@ -226,3 +226,5 @@ class RealmThrottle(SQLModel, table=True):
         pg.ARRAY(TZ), nullable=False, server_default=sa.text("'{}'")))
     # Set from Intuit's Retry-After on a 429: nothing is admitted before then.
     paused_until: datetime | None = _ts()
+    # When the next call may go, keeping calls an interval apart.
+    paced_until: datetime | None = _ts()
