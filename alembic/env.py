@@ -10,9 +10,9 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from sqlmodel import SQLModel
 
 from alembic import context
-from service.db import models  # noqa: F401  (registers the tables on SQLModel.metadata)
-from service.db.engine import async_url
-from service.db.locking import MIGRATION_LOCK_KEY
+from service.core.db import models  # noqa: F401  (registers the tables on SQLModel.metadata)
+from service.core.db.engine import async_url
+from service.core.db.locking import MIGRATION_LOCK_KEY
 
 config = context.config
 target_metadata = SQLModel.metadata
@@ -22,8 +22,8 @@ def _database_url() -> str:
     url = config.get_main_option("sqlalchemy.url")
     if url:
         return url
-    from service.config import Settings
-    from service.db.embedded import start_embedded_postgres
+    from service.core.config import Settings
+    from service.core.db.embedded import start_embedded_postgres
 
     settings = Settings()
     return settings.database_url or start_embedded_postgres(settings.data_dir)

@@ -33,8 +33,8 @@ from sqlalchemy.engine import make_url
 
 from service.auth.api_keys import create_api_key
 from service.auth.jwt import issue_dev_token
-from service.db.engine import asyncpg_dsn, build_engine, build_sessionmaker
-from service.db.migrations import upgrade_to_head
+from service.core.db.engine import asyncpg_dsn, build_engine, build_sessionmaker
+from service.core.db.migrations import upgrade_to_head
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH_DIR = ROOT / "bench"
@@ -87,7 +87,7 @@ def fresh_database() -> Iterator[str]:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     admin = os.environ.get("DATABASE_URL")
     if not admin:
-        from service.db.embedded import start_embedded_postgres
+        from service.core.db.embedded import start_embedded_postgres
 
         tmp = Path(tempfile.mkdtemp(prefix="qbo-bench-pg-"))
         # Registered before pgserver registers its own stop, so it runs after the server stopped.

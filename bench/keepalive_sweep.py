@@ -1,10 +1,10 @@
 """Keep-alive at scale: 100,000 connections, of which 1,000 are due (connected, keepalive_due_at
 in the past); the rest are due later or in other states (some of those with a past due date).
 
-(a) The due-work query (service.tokens.background.due_connections_query, limit 500, with and
+(a) The due-work query (service.worker.due_connections_query, limit 500, with and
     without the access-token branch) under EXPLAIN (ANALYZE, BUFFERS): its time, and that it
     reads through an index rather than a Seq Scan on connections.
-(b) The sweep: service.tokens.background.keep_alive(runtime), run repeatedly until nothing is
+(b) The sweep: service.worker.keep_alive(runtime), run repeatedly until nothing is
     due, with a Runtime built as service/main.py's lifespan builds it, against the emulator (in
     a process of its own) answering after L ms, with BROKER_KEEPALIVE_CONCURRENCY = C. Compared
     with the target 1.5 x (due x L / C).
@@ -50,16 +50,12 @@ from harness import (
 )
 from sqlalchemy.dialects.postgresql.asyncpg import PGDialect_asyncpg
 
-from service.cache import Caches
-from service.config import Settings
-from service.db.engine import asyncpg_dsn, build_engine, build_sessionmaker, create_reads_pool
-from service.intuit.client import IntuitClient
-from service.observability import configure_logging
-from service.runtime import Runtime
-from service.tokens.background import due_connections_query, keep_alive
-from service.tokens.crypto import SecretBox
-from service.tokens.locks import RefreshLocks
-from service.tokens.refresh import TokenRefresher
+from service.core.config import Settings
+from service.core.crypto import SecretBox
+from service.core.observability import configure_logging
+from service.domain import Sealed, sealed_aad
+from service.runtime import Runtime, build_runtime
+from service.worker import due_connections_query, keep_alive
 
 QUERY_TARGET_MS = 20.0
 SWEEP_FACTOR = 1.5
@@ -92,8 +88,9 @@ def other_rows(count: int, box: SecretBox) -> list[tuple[Any, ...]]:
             cid, f"other-{i:06d}", status, f"72{i:014d}" if status != "pending" else None,
             f"Company {i}" if status != "pending" else None, f"user-{i:06d}", None, None, None,
             kind % 2 == 0, kind % 3 == 0,
-            box.encrypt(access, f"{cid}:access") if has_tokens else None,
-            box.encrypt("AB11" + secrets.token_urlsafe(36), f"{cid}:refresh") if has_tokens else None,
+            box.encrypt(access, sealed_aad(cid, Sealed.ACCESS)) if has_tokens else None,
+            (box.encrypt("AB11" + secrets.token_urlsafe(36), sealed_aad(cid, Sealed.REFRESH))
+             if has_tokens else None),
             now + timedelta(minutes=rng.uniform(-2 * 24 * 60, 60)) if has_tokens else None,
             now + timedelta(days=rng.uniform(10, 100)) if has_tokens else None,
             now - timedelta(hours=rng.uniform(0, 24)) if has_tokens else None,
@@ -173,15 +170,13 @@ async def sweep(database_url: str, emulator_url: str, *, concurrency: int, ids: 
                 pool_size: int | None, max_seconds: float) -> dict[str, Any]:
     """keep_alive until nothing is due, with a Runtime put together as the app's lifespan does."""
     settings = broker_settings(database_url, emulator_url, concurrency, pool_size)
-    engine = build_engine(database_url, pool_size=settings.db_pool_size)
-    sessionmaker = build_sessionmaker(engine)
-    intuit = IntuitClient(settings)
-    box = SecretBox(settings.parsed_encryption_keys)
-    reads = await create_reads_pool(database_url, max_size=2)
-    locks = RefreshLocks(asyncpg_dsn(database_url))
-    runtime = Runtime(settings=settings, engine=engine, sessionmaker=sessionmaker, intuit=intuit,
-                      box=box, refresher=TokenRefresher(settings, reads, intuit, box, locks, Caches()),
-                      reads=reads)
+    async with build_runtime(settings, database_url=database_url, change_feed=False) as runtime:
+        return await _sweep(runtime, database_url, emulator_url, ids=ids, max_seconds=max_seconds)
+
+
+async def _sweep(runtime: Runtime, database_url: str, emulator_url: str, *, ids: list[str],
+                 max_seconds: float) -> dict[str, Any]:
+    intuit = runtime.intuit
     db = await db_connect(database_url)
     try:
         await intuit.discovery()  # read once, as the first real request of a running broker would
@@ -211,14 +206,10 @@ async def sweep(database_url: str, emulator_url: str, *, concurrency: int, ids: 
             "AND updated_at >= now() - make_interval(secs => $2)", ids, seconds + 1)
     finally:
         await db.close()
-        await intuit.aclose()
-        await locks.close()
-        await reads.close()
-        await engine.dispose()
     outcomes = stats_after.get("token", {}).get("refresh_token", {})
     earlier = stats_before.get("token", {}).get("refresh_token", {})
     return {"seconds": seconds, "passes": passes, "refreshed": refreshed, "left": left, "cpu": cpu,
-            "due_set": due_set, "others": others, "pool_size": settings.db_pool_size,
+            "due_set": due_set, "others": others, "pool_size": runtime.settings.db_pool_size,
             "ok": outcomes.get("ok", 0) - earlier.get("ok", 0),
             "invalid_grant": outcomes.get("invalid_grant", 0) - earlier.get("invalid_grant", 0)}
 

@@ -21,8 +21,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from service.db.engine import asyncpg_dsn
-from service.tokens.crypto import SecretBox
+from service.core.crypto import SecretBox
+from service.core.db.engine import asyncpg_dsn
 
 STATUS_SQL = """
 SELECT id, status, realm_id, company_name, owner_user_id, owner_qb_sub, owner_qb_email,

@@ -53,7 +53,7 @@ from harness import (
     verdict,
 )
 
-from service.config import Settings
+from service.core.config import Settings
 
 P99_TARGET_S = 0.5
 RATIO_TARGET = 2.5

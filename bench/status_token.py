@@ -41,8 +41,9 @@ from harness import (
 )
 from loadgen import LoadResult, pick_client, run_load
 
-from service.config import Settings
-from service.tokens.crypto import SecretBox
+from service.core.config import Settings
+from service.core.crypto import SecretBox
+from service.domain import Sealed, sealed_aad
 
 STATUS_TARGET, TOKEN_TARGET = 1.0, 0.8  # broker throughput as a share of raw's
 MEMORY_TARGET_MB = 150.0
@@ -66,7 +67,8 @@ def seed_rows(tenants: int) -> tuple[list[tuple[Any, ...]], list[str], list[str]
         rows.append((
             cid, tenant, "connected", f"93{i:014d}", f"Company {i}", f"user-{i:06d}",
             str(uuid.uuid4()), f"owner{i}@example.com", f"Owner {i}", i % 2 == 0, i % 3 == 0,
-            box.encrypt(access, f"{cid}:access"), box.encrypt(refresh, f"{cid}:refresh"),
+            box.encrypt(access, sealed_aad(cid, Sealed.ACCESS)),
+            box.encrypt(refresh, sealed_aad(cid, Sealed.REFRESH)),
             now + timedelta(days=1), now + timedelta(days=100), now - timedelta(hours=1),
             now + timedelta(hours=23), now - timedelta(hours=1), created, None, created,
             now - timedelta(hours=1)))

@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import os
-import secrets
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
 
-from service.config import ConfigurationError, Settings
-from service.tokens.crypto import generate_key
+from service.core.config import ConfigurationError, Settings
+from service.core.crypto import generate_key
+
+if TYPE_CHECKING:  # for annotations only: each command imports what it runs
+    from sqlalchemy.ext.asyncio import AsyncSession
+
+T = TypeVar("T")
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="qbo-broker: cieTrade's OAuth 2.0 broker for QuickBooks Online.")
@@ -35,8 +40,8 @@ def _settings() -> Settings:
 
 def _migrated_database(settings: Settings) -> str:
     """The database URL (starting the embedded server if needed), migrated to head."""
-    from service.db.migrations import upgrade_to_head
-    from service.main import database_url_for
+    from service.core.db.migrations import upgrade_to_head
+    from service.runtime import database_url_for
 
     url = database_url_for(settings)
     upgrade_to_head(url)
@@ -46,8 +51,8 @@ def _migrated_database(settings: Settings) -> str:
 def _check_stored_key_ids(settings: Settings, url: str) -> None:
     """Refuse to serve when stored secrets are sealed under key ids this configuration lacks:
     every refresh, disconnect and background pass touching them would fail."""
-    from service.db.engine import build_engine, build_sessionmaker
-    from service.tokens.crypto import printable_key_id
+    from service.core.crypto import printable_key_id
+    from service.core.db.engine import build_engine, build_sessionmaker
     from service.tokens.rotation import unconfigured_key_ids
 
     configured = [kid for kid, _ in settings.parsed_encryption_keys]
@@ -76,8 +81,8 @@ def serve(host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0
     """Migrate to head (under an advisory lock, so replicas don't race), then serve."""
     import uvicorn
 
-    from service.httpserver import server_options
-    from service.observability import configure_logging
+    from service.core.httpserver import server_options
+    from service.core.observability import configure_logging
 
     settings = _settings()
     try:
@@ -97,15 +102,45 @@ def serve(host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0
     # Workers read their settings from the environment; hand them the resolved database.
     os.environ["DATABASE_URL"] = url
     os.environ.setdefault("BROKER_METRICS_HOST", host)  # unset: the interface served
-    # Request heads are bounded (service.httpserver): uvicorn's httptools would buffer any size.
+    # Request heads are bounded (service.core.httpserver): uvicorn's httptools would buffer any size.
     uvicorn.run("service.main:create_app", factory=True, host=host, port=port, workers=workers,
                 proxy_headers=True, log_config=None, access_log=False, **server_options())
 
 
 @app.command()
+def worker() -> None:
+    """Migrate to head, then run the background work alone (keep-alive, pending-link and
+    ticket expiry, the revocation outbox) until SIGTERM or SIGINT. Run it beside `serve`
+    processes started with BROKER_BACKGROUND_ENABLED=false, or not at all: every `serve` runs
+    the same work unless told not to."""
+    import signal
+
+    from service.core.observability import configure_logging
+    from service.worker import run_worker
+
+    settings = _settings()
+    try:
+        settings.check_for_working()
+    except ConfigurationError as exc:
+        _fail(str(exc))
+    configure_logging(settings.log_level)
+    url = _migrated_database(settings)
+    _check_stored_key_ids(settings, url)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        await run_worker(settings, stop, database_url=url)
+
+    asyncio.run(main())
+
+
+@app.command()
 def migrate() -> None:
     """Alembic upgrade to head."""
-    from service.db.migrations import head_revision
+    from service.core.db.migrations import head_revision
 
     _migrated_database(_settings())
     typer.echo(f"database at {head_revision()}")
@@ -140,13 +175,13 @@ def dev_token(tenant: Annotated[str, typer.Option(help="tenant_id claim.")],
                                issuer=settings.jwt_issuer, audience=settings.jwt_audience))
 
 
-def _in_session(work):  # type: ignore[no-untyped-def]
+def _in_session(work: Callable[[AsyncSession], Awaitable[T]]) -> T:
     """Run `work(session)` in one transaction on the migrated database."""
-    from service.db.engine import build_engine, build_sessionmaker
+    from service.core.db.engine import build_engine, build_sessionmaker
 
     url = _migrated_database(_settings())  # blocking: Alembic runs its own event loop
 
-    async def run():  # type: ignore[no-untyped-def]
+    async def run() -> T:
         engine = build_engine(url, pool_size=2)
         try:
             async with build_sessionmaker(engine)() as session, session.begin():
@@ -212,8 +247,8 @@ def api_key_revoke(key_id: Annotated[str, typer.Argument(help="The key's id.")])
 def rotate_keys_command(
         batch: Annotated[int, typer.Option(min=1, help="Rows per transaction.")] = 200) -> None:
     """Re-encrypt every stored secret under the first key of BROKER_ENCRYPTION_KEYS."""
-    from service.db.engine import build_engine, build_sessionmaker
-    from service.tokens.crypto import SecretBox
+    from service.core.crypto import SecretBox
+    from service.core.db.engine import build_engine, build_sessionmaker
     from service.tokens.rotation import rotate_keys
 
     settings = _settings()
@@ -265,20 +300,6 @@ def emulator(ctx: typer.Context) -> None:
     from service.emulator.__main__ import main as emulator_main
 
     emulator_main(ctx.args)
-
-
-def dev_secret(path: Path, make: str) -> str:
-    """A value kept under BROKER_DATA_DIR so `dev` keeps its keys across restarts."""
-    if path.is_file():
-        return path.read_text().strip()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(make + "\n")
-    path.chmod(0o600)
-    return make
-
-
-def new_secret() -> str:
-    return secrets.token_urlsafe(48)
 
 
 def main() -> None:

@@ -7,6 +7,7 @@ import asyncio
 import contextvars
 import logging
 import os
+import secrets
 from collections.abc import Awaitable
 from pathlib import Path
 
@@ -31,7 +32,7 @@ class _QuietEmulatorServer(logging.Filter):
 def configure_dev_logging(level: str) -> None:
     """Readable lines on a terminal (JSON otherwise, as `serve` logs), and uvicorn's start-up
     and shutdown lines once, from the broker's server."""
-    from service.observability import configure_logging
+    from service.core.observability import configure_logging
 
     configure_logging(level, human_on_tty=True)
     uvicorn_log = logging.getLogger("uvicorn.error")
@@ -44,9 +45,22 @@ async def _as_emulator_server(serving: Awaitable[None]) -> None:
     await serving
 
 
+def dev_secret(path: Path, make: str) -> str:
+    """A value kept under BROKER_DATA_DIR so `dev` keeps its keys across restarts."""
+    if path.is_file():
+        return path.read_text().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(make + "\n")
+    path.chmod(0o600)
+    return make
+
+
+def new_secret() -> str:
+    return secrets.token_urlsafe(48)
+
+
 def _prepare_environment(host: str, port: int, emulator_port: int) -> Path:
-    from service.cli import dev_secret, new_secret
-    from service.tokens.crypto import generate_key
+    from service.core.crypto import generate_key
 
     data_dir = Path(os.environ.get("BROKER_DATA_DIR", "./.broker-data")).resolve()
     emulator_url = f"http://{host}:{emulator_port}"
@@ -70,7 +84,7 @@ def _prepare_environment(host: str, port: int, emulator_port: int) -> Path:
 async def _dev_api_key(data_dir: Path, database_url: str) -> str:
     from service.auth.api_keys import create_api_key, find_active_key
     from service.auth.callers import Scope
-    from service.db.engine import build_engine, build_sessionmaker
+    from service.core.db.engine import build_engine, build_sessionmaker
 
     engine = build_engine(database_url, pool_size=1)
     saved = data_dir / "dev-api-key"
@@ -92,11 +106,12 @@ async def _dev_api_key(data_dir: Path, database_url: str) -> str:
 
 def run_dev(*, host: str, port: int, emulator_port: int) -> None:
     from service.auth.jwt import issue_dev_token
-    from service.config import Settings
-    from service.db.migrations import upgrade_to_head
+    from service.core.config import Settings
+    from service.core.db.migrations import upgrade_to_head
     from service.emulator import EmulatorSettings
     from service.emulator import create_app as create_emulator
-    from service.main import create_app, database_url_for
+    from service.main import create_app
+    from service.runtime import database_url_for
 
     data_dir = _prepare_environment(host, port, emulator_port)
     settings = Settings()

@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 
-from service.config import Settings
+from service.core.config import Settings
 
 DOCS_PATH = "/docs"
 OPENAPI_PATH = "/openapi.json"

@@ -1,33 +1,81 @@
-"""What the running app holds (settings, database, Intuit client, keys), for endpoints to use."""
+"""What a running broker holds (settings, database, caches, Intuit client, keys, refresher), and
+the one place that puts it together: `build_runtime()`, used by the app's lifespan, the worker,
+the tests and the benchmarks."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Annotated
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+from typing import Annotated
 
 import asyncpg
 from fastapi import Depends, Request
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from service.cache import Caches
-from service.config import Settings
+from service.auth.jwt import JWTVerifier
+from service.core.cache import Caches, ChangeFeed
+from service.core.config import Settings
+from service.core.crypto import SecretBox
+from service.core.db.embedded import start_embedded_postgres
+from service.core.db.engine import asyncpg_dsn, build_engine, build_sessionmaker, create_reads_pool
 from service.intuit.client import IntuitClient
-from service.tokens.crypto import SecretBox
-
-if TYPE_CHECKING:
-    from service.tokens.refresh import TokenRefresher
+from service.tokens.locks import RefreshLocks
+from service.tokens.refresh import TokenRefresher
 
 
 @dataclass
 class Runtime:
     settings: Settings
+    database_url: str
     engine: AsyncEngine
     sessionmaker: async_sessionmaker[AsyncSession]
+    reads: asyncpg.Pool  # plain asyncpg, for the hot single-statement reads and writes
+    caches: Caches
+    feed: ChangeFeed | None  # None: no change feed, so the caches stay off
     intuit: IntuitClient
     box: SecretBox
+    locks: RefreshLocks
     refresher: TokenRefresher
-    reads: asyncpg.Pool  # plain asyncpg, for the hot single-statement reads
-    caches: Caches = field(default_factory=Caches)
+    jwt_verifier: JWTVerifier
+
+
+def database_url_for(settings: Settings) -> str:
+    """DATABASE_URL, or the embedded PostgreSQL under BROKER_DATA_DIR (started if need be)."""
+    return settings.database_url or start_embedded_postgres(settings.data_dir)
+
+
+@asynccontextmanager
+async def build_runtime(settings: Settings, *, database_url: str | None = None,
+                        change_feed: bool = True) -> AsyncIterator[Runtime]:
+    """Everything a broker process needs, opened in order and closed in reverse. Without the
+    change feed, the caches stay off (every read goes to PostgreSQL): for one-off work that
+    does not serve requests."""
+    url = database_url or database_url_for(settings)
+    dsn = asyncpg_dsn(url)
+    async with AsyncExitStack() as stack:
+        engine = build_engine(url, pool_size=settings.db_pool_size)
+        stack.push_async_callback(engine.dispose)
+        caches = Caches()
+        feed = None
+        if change_feed:
+            feed = ChangeFeed(dsn, caches)
+            await feed.start()
+            stack.push_async_callback(feed.stop)
+        reads = await create_reads_pool(url, max_size=settings.db_pool_size)
+        stack.push_async_callback(reads.close)
+        intuit = IntuitClient(settings)
+        stack.push_async_callback(intuit.aclose)
+        locks = RefreshLocks(dsn)
+        stack.push_async_callback(locks.close)
+        box = SecretBox(settings.parsed_encryption_keys)
+        refresher = TokenRefresher(settings, reads, intuit, box, locks, caches,
+                                   watch=feed.watching if feed is not None else None)
+        stack.push_async_callback(refresher.aclose)  # first to close: refreshes finish first
+        yield Runtime(settings=settings, database_url=url, engine=engine,
+                      sessionmaker=build_sessionmaker(engine, caches), reads=reads, caches=caches,
+                      feed=feed, intuit=intuit, box=box, locks=locks, refresher=refresher,
+                      jwt_verifier=JWTVerifier(settings))
 
 
 async def get_runtime(request: Request) -> Runtime:

@@ -16,9 +16,9 @@ import pytest
 
 from service.auth.api_keys import create_api_key
 from service.auth.jwt import issue_dev_token
-from service.config import Settings
-from service.db.engine import asyncpg_dsn, build_engine, build_sessionmaker, create_reads_pool
-from service.db.migrations import upgrade_to_head
+from service.core.config import Settings
+from service.core.db.engine import build_engine, build_sessionmaker
+from service.core.db.migrations import upgrade_to_head
 from service.emulator import EmulatorSettings
 from service.emulator import create_app as create_emulator
 from service.main import create_app
@@ -270,23 +270,8 @@ def linked_company(emulator: httpx.AsyncClient,
 @pytest.fixture
 async def runtime(stack: Stack) -> AsyncIterator[Any]:
     """The broker's runtime objects, for driving background work directly in a test."""
-    from service.cache import Caches
-    from service.intuit.client import IntuitClient
-    from service.runtime import Runtime
-    from service.tokens.crypto import SecretBox
-    from service.tokens.locks import RefreshLocks
-    from service.tokens.refresh import TokenRefresher
+    from service.runtime import build_runtime
 
-    engine = build_engine(stack.database_url, pool_size=4)
-    sessionmaker = build_sessionmaker(engine)
-    reads = await create_reads_pool(stack.database_url, max_size=2)
-    intuit = IntuitClient(stack.settings)
-    box = SecretBox(stack.settings.parsed_encryption_keys)
-    locks = RefreshLocks(asyncpg_dsn(stack.database_url))
-    yield Runtime(settings=stack.settings, engine=engine, sessionmaker=sessionmaker, intuit=intuit,
-                  box=box, refresher=TokenRefresher(stack.settings, reads, intuit, box, locks, Caches()),
-                  reads=reads)
-    await locks.close()
-    await intuit.aclose()
-    await reads.close()
-    await engine.dispose()
+    async with build_runtime(stack.settings, database_url=stack.database_url,
+                             change_feed=False) as built:
+        yield built

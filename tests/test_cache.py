@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import httpx
 import pytest
 
-from service.cache import VersionedCache
+from service.core.cache import VersionedCache
 from tests.conftest import Stack, user_headers
 from tests.support.db_helpers import execute
 from tests.support.processes import BrokerProcess, BrokerProcesses, settings_env
@@ -187,7 +187,7 @@ async def test_a_truncate_empties_every_replicas_status(client, replica, new_con
 async def test_using_an_api_key_notifies_no_replica_but_revoking_it_does(stack: Stack) -> None:
     import asyncpg
 
-    from service.db.engine import asyncpg_dsn
+    from service.core.db.engine import asyncpg_dsn
 
     listener = await asyncpg.connect(asyncpg_dsn(stack.database_url))
     heard: list[str] = []

@@ -12,7 +12,7 @@ import httpx
 import pytest
 import yaml
 
-from service.config import Settings
+from service.core.config import Settings
 from service.devserver import _prepare_environment
 from service.docs import ASSETS, assets_path
 from service.main import create_app

@@ -125,7 +125,7 @@ def test_migrate_and_serve_from_an_installed_wheel(installed: Installed, databas
 
     # /readyz compares the database with head_revision(): it must find the packaged scripts too.
     readiness = _run([installed.bin / "python", "-c",
-                      "from service.db.migrations import head_revision; print(head_revision())"],
+                      "from service.core.db.migrations import head_revision; print(head_revision())"],
                      cwd=installed.workdir, env=env)
     assert readiness.stdout.strip() == head
     served = _run([installed.bin / "qbo-broker", "serve", "--help"], cwd=installed.workdir, env=env)

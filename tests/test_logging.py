@@ -18,7 +18,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 from service.auth.jwt import issue_dev_token
-from service.observability import (
+from service.core.observability import (
     MAX_LOGGED_PATH,
     ConsoleFormatter,
     JSONFormatter,

@@ -7,7 +7,7 @@ import asyncio
 from sqlalchemy.engine import make_url
 
 from alembic import command
-from service.db.migrations import alembic_config, head_revision, upgrade_to_head
+from service.core.db.migrations import alembic_config, head_revision, upgrade_to_head
 from tests.support import database
 from tests.support.db_helpers import fetchrow
 

@@ -21,9 +21,9 @@ import sqlalchemy as sa
 import sqlalchemy.exc
 from fastapi import Depends, FastAPI
 
-from service.db import engine as db_engine
-from service.db.engine import asyncpg_dsn, build_engine
-from service.errors import database_unreachable
+from service.core.db import engine as db_engine
+from service.core.db.engine import asyncpg_dsn, build_engine
+from service.core.errors import database_unreachable
 from service.main import create_app
 from tests.conftest import Stack, user_headers
 from tests.support.logs import captured_json_logs

@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.auth.callers import Scope
-from service.db.models import ApiKey
+from service.core.db.models import ApiKey
 
 _PREFIX = "qbk"
 # Keys are about 60 characters; longer values are refused before they are hashed or looked up.

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Literal
 
-from service.errors import Forbidden, NotFound, ValidationFailed
+from service.core.errors import Forbidden, NotFound, ValidationFailed
 
 
 class Scope(StrEnum):

@@ -11,13 +11,10 @@ import jwt
 from jwt import PyJWKClient
 from jwt.exceptions import PyJWKClientConnectionError, PyJWKClientError, PyJWKSetError
 
-from service.config import Settings
-from service.errors import ProblemError, Unauthorized
+from service.core.config import Settings
+from service.core.errors import ProblemError, Unauthorized
 
 _REQUIRED_CLAIMS = ["exp", "sub", "tenant_id"]
-# The request state's key for (token, error) of a bearer token found invalid before the app's
-# own authentication ran (service.fastlane), which then answers without verifying it again.
-REJECTED_JWT = "qbo_broker_rejected_jwt"
 _VERIFIED_MAX = 10_000
 # Longer bearer tokens are refused before anything parses them (a cieTrade JWT is well under
 # 2 KB; a multi-megabyte one would hold the event loop while it is decoded).

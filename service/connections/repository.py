@@ -14,9 +14,9 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from service.db.locking import TENANT_LOCK_NAMESPACE
-from service.db.models import Connection, ConnectionEvent, PendingLink, QuickBooksUserClaim
-from service.errors import ValidationFailed
+from service.core.db.locking import TENANT_LOCK_NAMESPACE
+from service.core.db.models import Connection, ConnectionEvent, PendingLink, QuickBooksUserClaim
+from service.core.errors import ValidationFailed
 
 C = Connection.__table__.c  # type: ignore[attr-defined]
 P = PendingLink.__table__.c  # type: ignore[attr-defined]

@@ -3,29 +3,33 @@
 from __future__ import annotations
 
 import uuid
-from typing import Annotated
+from typing import Annotated, Any
+from urllib.parse import parse_qsl
 
-from fastapi import APIRouter, Body, Path, Query, Response
+from fastapi import APIRouter, Body, Path, Query, Request, Response
+from pydantic import TypeAdapter, ValidationError
+from starlette.types import Scope as ASGIScope
 
-from service.auth.callers import Scope
-from service.auth.dependencies import CurrentCaller
+from service.auth.callers import Caller, Scope
+from service.auth.dependencies import CurrentCaller, identify
 from service.connections import repository as repo
 from service.connections import service
 from service.connections.schemas import (
-    AccessTokenOut,
     ConnectionCreate,
     ConnectionOut,
     ConnectionPatch,
     EventOut,
     LinkStatusOut,
     Page,
-    Status,
     TenantId,
     connection_out,
 )
-from service.db.engine import SessionDep
-from service.errors import NotFound, problem_responses
-from service.runtime import RuntimeDep
+from service.core.db.engine import SessionDep
+from service.core.errors import NotFound, problem_responses
+from service.core.routing import DirectRoute
+from service.domain import Status
+from service.runtime import Runtime, RuntimeDep
+from service.tokens.schemas import AccessTokenOut
 
 router = APIRouter(tags=["connections"])
 
@@ -118,13 +122,7 @@ async def list_events(session: SessionDep, caller: CurrentCaller, connection_id:
             summary="A fresh QuickBooks access token (internal services, scope tokens:read)")
 async def get_token(rt: RuntimeDep, caller: CurrentCaller,
                     connection_id: ConnectionID, force_refresh: bool = False) -> Response:
-    caller.require_scope(Scope.TOKENS_READ)
-    view = await rt.refresher.view(connection_id)
-    if view is None:
-        raise NotFound("No such connection.", connection_id=str(connection_id))
-    token = await rt.refresher.access_token(view, force=force_refresh)
-    return Response(token.body(rt.intuit.api_base_url), media_type="application/json",
-                    headers={"Cache-Control": "no-store"})
+    return await _token(rt, caller, connection_id, force=force_refresh)
 
 
 @router.get("/status", response_model=LinkStatusOut, responses=ERRORS, tags=["status"],
@@ -133,6 +131,72 @@ async def get_token(rt: RuntimeDep, caller: CurrentCaller,
                         "`BROKER_MAX_CONNECTIONS_PER_TENANT` (20 by default).")
 async def link_status(rt: RuntimeDep, caller: CurrentCaller,
                       tenant_id: TenantQuery = None) -> Response:
-    tenant = caller.tenant_for_read(tenant_id)
-    body = await service.link_status_body(rt, tenant)
+    return await _status(rt, caller, tenant_id)
+
+
+async def _token(rt: Runtime, caller: Caller, connection_id: uuid.UUID, *, force: bool) -> Response:
+    caller.require_scope(Scope.TOKENS_READ)
+    view = await rt.refresher.view(connection_id)
+    if view is None:
+        raise NotFound("No such connection.", connection_id=str(connection_id))
+    token = await rt.refresher.access_token(view, force=force)
+    return Response(token.body(rt.intuit.api_base_url), media_type="application/json",
+                    headers={"Cache-Control": "no-store"})
+
+
+async def _status(rt: Runtime, caller: Caller, tenant_id: str | None) -> Response:
+    body = await service.link_status_body(rt, caller.tenant_for_read(tenant_id))
     return Response(body, media_type="application/json")
+
+
+# The two hottest reads (the link icon polls /status; services fetch tokens all day) in their
+# plain forms, as direct routes (service.core.routing): the same caller, the same functions, the
+# same answers as the endpoints above, without FastAPI's dependency solving. Every other form
+# (force_refresh, an unknown parameter, a tenant id or connection id that needs validating) is
+# declined, and the endpoints above answer it.
+_TENANT_ID = TypeAdapter(TenantId)
+_TOKEN_PREFIX, _TOKEN_SUFFIX = "/connections/", "/token"
+
+
+def _accept_status(scope: ASGIScope) -> dict[str, Any] | None:
+    if scope["path"] != "/status" or scope.get("root_path"):
+        return None
+    query = scope["query_string"]
+    if not query:
+        return {"tenant_id": None}
+    pairs = parse_qsl(query.decode("latin-1"), keep_blank_values=True)
+    if len(pairs) != 1 or pairs[0][0] != "tenant_id":
+        return None
+    try:
+        return {"tenant_id": _TENANT_ID.validate_python(pairs[0][1])}
+    except ValidationError:
+        return None
+
+
+def _accept_token(scope: ASGIScope) -> dict[str, Any] | None:
+    path: str = scope["path"]
+    if (scope["query_string"] or scope.get("root_path") or not path.startswith(_TOKEN_PREFIX)
+            or not path.endswith(_TOKEN_SUFFIX)):
+        return None
+    raw = path[len(_TOKEN_PREFIX):-len(_TOKEN_SUFFIX)]
+    try:
+        connection_id = uuid.UUID(raw)
+    except ValueError:
+        return None
+    return {"connection_id": connection_id} if str(connection_id) == raw else None
+
+
+async def _direct_token(request: Request, arguments: dict[str, Any]) -> Response:
+    caller = await identify(request)
+    return await _token(request.app.state.runtime, caller, arguments["connection_id"], force=False)
+
+
+async def _direct_status(request: Request, arguments: dict[str, Any]) -> Response:
+    caller = await identify(request)
+    return await _status(request.app.state.runtime, caller, arguments["tenant_id"])
+
+
+direct_routes = [
+    DirectRoute("/status", _accept_status, _direct_status),
+    DirectRoute("/connections/{connection_id}/token", _accept_token, _direct_token),
+]

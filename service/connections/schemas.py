@@ -9,18 +9,12 @@ from typing import Annotated, Any, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StringConstraints
 
-from service.db.models import Connection, ConnectionEvent, PendingLink
+from service.core.db.models import Connection, ConnectionEvent, PendingLink
+from service.domain import Status
 
 TenantId = Annotated[str, StringConstraints(min_length=1, max_length=128,
                                             pattern=r"^[A-Za-z0-9][A-Za-z0-9._:@-]*$")]
 UserId = TenantId
-
-
-class Status(StrEnum):
-    PENDING = "pending"
-    CONNECTED = "connected"
-    REAUTHORIZATION_REQUIRED = "reauthorization_required"
-    DISCONNECTED = "disconnected"
 
 
 class AccountingLink(StrEnum):
@@ -174,11 +168,3 @@ class LinkStatusOut(BaseModel):
     tenant_id: str
     accounting_link: AccountingLink
     connections: list[ConnectionStatusOut]
-
-
-class AccessTokenOut(BaseModel):
-    access_token: str
-    token_type: str
-    expires_at: datetime
-    realm_id: str
-    api_base_url: str

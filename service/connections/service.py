@@ -16,13 +16,13 @@ from service.connections.schemas import (
     LinkStatusOut,
     Modules,
     ModulesPatch,
-    Status,
     accounting_link,
     connection_out,
     owner_of,
 )
-from service.db.models import Connection
-from service.errors import ConnectionLimitReached, NotConnected, NotFound
+from service.core.db.models import Connection
+from service.core.errors import ConnectionLimitReached, NotConnected, NotFound
+from service.domain import Status
 from service.runtime import Runtime
 from service.tokens import credentials
 from service.tokens.revocation import revoke_after_commit

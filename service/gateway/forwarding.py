@@ -8,7 +8,7 @@ import re
 import uuid
 from urllib.parse import parse_qsl, unquote_to_bytes
 
-from service.errors import ProblemError, ValidationFailed
+from service.core.errors import ProblemError, ValidationFailed
 
 # Hop-by-hop headers (RFC 9110 7.6.1) and what only concerns the hop to the broker: its own
 # credentials, cookies and idempotency key, and where the request came from.

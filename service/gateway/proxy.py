@@ -28,8 +28,14 @@ from starlette.types import Receive, Scope, Send
 
 from service.auth.callers import Caller
 from service.auth.callers import Scope as CallerScope
-from service.config import Settings
-from service.errors import IntuitUnavailable, NotFound, PayloadTooLarge, ProblemError, ValidationFailed
+from service.core.config import Settings
+from service.core.errors import (
+    IntuitUnavailableProblem,
+    NotFound,
+    PayloadTooLarge,
+    ProblemError,
+    ValidationFailed,
+)
 from service.gateway import forwarding
 from service.gateway.meter_hook import CallClass, Classify, Meter, NoMeter, classify_by_method
 from service.gateway.throttle import Lease, RealmThrottle
@@ -253,8 +259,8 @@ class _Call:
                                              content=self.body.content())
         return await self.g._http.send(request, stream=True)
 
-    def _unavailable(self) -> IntuitUnavailable:
-        return IntuitUnavailable(
+    def _unavailable(self) -> IntuitUnavailableProblem:
+        return IntuitUnavailableProblem(
             "QuickBooks did not answer; the call may be repeated"
             + (f" with the same requestid ({REQUEST_ID_HEADER})." if self.request_id else "."),
             retry_after=max(1, math.ceil(self.g._settings.intuit_backoff_max_seconds)),

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Path, Request, Response
 
 from service.auth.dependencies import CurrentCaller
-from service.errors import problem_responses
+from service.core.errors import problem_responses
 from service.gateway.proxy import REQUEST_ID_HEADER, Gateway
 
 PATH = "/connections/{connection_id}/quickbooks/{path:path}"

@@ -23,8 +23,8 @@ from datetime import datetime
 
 import asyncpg
 
-from service.config import Settings
-from service.errors import ProblemError
+from service.core.config import Settings
+from service.core.errors import ProblemError
 
 # How often the head of a queue looks again while every in-flight slot is taken by another
 # process (a release in this process wakes it at once).

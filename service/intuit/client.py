@@ -26,7 +26,8 @@ with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message="The httpx module is deprecated")
     from authlib.integrations.httpx_client import AsyncOAuth2Client
 
-from service.config import Settings
+from service.core.config import Settings
+from service.core.metrics import INTUIT_CALLS, INTUIT_LATENCY
 from service.intuit.errors import (
     IntuitError,
     IntuitProtocolError,
@@ -36,7 +37,6 @@ from service.intuit.errors import (
     InvalidIdToken,
     InvalidToken,
 )
-from service.metrics import INTUIT_CALLS, INTUIT_LATENCY
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ class Discovery:
     jwks_uri: str | None
 
 
-class _UnstoredTokenClient(AsyncOAuth2Client):
+class _UnstoredTokenClient(AsyncOAuth2Client):  # type: ignore[misc]
     """Authlib's client, minus remembering the last token: one client serves every connection."""
 
     def parse_response_token(self, resp: httpx.Response) -> dict[str, Any]:
@@ -94,7 +94,7 @@ class _UnstoredTokenClient(AsyncOAuth2Client):
                                       intuit_tid=resp.headers.get("intuit_tid"))
         if "error" in token:
             error = OAuthError(error=token["error"], description=token.get("error_description"))
-            error.intuit_tid = resp.headers.get("intuit_tid")  # type: ignore[attr-defined]
+            error.intuit_tid = resp.headers.get("intuit_tid")
             raise error
         return token
 
@@ -146,7 +146,11 @@ class IntuitClient:
             redirect_uri=settings.redirect_uri,
             timeout=httpx.Timeout(settings.intuit_timeout_seconds, connect=5.0),
             transport=transport,
-            limits=httpx.Limits(max_connections=100, max_keepalive_connections=20),
+            # As many idle connections kept as refreshes may run at once: a storm of refreshes
+            # then reuses connections instead of opening (in production, TLS-handshaking) new
+            # ones for all but the first 20.
+            limits=httpx.Limits(max_connections=max(100, settings.refresh_concurrency),
+                                max_keepalive_connections=settings.refresh_concurrency),
             event_hooks={"response": [self._log_response]},
         )
         for hook in ("access_token_response", "refresh_token_response"):
@@ -417,7 +421,7 @@ class IntuitClient:
                     _raise_for_unavailable(result)
                 return result
             except OAuthError as exc:
-                exc.after_lost_response = maybe_processed  # type: ignore[attr-defined]
+                exc.after_lost_response = maybe_processed
                 raise
             except IntuitUnavailable as exc:
                 last = exc

@@ -18,16 +18,16 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.auth.callers import Caller, Scope
 from service.connections import repository as repo
-from service.connections.schemas import Status
-from service.db.engine import transaction
-from service.db.models import Connection, HeldGrant, PendingLink
-from service.errors import (
+from service.core.crypto import DecryptionError
+from service.core.db.engine import transaction
+from service.core.db.models import Connection, HeldGrant, PendingLink
+from service.core.errors import (
     AuthorizationCodeRejected,
     CallbackError,
     CompletionNotAllowed,
     IdentityNotVerified,
     IntuitRejected,
-    IntuitUnavailable,
+    IntuitUnavailableProblem,
     InvalidState,
     NoPendingLink,
     NotFound,
@@ -36,13 +36,13 @@ from service.errors import (
     QuickBooksCompanyInUse,
     QuickBooksUserBelongsToAnotherUser,
 )
+from service.core.metrics import BACKGROUND_ROW_ERRORS, LINK_RESULTS
+from service.domain import Status
 from service.intuit import errors as intuit_errors
 from service.intuit.client import QuickBooksUser, TokenSet
-from service.metrics import BACKGROUND_ROW_ERRORS, LINK_RESULTS
 from service.oauth.state import consume_state, digest, nonce_matches, open_code_verifier
 from service.runtime import Runtime
 from service.tokens import credentials
-from service.tokens.crypto import DecryptionError
 from service.tokens.revocation import queue_revocation, revoke_after_commit, revoke_queued
 
 log = logging.getLogger(__name__)
@@ -215,7 +215,7 @@ async def _obtain_grant(rt: Runtime, *, code: str, realm_id: str, started: _Star
 
 def _unavailable_or_rejected(exc: intuit_errors.IntuitError) -> ProblemError:
     if isinstance(exc, intuit_errors.IntuitUnavailable):
-        return IntuitUnavailable("Intuit could not be reached to finish the authorization; "
+        return IntuitUnavailableProblem("Intuit could not be reached to finish the authorization; "
                                  "try Connect again in a minute.", retry_after=exc.retry_after or 30)
     log.warning("callback: Intuit answer unusable: %s", type(exc).__name__,
                 extra={"intuit_tid": exc.intuit_tid})

@@ -15,8 +15,13 @@ from service.auth.dependencies import CurrentCaller
 from service.connections import service
 from service.connections.router import CONFLICT, ERRORS, UPSTREAM, ConnectionID
 from service.connections.schemas import ConnectionOut, Strict, UserId
-from service.db.engine import SessionDep
-from service.errors import IntuitUnavailable, ReturnUrlRequired, problem_response, problem_responses
+from service.core.db.engine import SessionDep
+from service.core.errors import (
+    IntuitUnavailableProblem,
+    ReturnUrlRequired,
+    problem_response,
+    problem_responses,
+)
 from service.intuit import errors as intuit_errors
 from service.oauth import flows
 from service.oauth.state import STATE_TTL, binding_cookie, check_return_url, create_state
@@ -77,7 +82,7 @@ async def authorize(session: SessionDep, rt: RuntimeDep, caller: CurrentCaller,
         url = await rt.intuit.authorization_url(started.state, code_verifier=started.code_verifier,
                                                 nonce=started.nonce)
     except intuit_errors.IntuitError as exc:
-        raise IntuitUnavailable("Intuit's discovery document could not be read; try again.",
+        raise IntuitUnavailableProblem("Intuit's discovery document could not be read; try again.",
                                 retry_after=getattr(exc, "retry_after", None) or 30) from None
     if started.browser_binding is not None:
         response.set_cookie(binding_cookie(conn.id), started.browser_binding,

@@ -19,9 +19,9 @@ from urllib.parse import urlsplit, urlunsplit
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from service.db.models import AuthorizationState
-from service.errors import ReturnUrlNotAllowed
-from service.tokens.crypto import SecretBox
+from service.core.crypto import SecretBox
+from service.core.db.models import AuthorizationState
+from service.core.errors import ReturnUrlNotAllowed
 
 STATE_TTL = timedelta(minutes=10)
 S = AuthorizationState.__table__.c  # type: ignore[attr-defined]

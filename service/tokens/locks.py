@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
-from service.tasks import cancel_and_wait
+from service.core.aio import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ class Hold:
 
 class RefreshLocks:
     def __init__(self, dsn: str) -> None:
-        self._dsn = dsn  # asyncpg's form (service.db.engine.asyncpg_dsn)
+        self._dsn = dsn  # asyncpg's form (service.core.db.engine.asyncpg_dsn)
         self._session: asyncpg.Connection | None = None
         # The backend of a session lost while it was open, and when it started (a pid alone may
         # have been reused by then).

@@ -40,25 +40,26 @@ from typing import Any
 
 import asyncpg
 
-from service.cache import Caches, Watch
-from service.config import Settings
-from service.connections.schemas import AccessTokenOut, Status
-from service.errors import (
+from service.core.aio import shared
+from service.core.cache import Caches, Watch
+from service.core.config import Settings
+from service.core.crypto import SecretBox
+from service.core.errors import (
     IntuitRejected,
-    IntuitUnavailable,
+    IntuitUnavailableProblem,
     NotConnected,
     NotFound,
     ReauthorizationRequired,
 )
+from service.core.metrics import REFRESH_TOKENS_LOST, REFRESHES
+from service.core.observability import request_id_var
+from service.domain import Status
 from service.intuit import errors as intuit_errors
 from service.intuit.client import IntuitClient, TokenSet
 from service.intuit.errors import IntuitError
-from service.metrics import REFRESH_TOKENS_LOST, REFRESHES
-from service.observability import request_id_var
-from service.tasks import shared
 from service.tokens import credentials
-from service.tokens.crypto import SecretBox
 from service.tokens.locks import Hold, RefreshLocks
+from service.tokens.schemas import AccessTokenOut
 
 log = logging.getLogger(__name__)
 # Per-request refresh timings at DEBUG, for bench/refresh_storm.py: off unless a logging
@@ -67,7 +68,7 @@ timeline_log = logging.getLogger("qbo_broker.refresh_timeline")
 
 MIN_VALIDITY = timedelta(minutes=5)
 # How long a process waits for another one's refresh before it looks at the row again. The
-# holder's commit is notified (service.cache.ChangeFeed) and ends the wait within milliseconds;
+# holder's commit is notified (service.core.cache.ChangeFeed) and ends the wait within milliseconds;
 # the timeout is a safety net, short only while the change feed is down.
 SAFETY_POLL_SECONDS = 2.0
 WAIT_POLL_SECONDS = 0.2  # while changes are not being notified
@@ -107,7 +108,7 @@ class _Due:
 # What is due as of a moment (the rule of one kind of refresh).
 _Needed = Callable[[datetime], _Due]
 # Given a connection id: an async context whose value tells when the row changes
-# (service.cache.ChangeFeed.watching); None: poll.
+# (service.core.cache.ChangeFeed.watching); None: poll.
 Watching = Callable[[str], AbstractAsyncContextManager[Watch]]
 
 
@@ -159,7 +160,7 @@ class AccessToken:
 @dataclass(frozen=True)
 class ConnectionView:
     """What the token endpoint needs of a connection, with the access token opened: cacheable
-    (service.cache) between changes of the row."""
+    (service.core.cache) between changes of the row."""
 
     id: uuid.UUID
     tenant_id: str
@@ -449,7 +450,7 @@ class TokenRefresher:
         cannot cut it short between Intuit's answer and the commit of the new tokens.
         """
         if self._closing:
-            raise IntuitUnavailable("The broker is shutting down; retry.", retry_after=1,
+            raise IntuitUnavailableProblem("The broker is shutting down; retry.", retry_after=1,
                                     connection_id=str(connection_id))
         key = (connection_id, purpose)
         if not timeline_log.isEnabledFor(logging.DEBUG):
@@ -500,7 +501,7 @@ class TokenRefresher:
             looked = False  # at the row, since the last clear(), and found due
             while True:
                 if loop.time() > deadline:
-                    raise IntuitUnavailable(
+                    raise IntuitUnavailableProblem(
                         "Another replica's refresh of this connection is taking too long; the "
                         "stored credentials are unchanged. Retry later.", retry_after=5,
                         connection_id=str(connection_id))
@@ -596,7 +597,7 @@ class TokenRefresher:
             if result is not None:
                 return result, True
             # The row changed under the refresh (disconnected, linked anew): look again.
-        raise IntuitUnavailable("The connection kept changing during its refresh; retry.",
+        raise IntuitUnavailableProblem("The connection kept changing during its refresh; retry.",
                                 retry_after=1, connection_id=str(connection_id))
 
     async def _commit_outcome(self, conn: Any, outcome: TokenSet | IntuitError, *, attempt: int,
@@ -649,7 +650,7 @@ class TokenRefresher:
             REFRESHES.labels("unavailable", trigger).inc()
             if not outcome.maybe_processed:  # Intuit never carried it out
                 await self._pool.execute(_SETTLE_ONE, attempt)
-            raise IntuitUnavailable(
+            raise IntuitUnavailableProblem(
                 "Intuit is not reachable right now; the stored credentials are unchanged. "
                 "Retry later.", retry_after=outcome.retry_after or 30, connection_id=str(conn.id))
         REFRESHES.labels("error", trigger).inc()

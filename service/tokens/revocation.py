@@ -11,12 +11,13 @@ from datetime import UTC, datetime, timedelta
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from service.db.engine import after_commit
-from service.db.models import Connection, ConnectionEvent, PendingRevocation
+from service.core.crypto import DecryptionError, SecretBox
+from service.core.db.engine import after_commit
+from service.core.db.models import Connection, ConnectionEvent, PendingRevocation
+from service.core.metrics import BACKGROUND_ROW_ERRORS, BACKGROUND_RUNS
+from service.domain import revocation_aad
 from service.intuit.client import IntuitClient
 from service.intuit.errors import IntuitError
-from service.metrics import BACKGROUND_ROW_ERRORS, BACKGROUND_RUNS
-from service.tokens.crypto import DecryptionError, SecretBox
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ _CLAIM_LEASE = timedelta(minutes=5)
 
 
 def _aad(row: PendingRevocation) -> str:
-    return f"{row.connection_id}:revocation:{row.id}"
+    return revocation_aad(row.connection_id, row.id)
 
 
 def queue_revocation(session: AsyncSession, box: SecretBox, *, connection_id: uuid.UUID,

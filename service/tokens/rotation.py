@@ -10,7 +10,8 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from service.tokens.crypto import SecretBox
+from service.core.crypto import SecretBox
+from service.domain import Sealed, revocation_aad, sealed_aad
 
 log = logging.getLogger(__name__)
 
@@ -26,18 +27,18 @@ class SecretColumn:
 
 # Every place a ciphertext lives, with the associated data it was sealed with.
 SECRET_COLUMNS = [
-    SecretColumn("connections", "id", "access_token", lambda r: f"{r.id}:access"),
-    SecretColumn("connections", "id", "refresh_token", lambda r: f"{r.id}:refresh"),
+    SecretColumn("connections", "id", "access_token", lambda r: sealed_aad(r.id, Sealed.ACCESS)),
+    SecretColumn("connections", "id", "refresh_token", lambda r: sealed_aad(r.id, Sealed.REFRESH)),
     SecretColumn("pending_links", "connection_id", "access_token",
-                 lambda r: f"{r.connection_id}:pending-access"),
+                 lambda r: sealed_aad(r.connection_id, Sealed.PENDING_ACCESS)),
     SecretColumn("pending_links", "connection_id", "refresh_token",
-                 lambda r: f"{r.connection_id}:pending-refresh"),
+                 lambda r: sealed_aad(r.connection_id, Sealed.PENDING_REFRESH)),
     SecretColumn("pending_revocations", "id", "token",
-                 lambda r: f"{r.connection_id}:revocation:{r.id}", aad_columns=", connection_id"),
+                 lambda r: revocation_aad(r.connection_id, r.id), aad_columns=", connection_id"),
     SecretColumn("held_grants", "ticket_hash", "access_token",
-                 lambda r: f"{r.connection_id}:held-access", aad_columns=", connection_id"),
+                 lambda r: sealed_aad(r.connection_id, Sealed.HELD_ACCESS), aad_columns=", connection_id"),
     SecretColumn("held_grants", "ticket_hash", "refresh_token",
-                 lambda r: f"{r.connection_id}:held-refresh", aad_columns=", connection_id"),
+                 lambda r: sealed_aad(r.connection_id, Sealed.HELD_REFRESH), aad_columns=", connection_id"),
     SecretColumn("authorization_states", "state_hash", "code_verifier",
                  lambda r: f"authorization:{r.state_hash}:pkce"),
 ]

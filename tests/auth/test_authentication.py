@@ -17,8 +17,8 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from service.auth.jwt import JWTVerifier
-from service.config import Settings
-from service.errors import Unauthorized
+from service.core.config import Settings
+from service.core.errors import Unauthorized
 from tests.conftest import JWT_SECRET, RETURN_URL, user_headers
 from tests.support.servers import ThreadedServer, free_port
 
@@ -57,7 +57,7 @@ async def test_valid_jwt_is_accepted(client) -> None:
 
 async def test_revoked_api_key_stops_working(client, service_headers, stack) -> None:
     from service.auth.api_keys import revoke_api_key
-    from service.db.engine import build_engine, build_sessionmaker
+    from service.core.db.engine import build_engine, build_sessionmaker
     from tests.support.db_helpers import fetchrow
 
     headers = await service_headers("status:read")

@@ -12,11 +12,11 @@ from typing import Any
 
 from prometheus_client import REGISTRY
 
-from service.config import Settings
-from service.db.engine import build_engine, build_sessionmaker
-from service.tokens.background import BackgroundWorker, expire_pending_links
-from service.tokens.crypto import SecretBox
+from service.core.config import Settings
+from service.core.crypto import SecretBox
+from service.core.db.engine import build_engine, build_sessionmaker
 from service.tokens.revocation import queue_revocation, retry_pending_revocations
+from service.worker import BackgroundWorker, expire_pending_links
 from tests.conftest import ENCRYPTION_KEY, JWT_SECRET, Stack
 from tests.support.db_helpers import execute, fetchrow
 from tests.test_cli import run

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from service.config import ConfigurationError, Settings
+from service.core.config import ConfigurationError, Settings
 from tests.conftest import CLIENT_ID, CLIENT_SECRET, ENCRYPTION_KEY, JWT_SECRET
 from tests.test_cli import run
 

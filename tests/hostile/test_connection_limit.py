@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
-from service.config import Settings
+from service.core.config import Settings
 from service.main import create_app
 from tests.conftest import TENANT, Stack, broker_settings, user_headers
 from tests.support.db_helpers import execute, fetchrow
@@ -100,7 +100,7 @@ async def test_a_create_waits_for_one_in_flight_for_the_same_tenant(runtime, sta
     after the first commits, and is refused."""
     from service.auth.callers import Caller
     from service.connections import service
-    from service.errors import ConnectionLimitReached
+    from service.core.errors import ConnectionLimitReached
 
     await execute(stack.database_url,
                   "INSERT INTO connections (id, tenant_id, status) SELECT gen_random_uuid(), $1, "

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from service.connections import repository
-from service.errors import ValidationFailed
+from service.core.errors import ValidationFailed
 from tests.conftest import user_headers
 
 

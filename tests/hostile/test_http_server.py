@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from service.httpserver import MAX_REQUEST_HEAD_BYTES, server_options
+from service.core.httpserver import MAX_REQUEST_HEAD_BYTES, server_options
 from tests.support.servers import free_port
 
 
@@ -52,7 +52,7 @@ def server(request: pytest.FixtureRequest) -> Iterator[int]:
     if request.param == "h11":
         options["http"] = "h11"
     else:
-        assert options["http"] == "service.httpserver:BoundedHttpToolsProtocol"
+        assert options["http"] == "service.core.httpserver:BoundedHttpToolsProtocol"
     with _running(options) as port:
         yield port
 

@@ -20,8 +20,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from service.auth.jwt import JWTVerifier, SigningKeysUnavailable
-from service.config import Settings
-from service.errors import Unauthorized
+from service.core.config import Settings
+from service.core.errors import Unauthorized
 from tests.support.servers import ThreadedServer, free_port
 
 ISSUER, AUDIENCE = "https://id.cietrade.test", "qbo-broker"

@@ -133,7 +133,7 @@ async def test_serve_exposes_metrics_on_the_metrics_port(stack: Stack, tmp_path:
             assert (await http.get(f"{served.url}/metrics")).status_code == 404
             scraped = await http.get(f"http://127.0.0.1:{metrics_port}/metrics")
             assert scraped.status_code == 200 and "qbo_broker_" in scraped.text
-            # serve bounds request heads (service.httpserver).
+            # serve bounds request heads (service.core.httpserver).
             huge = await http.get(f"{served.url}/healthz", headers={"X-Padding": "a" * 1_000_000})
             assert huge.status_code == 431
     finally:

@@ -11,7 +11,7 @@ from pathlib import Path
 import asyncpg
 from sqlalchemy.engine import make_url
 
-from service.db.engine import asyncpg_dsn
+from service.core.db.engine import asyncpg_dsn
 
 TABLES = ["connection_events", "pending_links", "authorization_states", "held_grants",
           "pending_revocations", "quickbooks_realm_throttles",

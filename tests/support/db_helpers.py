@@ -6,7 +6,7 @@ from typing import Any
 
 import asyncpg
 
-from service.db.engine import asyncpg_dsn
+from service.core.db.engine import asyncpg_dsn
 
 
 async def execute(database_url: str, sql: str, *args: Any) -> str:

@@ -7,7 +7,7 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from service.observability import JSONFormatter
+from service.core.observability import JSONFormatter
 
 
 @contextmanager

@@ -22,7 +22,7 @@ from typing import Any
 
 import httpx
 
-from service.config import Settings
+from service.core.config import Settings
 from tests.support.servers import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from service.tokens.background import BackgroundWorker, expire_pending_links, keep_alive
+from service.worker import BackgroundWorker, expire_pending_links, keep_alive
 from tests.conftest import ALICE, DAVE, user_headers
 from tests.support.db_helpers import execute, fetchrow
 
@@ -79,7 +79,7 @@ async def test_keep_alive_skips_a_connection_another_replica_holds(new_connectio
                                                                    runtime, stack) -> None:
     import asyncpg
 
-    from service.db.engine import asyncpg_dsn
+    from service.core.db.engine import asyncpg_dsn
 
     conn = await new_connection()
     await connect(conn["id"])

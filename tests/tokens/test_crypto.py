@@ -6,8 +6,8 @@ import base64
 
 import pytest
 
-from service.config import ConfigurationError, Settings
-from service.tokens.crypto import DecryptionError, SecretBox, generate_key
+from service.core.config import ConfigurationError, Settings
+from service.core.crypto import DecryptionError, SecretBox, generate_key
 
 
 def _key(n: int) -> bytes:

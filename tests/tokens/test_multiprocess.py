@@ -22,7 +22,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.db.engine import asyncpg_dsn
+from service.core.db.engine import asyncpg_dsn
 from tests.conftest import COMPANY_1, ENCRYPTION_KEY, Stack, user_headers
 from tests.support.db_helpers import expire_access_token, fetchrow
 from tests.support.processes import BrokerProcess, BrokerProcesses, run_cli, settings_env

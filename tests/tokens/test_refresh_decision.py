@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import asyncpg
 
-from service.db.engine import asyncpg_dsn
+from service.core.db.engine import asyncpg_dsn
 from service.tokens.refresh import _Due, _due
 from tests.conftest import user_headers
 from tests.support.db_helpers import execute, expire_access_token, fetchrow

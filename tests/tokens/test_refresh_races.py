@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 import uuid
 
-from service.db.engine import asyncpg_dsn
-from service.errors import IntuitUnavailable
+from service.core.db.engine import asyncpg_dsn
+from service.core.errors import IntuitUnavailableProblem
 from service.tokens.locks import Hold, RefreshLocks, lock_key
 from tests.conftest import COMPANY_1, user_headers
 from tests.support.db_helpers import expire_access_token, fetchrow
@@ -166,7 +166,7 @@ async def test_shutdown_lets_a_refresh_under_way_store_its_tokens(
     # Once closing, no new refresh starts.
     try:
         await runtime.refresher.access_token(view, force=True)
-    except IntuitUnavailable as refused:
+    except IntuitUnavailableProblem as refused:
         assert refused.headers["Retry-After"] == "1"
     else:
         raise AssertionError("a refresh started after shutdown began")

@@ -12,18 +12,15 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
-from service.cache import Caches, ChangeFeed
-from service.db.engine import asyncpg_dsn, create_reads_pool
-from service.intuit.client import IntuitClient
+from service.core.cache import Caches, ChangeFeed
+from service.core.db.engine import asyncpg_dsn
+from service.runtime import Runtime, build_runtime
 from service.tokens import refresh
-from service.tokens.crypto import SecretBox
 from service.tokens.locks import RefreshLocks
-from service.tokens.refresh import TokenRefresher
 from tests.conftest import COMPANY_1, Stack
 from tests.support.db_helpers import expire_access_token, fetchrow
 from tests.support.waiting import until
@@ -32,34 +29,14 @@ from tests.support.waiting import until
 NO_POLL = 120.0
 
 
-@dataclass
-class Replica:
-    refresher: TokenRefresher
-    feed: ChangeFeed
-    locks: RefreshLocks
-
-
 @pytest.fixture
-async def replicas(stack: Stack) -> AsyncIterator[Callable[..., Awaitable[Replica]]]:
+async def replicas(stack: Stack) -> AsyncIterator[Callable[..., Awaitable[Runtime]]]:
+    """Broker runtimes on the test database, each as a replica's process holds it."""
     async with AsyncExitStack() as stack_of:
-        async def make(*, pool_size: int = 4, **settings: Any) -> Replica:
-            config = stack.settings.model_copy(update=settings)
-            dsn = asyncpg_dsn(stack.database_url)
-            caches = Caches()
-            feed = ChangeFeed(dsn, caches, retry_seconds=0.1)
-            await feed.start()
-            stack_of.push_async_callback(feed.stop)
-            pool = await create_reads_pool(stack.database_url, max_size=pool_size)
-            stack_of.push_async_callback(pool.close)
-            intuit = IntuitClient(config)
-            stack_of.push_async_callback(intuit.aclose)
-            locks = RefreshLocks(dsn)
-            stack_of.push_async_callback(locks.close)
-            refresher = TokenRefresher(config, pool, intuit,
-                                       SecretBox(config.parsed_encryption_keys), locks, caches,
-                                       watch=feed.watching)
-            stack_of.push_async_callback(refresher.aclose)
-            return Replica(refresher, feed, locks)
+        async def make(*, pool_size: int = 4, **settings: Any) -> Runtime:
+            config = stack.settings.model_copy(update={"db_pool_size": pool_size, **settings})
+            return await stack_of.enter_async_context(
+                build_runtime(config, database_url=stack.database_url))
 
         yield make
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.metrics import HTTP_LATENCY, HTTP_REQUESTS
+from service.core.metrics import HTTP_LATENCY, HTTP_REQUESTS
 
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 
@@ -114,7 +114,7 @@ def configure_logging(level: str = "INFO", *, human_on_tty: bool = False) -> Non
     logging.getLogger("pgserver").setLevel(logging.WARNING)
 
 
-def _header(scope: Scope, name: bytes) -> bytes | None:
+def header(scope: Scope, name: bytes) -> bytes | None:
     """A request header's value (the last, if sent twice), without building a dict of them all
     on every request."""
     value = None
@@ -137,7 +137,7 @@ class RequestContextMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        incoming = (_header(scope, b"x-request-id") or b"").decode("latin-1")
+        incoming = (header(scope, b"x-request-id") or b"").decode("latin-1")
         request_id = incoming if _REQUEST_ID.match(incoming) else os.urandom(16).hex()
         token = request_id_var.set(request_id)
         started = time.perf_counter()
@@ -170,61 +170,3 @@ class RequestContextMiddleware:
                               extra={"status": status, "duration_ms": round(elapsed * 1000, 2),
                                      "path": loggable_path(scope["path"])})
             request_id_var.reset(token)
-
-
-class BodySizeLimitMiddleware:
-    """Refuse bodies over the limit, whether announced by Content-Length or streamed."""
-
-    def __init__(self, app: ASGIApp, max_bytes: int, exempt: re.Pattern[str] | None = None) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-        self.exempt = exempt  # paths whose endpoint enforces a limit of its own
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or (self.exempt is not None and self.exempt.match(scope["path"])):
-            await self.app(scope, receive, send)
-            return
-        length = _header(scope, b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
-            await self._refuse(send)
-            return
-        if scope["method"] in ("GET", "HEAD", "OPTIONS", "DELETE") and length is None:
-            await self.app(scope, receive, send)
-            return
-        # Read the (small, bounded) body up front, so an oversized stream is refused with 413
-        # before any handler sees a part of it; then replay it to the app.
-        chunks: list[bytes] = []
-        seen = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunk = message.get("body", b"")
-            seen += len(chunk)
-            if seen > self.max_bytes:
-                await self._refuse(send)
-                return
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        body = b"".join(chunks)
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
-
-    async def _refuse(self, send: Send) -> None:
-        body = json.dumps({"type": "https://qbo-broker.cietrade.dev/problems/payload_too_large",
-                           "title": "The request body is too large", "status": 413,
-                           "detail": f"Request bodies are limited to {self.max_bytes} bytes.",
-                           "code": "payload_too_large"}).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/problem+json"),
-                                (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})

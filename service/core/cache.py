@@ -15,15 +15,14 @@ import json
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, Generic, TypeVar
 
 import asyncpg
-from sqlalchemy import event
-from sqlalchemy.orm import Session
 
-from service.tasks import cancel_and_wait, shared
+from service.core.aio import cancel_and_wait, shared
+from service.core.metrics import CACHES_ENABLED
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +125,7 @@ class Caches:
         for cache in self._all():
             cache.clear()
             cache.enabled = enabled
+        CACHES_ENABLED.set(1 if enabled else 0)
 
 
 class Watch:
@@ -150,7 +150,7 @@ class ChangeFeed:
     """LISTENs on PostgreSQL for changes made by any replica; reconnects when the link drops."""
 
     def __init__(self, dsn: str, caches: Caches, *, retry_seconds: float = 2.0) -> None:
-        self._dsn = dsn  # asyncpg's form (service.db.engine.asyncpg_dsn)
+        self._dsn = dsn  # asyncpg's form (service.core.db.engine.asyncpg_dsn)
         self._caches = caches
         self._retry = retry_seconds
         self._task: asyncio.Task[None] | None = None
@@ -236,37 +236,3 @@ class ChangeFeed:
                 if conn is not None and not conn.is_closed():
                     await conn.close(timeout=2)
             await asyncio.sleep(self._retry)
-
-
-class TrackingSession(Session):
-    """A Session that tells the caches which connections and API keys it committed changes to."""
-
-
-def _changed_rows(session: Session) -> Iterable[Any]:
-    return [*session.new, *session.dirty, *session.deleted]
-
-
-@event.listens_for(TrackingSession, "after_flush")
-def _collect(session: Session, _flush_context: Any) -> None:
-    from service.db.models import ApiKey, Connection
-
-    changed = session.info.setdefault("changed", set())
-    for row in _changed_rows(session):
-        if isinstance(row, Connection):
-            changed.add((str(row.id), row.tenant_id))
-        elif isinstance(row, ApiKey):
-            changed.add(("api_keys", None))
-
-
-@event.listens_for(TrackingSession, "after_commit")
-def _invalidate(session: Session) -> None:
-    # Changes flushed in a transaction that was rolled back are dropped too: harmless.
-    changed = session.info.pop("changed", None)
-    caches: Caches | None = session.info.get("caches")
-    if not changed or caches is None:
-        return
-    for connection_id, tenant_id in changed:
-        if connection_id == "api_keys":
-            caches.api_keys_changed()
-        else:
-            caches.connection_changed(connection_id, tenant_id)

@@ -11,9 +11,10 @@ HTTP_LATENCY = Histogram(
     "qbo_broker_http_request_seconds", "HTTP request latency", ["method", "route"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
-FAST_LANE_ANSWERS = Counter(
-    "qbo_broker_fast_lane_answers_total",
-    "Requests answered from the caches without the full request pipeline (service.fastlane)",
+DIRECT_ANSWERS = Counter(
+    "qbo_broker_direct_answers_total",
+    "Requests answered by a direct route: a documented GET endpoint's plain form, served without "
+    "FastAPI's dependency solving (service.core.routing)",
     ["route"],
 )
 INTUIT_CALLS = Counter(
@@ -52,4 +53,8 @@ BACKGROUND_ROW_ERRORS = Counter(
     "Rows the background worker left for a later pass (or a replica with the key): "
     "reason unknown_key, undecryptable or error",
     ["task", "reason"],
+)
+CACHES_ENABLED = Gauge(
+    "qbo_broker_caches_enabled",
+    "1 while the caches are on (the change feed listens); 0: every read goes to PostgreSQL",
 )

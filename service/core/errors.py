@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.observability import loggable_path
+from service.core.observability import loggable_path
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ class NoPendingLink(ProblemError):
     status, code, title = 404, "no_pending_link", "There is no pending link to confirm"
 
 
-class IntuitUnavailable(ProblemError):
+class IntuitUnavailableProblem(ProblemError):
     status, code, title = 503, "intuit_unavailable", "Intuit is not reachable right now"
 
     def __init__(self, detail: str | None = None, *, retry_after: int = 30, **extra: Any) -> None:

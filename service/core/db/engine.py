@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
-from typing import Annotated
+from typing import Annotated, Any
 
 import asyncpg
 from fastapi import Depends, Request
+from sqlalchemy import event
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -16,8 +17,10 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
     create_async_engine,
 )
+from sqlalchemy.orm import Session
 
-from service.cache import Caches, TrackingSession
+from service.core.cache import Caches
+from service.core.db.models import ApiKey, Connection
 
 # A server that does not answer (a network cut, a host gone) fails a connection attempt after
 # this long, and the request that needed it with 503 database_unavailable, rather than after
@@ -127,3 +130,35 @@ async def create_reads_pool(database_url: str, *, max_size: int) -> asyncpg.Pool
                                      server_settings={"application_name": "qbo-broker",
                                                       "lock_timeout": LOCK_TIMEOUT,
                                                       "statement_timeout": STATEMENT_TIMEOUT})
+
+
+class TrackingSession(Session):
+    """A Session that tells the caches which connections and API keys it committed changes to."""
+
+
+def _changed_rows(session: Session) -> Iterable[Any]:
+    return [*session.new, *session.dirty, *session.deleted]
+
+
+@event.listens_for(TrackingSession, "after_flush")
+def _collect(session: Session, _flush_context: Any) -> None:
+    changed = session.info.setdefault("changed", set())
+    for row in _changed_rows(session):
+        if isinstance(row, Connection):
+            changed.add((str(row.id), row.tenant_id))
+        elif isinstance(row, ApiKey):
+            changed.add(("api_keys", None))
+
+
+@event.listens_for(TrackingSession, "after_commit")
+def _invalidate(session: Session) -> None:
+    # Changes flushed in a transaction that was rolled back are dropped too: harmless.
+    changed = session.info.pop("changed", None)
+    caches: Caches | None = session.info.get("caches")
+    if not changed or caches is None:
+        return
+    for connection_id, tenant_id in changed:
+        if connection_id == "api_keys":
+            caches.api_keys_changed()
+        else:
+            caches.connection_changed(connection_id, tenant_id)

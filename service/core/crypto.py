@@ -10,7 +10,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 _NONCE_BYTES = 12
-_KEY_ID = re.compile(r"[A-Za-z0-9_-]{1,32}")  # as BROKER_ENCRYPTION_KEYS allows (service.config)
+_KEY_ID = re.compile(r"[A-Za-z0-9_-]{1,32}")  # as BROKER_ENCRYPTION_KEYS allows (service.core.config)
 
 
 def printable_key_id(kid: str) -> str:

@@ -1,4 +1,6 @@
-"""Background work in every replica: keep links alive, expire pending links, retry revocations.
+"""Background work: keep links alive, expire pending links and completion tickets, send the
+revocation outbox. It runs inside every `serve` process (unless BROKER_BACKGROUND_ENABLED=false),
+or alone as `qbo-broker worker` (run_worker).
 
 Replicas share the work through PostgreSQL: a due connection whose refresh lock (or row) another
 replica holds is skipped, and the one that refreshes re-checks under the lock that it is still
@@ -22,14 +24,15 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.connections import repository as repo
-from service.db.engine import transaction
-from service.db.models import Connection, PendingLink
-from service.errors import ProblemError
-from service.metrics import BACKGROUND_ROW_ERRORS, BACKGROUND_RUNS
+from service.core.aio import cancel_and_wait
+from service.core.config import Settings
+from service.core.crypto import DecryptionError, printable_key_id
+from service.core.db.engine import transaction
+from service.core.db.models import Connection, PendingLink
+from service.core.errors import ProblemError
+from service.core.metrics import BACKGROUND_ROW_ERRORS, BACKGROUND_RUNS
 from service.oauth.flows import discard_pending_link, expire_held_grants
-from service.runtime import Runtime
-from service.tasks import cancel_and_wait
-from service.tokens.crypto import DecryptionError, printable_key_id
+from service.runtime import Runtime, build_runtime
 from service.tokens.revocation import retry_pending_revocations
 
 log = logging.getLogger(__name__)
@@ -37,6 +40,19 @@ log = logging.getLogger(__name__)
 C = Connection.__table__.c  # type: ignore[attr-defined]
 P = PendingLink.__table__.c  # type: ignore[attr-defined]
 ACCESS_TOKEN_LEAD = timedelta(minutes=10)
+
+
+async def run_worker(settings: Settings, stop: asyncio.Event, *, database_url: str | None = None) -> None:
+    """The background work alone, without serving HTTP, until `stop` is set."""
+    async with build_runtime(settings, database_url=database_url) as runtime:
+        worker = BackgroundWorker(runtime)
+        worker.start()
+        log.info("worker started")
+        try:
+            await stop.wait()
+        finally:
+            await worker.stop()
+            log.info("worker stopped")
 
 
 class BackgroundWorker:

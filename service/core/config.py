@@ -208,8 +208,14 @@ class Settings(BaseSettings):
             keys.append((kid, key))
         return keys
 
-    def check_for_serving(self) -> None:
-        """Refuse to start without what every request will need, instead of failing later."""
+    def check_for_working(self) -> None:
+        """Refuse to start the background worker without the Intuit app's keys and the
+        encryption keys, instead of failing later."""
+        problems = self._worker_problems()
+        if problems:
+            raise ConfigurationError("; ".join(problems))
+
+    def _worker_problems(self) -> list[str]:
         problems = []
         if not self.intuit_client_id or not self.intuit_client_secret:
             problems.append("INTUIT_CLIENT_ID and INTUIT_CLIENT_SECRET are required")
@@ -217,6 +223,11 @@ class Settings(BaseSettings):
             _ = self.parsed_encryption_keys
         except ConfigurationError as exc:
             problems.append(str(exc))
+        return problems
+
+    def check_for_serving(self) -> None:
+        """Refuse to start without what every request will need, instead of failing later."""
+        problems = self._worker_problems()
         if not (self.jwt_secret or self.jwt_public_key or self.jwt_jwks_url):
             problems.append(
                 "one of BROKER_JWT_SECRET, BROKER_JWT_PUBLIC_KEY or BROKER_JWT_JWKS_URL is required"

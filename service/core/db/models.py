@@ -1,4 +1,4 @@
-"""The broker's tables. Secrets are stored only as ciphertext (see service.tokens.crypto)."""
+"""The broker's tables. Secrets are stored only as ciphertext (see service.core.crypto)."""
 
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from service.errors import PROBLEM_CONTENT_TYPE, ProblemError
+from service.core.errors import PROBLEM_CONTENT_TYPE, ProblemError
 
 # Room for an 8 KB bearer token (service.auth.jwt) and the usual headers and cookies.
 MAX_REQUEST_HEAD_BYTES = 32 * 1024
@@ -36,7 +36,7 @@ except ImportError:  # pragma: no cover (uvicorn[standard] brings httptools)
 
 if HttpToolsProtocol is not None:
 
-    class BoundedHttpToolsProtocol(HttpToolsProtocol):  # type: ignore[misc,valid-type]
+    class BoundedHttpToolsProtocol(HttpToolsProtocol):
         """HttpToolsProtocol that refuses a request head over MAX_REQUEST_HEAD_BYTES with 431."""
 
         max_head_bytes = MAX_REQUEST_HEAD_BYTES
@@ -80,6 +80,6 @@ if HttpToolsProtocol is not None:
 
 def server_options() -> dict[str, Any]:
     """uvicorn.run / uvicorn.Config options that bound request heads."""
-    http = ("service.httpserver:BoundedHttpToolsProtocol" if HttpToolsProtocol is not None
+    http = ("service.core.httpserver:BoundedHttpToolsProtocol" if HttpToolsProtocol is not None
             else "h11")
     return {"http": http, "h11_max_incomplete_event_size": MAX_REQUEST_HEAD_BYTES}

@@ -1,17 +1,21 @@
-"""The fast lane (service/fastlane.py) answers cached reads exactly as the app would, and leaves
-everything else (errors above all) to the app."""
+"""The direct routes of GET /status and GET /connections/{id}/token (service.core.routing) answer
+exactly as the documented FastAPI routes do, for every caller and target, and decline every form
+they do not serve."""
 
 from __future__ import annotations
 
 import asyncio
-import re
+import itertools
+import time
 from datetime import UTC, datetime
 from typing import Any
 
 import httpx
+import jwt
 import pytest
 
 from service.auth.jwt import issue_dev_token
+from service.connections.router import direct_routes
 from tests.conftest import JWT_SECRET, TENANT, Stack, user_headers
 from tests.support.db_helpers import execute, expire_access_token
 
@@ -29,16 +33,16 @@ async def sample(client: httpx.AsyncClient, name: str) -> float:
     return 0.0
 
 
-async def fast_answers(client: httpx.AsyncClient, route: str) -> float:
-    return await sample(client, f'qbo_broker_fast_lane_answers_total{{route="{route}"}}')
+async def direct_answers(client: httpx.AsyncClient, route: str) -> float:
+    return await sample(client, f'qbo_broker_direct_answers_total{{route="{route}"}}')
 
 
 async def get_counted(client: httpx.AsyncClient, route: str, url: str,
                       **kwargs: Any) -> tuple[httpx.Response, bool]:
-    """The response, and whether the fast lane gave it."""
-    before = await fast_answers(client, route)
+    """The response, and whether the direct route gave it."""
+    before = await direct_answers(client, route)
     response = await client.get(url, **kwargs)
-    return response, await fast_answers(client, route) == before + 1
+    return response, await direct_answers(client, route) == before + 1
 
 
 async def served(client: httpx.AsyncClient, route: str) -> float:
@@ -53,116 +57,102 @@ def comparable(response: httpx.Response) -> tuple[int, list[tuple[bytes, bytes]]
     return response.status_code, headers, response.content
 
 
+def _scope(path: str, query: bytes = b"", method: str = "GET") -> dict[str, Any]:
+    return {"type": "http", "method": method, "path": path, "query_string": query,
+            "root_path": "", "headers": []}
+
+
+def test_the_direct_routes_take_only_their_plain_forms() -> None:
+    status, token = direct_routes
+    cid = "0b8f3a52-51a1-4f64-9a8c-3d0f2f6a1e01"
+    taken = [
+        (status, _scope("/status")), (status, _scope("/status", b"tenant_id=tenant-a")),
+        (token, _scope(f"/connections/{cid}/token")),
+    ]
+    declined = [
+        (status, _scope("/status", method="POST")), (status, _scope("/status/")),
+        (status, _scope("/status", b"tenant_id=tenant-a&x=1")),
+        (status, _scope("/status", b"tenant_id=acme%20corp")), (status, _scope("/status", b"x=1")),
+        (status, _scope("/status", b"tenant_id=" + b"x" * 129)),
+        (status, _scope("/status", b"tenant_id=a&tenant_id=b")),
+        (token, _scope(f"/connections/{cid}/token", b"force_refresh=true")),
+        (token, _scope(f"/connections/{cid.upper()}/token")),
+        (token, _scope(f"/connections/{cid.replace('-', '')}/token")),
+        (token, _scope("/connections/not-a-uuid/token")),
+        (token, _scope(f"/connections/{cid}/token", method="HEAD")),
+        (token, _scope(f"/connections/{cid}/events")),
+        (token, {**_scope(f"/connections/{cid}/token"), "root_path": "/broker"}),
+    ]
+    for route, scope in taken:
+        assert route.matches(scope)[0].name == "FULL", scope
+    for route, scope in declined:
+        assert route.matches(scope)[0].name == "NONE", scope
+
+
+def _callers(tokens_key: dict[str, str], status_key: dict[str, str],
+             revoked_key: dict[str, str]) -> dict[str, dict[str, str]]:
+    now = int(time.time())
+    forged = jwt.encode({"sub": "u", "tenant_id": TENANT, "exp": now + 600}, "another-" + "y" * 32,
+                        algorithm="HS256")
+    return {
+        "nobody": {},
+        "user": user_headers(),
+        "user of another tenant": user_headers("tenant-b", "user-2"),
+        "expired user": {"Authorization": "Bearer " + issue_dev_token(
+            JWT_SECRET, tenant_id=TENANT, user_id="user-1", ttl_seconds=-120)},
+        "forged user": {"Authorization": f"Bearer {forged}"},
+        "user with an odd tenant": {"Authorization": "Bearer " + issue_dev_token(
+            JWT_SECRET, tenant_id="acme corp", user_id="user-5")},
+        "basic scheme": {"Authorization": "Basic dXNlcjpwYXNz"},
+        "bearer without a token": {"Authorization": "Bearer"},
+        "oversized bearer": {"Authorization": "Bearer " + "a" * 9000},
+        "tokens key": tokens_key,
+        "status key": status_key,
+        "revoked key": revoked_key,
+        "unknown key": {"X-API-Key": "qbo_unknown_" + "z" * 40},
+        "oversized key": {"X-API-Key": "k" * 300},
+        "key and user": {**user_headers("tenant-b", "user-2"), **tokens_key},
+    }
+
+
+async def test_every_caller_and_target_is_answered_as_the_documented_route_does(
+        client, connected, new_connection, service_headers, stack: Stack) -> None:
+    """Each caller against each target, on the direct route (the plain URL) and on the FastAPI
+    route (the same URL with a parameter the endpoint ignores, which the direct route declines):
+    status, headers and body alike."""
+    other = (await new_connection("tenant-b", "user-2"))["id"]
+    revoked = await service_headers("tokens:read", "status:read", name="revoked")
+    await execute(stack.database_url, "UPDATE api_keys SET revoked_at = now() WHERE name = $1",
+                  "revoked")
+    callers = _callers(await service_headers("tokens:read", name="token-reader"),
+                       await service_headers("status:read", name="status-reader"), revoked)
+    targets = [
+        (STATUS, "/status", "/status?via=app"),
+        (STATUS, f"/status?tenant_id={TENANT}", f"/status?tenant_id={TENANT}&via=app"),
+        (STATUS, "/status?tenant_id=tenant-b", "/status?tenant_id=tenant-b&via=app"),
+        (TOKEN, f"/connections/{connected}/token", f"/connections/{connected}/token?force_refresh=false"),
+        (TOKEN, f"/connections/{other}/token", f"/connections/{other}/token?force_refresh=false"),
+        (TOKEN, "/connections/6f1c1c3e-8d2e-4a55-b7b0-6d1f8e1e0c99/token",
+         "/connections/6f1c1c3e-8d2e-4a55-b7b0-6d1f8e1e0c99/token?force_refresh=false"),
+    ]
+    statuses = set()
+    for (name, headers), (route, url, app_url) in itertools.product(callers.items(), targets):
+        for _ in range(2):  # cold, then with whatever the first request cached
+            by_app, direct = await get_counted(client, route, app_url, headers=headers)
+            assert not direct, app_url
+            by_route, direct = await get_counted(client, route, url, headers=headers)
+            assert direct, url
+            assert comparable(by_route) == comparable(by_app), (name, url, by_route.text)
+        statuses.add(by_route.status_code)
+    assert statuses == {200, 401, 403, 404, 409, 422}  # successes and each refusal compared
+
+
 @pytest.fixture
 async def connected(linked) -> str:
     return str(await linked())
 
 
-async def test_its_answers_are_the_apps_byte_for_byte(client, connected, new_connection,
-                                                     service_headers) -> None:
-    await new_connection("tenant-b", "user-2")
-    statuses = await service_headers("status:read", name="status-reader")
-    tokens = await service_headers("tokens:read", name="token-reader")
-    # The app's answer is asked for with a parameter the app ignores and the fast lane leaves
-    # to it; the fast lane's with the plain URL.
-    cases = [
-        (STATUS, "/status", "/status?via=app",
-         {**user_headers(), "Origin": "https://app.cietrade.test"}),
-        (STATUS, "/status?tenant_id=tenant-b", "/status?tenant_id=tenant-b&via=app", statuses),
-        (TOKEN, f"/connections/{connected}/token",
-         f"/connections/{connected}/token?force_refresh=false", tokens),
-    ]
-    for route, url, app_url, headers in cases:
-        by_app, fast = await get_counted(client, route, app_url, headers=headers)
-        assert by_app.status_code == 200, by_app.text
-        assert not fast, f"{app_url}: the app should have answered"
-        for _ in range(50):  # until the API key is cached (its first use notifies a change)
-            by_lane, fast = await get_counted(client, route, url, headers=headers)
-            if fast:
-                break
-            await asyncio.sleep(0.02)
-        assert fast, f"{url}: the fast lane should have answered"
-        assert comparable(by_lane) == comparable(by_app)
-        assert re.fullmatch(r"[0-9a-f]{32}", by_lane.headers["x-request-id"])
-        assert by_lane.headers["x-request-id"] != by_app.headers["x-request-id"]
-    # CORS headers on a browser's request, from the middleware both answers pass through.
-    first, fast = await get_counted(client, STATUS, "/status", headers=cases[0][3])
-    assert fast and first.headers["access-control-allow-origin"] == "https://app.cietrade.test"
-    # Counted under the route's template like every other request.
-    before = await served(client, TOKEN)
-    response, fast = await get_counted(client, TOKEN, cases[2][1], headers=tokens)
-    assert fast and await served(client, TOKEN) == before + 1
-
-
-async def test_a_valid_jwt_seen_for_the_first_time_is_verified_in_the_fast_lane(
-        client, new_connection) -> None:
-    await new_connection("tenant-c", "user-3")
-    headers = user_headers("tenant-c", "user-4")  # a token nobody has shown the broker yet
-    response, fast = await get_counted(client, STATUS, "/status", headers=headers)
-    assert (response.status_code, fast) == (200, True)
-    assert response.json()["tenant_id"] == "tenant-c"
-    # A forged one (signed with another secret) is the app's to refuse.
-    forged = {"Authorization": "Bearer " + issue_dev_token("another-secret-" + "y" * 32,
-                                                           tenant_id="tenant-c", user_id="user-3")}
-    response, fast = await get_counted(client, STATUS, "/status", headers=forged)
-    assert (response.status_code, fast) == (401, False)
-    assert response.json()["code"] == "unauthorized"
-
-
-async def test_a_caller_without_the_right_gets_the_apps_refusal(client, connected, service_headers,
-                                                                stack: Stack) -> None:
-    tokens = await service_headers("tokens:read", name="token-reader")
-    token_url = f"/connections/{connected}/token"
-    for _ in range(2):  # both cached now: the connection and the caller
-        assert (await client.get(token_url, headers=tokens)).status_code == 200
-        assert (await client.get("/status", headers=user_headers())).status_code == 200
-
-    refusals = [
-        (TOKEN, token_url, await service_headers("status:read", name="status-only"), 403),
-        (TOKEN, token_url, user_headers(), 403),  # users never get tokens
-        (STATUS, f"/status?tenant_id={TENANT}", await service_headers("tokens:read", name="t2"), 403),
-        (STATUS, f"/status?tenant_id={TENANT}", user_headers("tenant-b", "user-9"), 404),
-        (STATUS, "/status", {"Authorization": "Bearer " + issue_dev_token(
-            JWT_SECRET, tenant_id=TENANT, user_id="user-1", ttl_seconds=-120)}, 401),
-        (STATUS, "/status", {}, 401),
-    ]
-    for route, url, headers, status in refusals:
-        for _ in range(2):  # the second time, everything the app looked at is cached
-            response, fast = await get_counted(client, route, url, headers=headers)
-            assert (response.status_code, fast) == (status, False), (url, response.text)
-            assert response.headers["content-type"] == "application/problem+json"
-
-    # A tenant id the app would refuse as a parameter, although a JWT carried it and its
-    # status is cached: the app's 422, not the cached body.
-    odd = {"Authorization": "Bearer " + issue_dev_token(JWT_SECRET, tenant_id="acme corp",
-                                                        user_id="user-5")}
-    for _ in range(2):
-        assert (await client.get("/status", headers=odd)).status_code == 200
-    statuses = await service_headers("status:read", name="status-reader")
-    for _ in range(100):  # until the key is cached (its first use notifies a change once)
-        response, fast = await get_counted(client, STATUS, f"/status?tenant_id={TENANT}",
-                                           headers=statuses)
-        if fast:
-            break
-        await asyncio.sleep(0.02)
-    assert fast
-    for query in ["acme%20corp", "acme%20corp", f"{TENANT}%0A", "x" * 129]:
-        response, fast = await get_counted(client, STATUS, f"/status?tenant_id={query}",
-                                           headers=statuses)
-        assert (response.status_code, fast) == (422, False), (query, response.text)
-
-    # A revoked key stops working at once, although its caller was cached.
-    await execute(stack.database_url, "UPDATE api_keys SET revoked_at = now() WHERE name = $1",
-                  "token-reader")
-    for _ in range(100):
-        response = await client.get(token_url, headers=tokens)
-        if response.status_code == 401:
-            break
-        await asyncio.sleep(0.02)
-    assert response.status_code == 401
-
-
-async def test_anything_unusual_goes_to_the_app(client, connected, service_headers,
+async def test_what_the_direct_routes_decline_the_documented_routes_answer(client, connected, service_headers,
                                                 stack: Stack) -> None:
     tokens = await service_headers("tokens:read", name="token-reader")
     statuses = await service_headers("status:read", name="status-reader")
@@ -187,7 +177,7 @@ async def test_anything_unusual_goes_to_the_app(client, connected, service_heade
     assert response.json()["access_token"] == forced
 
     # A token about to expire: once the change reaches the cache (NOTIFY), the next read
-    # misses; the caller is known, so the fast lane reads the connection and refreshes it.
+    # misses, and the direct route reads the connection and refreshes it.
     await expire_access_token(stack.database_url, connected, seconds_left=60)
     for _ in range(100):
         response, fast = await get_counted(client, TOKEN, token_url, headers=tokens)
@@ -203,7 +193,7 @@ async def test_anything_unusual_goes_to_the_app(client, connected, service_heade
 async def _known_key(client: httpx.AsyncClient, service_headers, cid: str) -> dict[str, str]:
     """A tokens:read key the broker has looked up and cached. Its first use touches the key's
     last_used_at, and the notification of that change empties the key cache once: ask until
-    the fast lane answers, after which the key stays cached."""
+    the direct route serves it from the cache."""
     headers = await service_headers("tokens:read", name="token-reader")
     for _ in range(100):
         response, fast = await get_counted(client, TOKEN, f"/connections/{cid}/token",
@@ -230,7 +220,7 @@ async def _cache_ageing_token(client: httpx.AsyncClient, stack: Stack, cid: str,
     await asyncio.sleep(1.2)
 
 
-async def test_a_cached_connection_that_needs_a_refresh_is_refreshed_in_the_fast_lane(
+async def test_a_cached_connection_that_needs_a_refresh_is_refreshed_on_the_direct_route(
         client, emulator, linked_company, service_headers, stack: Stack) -> None:
     cid, _ = await linked_company(1)
     tokens = await _known_key(client, service_headers, cid)
@@ -245,10 +235,10 @@ async def test_a_cached_connection_that_needs_a_refresh_is_refreshed_in_the_fast
     assert after.get("ok", 0) == refreshes.get("ok", 0) + 1
 
 
-async def test_a_refused_refresh_reads_the_same_from_the_fast_lane_and_the_app(
+async def test_a_refused_refresh_reads_the_same_on_both_routes(
         client, emulator, linked_company, service_headers, stack: Stack) -> None:
     """Two connections disconnected inside QuickBooks: the app refreshes one (asked with a
-    query string, which the fast lane leaves to it), the fast lane the other; both callers are
+    query string, which the direct route declines), the direct route the other; both callers are
     told the same."""
     (by_app, app_realm), (by_lane, lane_realm) = [await linked_company(i) for i in (2, 3)]
     tokens = await _known_key(client, service_headers, by_lane)
