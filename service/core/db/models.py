@@ -214,6 +214,7 @@ class RealmThrottle(SQLModel, table=True):
     (service.gateway.throttle; admission is the function in migration 0005)."""
 
     __tablename__ = "quickbooks_realm_throttles"
+    __table_args__ = {"prefixes": ["UNLOGGED"]}  # ephemeral: see migration 0005
 
     realm_id: str = Field(sa_column=sa.Column(sa.Text, primary_key=True))
     # The newest admissions, oldest first: as many as the largest window limit needs.
