@@ -327,7 +327,12 @@ async def connect_through_flow(broker: httpx.AsyncClient, *, tenant: str, user: 
         assert answer.status_code in (302, 303), answer.text
         back = await browser.get(answer.headers["location"])
     location = back.headers.get("location", "")
-    result = parse_qs(urlsplit(location).query).get("result", [""])[0]
+    params = parse_qs(urlsplit(location).query)
+    result = params.get("result", [""])[0]
+    if result == "completion_required":  # ticket mode: the frontend finishes as the same user
+        completed = await broker.post(f"/connections/{connection_id}/complete", headers=headers,
+                                      json={"completion_ticket": params["completion_ticket"][0]})
+        result = completed.json().get("status", "") if completed.status_code == 200 else ""
     if result != "connected":
         raise RuntimeError(f"Connect flow for {tenant} ended with {back.status_code} {location!r}")
     return connection_id

@@ -3,7 +3,8 @@ random targets for a fixed time after a warm-up, measuring throughput and latenc
 
 Two generators give the same figures: `wrk` (Debian's package; light enough that it leaves the
 CPU to the server) and, where wrk is missing, httpx with N asyncio tasks (this file run as a
-script). Targets are lines of `path<TAB>header name<TAB>header value`.
+script). Targets are lines of `path<TAB>header name<TAB>header value`, with more name and value pairs
+as needed.
 """
 
 from __future__ import annotations
@@ -82,8 +83,8 @@ def _wrk(base_url: str, targets: Path, *, concurrency: int, duration: float) -> 
 def _read_targets(path: Path) -> list[tuple[str, dict[str, str]]]:
     targets = []
     for line in path.read_text().splitlines():
-        target, name, value = line.split("\t", 2)
-        targets.append((target, {name: value}))
+        target, *fields = line.split("\t")
+        targets.append((target, dict(zip(fields[::2], fields[1::2], strict=True))))
     return targets
 
 

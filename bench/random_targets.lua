@@ -1,13 +1,20 @@
 -- wrk script used by bench/loadgen.py: every request is a random line of the targets file
--- (path, header name and header value, tab-separated), given after `--` on wrk's command line.
+-- (path, then header name and value pairs, tab-separated), given after `--` on wrk's command line.
 -- done() prints the figures as one JSON line for the benchmark to read.
 
 local targets = {}
 
 function init(args)
   for line in io.lines(args[1]) do
-    local path, name, value = line:match("^([^\t]+)\t([^\t]+)\t(.*)$")
-    targets[#targets + 1] = {path, {[name] = value}}
+    local fields = {}
+    for field in (line .. "\t"):gmatch("([^\t]*)\t") do
+      fields[#fields + 1] = field
+    end
+    local headers = {}
+    for i = 2, #fields - 1, 2 do
+      headers[fields[i]] = fields[i + 1]
+    end
+    targets[#targets + 1] = {fields[1], headers}
   end
   math.randomseed(os.time())
 end

@@ -88,16 +88,20 @@ def _prepare_environment(host: str, port: int, emulator_port: int) -> Path:
 
 async def _dev_api_key(data_dir: Path, database_url: str) -> str:
     from service.auth.api_keys import create_api_key, find_active_key
+    from service.auth.callers import Scope
     from service.core.db.engine import build_engine, build_sessionmaker
 
     engine = build_engine(database_url, pool_size=1)
     saved = data_dir / "dev-api-key"
+    every_scope = [scope.value for scope in Scope]
     try:
         async with build_sessionmaker(engine)() as session, session.begin():
-            if saved.is_file() and await find_active_key(session, saved.read_text().strip()):
+            # A key saved by an older version lacks newer scopes: make a new one then.
+            row = (await find_active_key(session, saved.read_text().strip())
+                   if saved.is_file() else None)
+            if row is not None and set(every_scope) <= set(row.scopes):
                 return saved.read_text().strip()
-            _, key = await create_api_key(session, name="dev",
-                                          scopes=["status:read", "tokens:read", "connections:write"])
+            _, key = await create_api_key(session, name="dev", scopes=every_scope)
     finally:
         await engine.dispose()
     saved.write_text(key + "\n")

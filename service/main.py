@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -21,6 +22,10 @@ from service.core.observability import RequestContextMiddleware
 from service.docs import OPENAPI_PATH, install_docs
 from service.events import outbox
 from service.events.router import router as webhooks_router
+from service.gateway import metering
+from service.gateway.proxy import Gateway
+from service.gateway.router import router as gateway_router
+from service.gateway.throttle import RealmThrottle
 from service.gateway.usage import router as usage_router
 from service.intuit_webhooks import router as intuit_webhooks
 from service.oauth.router import router as oauth_router
@@ -30,6 +35,7 @@ from service.streams.router import router as streams_router
 from service.worker import BackgroundWorker
 
 log = logging.getLogger(__name__)
+OWN_BODY_LIMITS = re.compile(rf"^(/connections/[^/]+/quickbooks/|{re.escape(intuit_webhooks.PATH)}$)")
 
 DESCRIPTION = """
 qbo-broker owns cieTrade's links to QuickBooks Online: connections, the Connect flow with Intuit,
@@ -71,6 +77,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                 max_streams_per_tenant=settings.streams_per_tenant)
             await streams.start()
             app.state.streams = streams
+            gateway = app.state.gateway = Gateway(settings, runtime.refresher,
+                                                  RealmThrottle(settings, runtime.reads),
+                                                  meter=runtime.meter, classify=metering.classify)
             stop_metrics = (await ops.serve_metrics(app.state, settings)
                             if settings.metrics_port is not None else None)
             worker = BackgroundWorker(runtime) if settings.background_enabled else None
@@ -89,6 +98,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     await stop_metrics()
                 if worker is not None:
                     await worker.stop()
+                await gateway.aclose()
 
     app = FastAPI(
         # The broker's metrics are Prometheus's (service.core.metrics) and its logs its own:
@@ -111,6 +121,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     _document_problems(app)
     app.include_router(connections_router)
+    app.include_router(gateway_router)
     app.include_router(oauth_router)
     app.include_router(usage_router)
     app.include_router(streams_router)
@@ -131,8 +142,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                           "Last-Event-ID"],
                            expose_headers=["X-Request-ID", "Retry-After", "X-Stream-Resumed"],
                            max_age=600)
+    # The gateway streams bodies up to a limit of its own (BROKER_QUICKBOOKS_MAX_BODY_BYTES), and
+    # Intuit's webhooks have theirs (2 MB).
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes,
-                       own_limits=frozenset({intuit_webhooks.PATH}))
+                       own_limits=OWN_BODY_LIMITS)
     app.add_middleware(RequestContextMiddleware)
     return app
 

@@ -94,6 +94,14 @@ CONFIG = schemathesis.Config.from_dict({
         "include-name": "POST /webhook-endpoints",
         "checks": {"positive_data_acceptance": {
             "expected-statuses": ["2xx", "401", "403", "404", "409", "422", "429", "5xx"]}},
+    }, {
+        # The QuickBooks gateway relays whatever Intuit answers a generated path, query and body
+        # (mostly 400 "Unsupported Operation"), or refuses a path that leaves the company (400);
+        # a user is refused (403), a pending connection is 409, and a burst of cases may meet
+        # the company's throttles (429). Real calls are tested in tests/gateway/.
+        "include-path-regex": "/quickbooks/",
+        "checks": {"positive_data_acceptance": {
+            "expected-statuses": ["2xx", "400", "401", "403", "404", "409", "415", "429", "5xx"]}},
     }],
 })
 PUBLIC_WEBHOOK_URL = "https://93.184.216.34/hooks"
@@ -293,7 +301,8 @@ async def seeded(identity: str, client: httpx.AsyncClient,
         SEEDED.headers = user_headers()
     elif identity == "service":
         SEEDED.headers = await service_headers("status:read", "tokens:read", "connections:write",
-                                               "webhooks:write")
+                                               "webhooks:write", "quickbooks:read",
+                                               "quickbooks:write")
     yield SEEDED
     SEEDED.connection_ids, SEEDED.cursors, SEEDED.headers = [], {}, {}
     SEEDED.endpoint_ids, SEEDED.event_ids = [], []

@@ -15,6 +15,8 @@ class Scope(StrEnum):
     TOKENS_READ = "tokens:read"
     CONNECTIONS_WRITE = "connections:write"
     WEBHOOKS_WRITE = "webhooks:write"
+    QUICKBOOKS_READ = "quickbooks:read"
+    QUICKBOOKS_WRITE = "quickbooks:write"
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.core.errors import PayloadTooLarge, problem_response
@@ -9,17 +11,17 @@ from service.core.observability import header
 
 
 class BodySizeLimitMiddleware:
-    """Refuse bodies over the limit, whether announced by Content-Length or streamed. Paths in
-    `own_limits` are passed through: their handlers bound their bodies themselves."""
+    """Refuse bodies over the limit, whether announced by Content-Length or streamed. Paths that
+    `own_limits` matches are passed through: their handlers bound their bodies themselves."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int,
-                 own_limits: frozenset[str] = frozenset()) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, own_limits: re.Pattern[str] | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
-        self.own_limits = own_limits
+        self.own_limits = own_limits  # paths whose endpoints bound their bodies themselves
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in self.own_limits:
+        if scope["type"] != "http" or (self.own_limits is not None
+                                       and self.own_limits.match(scope["path"])):
             await self.app(scope, receive, send)
             return
         length = header(scope, b"content-length")

@@ -114,6 +114,35 @@ class Settings(BaseSettings):
     coreplus_tenant_monthly_cap: int | None = Field(
         default=None, alias="BROKER_COREPLUS_TENANT_MONTHLY_CAP", ge=0, le=10**12)
 
+    # The QuickBooks gateway (service.gateway): forwarding, retries and Intuit's per-company limits.
+    quickbooks_minor_version: int = Field(default=75, alias="BROKER_QUICKBOOKS_MINOR_VERSION", ge=1)
+    quickbooks_max_body_bytes: int = Field(default=25 * 1024 * 1024,
+                                           alias="BROKER_QUICKBOOKS_MAX_BODY_BYTES", ge=1024)
+    # Request bodies up to this size are read before forwarding, and so can be sent again.
+    quickbooks_retry_body_bytes: int = Field(default=1024 * 1024,
+                                             alias="BROKER_QUICKBOOKS_RETRY_BODY_BYTES", ge=0)
+    quickbooks_deadline_seconds: float = Field(default=30.0, alias="BROKER_QUICKBOOKS_DEADLINE_SECONDS",
+                                               gt=0)
+    quickbooks_queue_seconds: float = Field(default=5.0, alias="BROKER_QUICKBOOKS_QUEUE_SECONDS", ge=0)
+    quickbooks_max_in_flight: int = Field(default=10, alias="BROKER_QUICKBOOKS_MAX_IN_FLIGHT", ge=0)
+    quickbooks_per_second: int = Field(default=10, alias="BROKER_QUICKBOOKS_PER_SECOND", ge=0)
+    quickbooks_per_minute: int = Field(default=500, alias="BROKER_QUICKBOOKS_PER_MINUTE", ge=0)
+    quickbooks_batch_per_minute: int = Field(default=120, alias="BROKER_QUICKBOOKS_BATCH_PER_MINUTE",
+                                             ge=0)
+    # Added to each window (1 s, 60 s): a call admitted at the edge of one can reach Intuit a few
+    # milliseconds later than another, and Intuit counts arrivals.
+    quickbooks_window_margin_seconds: float = Field(
+        default=0.1, alias="BROKER_QUICKBOOKS_WINDOW_MARGIN_SECONDS", ge=0, le=5)
+    # Least time between two calls to one company; unset: 60 s / the per-minute limit (0.12 s),
+    # the pace that uses a whole minute. Spread out, ten calls take 1.2 s, so each second's
+    # window at Intuit keeps 0.2 s of slack for calls that arrive later than others.
+    quickbooks_min_interval_seconds: float | None = Field(
+        default=None, alias="BROKER_QUICKBOOKS_MIN_INTERVAL_SECONDS", ge=0, le=60)
+    # An in-flight slot lapses after this long unless renewed (a replica killed mid-call).
+    quickbooks_lease_seconds: float = Field(default=60.0, alias="BROKER_QUICKBOOKS_LEASE_SECONDS",
+                                            ge=5)
+
+
     # Outgoing webhooks (service.events). Private destinations (and plain http) only in development.
     webhook_allow_private: bool = Field(default=False, alias="BROKER_WEBHOOK_ALLOW_PRIVATE")
     webhook_delivery_enabled: bool = Field(default=True, alias="BROKER_WEBHOOK_DELIVERY_ENABLED")
@@ -143,6 +172,12 @@ class Settings(BaseSettings):
     @classmethod
     def _strip_slash(cls, value: str) -> str:
         return value.rstrip("/")
+
+    @property
+    def quickbooks_interval_seconds(self) -> float:
+        if self.quickbooks_min_interval_seconds is not None:
+            return self.quickbooks_min_interval_seconds
+        return 60.0 / self.quickbooks_per_minute if self.quickbooks_per_minute else 0.0
 
     @property
     def redirect_uri(self) -> str:

@@ -6,11 +6,11 @@
     cond: field (= | < | > | <= | >=) value | field IN (value, ...) | field LIKE '%text%'
 
 Keywords and entity and field names are case-insensitive; strings are single-quoted with `\\'`
-for a quote. QuickBooks has no OR, no parentheses around conditions and no `!=`: they are parse
-errors (Fault 4000, QueryParserError), as are unknown tokens. A query that parses but names an
-unknown entity or a field that cannot be filtered, or asks for more than 1000 rows, is
-refused with Fault 4001 (QueryValidationError). Name lists (Customer, Item, Account) answer
-only active entries unless the query says something about `Active`.
+(or `''`, as SQL writes it) for a quote. QuickBooks has no OR, no parentheses around conditions
+and no `!=`: they are parse errors (Fault 4000, QueryParserError), as are unknown tokens. A
+query that parses but names an unknown entity or a field that cannot be filtered, or asks for
+more than 1000 rows, is refused with Fault 4001 (QueryValidationError). Name lists (Customer,
+Item, Account) answer only active entries unless the query says something about `Active`.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ _KEYWORDS = {"select", "from", "where", "and", "or", "in", "like", "order", "ord
              "iterator"}
 _TOKEN = re.compile(r"""
     (?P<space>\s+)
-  | (?P<string>'(?:\\.|[^'\\])*')
+  | (?P<string>'(?:\\.|''|[^'\\])*')
   | (?P<number>-?\d+(?:\.\d+)?)
   | (?P<name>[A-Za-z_][A-Za-z0-9_.]*)
   | (?P<op><=|>=|!=|[=<>*,()])
@@ -92,7 +92,8 @@ def _tokens(text: str) -> list[_Token]:
         if kind == "space":
             continue
         if kind == "string":
-            tokens.append(_Token("string", raw, re.sub(r"\\(.)", r"\1", raw[1:-1]), column))
+            value = re.sub(r"\\(.)|''", lambda m: m.group(1) or "'", raw[1:-1])
+            tokens.append(_Token("string", raw, value, column))
         elif kind == "number":
             tokens.append(_Token("number", raw, float(raw), column))
         elif kind == "name" and raw.lower() in _KEYWORDS:

@@ -250,3 +250,25 @@ class QuickBooksBudgetAlert(SQLModel, table=True):
     threshold: int = Field(sa_column=sa.Column(sa.Integer, primary_key=True))
     coreplus_calls: int = Field(sa_column=sa.Column(sa.BigInteger, nullable=False))
     created_at: datetime = _now_field()
+
+
+class RealmThrottle(SQLModel, table=True):
+    """Intuit's per-company limits as the gateway shares them between replicas
+    (service.gateway.throttle; admission is the function in migration 0005)."""
+
+    __tablename__ = "quickbooks_realm_throttles"
+    __table_args__ = {"prefixes": ["UNLOGGED"]}  # ephemeral: see migration 0005
+
+    realm_id: str = Field(sa_column=sa.Column(sa.Text, primary_key=True))
+    # The newest admissions, oldest first: as many as the largest window limit needs.
+    admitted: list[datetime] = Field(sa_column=sa.Column(
+        pg.ARRAY(TZ), nullable=False, server_default=sa.text("'{}'")))
+    batch_admitted: list[datetime] = Field(sa_column=sa.Column(
+        pg.ARRAY(TZ), nullable=False, server_default=sa.text("'{}'")))
+    # In-flight slots: slot i holds its lease's expiry, or NULL when free.
+    leases: list[datetime | None] = Field(sa_column=sa.Column(
+        pg.ARRAY(TZ), nullable=False, server_default=sa.text("'{}'")))
+    # Set from Intuit's Retry-After on a 429: nothing is admitted before then.
+    paused_until: datetime | None = _ts()
+    # When the next call may go, keeping calls an interval apart.
+    paced_until: datetime | None = _ts()

@@ -1,0 +1,184 @@
+"""Intuit's per-company limits, shared by every replica through PostgreSQL.
+
+Each call is admitted by one statement (`qbo_broker_gateway_admit`, migration 0005) on the
+realm's row in `quickbooks_realm_throttles`: under the row lock it reads PostgreSQL's clock, one
+clock for every replica, and either stamps the call into the windows (the newest admissions, as
+many as the largest limit) and takes an in-flight slot, or answers how long to wait. A slot is a
+lease with an expiry: released by one statement when the answer has been read, renewed while a
+long answer streams, and lapsed (free again) if the replica holding it dies. A 429 from Intuit
+pauses the realm for every replica (`paused_until`).
+
+Inside a process, callers of one realm queue in a FIFO and only the head asks PostgreSQL, so a
+queue of fifty waiters costs one statement per admission, not fifty.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import asyncpg
+
+from service.core.config import Settings
+from service.core.errors import ProblemError
+
+# How often the head of a queue looks again while every in-flight slot is taken by another
+# process (a release in this process wakes it at once).
+BUSY_POLL_SECONDS = 0.02
+
+_ADMIT = "SELECT * FROM qbo_broker_gateway_admit($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+_RELEASE = ("UPDATE quickbooks_realm_throttles SET leases[$2] = NULL "
+            "WHERE realm_id = $1 AND leases[$2] = $3")
+_RENEW = ("UPDATE quickbooks_realm_throttles "
+          "SET leases[$2] = clock_timestamp() + make_interval(secs => $4) "
+          "WHERE realm_id = $1 AND leases[$2] = $3 RETURNING leases[$2]")
+_PAUSE = ("INSERT INTO quickbooks_realm_throttles AS t (realm_id, paused_until) "
+          "VALUES ($1, clock_timestamp() + make_interval(secs => $2)) "
+          "ON CONFLICT (realm_id) DO UPDATE SET paused_until = greatest("
+          "coalesce(t.paused_until, '-infinity'), excluded.paused_until)")
+
+
+class QuickBooksThrottled(ProblemError):
+    status, code, title = 429, "quickbooks_throttled", "QuickBooks' limits for this company are reached"
+
+    def __init__(self, detail: str | None = None, *, retry_after: int = 1, **extra: object) -> None:
+        super().__init__(detail, headers={"Retry-After": str(retry_after)}, **extra)
+
+
+@dataclass
+class Lease:
+    """One admitted call: its in-flight slot (None when that limit is off) until released."""
+
+    realm_id: str
+    slot: int | None
+    expires_at: datetime | None
+    released: bool = False
+
+
+@dataclass
+class _Queue:
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    released: asyncio.Event = field(default_factory=asyncio.Event)
+    users: int = 0
+
+
+class RealmThrottle:
+    def __init__(self, settings: Settings, pool: asyncpg.Pool) -> None:
+        self._settings = settings
+        self._pool = pool
+        self._queues: dict[tuple[str, bool], _Queue] = {}
+        self._interval = settings.quickbooks_interval_seconds
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @asynccontextmanager
+    async def _queue(self, realm_id: str, batch: bool) -> AsyncIterator[_Queue]:
+        key = (realm_id, batch)
+        queue = self._queues.get(key)
+        if queue is None:
+            queue = self._queues[key] = _Queue()
+        queue.users += 1
+        try:
+            yield queue
+        finally:
+            queue.users -= 1
+            if queue.users == 0:
+                del self._queues[key]
+
+    async def admit(self, realm_id: str, *, batch: bool, wait_seconds: float) -> Lease:
+        """A lease for one call to Intuit, waiting at most `wait_seconds` for room; else
+        QuickBooksThrottled with a Retry-After."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_seconds
+        hint = 1.0
+        async with self._queue(realm_id, batch) as queue:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await queue.lock.acquire()
+            except TimeoutError:
+                raise self._throttled(realm_id, hint) from None
+            try:
+                while True:
+                    queue.released.clear()
+                    row = await self._admit_once(realm_id, batch)
+                    if row["admitted"]:
+                        return Lease(realm_id, row["slot"], row["lease"])
+                    wait = float(row["wait_seconds"] or 0.0)
+                    hint = max(wait, BUSY_POLL_SECONDS)
+                    left = deadline - loop.time()
+                    if left <= 0 or wait > left:
+                        raise self._throttled(realm_id, hint)
+                    if row["busy"] and wait <= 0:
+                        try:
+                            async with asyncio.timeout(min(BUSY_POLL_SECONDS, left)):
+                                await queue.released.wait()
+                        except TimeoutError:
+                            pass
+                    else:
+                        await asyncio.sleep(max(wait, 0.001))
+            finally:
+                queue.lock.release()
+
+    async def _admit_once(self, realm_id: str, batch: bool) -> asyncpg.Record:
+        s = self._settings
+        # Shielded: a caller that goes away mid-statement must not leave a slot it never uses.
+        statement = asyncio.ensure_future(self._pool.fetchrow(
+            _ADMIT, realm_id, batch, s.quickbooks_max_in_flight, s.quickbooks_per_second,
+            s.quickbooks_per_minute, s.quickbooks_batch_per_minute,
+            s.quickbooks_window_margin_seconds, s.quickbooks_lease_seconds, self._interval))
+        try:
+            return await asyncio.shield(statement)
+        except asyncio.CancelledError:
+            statement.add_done_callback(self._release_orphan(realm_id))
+            raise
+
+    def _release_orphan(self, realm_id: str):  # type: ignore[no-untyped-def]
+        def done(statement: asyncio.Future[asyncpg.Record]) -> None:
+            if statement.cancelled() or statement.exception() is not None:
+                return
+            row = statement.result()
+            if row["admitted"]:
+                self.release_soon(Lease(realm_id, row["slot"], row["lease"]))
+        return done
+
+    def _throttled(self, realm_id: str, wait: float) -> QuickBooksThrottled:
+        return QuickBooksThrottled(
+            "QuickBooks' limits for this company are reached; retry after the delay given.",
+            retry_after=max(1, math.ceil(wait)), realm_id=realm_id)
+
+    async def release(self, lease: Lease) -> None:
+        if lease.released:
+            return
+        lease.released = True
+        for key in ((lease.realm_id, False), (lease.realm_id, True)):
+            queue = self._queues.get(key)
+            if queue is not None:
+                queue.released.set()
+        if lease.slot is not None:
+            await self._pool.execute(_RELEASE, lease.realm_id, lease.slot, lease.expires_at)
+
+    def release_soon(self, lease: Lease) -> None:
+        """Release without making the caller wait (after an answer has been sent)."""
+        task = asyncio.get_running_loop().create_task(self.release(lease))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def renew(self, lease: Lease) -> None:
+        """Push a long call's slot expiry out again (a long answer still streaming)."""
+        if lease.slot is None or lease.released:
+            return
+        expires = await self._pool.fetchval(_RENEW, lease.realm_id, lease.slot, lease.expires_at,
+                                            self._settings.quickbooks_lease_seconds)
+        if expires is not None:
+            lease.expires_at = expires
+
+    async def pause(self, realm_id: str, seconds: float) -> None:
+        """Intuit said 429: no replica sends this realm anything for `seconds`."""
+        await self._pool.execute(_PAUSE, realm_id, seconds)
+
+    async def aclose(self) -> None:
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=5)
