@@ -18,9 +18,9 @@ from service.core.config import Settings
 from service.core.errors import ErrorBoundary, Problem, install_error_handlers
 from service.core.observability import RequestContextMiddleware
 from service.docs import OPENAPI_PATH, install_docs
-from service.events.router import router as webhooks_router
 from service.oauth.router import router as oauth_router
 from service.runtime import build_runtime
+from service.webhooks.router import router as webhooks_router
 from service.worker import BackgroundWorker
 
 log = logging.getLogger(__name__)
