@@ -14,6 +14,7 @@ from service.core.db import models  # noqa: F401  (registers the tables on SQLMo
 from service.core.db.engine import async_url
 from service.core.db.locking import MIGRATION_LOCK_KEY
 from service.events import models as event_models  # noqa: F401  (the same)
+from service.intuit_webhooks import models as intuit_webhook_models  # noqa: F401
 
 config = context.config
 target_metadata = SQLModel.metadata

@@ -74,6 +74,9 @@ def _prepare_environment(host: str, port: int, emulator_port: int) -> Path:
         "BROKER_RETURN_URL_ALLOWLIST": f"http://localhost:{port},http://127.0.0.1:{port}",
         "BROKER_ENCRYPTION_KEYS": "dev:" + dev_secret(data_dir / "dev-encryption-key", generate_key()),
         "BROKER_JWT_SECRET": dev_secret(data_dir / "dev-jwt-secret", new_secret()),
+        # The emulator signs its webhooks with this; the broker verifies them with it.
+        "INTUIT_WEBHOOK_VERIFIER_TOKENS": dev_secret(data_dir / "dev-intuit-webhook-token",
+                                                     new_secret()),
         # Local receivers (plain http, this machine) may get webhooks.
         "BROKER_WEBHOOK_ALLOW_PRIVATE": "true",
     }
@@ -106,8 +109,10 @@ def run_dev(*, host: str, port: int, emulator_port: int) -> None:
     from service.auth.jwt import issue_dev_token
     from service.core.config import Settings
     from service.core.db.migrations import upgrade_to_head
+    from service.core.httpserver import server_options
     from service.emulator import EmulatorSettings
     from service.emulator import create_app as create_emulator
+    from service.integration_page import PAGE_PATH, install_integration_page
     from service.main import create_app
     from service.runtime import database_url_for
 
@@ -125,17 +130,28 @@ def run_dev(*, host: str, port: int, emulator_port: int) -> None:
     emulator = create_emulator(EmulatorSettings(
         public_url=f"http://{host}:{emulator_port}", client_id=DEV_CLIENT_ID,
         client_secret=DEV_CLIENT_SECRET, redirect_uris=[settings.redirect_uri],
-        state_file=str(data_dir / "emulator-state.json")))
+        state_file=str(data_dir / "emulator-state.json"),
+        # Intuit's webhooks of data changes go to the dev broker, signed with its first token.
+        webhook_url=f"http://{host}:{port}/intuit/webhooks",
+        webhook_verifier_token=next(iter(settings.intuit_webhook_verifier_tokens), None)))
     emulator_server = uvicorn.Server(uvicorn.Config(emulator, host=host, port=emulator_port,
                                                     log_config=None, access_log=False))
-    broker_server = uvicorn.Server(uvicorn.Config(create_app(settings), host=host, port=port,
-                                                  log_config=None, access_log=False))
+    broker = create_app(settings)
+    jwt_secret = settings.jwt_secret
+    install_integration_page(
+        broker, lambda user: issue_dev_token(jwt_secret, tenant_id=DEV_TENANT, user_id=user),
+        default_user=DEV_USER)
+    # serve's protocol: bounded request heads, and open event streams ended at shutdown.
+    broker_server = uvicorn.Server(uvicorn.Config(broker, host=host, port=port, log_config=None,
+                                                  access_log=False, **server_options()))
     print(f"""
 qbo-broker dev is starting.
 
   Swagger UI        http://localhost:{port}/docs
+  Integration page  http://localhost:{port}{PAGE_PATH}  (Connect, modules, live status)
   Intuit emulator   http://{host}:{emulator_port}  (sign in as alice@example.com, an admin)
   Data              {data_dir}  (kept across restarts)
+  Intuit webhooks   the emulator's data changes → http://{host}:{port}/intuit/webhooks
 
   Dev user JWT (tenant {DEV_TENANT}, user {DEV_USER}); paste into Authorize → UserJWT:
 {jwt}

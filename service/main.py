@@ -15,11 +15,17 @@ from service.connections.router import direct_routes
 from service.connections.router import router as connections_router
 from service.core.body_limit import BodySizeLimitMiddleware
 from service.core.config import Settings
+from service.core.db.engine import asyncpg_dsn
 from service.core.errors import ErrorBoundary, Problem, install_error_handlers
 from service.core.observability import RequestContextMiddleware
 from service.docs import OPENAPI_PATH, install_docs
+from service.events import outbox
+from service.gateway.usage import router as usage_router
+from service.intuit_webhooks import router as intuit_webhooks
 from service.oauth.router import router as oauth_router
 from service.runtime import build_runtime
+from service.streams.hub import StreamHub
+from service.streams.router import router as streams_router
 from service.webhooks.router import router as webhooks_router
 from service.worker import BackgroundWorker
 
@@ -56,21 +62,29 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with build_runtime(settings) as runtime:
-            # What start-up built lives as long as the process: out of the collector's sight,
-            # a full collection no longer walks it (~170,000 objects; 125 ms of a stopped event
-            # loop per collection on a slow machine, bench/README.md).
-            gc.collect()
-            gc.freeze()
             app.state.runtime = runtime
             app.state.sessionmaker = runtime.sessionmaker
+            runtime.meter.start()  # flushes, and the budget gauges, even before the first call
+            streams = StreamHub(asyncpg_dsn(runtime.database_url), runtime.reads, channel=outbox.CHANNEL,
+                                queue_size=settings.stream_queue_size,
+                                max_streams=settings.streams_max,
+                                max_streams_per_tenant=settings.streams_per_tenant)
+            await streams.start()
+            app.state.streams = streams
             stop_metrics = (await ops.serve_metrics(app.state, settings)
                             if settings.metrics_port is not None else None)
             worker = BackgroundWorker(runtime) if settings.background_enabled else None
             if worker is not None:
                 worker.start()
+            # What start-up built lives as long as the process: out of the collector's sight,
+            # a full collection no longer walks it (~170,000 objects; 125 ms of a stopped event
+            # loop per collection on a slow machine, bench/README.md).
+            gc.collect()
+            gc.freeze()
             try:
                 yield
             finally:
+                await streams.close()
                 if stop_metrics is not None:
                     await stop_metrics()
                 if worker is not None:
@@ -98,8 +112,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     _document_problems(app)
     app.include_router(connections_router)
     app.include_router(oauth_router)
+    app.include_router(usage_router)
+    app.include_router(streams_router)
     app.include_router(webhooks_router)
     app.include_router(ops.router)
+    app.include_router(intuit_webhooks.router)
     # Ahead of the documented routes they stand for (service.core.routing).
     app.router.routes[:0] = direct_routes
     # Around the app: any exception becomes a problem answer here, inside CORS
@@ -110,9 +127,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
                            allow_credentials=settings.connect_binding == "cookie",
                            allow_methods=["GET", "POST", "PATCH", "DELETE"],
-                           allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
-                           expose_headers=["X-Request-ID", "Retry-After"], max_age=600)
-    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
+                           allow_headers=["Authorization", "Content-Type", "X-Request-ID",
+                                          "Last-Event-ID"],
+                           expose_headers=["X-Request-ID", "Retry-After", "X-Stream-Resumed"],
+                           max_age=600)
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes,
+                       own_limits=frozenset({intuit_webhooks.PATH}))
     app.add_middleware(RequestContextMiddleware)
     return app
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated
 
 import asyncpg
@@ -20,6 +20,8 @@ from service.core.crypto import SecretBox
 from service.core.db.embedded import start_embedded_postgres
 from service.core.db.engine import asyncpg_dsn, build_engine, build_sessionmaker, create_reads_pool
 from service.intuit.client import IntuitClient
+from service.intuit_webhooks.waker import NotificationWaker
+from service.metering.meter import Meter
 from service.tokens.locks import RefreshLocks
 from service.tokens.refresh import TokenRefresher
 
@@ -38,6 +40,9 @@ class Runtime:
     locks: RefreshLocks
     refresher: TokenRefresher
     jwt_verifier: JWTVerifier
+    meter: Meter  # counts Accounting API calls, guards the tenants' CorePlus caps
+    # Wakes the Intuit notification processors after the intake stored notifications.
+    intuit_notifications: NotificationWaker = field(default_factory=NotificationWaker)
 
 
 def database_url_for(settings: Settings) -> str:
@@ -64,6 +69,8 @@ async def build_runtime(settings: Settings, *, database_url: str | None = None,
             stack.push_async_callback(feed.stop)
         reads = await create_reads_pool(url, max_size=settings.db_pool_size)
         stack.push_async_callback(reads.close)
+        meter = Meter(reads, settings)
+        stack.push_async_callback(meter.aclose)  # writes what it counted, before the pool closes
         intuit = IntuitClient(settings)
         stack.push_async_callback(intuit.aclose)
         locks = RefreshLocks(dsn)
@@ -75,7 +82,7 @@ async def build_runtime(settings: Settings, *, database_url: str | None = None,
         yield Runtime(settings=settings, database_url=url, engine=engine,
                       sessionmaker=build_sessionmaker(engine, caches), reads=reads, caches=caches,
                       feed=feed, intuit=intuit, box=box, locks=locks, refresher=refresher,
-                      jwt_verifier=JWTVerifier(settings))
+                      jwt_verifier=JWTVerifier(settings), meter=meter)
 
 
 async def get_runtime(request: Request) -> Runtime:

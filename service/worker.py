@@ -1,5 +1,6 @@
 """Background work: keep links alive, expire pending links and completion tickets, send the
-revocation outbox. It runs inside every `serve` process (unless BROKER_BACKGROUND_ENABLED=false),
+revocation outbox, turn Intuit's notifications into events (service.intuit_webhooks.processor,
+woken as they are stored). It runs inside every `serve` process (unless BROKER_BACKGROUND_ENABLED=false),
 or alone as `qbo-broker worker` (run_worker).
 
 Replicas share the work through PostgreSQL: a due connection whose refresh lock (or row) another
@@ -32,6 +33,7 @@ from service.core.db.models import Connection, PendingLink
 from service.core.errors import ProblemError
 from service.core.metrics import BACKGROUND_ROW_ERRORS, BACKGROUND_RUNS
 from service.events.delivery import WebhookSender
+from service.intuit_webhooks.processor import NotificationProcessor
 from service.oauth.flows import discard_pending_link, expire_held_grants
 from service.runtime import Runtime, build_runtime
 from service.tokens.revocation import retry_pending_revocations
@@ -61,6 +63,10 @@ class BackgroundWorker:
         self._rt = runtime
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
+        self._notifications = NotificationProcessor(
+            asyncpg_dsn(runtime.database_url), runtime.sessionmaker,
+            poll_seconds=runtime.settings.background_interval_seconds)
+
         # Webhooks go out from a task of their own, woken by each event's commit rather than on
         # this worker's interval.
         self._sender = (WebhookSender(runtime.settings, runtime.reads, runtime.box,
@@ -69,11 +75,13 @@ class BackgroundWorker:
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="qbo-broker-background")
+        self._notifications.start()
         if self._sender is not None:
             self._sender.start()
 
     async def stop(self) -> None:
         self._stopping.set()
+        await self._notifications.stop()
         await cancel_and_wait(self._task)
         if self._sender is not None:
             await self._sender.stop()

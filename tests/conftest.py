@@ -79,6 +79,8 @@ def broker_settings(database_url: str, broker_port: int, emulator_url: str, **ov
         # Some tests link dozens of companies to one tenant; the cap itself is tested on brokers
         # of its own (tests/hostile/test_connection_limit.py).
         "BROKER_MAX_CONNECTIONS_PER_TENANT": 1000,
+        # Intuit's webhooks are verified (and refused unsigned) as in production.
+        "INTUIT_WEBHOOK_VERIFIER_TOKENS": "test-intuit-verifier-token",
     }
     values.update(overrides)
     return Settings(**values)

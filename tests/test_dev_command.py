@@ -17,6 +17,7 @@ import httpx
 
 from tests.support.intuit_user import sign_in_and_decide
 from tests.support.servers import free_port
+from tests.support.waiting import until
 
 
 @contextmanager
@@ -79,6 +80,7 @@ async def test_dev_connects_and_survives_a_restart(tmp_path: Path) -> None:
                                    json={"completion_ticket": result.params["completion_ticket"]})
             assert done.status_code == 200, done.text
             assert (await http.get(f"/connections/{cid}", headers=user)).json()["status"] == "connected"
+            await _integration_page_is_served(http)
 
     with dev_process(data_dir, port, emulator_port, tmp_path / "dev-2.log") as second:
         assert second["api_key"] == first["api_key"]  # kept under BROKER_DATA_DIR
@@ -90,6 +92,23 @@ async def test_dev_connects_and_survives_a_restart(tmp_path: Path) -> None:
             token = await http.get(f"/connections/{cid}/token", params={"force_refresh": "true"},
                                    headers={"X-API-Key": second["api_key"]})
             assert token.status_code == 200, token.text
+        # Intuit's webhooks: a change made through the Accounting API reaches the dev broker,
+        # signed with the verifier token dev generated (a wrong one is answered 401).
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{emulator_port}",
+                                     timeout=30) as emulator:
+            changed = await emulator.post(
+                "/v3/company/9341452988354102/customer", json={"DisplayName": "Webhook Test"},
+                headers={"Authorization": f"Bearer {token.json()['access_token']}",
+                         "Accept": "application/json"})
+            assert changed.status_code == 200, changed.text
+
+            async def delivered() -> bool:
+                deliveries = (await emulator.get("/_emulator/webhooks/deliveries")).json()
+                return any(d.get("status") == 200 for d in deliveries)
+
+            await until(delivered, "the emulator's webhook to reach the dev broker")
+            hook = (await emulator.get("/_emulator/webhooks")).json()
+            assert hook["url"] == f"http://127.0.0.1:{port}/intuit/webhooks"
 
     # Not on a terminal, the logs are JSON; uvicorn's start-up and shutdown lines come once, from
     # the broker's server (the emulator's would repeat them).
@@ -102,3 +121,25 @@ async def test_dev_connects_and_survives_a_restart(tmp_path: Path) -> None:
         assert sum(message.startswith(said) for message in messages) == 1, (said, messages)
     assert [m for m in messages if m.startswith("Uvicorn running on")] == [
         f"Uvicorn running on http://127.0.0.1:{port} (Press CTRL+C to quit)"]
+
+
+async def _integration_page_is_served(http: httpx.AsyncClient) -> None:
+    """dev serves the reference Integration page, carrying a JWT of the dev tenant (its only
+    way to the API), with a strict policy: its own nonce'd script, requests to itself only."""
+    page = await http.get("/dev/integration")
+    assert page.status_code == 200
+    assert page.headers["content-type"].startswith("text/html")
+    assert page.headers["cache-control"] == "no-store"
+    assert page.headers["referrer-policy"] == "no-referrer"
+    policy = page.headers["content-security-policy"]
+    nonce = re.search(r"script-src 'nonce-([^']+)'", policy)
+    assert nonce and f'<script nonce="{nonce.group(1)}">' in page.text
+    assert "connect-src 'self'" in policy
+    config = re.search(r'<script type="application/json" id="config">(.*?)</script>', page.text)
+    assert config, page.text[:500]
+    token = json.loads(config.group(1))["token"]
+    status = await http.get("/status", headers={"Authorization": f"Bearer {token}"})
+    assert status.status_code == 200 and status.json()["tenant_id"] == "dev-tenant"
+    colleague = await http.get("/dev/integration", params={"user": "dev-user-2"})
+    assert colleague.status_code == 200
+    assert (await http.get("/dev/integration", params={"user": "<script>"})).status_code == 422

@@ -9,14 +9,17 @@ from service.core.observability import header
 
 
 class BodySizeLimitMiddleware:
-    """Refuse bodies over the limit, whether announced by Content-Length or streamed."""
+    """Refuse bodies over the limit, whether announced by Content-Length or streamed. Paths in
+    `own_limits` are passed through: their handlers bound their bodies themselves."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int,
+                 own_limits: frozenset[str] = frozenset()) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.own_limits = own_limits
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope["path"] in self.own_limits:
             await self.app(scope, receive, send)
             return
         length = header(scope, b"content-length")

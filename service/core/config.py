@@ -88,6 +88,14 @@ class Settings(BaseSettings):
     # INTUIT_ENVIRONMENT=production; see docs_enabled.
     docs_setting: bool | None = Field(default=None, alias="BROKER_DOCS")
 
+    # Live event streams (service/streams), per process.
+    streams_max: int = Field(default=1000, alias="BROKER_STREAMS_MAX", ge=1)
+    streams_per_tenant: int = Field(default=50, alias="BROKER_STREAMS_PER_TENANT", ge=1)
+    stream_heartbeat_seconds: float = Field(default=15.0, alias="BROKER_STREAM_HEARTBEAT_SECONDS",
+                                            gt=0)
+    stream_max_seconds: float = Field(default=3600.0, alias="BROKER_STREAM_MAX_SECONDS", gt=0)
+    stream_queue_size: int = Field(default=100, alias="BROKER_STREAM_QUEUE_SIZE", ge=1)
+
     # Background work (token keep-alive, pending-link expiry, revocation retries).
     background_enabled: bool = Field(default=True, alias="BROKER_BACKGROUND_ENABLED")
     background_interval_seconds: float = Field(default=30.0, alias="BROKER_BACKGROUND_INTERVAL", gt=0)
@@ -98,6 +106,13 @@ class Settings(BaseSettings):
         default=False, alias="BROKER_KEEPALIVE_REFRESH_ACCESS_TOKENS"
     )
     keepalive_concurrency: int = Field(default=8, alias="BROKER_KEEPALIVE_CONCURRENCY", ge=1)
+
+    # Intuit's CorePlus calls: the app's monthly budget (the free tier's), and the cap of a
+    # tenant without one of its own (unset: none). README, "Usage and the CorePlus budget".
+    coreplus_monthly_budget: int = Field(default=500_000, alias="BROKER_COREPLUS_MONTHLY_BUDGET",
+                                         ge=1, le=10**12)
+    coreplus_tenant_monthly_cap: int | None = Field(
+        default=None, alias="BROKER_COREPLUS_TENANT_MONTHLY_CAP", ge=0, le=10**12)
 
     # Outgoing webhooks (service.events). Private destinations (and plain http) only in development.
     webhook_allow_private: bool = Field(default=False, alias="BROKER_WEBHOOK_ALLOW_PRIVATE")
@@ -110,11 +125,16 @@ class Settings(BaseSettings):
     webhook_max_endpoints_per_tenant: int = Field(
         default=10, alias="BROKER_WEBHOOK_MAX_ENDPOINTS_PER_TENANT", ge=1)
 
-    _split = field_validator("return_url_allowlist", "cors_origins_setting", mode="before")(
-        _split_commas
-    )
 
-    @field_validator("docs_setting", mode="before")
+    # Intuit's webhook verifier tokens (comma-separated: during a rotation, the new and the old);
+    # none: POST /intuit/webhooks refuses everything.
+    intuit_webhook_verifier_tokens: CommaList = Field(
+        default_factory=list, alias="INTUIT_WEBHOOK_VERIFIER_TOKENS", repr=False)
+
+    _split = field_validator("return_url_allowlist", "cors_origins_setting",
+                             "intuit_webhook_verifier_tokens", mode="before")(_split_commas)
+
+    @field_validator("docs_setting", "coreplus_tenant_monthly_cap", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value

@@ -16,6 +16,9 @@ from service.core.errors import PROBLEM_CONTENT_TYPE, ProblemError
 
 # Room for an 8 KB bearer token (service.auth.jwt) and the usual headers and cookies.
 MAX_REQUEST_HEAD_BYTES = 32 * 1024
+# A long-lived response (an event stream) puts a callable under this key of its scope: the
+# server calls it at shutdown, so the response ends instead of keeping the server waiting.
+END_STREAM_SCOPE_KEY = "qbo_broker.end_stream"
 
 
 def _refusal() -> bytes:
@@ -71,6 +74,16 @@ if HttpToolsProtocol is not None:
                 if self._in_head:
                     self._refuse()
                     return
+
+        def shutdown(self) -> None:
+            # uvicorn lets a response in progress finish before it stops (and only then runs
+            # the app's lifespan shutdown): an open event stream would never finish.
+            cycle = self.cycle
+            if cycle is not None and not cycle.response_complete:
+                end_stream = cycle.scope.get(END_STREAM_SCOPE_KEY)
+                if callable(end_stream):
+                    end_stream()
+            super().shutdown()
 
         def _refuse(self) -> None:
             if self.cycle is None or self.cycle.response_complete:  # no answer being written

@@ -58,3 +58,30 @@ CACHES_ENABLED = Gauge(
     "qbo_broker_caches_enabled",
     "1 while the caches are on (the change feed listens); 0: every read goes to PostgreSQL",
 )
+QUICKBOOKS_CALLS = Counter(
+    "qbo_broker_quickbooks_calls_total",
+    "Accounting API requests that reached Intuit (retries included), by Intuit's class "
+    "(core, coreplus) and outcome",
+    ["class", "outcome"],
+)
+COREPLUS_BUDGET = Gauge(
+    "qbo_broker_coreplus_budget_calls", "The app's monthly CorePlus budget "
+    "(BROKER_COREPLUS_MONTHLY_BUDGET)"
+)
+COREPLUS_MONTH_CALLS = Gauge(
+    "qbo_broker_coreplus_month_calls",
+    "CorePlus calls of the whole app this UTC month, as last read from the database",
+)
+COREPLUS_BUDGET_THRESHOLD = Gauge(
+    "qbo_broker_coreplus_budget_threshold_reached",
+    "1 once this UTC month's CorePlus calls reached the threshold (percent of the budget)",
+    ["threshold"],
+)
+COREPLUS_BUDGET_REFUSALS = Counter(
+    "qbo_broker_coreplus_budget_refusals_total",
+    "CorePlus calls refused because their tenant reached its monthly cap",
+)
+USAGE_FLUSH_FAILURES = Counter(
+    "qbo_broker_usage_flush_failures_total",
+    "Writes of the call counts that failed (the counts are kept for the next one)",
+)

@@ -30,6 +30,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--latency-ms", type=int, default=defaults.latency_ms)
     parser.add_argument("--app-name", default=defaults.app_name)
     parser.add_argument("--no-seed", action="store_true", help="start without the demo users")
+    parser.add_argument("--webhook-url", help="send Intuit's webhooks of data changes here")
+    parser.add_argument("--webhook-verifier-token", help="the verifier token that signs them")
+    parser.add_argument("--webhook-format", choices=["legacy", "cloudevents", "both"],
+                        default=defaults.webhook_format)
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
 
@@ -46,6 +50,9 @@ def main(argv: list[str] | None = None) -> None:
         latency_ms=args.latency_ms,
         app_name=args.app_name,
         seed=not args.no_seed,
+        webhook_url=args.webhook_url,
+        webhook_verifier_token=args.webhook_verifier_token,
+        webhook_format=args.webhook_format,
     )
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level)
 

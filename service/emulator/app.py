@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 from fastapi import FastAPI
 from fastapi.responses import HTMLResponse
 
@@ -17,7 +20,17 @@ def create_app(settings: EmulatorSettings | None = None) -> FastAPI:
     """One emulated Intuit app registration (client) with its own in-memory world."""
     settings = settings or EmulatorSettings()
     store = Store(settings)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        await store.webhooks.start()
+        try:
+            yield
+        finally:
+            await store.webhooks.stop()
+
     app = FastAPI(
+        lifespan=lifespan,
         title="Intuit emulator",
         description="A local stand-in for Intuit's OAuth 2.0, OpenID and Accounting API "
         "(CompanyInfo, entities, query, batch, CDC, reports, upload) endpoints, with a control "

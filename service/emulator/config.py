@@ -7,7 +7,7 @@ broker, so a misunderstanding on one side cannot silently hide the same mistake 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
@@ -80,6 +80,13 @@ class EmulatorSettings(BaseModel):
     throttle_batch_per_minute: int = 120
     # Data rows in a generated report (`GET …/reports/{name}`); raise it for multi-MB answers.
     report_rows: int = 200
+    # Webhooks: where the app's endpoint is, its verifier token, the payload format (legacy,
+    # cloudevents or both), the batching window and how often a notification is sent twice.
+    webhook_url: str | None = None
+    webhook_verifier_token: str | None = None
+    webhook_format: Literal["legacy", "cloudevents", "both"] = "cloudevents"
+    webhook_batch_window_s: float = 0.2
+    webhook_duplicate_probability: float = 0.0
 
     @field_validator("public_url", "internal_url")
     @classmethod

@@ -3,7 +3,8 @@
 Not part of Intuit and unauthenticated by design: the emulator only ever runs locally. It can
 reset to the seed, add users and companies, play "the user disconnected the app inside
 QuickBooks", change token lifetimes, latency, Accounting API throttles and report size, queue
-faults, and read counters (including what Accounting API callers did: `accounting` in stats).
+faults, read counters (including what Accounting API callers did: `accounting` in stats), and
+point Intuit's webhooks at an endpoint (`/_emulator/webhooks`) and read what was delivered.
 """
 
 from __future__ import annotations
@@ -51,6 +52,19 @@ class ConfigUpdate(BaseModel):
     throttle_per_minute: int | None = Field(default=None, ge=0)
     throttle_batch_per_minute: int | None = Field(default=None, ge=0)
     report_rows: int | None = Field(default=None, ge=0, le=5_000_000)
+
+
+class WebhookUpdate(BaseModel):
+    """Where and how the emulator sends webhooks; keys left out keep their value, a null `url`
+    stops sending."""
+
+    url: str | None = Field(default=None, pattern=r"^https?://[^\s]+$", max_length=2000)
+    verifier_token: str | None = Field(default=None, min_length=1, max_length=500)
+    format: Literal["legacy", "cloudevents", "both"] | None = None
+    batch_window_s: float | None = Field(default=None, ge=0, le=60)
+    duplicate_probability: float | None = Field(default=None, ge=0, le=1)
+    max_attempts: int | None = Field(default=None, ge=1, le=10)
+    retry_delay_s: float | None = Field(default=None, ge=0, le=60)
 
 
 class FaultSpec(BaseModel):
@@ -167,6 +181,21 @@ def control_router(store: Store) -> APIRouter:
             for name, value in body.model_dump(exclude_none=True).items():
                 setattr(store.config, name, value)
         return config_view()
+
+    @router.get("/webhooks")
+    async def get_webhooks() -> dict[str, Any]:
+        return store.webhooks.view()
+
+    @router.post("/webhooks")
+    async def update_webhooks(body: WebhookUpdate) -> dict[str, Any]:
+        given = body.model_dump(exclude_unset=True)
+        store.webhooks.configure(**{name: value for name, value in given.items()
+                                    if value is not None or name in ("url", "verifier_token")})
+        return store.webhooks.view()
+
+    @router.get("/webhooks/deliveries")
+    async def webhook_deliveries() -> list[dict[str, Any]]:
+        return list(store.webhooks.deliveries)
 
     @router.post("/clock")
     async def advance_clock(body: ClockAdvance) -> dict[str, Any]:

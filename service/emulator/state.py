@@ -26,6 +26,7 @@ from .config import ADMIN_ROLES, COMPANY_SCOPES, SEED_COMPANIES, SEED_USERS, Emu
 from .faults import Faults, Stats
 from .keys import SigningKey
 from .traffic import Limits, RequestIds, Traffic
+from .webhooks import WebhookConfig, WebhookSender
 
 STATE_VERSION = 1
 _RETIRED_MAX = 10_000  # remembered dead refresh tokens (hashed), only to explain invalid_grant
@@ -224,6 +225,12 @@ class Store:
         self.traffic = Traffic()
         self.request_ids = RequestIds(self.now)
         self.signing_key = SigningKey.generate()
+        # Intuit's webhooks: every recorded change of the books goes to the app's endpoint.
+        self.webhooks = WebhookSender(WebhookConfig(
+            url=settings.webhook_url, verifier_token=settings.webhook_verifier_token,
+            format=settings.webhook_format, batch_window_s=settings.webhook_batch_window_s,
+            duplicate_probability=settings.webhook_duplicate_probability), settings.client_id)
+        self.books.listeners.append(self.webhooks.on_change)
         self._clear()
         path = self._path
         if path is not None and path.exists():
@@ -275,6 +282,7 @@ class Store:
             self.faults.reset()
             self.traffic.reset()
             self.request_ids.reset()
+            self.webhooks.reset()
             self._seed()
             self._changed()
 

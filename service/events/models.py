@@ -37,7 +37,7 @@ class Event(SQLModel, table=True):
 
 
 class WebhookEndpoint(SQLModel, table=True):
-    """A receiver of events. Its signing secrets are stored sealed (service.tokens.crypto)."""
+    """A receiver of events. Its signing secrets are stored sealed (service.core.crypto)."""
 
     __tablename__ = "webhook_endpoints"
     __table_args__ = (sa.Index("ix_webhook_endpoints_tenant", "tenant_id"),)

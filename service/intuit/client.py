@@ -310,12 +310,30 @@ class IntuitClient:
         email = data.get("email") if isinstance(data.get("email"), str) else None
         return QuickBooksUser(sub=sub, email=email, name=name)
 
-    async def company_name(self, realm_id: str, access_token: str) -> str | None:
+    async def company_name(self, realm_id: str, access_token: str, *,
+                           on_sent: Callable[[int | None], Awaitable[None]] | None = None
+                           ) -> str | None:
+        """The company's name. `on_sent` hears of every attempt that reached Intuit (an
+        Accounting API call Intuit meters): its status, or None when its answer was lost."""
         url = f"{self.api_base_url}/v3/company/{realm_id}/companyinfo/{realm_id}"
-        response = await self._with_retries("companyinfo", lambda: self._oauth.request("GET", 
-            url, params={"minorversion": _MINOR_VERSION},
-            headers={"Authorization": f"Bearer {access_token}", "Accept": "application/json"},
-            withhold_token=True), retry_after_send=True)
+
+        async def attempt() -> httpx.Response:
+            try:
+                response: httpx.Response = await self._oauth.request(
+                    "GET", url, params={"minorversion": _MINOR_VERSION},
+                    headers={"Authorization": f"Bearer {access_token}",
+                             "Accept": "application/json"}, withhold_token=True)
+            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout):
+                raise  # never sent
+            except httpx.TransportError:
+                if on_sent is not None:
+                    await on_sent(None)
+                raise
+            if on_sent is not None:
+                await on_sent(response.status_code)
+            return response
+
+        response = await self._with_retries("companyinfo", attempt, retry_after_send=True)
         data = self._json_or_raise(response, "companyinfo")
         info = data.get("CompanyInfo")
         if not isinstance(info, dict):

@@ -41,6 +41,7 @@ from service.domain import Status
 from service.events import outbox
 from service.intuit import errors as intuit_errors
 from service.intuit.client import QuickBooksUser, TokenSet
+from service.metering.meter import outcome_for_status
 from service.oauth.state import consume_state, digest, nonce_matches, open_code_verifier
 from service.runtime import Runtime
 from service.tokens import credentials
@@ -202,7 +203,10 @@ async def _obtain_grant(rt: Runtime, *, code: str, realm_id: str, started: _Star
                 raise intuit_errors.InvalidIdToken("the id_token's nonce does not match")
             if claims.get("sub") != user.sub:
                 raise intuit_errors.InvalidIdToken("the id_token and userinfo name other users")
-        company_name = await rt.intuit.company_name(realm_id, tokens.access_token)
+        company_name = await rt.intuit.company_name(
+            realm_id, tokens.access_token, on_sent=lambda status: rt.meter.record(
+                started.tenant_id, realm_id, "coreplus",
+                "network_error" if status is None else outcome_for_status(status)))
     except intuit_errors.InvalidIdToken as exc:
         log.warning("callback: id_token refused: %s", exc)
         await _revoke_refused_grant(rt, started.connection_id, tokens, "id_token_not_verified")

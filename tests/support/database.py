@@ -15,7 +15,8 @@ from service.core.db.engine import asyncpg_dsn
 
 TABLES = ["webhook_deliveries", "webhook_endpoints", "events",
           "connection_events", "pending_links", "authorization_states", "held_grants",
-          "pending_revocations",
+          "quickbooks_usage", "quickbooks_budgets", "quickbooks_budget_alerts",
+          "pending_revocations", "intuit_notifications", "intuit_entity_changes",
           "quickbooks_user_claims", "api_keys", "connections"]
 
 

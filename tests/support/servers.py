@@ -17,12 +17,12 @@ def free_port() -> int:
 
 
 class ThreadedServer:
-    def __init__(self, app: Any, port: int) -> None:
+    def __init__(self, app: Any, port: int, **options: Any) -> None:
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self._server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
                                                      log_config=None, access_log=False,
-                                                     lifespan="on"))
+                                                     lifespan="on", **options))
         self._thread = threading.Thread(target=self._server.run, daemon=True)
 
     def start(self, timeout: float = 30.0) -> ThreadedServer:
@@ -37,3 +37,7 @@ class ThreadedServer:
     def stop(self) -> None:
         self._server.should_exit = True
         self._thread.join(timeout=15)
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -207,3 +207,46 @@ class ApiKey(SQLModel, table=True):
     created_at: datetime = _now_field()
     last_used_at: datetime | None = _ts()
     revoked_at: datetime | None = _ts()
+
+
+class QuickBooksUsage(SQLModel, table=True):
+    """Accounting API calls that reached Intuit, one row per (UTC month, class, tenant, realm),
+    incremented in place (service.metering): never a row per call."""
+
+    __tablename__ = "quickbooks_usage"
+    __table_args__ = (
+        sa.CheckConstraint("call_class IN ('core', 'coreplus')", name="quickbooks_usage_class_check"),
+    )
+
+    # The first day of the UTC month. The key's order serves the month's sums (the app's
+    # total, a tenant's total) from the primary key's index.
+    month: date = Field(sa_column=sa.Column(sa.Date, primary_key=True))
+    call_class: str = Field(sa_column=sa.Column(sa.Text, primary_key=True))
+    tenant_id: str = Field(sa_column=sa.Column(sa.Text, primary_key=True))
+    realm_id: str = Field(sa_column=sa.Column(sa.Text, primary_key=True))
+    calls: int = Field(default=0, sa_column=sa.Column(sa.BigInteger, nullable=False))
+    updated_at: datetime = _now_field()
+
+
+class QuickBooksBudget(SQLModel, table=True):
+    """A tenant's own monthly CorePlus cap (PUT /tenants/{id}/quickbooks-budget); a tenant
+    without a row has BROKER_COREPLUS_TENANT_MONTHLY_CAP."""
+
+    __tablename__ = "quickbooks_budgets"
+
+    tenant_id: str = Field(sa_column=sa.Column(sa.Text, primary_key=True))
+    coreplus_monthly_cap: int = Field(sa_column=sa.Column(sa.BigInteger, nullable=False))
+    updated_by: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    updated_at: datetime = _now_field()
+
+
+class QuickBooksBudgetAlert(SQLModel, table=True):
+    """A threshold of the app's CorePlus budget (80, 95, 100 percent) announced for a month: the
+    replica whose insert creates the row is the one that logs it."""
+
+    __tablename__ = "quickbooks_budget_alerts"
+
+    month: date = Field(sa_column=sa.Column(sa.Date, primary_key=True))
+    threshold: int = Field(sa_column=sa.Column(sa.Integer, primary_key=True))
+    coreplus_calls: int = Field(sa_column=sa.Column(sa.BigInteger, nullable=False))
+    created_at: datetime = _now_field()
