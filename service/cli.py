@@ -275,8 +275,8 @@ def webhook_create(
 
     from service.auth.callers import Caller
     from service.core.errors import ProblemError
-    from service.events import webhooks
-    from service.events.schemas import WebhookEndpointCreate
+    from service.webhooks import service as webhooks
+    from service.webhooks.schemas import WebhookEndpointCreate
 
     settings = _settings()
     box = _box(settings)
@@ -304,7 +304,7 @@ def webhook_create(
 @webhook_app.command("list")
 def webhook_list() -> None:
     """List endpoints (never their secrets)."""
-    from service.events import repository
+    from service.webhooks import repository
 
     async def work(session):  # type: ignore[no-untyped-def]
         return (await repository.list_endpoints(session, tenant_id=None, limit=1000,
@@ -320,7 +320,7 @@ def webhook_list() -> None:
 def webhook_delete(endpoint_id: Annotated[str, typer.Argument(help="The endpoint's id.")]) -> None:
     """Delete an endpoint and its deliveries."""
     from service.core.errors import NotFound
-    from service.events import webhooks
+    from service.webhooks import service as webhooks
 
     ident = _endpoint_id(endpoint_id)
 
@@ -339,7 +339,7 @@ def webhook_rotate_secret(
         endpoint_id: Annotated[str, typer.Argument(help="The endpoint's id.")]) -> None:
     """A new signing secret, printed alone on the last line; the old one signs too for 24 h."""
     from service.core.errors import NotFound
-    from service.events import webhooks
+    from service.webhooks import service as webhooks
 
     box = _box(_settings())
     ident = _endpoint_id(endpoint_id)

@@ -21,7 +21,6 @@ from service.core.errors import ErrorBoundary, Problem, install_error_handlers
 from service.core.observability import RequestContextMiddleware
 from service.docs import OPENAPI_PATH, install_docs
 from service.events import outbox
-from service.events.router import router as webhooks_router
 from service.gateway import metering
 from service.gateway.proxy import Gateway
 from service.gateway.router import router as gateway_router
@@ -32,6 +31,7 @@ from service.oauth.router import router as oauth_router
 from service.runtime import build_runtime
 from service.streams.hub import StreamHub
 from service.streams.router import router as streams_router
+from service.webhooks.router import router as webhooks_router
 from service.worker import BackgroundWorker
 
 log = logging.getLogger(__name__)

@@ -23,7 +23,6 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from service.connections.schemas import accounting_link
 from service.events.models import Event
 
 CHANNEL = "qbo_events"
@@ -101,7 +100,8 @@ def connection_state(conn: Any) -> dict[str, Any]:
     needs no read to show it. Mirrored in SQL by CONNECTION_STATE_SQL."""
     return {
         "status": str(conn.status),
-        "accounting_link": str(accounting_link(conn)),
+        "accounting_link": ("enabled" if conn.status == "connected"
+                            and (conn.module_ar or conn.module_ap) else "disabled"),
         "realm_id": conn.realm_id,
         "company_name": conn.company_name,
         "modules": {"accounts_receivable": conn.module_ar, "accounts_payable": conn.module_ap},

@@ -14,9 +14,10 @@ from service.connections.router import ERRORS, MALFORMED, Cursor, Limit
 from service.connections.schemas import Page, TenantId
 from service.core.db.engine import SessionDep
 from service.core.errors import problem_responses
-from service.events import repository as repo
-from service.events import webhooks
-from service.events.schemas import (
+from service.runtime import RuntimeDep
+from service.webhooks import repository as repo
+from service.webhooks import service as webhooks
+from service.webhooks.schemas import (
     DeliveryOut,
     Redelivered,
     SecretRotated,
@@ -24,7 +25,6 @@ from service.events.schemas import (
     WebhookEndpointCreated,
     WebhookEndpointOut,
 )
-from service.runtime import RuntimeDep
 
 router = APIRouter(tags=["webhooks"])
 

@@ -13,10 +13,10 @@ from service.core.config import Settings
 from service.core.crypto import SecretBox
 from service.core.errors import NotFound, ProblemError, ValidationFailed
 from service.events import destinations, signing
-from service.events import repository as repo
 from service.events.delivery import secret_associated_data
 from service.events.models import WebhookDelivery, WebhookEndpoint
-from service.events.schemas import WebhookEndpointCreate
+from service.webhooks import repository as repo
+from service.webhooks.schemas import WebhookEndpointCreate
 
 ROTATION_OVERLAP = timedelta(hours=24)
 
