@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Annotated
 
 import asyncpg
@@ -20,7 +20,6 @@ from service.core.crypto import SecretBox
 from service.core.db.embedded import start_embedded_postgres
 from service.core.db.engine import asyncpg_dsn, build_engine, build_sessionmaker, create_reads_pool
 from service.intuit.client import IntuitClient
-from service.intuit_webhooks.waker import NotificationWaker
 from service.metering.meter import Meter
 from service.tokens.locks import RefreshLocks
 from service.tokens.refresh import TokenRefresher
@@ -41,8 +40,6 @@ class Runtime:
     refresher: TokenRefresher
     jwt_verifier: JWTVerifier
     meter: Meter  # counts Accounting API calls, guards the tenants' CorePlus caps
-    # Wakes the Intuit notification processors after the intake stored notifications.
-    intuit_notifications: NotificationWaker = field(default_factory=NotificationWaker)
 
 
 def database_url_for(settings: Settings) -> str:

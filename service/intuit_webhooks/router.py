@@ -14,10 +14,12 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
+from service.core.db.notify import Waker
 from service.core.errors import PayloadTooLarge, ProblemError, problem_responses
 from service.intuit_webhooks import repository as repo
 from service.intuit_webhooks.metrics import NOTIFICATIONS_RECEIVED
 from service.intuit_webhooks.signature import verify
+from service.intuit_webhooks.waker import CHANNEL
 from service.runtime import RuntimeDep
 
 PATH = "/intuit/webhooks"
@@ -61,6 +63,15 @@ async def _read_body(request: Request) -> bytes:
     return b"".join(chunks)
 
 
+def _waker(request: Request) -> Waker:
+    """The app's waker of the processors (one per app: it holds a task of the app's loop)."""
+    state = request.app.state
+    waker: Waker | None = getattr(state, "intuit_waker", None)
+    if waker is None:
+        waker = state.intuit_waker = Waker(CHANNEL)
+    return waker
+
+
 _REQUEST_BODY: dict[str, Any] = {
     "required": True,
     "description": "Intuit's notification, byte for byte as signed: the legacy format "
@@ -98,6 +109,6 @@ async def receive_notification(request: Request, runtime: RuntimeDep) -> dict[st
         raise InvalidSignature("The intuit-signature does not match the body under any "
                                "configured verifier token.")
     await repo.store(runtime.reads, body)
-    runtime.intuit_notifications.wake(runtime.reads)
+    _waker(request).wake(runtime.reads)
     NOTIFICATIONS_RECEIVED.labels("accepted").inc()
     return {"status": "accepted"}
