@@ -339,7 +339,7 @@ class Meter:
             fresh = [t for t in reached if (month, t) not in self._announced]
             if not fresh:
                 return
-            claimed = await repo.claim_thresholds(conn, month, fresh, used)
+            claimed = await repo.claim_thresholds(conn, month, fresh, used, self._budget)
         self._announced.update((month, t) for t in fresh)
         for threshold in claimed:
             log.log(logging.ERROR if threshold >= 100 else logging.WARNING,

@@ -69,15 +69,31 @@ async def app_coreplus(conn: asyncpg.Connection, month: date) -> int:
     return int(value)
 
 
+# The tenant id of an event about the whole app (a tenant id never has a `*`): webhook endpoints
+# without a tenant filter receive it; no tenant's stream carries it.
+APP_TENANT = "*"
+
+
 async def claim_thresholds(conn: asyncpg.Connection, month: date, thresholds: list[int],
-                           coreplus: int) -> list[int]:
-    """The thresholds this call recorded first for the month (no other replica had)."""
+                           coreplus: int, budget: int) -> list[int]:
+    """The thresholds this call recorded first for the month (no other replica had), each
+    published as a `quickbooks.usage_threshold` event in the same statement (service.events)."""
     rows = await conn.fetch("""
-        INSERT INTO quickbooks_budget_alerts (month, threshold, coreplus_calls)
-        SELECT $1, t, $3 FROM unnest($2::int[]) AS t
-        ON CONFLICT (month, threshold) DO NOTHING
-        RETURNING threshold
-    """, month, thresholds, coreplus)
+        WITH claimed AS (
+            INSERT INTO quickbooks_budget_alerts (month, threshold, coreplus_calls)
+            SELECT $1, t, $3 FROM unnest($2::int[]) AS t
+            ON CONFLICT (month, threshold) DO NOTHING
+            RETURNING threshold),
+        published AS (
+            INSERT INTO events (id, type, tenant_id, connection_id, data)
+            SELECT gen_random_uuid(), 'quickbooks.usage_threshold', $5, NULL,
+                   jsonb_build_object('month', to_char($1::date, 'YYYY-MM'),
+                                      'threshold_percent', threshold,
+                                      'coreplus_calls', $3::bigint,
+                                      'coreplus_budget', $4::bigint)
+            FROM claimed)
+        SELECT threshold FROM claimed
+    """, month, thresholds, coreplus, budget, APP_TENANT)
     return sorted(row["threshold"] for row in rows)
 
 

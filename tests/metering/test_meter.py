@@ -225,6 +225,13 @@ async def test_each_budget_threshold_is_logged_once_across_replicas(db, meters) 
     rows = await db.fetch("SELECT month, threshold FROM quickbooks_budget_alerts ORDER BY 2")
     month = month_of(datetime.now(UTC))
     assert [(r["month"], r["threshold"]) for r in rows] == [(month, 80), (month, 95), (month, 100)]
+    # Each published once, for the whole app, in the statement that claimed it.
+    events = await db.fetch("SELECT tenant_id, connection_id, data FROM events "
+                            "WHERE type = 'quickbooks.usage_threshold' ORDER BY seq")
+    assert [(e["tenant_id"], e["connection_id"]) for e in events] == [("*", None)] * 3
+    published = [json.loads(e["data"]) for e in events]
+    assert sorted(d["threshold_percent"] for d in published) == [80, 95, 100]
+    assert {(d["month"], d["coreplus_budget"]) for d in published} == {(f"{month:%Y-%m}", 20)}
 
 
 async def test_with_the_database_unreachable_known_tenants_keep_their_figures(
