@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import base64
-import re
 import uuid
-from datetime import datetime, timedelta
 from types import SimpleNamespace
 from typing import Any
 
@@ -16,61 +13,12 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.core.db.locking import TENANT_LOCK_NAMESPACE
 from service.core.db.models import Connection, ConnectionEvent, PendingLink, QuickBooksUserClaim
-from service.core.errors import ValidationFailed
+from service.core.pagination import encode_cursor, id_cursor, time_id_cursor
 from service.events import outbox
 
 C = Connection.__table__.c  # type: ignore[attr-defined]
 P = PendingLink.__table__.c  # type: ignore[attr-defined]
 E = ConnectionEvent.__table__.c  # type: ignore[attr-defined]
-
-
-def _bad_cursor() -> ValidationFailed:
-    return ValidationFailed("The cursor is not valid.", errors=[
-        {"loc": ["query", "cursor"], "msg": "not a cursor from this API", "type": "value_error"}])
-
-
-def encode_cursor(*parts: str) -> str:
-    return base64.urlsafe_b64encode("|".join(parts).encode()).decode().rstrip("=")
-
-
-_CURSOR_TEXT = re.compile(r"[A-Za-z0-9_-]{1,200}")
-_EVENT_ID = re.compile(r"[1-9][0-9]{0,18}")
-_BIGINT_MAX = 2**63 - 1
-
-
-def decode_cursor(cursor: str, count: int) -> list[str]:
-    """The parts of a cursor this API issued. Anything else (non-ASCII, bad base64, a cursor
-    that is not in the exact form encode_cursor writes) is a ValidationFailed, never a 500."""
-    if not _CURSOR_TEXT.fullmatch(cursor):
-        raise _bad_cursor()
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-    except (ValueError, UnicodeDecodeError):
-        raise _bad_cursor() from None
-    parts = raw.split("|")
-    if len(parts) != count or encode_cursor(*parts) != cursor:
-        raise _bad_cursor()
-    return parts
-
-
-def _connection_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
-    created, ident = decode_cursor(cursor, 2)
-    try:
-        after = (datetime.fromisoformat(created), uuid.UUID(ident))
-    except ValueError:
-        raise _bad_cursor() from None
-    # Exactly as encode_cursor wrote it: a UTC timestamp and a canonical id.
-    if (after[0].utcoffset() != timedelta(0) or after[0].isoformat() != created
-            or str(after[1]) != ident):
-        raise _bad_cursor()
-    return after
-
-
-def _event_cursor(cursor: str) -> int:
-    (before,) = decode_cursor(cursor, 1)
-    if not _EVENT_ID.fullmatch(before) or int(before) > _BIGINT_MAX:
-        raise _bad_cursor()
-    return int(before)
 
 
 async def lock_tenant(session: AsyncSession, tenant_id: str) -> None:
@@ -118,7 +66,7 @@ async def list_connections(
     if status is not None:
         stmt = stmt.where(C.status == status)
     if cursor is not None:
-        stmt = stmt.where(sa.tuple_(C.created_at, C.id) < sa.tuple_(*_connection_cursor(cursor)))
+        stmt = stmt.where(sa.tuple_(C.created_at, C.id) < sa.tuple_(*time_id_cursor(cursor)))
     rows: list[tuple[Connection, PendingLink | None]] = [
         (row[0], row[1]) for row in (await session.execute(stmt)).all()]
     next_cursor = None
@@ -187,7 +135,7 @@ async def list_events(session: AsyncSession, *, connection_id: uuid.UUID, limit:
             .where(E.connection_id == connection_id, E.type != "refresh_attempt")
             .order_by(E.id.desc()).limit(limit + 1))
     if cursor is not None:
-        stmt = stmt.where(E.id < _event_cursor(cursor))
+        stmt = stmt.where(E.id < id_cursor(cursor))
     events = list((await session.execute(stmt)).scalars())
     next_cursor = None
     if len(events) > limit:

@@ -4,36 +4,17 @@ service.events.repository)."""
 from __future__ import annotations
 
 import uuid
-from datetime import datetime, timedelta
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from service.connections.repository import decode_cursor, encode_cursor
-from service.core.errors import ValidationFailed
+from service.core.pagination import encode_cursor, time_id_cursor
 from service.events.models import Event, WebhookDelivery, WebhookEndpoint
 from service.events.repository import DELIVERIES_CHANNEL
 
 W = WebhookEndpoint.__table__.c  # type: ignore[attr-defined]
 D = WebhookDelivery.__table__.c  # type: ignore[attr-defined]
 EV = Event.__table__.c  # type: ignore[attr-defined]
-
-
-def bad_cursor() -> ValidationFailed:
-    return ValidationFailed("The cursor is not valid.", errors=[
-        {"loc": ["query", "cursor"], "msg": "not a cursor from this API", "type": "value_error"}])
-
-
-def _time_id_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
-    stamp, ident = decode_cursor(cursor, 2)
-    try:
-        after = (datetime.fromisoformat(stamp), uuid.UUID(ident))
-    except ValueError:
-        raise bad_cursor() from None
-    if (after[0].utcoffset() != timedelta(0) or after[0].isoformat() != stamp
-            or str(after[1]) != ident):
-        raise bad_cursor()
-    return after
 
 
 async def count_endpoints(session: AsyncSession, *, tenant_id: str | None) -> int:
@@ -57,7 +38,7 @@ async def list_endpoints(session: AsyncSession, *, tenant_id: str | None, limit:
     if tenant_id is not None:
         stmt = stmt.where(W.tenant_id == tenant_id)
     if cursor is not None:
-        stmt = stmt.where(sa.tuple_(W.created_at, W.id) < sa.tuple_(*_time_id_cursor(cursor)))
+        stmt = stmt.where(sa.tuple_(W.created_at, W.id) < sa.tuple_(*time_id_cursor(cursor)))
     rows = list((await session.execute(stmt)).scalars())
     next_cursor = None
     if len(rows) > limit:
@@ -72,7 +53,7 @@ async def list_deliveries(session: AsyncSession, *, endpoint_id: uuid.UUID, limi
             .where(D.endpoint_id == endpoint_id)
             .order_by(D.created_at.desc(), D.id.desc()).limit(limit + 1))
     if cursor is not None:
-        stmt = stmt.where(sa.tuple_(D.created_at, D.id) < sa.tuple_(*_time_id_cursor(cursor)))
+        stmt = stmt.where(sa.tuple_(D.created_at, D.id) < sa.tuple_(*time_id_cursor(cursor)))
     rows: list[tuple[WebhookDelivery, str]] = [
         (row[0], row[1]) for row in (await session.execute(stmt)).all()]
     next_cursor = None

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.connections import repository
+from service.core import pagination
 from service.core.errors import ValidationFailed
 from tests.conftest import user_headers
 
@@ -64,7 +64,7 @@ async def test_bad_cursors_are_validation_errors(client: httpx.AsyncClient, new_
 @settings(max_examples=300, deadline=None)
 @given(st.text(max_size=80) | st.binary(max_size=60).map(_b64))
 def test_any_text_either_decodes_or_is_a_validation_error(cursor: str) -> None:
-    for decode in (repository._connection_cursor, repository._event_cursor):
+    for decode in (pagination.time_id_cursor, pagination.id_cursor):
         try:
             decode(cursor)
         except ValidationFailed:
@@ -74,6 +74,6 @@ def test_any_text_either_decodes_or_is_a_validation_error(cursor: str) -> None:
 def test_issued_cursors_decode_to_what_was_encoded() -> None:
     created = datetime(2026, 1, 2, 3, 4, 5, 678, tzinfo=UTC)
     ident = uuid.uuid4()
-    cursor = repository.encode_cursor(created.isoformat(), str(ident))
-    assert repository._connection_cursor(cursor) == (created, ident)
-    assert repository._event_cursor(repository.encode_cursor(str(2**63 - 1))) == 2**63 - 1
+    cursor = pagination.encode_cursor(created.isoformat(), str(ident))
+    assert pagination.time_id_cursor(cursor) == (created, ident)
+    assert pagination.id_cursor(pagination.encode_cursor(str(2**63 - 1))) == 2**63 - 1
