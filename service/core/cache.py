@@ -22,6 +22,7 @@ from typing import Any, Generic, TypeVar
 import asyncpg
 
 from service.core.aio import cancel_and_wait, shared
+from service.core.listen import listen_forever
 from service.core.metrics import CACHES_ENABLED
 
 log = logging.getLogger(__name__)
@@ -208,31 +209,22 @@ class ChangeFeed:
             watch.changed.set()
 
     async def _run(self) -> None:
-        while True:
-            conn: asyncpg.Connection | None = None
-            try:
-                conn = await asyncpg.connect(self._dsn)
-                lost = asyncio.Event()
-                conn.add_termination_listener(lambda _c, lost=lost: lost.set())
-                await conn.add_listener(CONNECTIONS_CHANNEL, self._on_notify)
-                await conn.add_listener(API_KEYS_CHANNEL, self._on_notify)
-                # Anything cached before this point may have missed a notification, and so
-                # may anyone waiting for one.
-                self._caches.set_enabled(True)
-                self._listening = True
-                self._connected.set()
-                self._wake_all()
-                await lost.wait()
-                log.warning("change feed lost its connection; caches off until it is back")
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # any failure: caches off, listen again after a pause
-                log.warning("change feed cannot listen: %s", type(exc).__name__)
-            finally:
-                self._caches.set_enabled(False)
-                if self._listening:  # waiters stop counting on notifications
-                    self._listening = False
-                    self._wake_all()
-                if conn is not None and not conn.is_closed():
-                    await conn.close(timeout=2)
-            await asyncio.sleep(self._retry)
+        await listen_forever(self._dsn, {CONNECTIONS_CHANNEL: self._on_notify,
+                                         API_KEYS_CHANNEL: self._on_notify},
+                             name="the change feed (caches off until it listens)",
+                             retry_seconds=self._retry, on_listening=self._on_listening,
+                             on_stopped=self._on_stopped)
+
+    async def _on_listening(self, _conn: asyncpg.Connection) -> None:
+        # Anything cached before this point may have missed a notification, and so may anyone
+        # waiting for one.
+        self._caches.set_enabled(True)
+        self._listening = True
+        self._connected.set()
+        self._wake_all()
+
+    def _on_stopped(self) -> None:
+        self._caches.set_enabled(False)
+        if self._listening:  # waiters stop counting on notifications
+            self._listening = False
+            self._wake_all()

@@ -25,6 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from service.core.aio import cancel_and_wait
 from service.core.errors import database_unreachable
+from service.core.listen import listen_forever
 from service.events.outbox import QUICKBOOKS_ENTITY_CHANGED, emit
 from service.intuit_webhooks import repository as repo
 from service.intuit_webhooks.metrics import (
@@ -220,21 +221,9 @@ class NotificationProcessor:
                              notifications_before=NOTIFICATION_RETENTION)
 
     async def _listen(self) -> None:
-        while True:
-            conn: asyncpg.Connection | None = None
-            try:
-                conn = await asyncpg.connect(self._dsn)
-                lost = asyncio.Event()
-                conn.add_termination_listener(lambda _c, lost=lost: lost.set())
-                await conn.add_listener(CHANNEL, lambda *_: self._wake.set())
-                self._wake.set()  # anything stored while not listening
-                await lost.wait()
-                log.warning("Intuit notification listener lost its connection")
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("Intuit notification listener cannot listen: %s", type(exc).__name__)
-            finally:
-                if conn is not None and not conn.is_closed():
-                    await conn.close(timeout=2)
-            await asyncio.sleep(self._retry)
+        async def listening(_conn: asyncpg.Connection) -> None:
+            self._wake.set()  # anything stored while not listening
+
+        await listen_forever(self._dsn, {CHANNEL: lambda *_: self._wake.set()},
+                             name="the Intuit notification processor",
+                             retry_seconds=self._retry, on_listening=listening)

@@ -25,6 +25,7 @@ from typing import Any
 import asyncpg
 
 from service.core.aio import cancel_and_wait
+from service.core.listen import listen_forever
 from service.events.delivery import body_of
 from service.streams import repository
 
@@ -198,29 +199,16 @@ class StreamHub:
         self._wake.set()
 
     async def _listen(self) -> None:
-        while True:
-            conn: asyncpg.Connection | None = None
-            try:
-                conn = await asyncpg.connect(
-                    self._dsn, server_settings={"application_name": "qbo-broker-streams"})
-                lost = asyncio.Event()
-                conn.add_termination_listener(lambda _c, lost=lost: lost.set())
-                await conn.add_listener(self._channel, self._on_notify)
-                if self._cursor is None:  # the first time: streams begin now
-                    self._cursor = self._read_upto = await repository.latest_seq(conn)
-                self._listening.set()
-                self._wake.set()  # read what was committed while no one listened
-                await lost.wait()
-                log.warning("event streams lost their listening connection; listening again")
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("event streams cannot listen: %s", type(exc).__name__)
-            finally:
-                self._listening.clear()
-                if conn is not None and not conn.is_closed():
-                    await conn.close(timeout=2)
-            await asyncio.sleep(self._retry)
+        await listen_forever(self._dsn, {self._channel: self._on_notify}, name="event streams",
+                             retry_seconds=self._retry, on_listening=self._on_listening,
+                             on_stopped=self._listening.clear,
+                             application_name="qbo-broker-streams")
+
+    async def _on_listening(self, conn: asyncpg.Connection) -> None:
+        if self._cursor is None:  # the first time: streams begin now
+            self._cursor = self._read_upto = await repository.latest_seq(conn)
+        self._listening.set()
+        self._wake.set()  # read what was committed while no one listened
 
     async def _read_loop(self) -> None:
         while True:
