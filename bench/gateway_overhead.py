@@ -50,8 +50,9 @@ def write_targets(path: Path, target: str, *headers: str) -> Path:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--duration", type=float, default=10.0, help="measured seconds per run")
     parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds before each")
@@ -62,46 +63,80 @@ def main() -> None:
     with fresh_database() as database_url, tempfile.TemporaryDirectory() as tmp:
         broker_port, raw_port, emulator_port = free_port(), free_port(), free_port()
         public = f"http://127.0.0.1:{broker_port}"
-        emulator = Server("emulator", emulator_command(emulator_port,
-                                                       redirect_uri=f"{public}/callback"),
-                          emulator_port, ready_path="/.well-known/openid_configuration")
-        env = broker_env(database_url, public_url=public, emulator_url=emulator.url,
-                         BROKER_QUICKBOOKS_MAX_IN_FLIGHT=HIGH, BROKER_QUICKBOOKS_PER_SECOND="0",
-                         BROKER_QUICKBOOKS_PER_MINUTE="0")
-        broker = Server("broker", uvicorn_command("service.main:create_app", broker_port),
-                        broker_port, env=env)
+        emulator = Server(
+            "emulator",
+            emulator_command(emulator_port, redirect_uri=f"{public}/callback"),
+            emulator_port,
+            ready_path="/.well-known/openid_configuration",
+        )
+        env = broker_env(
+            database_url,
+            public_url=public,
+            emulator_url=emulator.url,
+            BROKER_QUICKBOOKS_MAX_IN_FLIGHT=HIGH,
+            BROKER_QUICKBOOKS_PER_SECOND="0",
+            BROKER_QUICKBOOKS_PER_MINUTE="0",
+        )
+        broker = Server(
+            "broker", uvicorn_command("service.main:create_app", broker_port), broker_port, env=env
+        )
         with running(emulator, broker):
-            asyncio.run(set_emulator_config(emulator.url, latency_ms=0, throttle_concurrent=0,
-                                            throttle_per_second=0, throttle_per_minute=0,
-                                            throttle_batch_per_minute=0))
+            asyncio.run(
+                set_emulator_config(
+                    emulator.url,
+                    latency_ms=0,
+                    throttle_concurrent=0,
+                    throttle_per_second=0,
+                    throttle_per_minute=0,
+                    throttle_batch_per_minute=0,
+                )
+            )
             admin = asyncio.run(create_companies(emulator.url, 1))[0]
 
             async def link() -> tuple[str, str]:
                 async with httpx.AsyncClient(base_url=broker.url, timeout=60) as http:
-                    connection_id = await connect_through_flow(http, tenant="tenant-bench",
-                                                               user="user-bench", admin=admin)
+                    connection_id = await connect_through_flow(
+                        http, tenant="tenant-bench", user="user-bench", admin=admin
+                    )
                 key = await new_api_key(database_url, "quickbooks:read", "tokens:read")
                 return connection_id, key
 
             connection_id, key = asyncio.run(link())
-            token = httpx.get(f"{broker.url}/connections/{connection_id}/token",
-                              headers={"X-API-Key": key}, timeout=10).json()["access_token"]
-            raw = Server("raw_proxy", uvicorn_command("raw_proxy:create_app", raw_port,
-                                                      app_dir=BENCH_DIR), raw_port,
-                         env={**os.environ, "RAW_PROXY_UPSTREAM": emulator.url,
-                              "RAW_PROXY_REALM": admin.realm_id, "RAW_PROXY_ACCESS_TOKEN": token},
-                         ready_path="/connections/x/quickbooks/companyinfo/" + admin.realm_id)
+            token = httpx.get(
+                f"{broker.url}/connections/{connection_id}/token", headers={"X-API-Key": key}, timeout=10
+            ).json()["access_token"]
+            raw = Server(
+                "raw_proxy",
+                uvicorn_command("raw_proxy:create_app", raw_port, app_dir=BENCH_DIR),
+                raw_port,
+                env={
+                    **os.environ,
+                    "RAW_PROXY_UPSTREAM": emulator.url,
+                    "RAW_PROXY_REALM": admin.realm_id,
+                    "RAW_PROXY_ACCESS_TOKEN": token,
+                },
+                ready_path="/connections/x/quickbooks/companyinfo/" + admin.realm_id,
+            )
             gateway_path = f"/connections/{connection_id}/quickbooks/customer/1"
             # name: (base URL, path, headers)
             calls = {
-                "emulator": (emulator.url, f"/v3/company/{admin.realm_id}/customer/1?minorversion=75",
-                             {"Authorization": f"Bearer {token}", "Accept": "application/json"}),
+                "emulator": (
+                    emulator.url,
+                    f"/v3/company/{admin.realm_id}/customer/1?minorversion=75",
+                    {"Authorization": f"Bearer {token}", "Accept": "application/json"},
+                ),
                 "raw_proxy": (raw.url, gateway_path, {"X-API-Key": "unused"}),
                 "broker": (broker.url, gateway_path, {"X-API-Key": key}),
             }
-            targets = {name: (url, write_targets(Path(tmp) / f"{name}.tsv", path, *[
-                item for pair in headers.items() for item in pair]))
-                for name, (url, path, headers) in calls.items()}
+            targets = {
+                name: (
+                    url,
+                    write_targets(
+                        Path(tmp) / f"{name}.tsv", path, *[item for pair in headers.items() for item in pair]
+                    ),
+                )
+                for name, (url, path, headers) in calls.items()
+            }
             results: dict[tuple[str, int], LoadResult] = {}
             with running(raw):
                 for name, (url, path, headers) in calls.items():
@@ -112,25 +147,59 @@ def main() -> None:
                     for name, (url, path) in targets.items():
                         print(f"load: {name}, {concurrency} client(s)", flush=True)
                         results[name, concurrency] = run_load(
-                            client, url, path, concurrency=concurrency, warmup=args.warmup,
-                            duration=args.duration)
+                            client,
+                            url,
+                            path,
+                            concurrency=concurrency,
+                            warmup=args.warmup,
+                            duration=args.duration,
+                        )
 
-    print(f"\none read (customer/1) per request; {client}; {args.duration:g} s measured after "
-          f"{args.warmup:g} s warm-up; one uvicorn worker each; emulator at zero latency; load "
-          f"average at the end {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    print_table("Throughput and latency", ["server", "clients", "requests", "req/s", "p50 ms",
-                                           "p99 ms", "non-2xx", "socket errors"],
-                [[name, c, r.requests, f"{r.rps:.0f}", f"{r.p50_ms:.2f}", f"{r.p99_ms:.2f}",
-                  r.non_2xx, r.socket_errors] for (name, c), r in results.items()])
+    print(
+        f"\none read (customer/1) per request; {client}; {args.duration:g} s measured after "
+        f"{args.warmup:g} s warm-up; one uvicorn worker each; emulator at zero latency; load "
+        f"average at the end {' '.join(f'{x:.2f}' for x in os.getloadavg())}"
+    )
+    print_table(
+        "Throughput and latency",
+        ["server", "clients", "requests", "req/s", "p50 ms", "p99 ms", "non-2xx", "socket errors"],
+        [
+            [
+                name,
+                c,
+                r.requests,
+                f"{r.rps:.0f}",
+                f"{r.p50_ms:.2f}",
+                f"{r.p99_ms:.2f}",
+                r.non_2xx,
+                r.socket_errors,
+            ]
+            for (name, c), r in results.items()
+        ],
+    )
     direct = results["emulator", 1].p50_ms
     added = {name: results[name, 1].p50_ms - direct for name in ("raw_proxy", "broker")}
-    ratio = results["broker", args.concurrency].rps / max(results["raw_proxy",
-                                                                  args.concurrency].rps, 1e-9)
-    print_table("The gateway's cost", ["figure", "broker", "raw_proxy", "target", ""], [
-        ["added p50, 1 client (ms)", f"{added['broker']:.2f}", f"{added['raw_proxy']:.2f}",
-         f"<= {ADDED_P50_TARGET_MS:.1f}", verdict(added["broker"] <= ADDED_P50_TARGET_MS)],
-        [f"req/s, {args.concurrency} clients, broker / raw_proxy", f"{ratio:.2f}x", "1.00x",
-         f">= {THROUGHPUT_TARGET:.1f}x", verdict(ratio >= THROUGHPUT_TARGET)]])
+    ratio = results["broker", args.concurrency].rps / max(results["raw_proxy", args.concurrency].rps, 1e-9)
+    print_table(
+        "The gateway's cost",
+        ["figure", "broker", "raw_proxy", "target", ""],
+        [
+            [
+                "added p50, 1 client (ms)",
+                f"{added['broker']:.2f}",
+                f"{added['raw_proxy']:.2f}",
+                f"<= {ADDED_P50_TARGET_MS:.1f}",
+                verdict(added["broker"] <= ADDED_P50_TARGET_MS),
+            ],
+            [
+                f"req/s, {args.concurrency} clients, broker / raw_proxy",
+                f"{ratio:.2f}x",
+                "1.00x",
+                f">= {THROUGHPUT_TARGET:.1f}x",
+                verdict(ratio >= THROUGHPUT_TARGET),
+            ],
+        ],
+    )
 
 
 if __name__ == "__main__":

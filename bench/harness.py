@@ -57,6 +57,7 @@ def free_port() -> int:
 
 # -- database ----------------------------------------------------------------------------------
 
+
 async def _create_database(admin_url: str) -> str:
     name = f"qbo_bench_{uuid.uuid4().hex[:10]}"
     conn = await asyncpg.connect(asyncpg_dsn(admin_url))
@@ -117,10 +118,27 @@ async def new_api_key(database_url: str, *scopes: str, name: str = "bench") -> s
 
 
 CONNECTION_COLUMNS = (
-    "id", "tenant_id", "status", "realm_id", "company_name", "owner_user_id", "owner_qb_sub",
-    "owner_qb_email", "owner_qb_name", "module_ar", "module_ap", "access_token", "refresh_token",
-    "access_token_expires_at", "refresh_token_expires_at", "refresh_token_issued_at",
-    "keepalive_due_at", "last_refreshed_at", "connected_at", "disconnected_at", "created_at",
+    "id",
+    "tenant_id",
+    "status",
+    "realm_id",
+    "company_name",
+    "owner_user_id",
+    "owner_qb_sub",
+    "owner_qb_email",
+    "owner_qb_name",
+    "module_ar",
+    "module_ap",
+    "access_token",
+    "refresh_token",
+    "access_token_expires_at",
+    "refresh_token_expires_at",
+    "refresh_token_issued_at",
+    "keepalive_due_at",
+    "last_refreshed_at",
+    "connected_at",
+    "disconnected_at",
+    "created_at",
     "updated_at",
 )
 
@@ -141,34 +159,49 @@ def user_headers(tenant: str, user: str) -> dict[str, str]:
 
 # -- processes ---------------------------------------------------------------------------------
 
-def broker_env(database_url: str, *, public_url: str, emulator_url: str,
-               **overrides: str) -> dict[str, str]:
+
+def broker_env(database_url: str, *, public_url: str, emulator_url: str, **overrides: str) -> dict[str, str]:
     """The environment of a broker process: tests/conftest.py's broker_settings, as variables."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("BROKER_", "INTUIT_", "DATABASE_URL"))}
-    env.update({
-        "DATABASE_URL": database_url,
-        "BROKER_PUBLIC_URL": public_url,
-        "INTUIT_CLIENT_ID": CLIENT_ID,
-        "INTUIT_CLIENT_SECRET": CLIENT_SECRET,
-        "INTUIT_DISCOVERY_URL": f"{emulator_url}/.well-known/openid_sandbox_configuration",
-        "INTUIT_API_BASE_URL": emulator_url,
-        "BROKER_RETURN_URL_ALLOWLIST": RETURN_ORIGIN,
-        "BROKER_ENCRYPTION_KEYS": ENCRYPTION_KEY,
-        "BROKER_JWT_SECRET": JWT_SECRET,
-        "BROKER_BACKGROUND_ENABLED": "false",
-        "BROKER_LOG_LEVEL": "WARNING",
-        "INTUIT_BACKOFF_SECONDS": "0.01",
-        "INTUIT_TIMEOUT_SECONDS": "5",
-    })
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BROKER_", "INTUIT_", "DATABASE_URL"))}
+    env.update(
+        {
+            "DATABASE_URL": database_url,
+            "BROKER_PUBLIC_URL": public_url,
+            "INTUIT_CLIENT_ID": CLIENT_ID,
+            "INTUIT_CLIENT_SECRET": CLIENT_SECRET,
+            "INTUIT_DISCOVERY_URL": f"{emulator_url}/.well-known/openid_sandbox_configuration",
+            "INTUIT_API_BASE_URL": emulator_url,
+            "BROKER_RETURN_URL_ALLOWLIST": RETURN_ORIGIN,
+            "BROKER_ENCRYPTION_KEYS": ENCRYPTION_KEY,
+            "BROKER_JWT_SECRET": JWT_SECRET,
+            "BROKER_BACKGROUND_ENABLED": "false",
+            "BROKER_LOG_LEVEL": "WARNING",
+            "INTUIT_BACKOFF_SECONDS": "0.01",
+            "INTUIT_TIMEOUT_SECONDS": "5",
+        }
+    )
     env.update(overrides)
     return env
 
 
-def uvicorn_command(app: str, port: int, *, app_dir: Path | None = None,
-                    log_config: Path | None = None) -> list[str]:
-    command = [sys.executable, "-m", "uvicorn", app, "--factory", "--workers", "1",
-               "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
+def uvicorn_command(
+    app: str, port: int, *, app_dir: Path | None = None, log_config: Path | None = None
+) -> list[str]:
+    command = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        app,
+        "--factory",
+        "--workers",
+        "1",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+    ]
     if app_dir is not None:
         command += ["--app-dir", str(app_dir)]
     if log_config is not None:
@@ -177,24 +210,42 @@ def uvicorn_command(app: str, port: int, *, app_dir: Path | None = None,
 
 
 def emulator_command(port: int, *, redirect_uri: str) -> list[str]:
-    return [sys.executable, "-m", "service.emulator", "--port", str(port),
-            "--client-id", CLIENT_ID, "--client-secret", CLIENT_SECRET,
-            "--redirect-uri", redirect_uri, "--log-level", "warning"]
+    return [
+        sys.executable,
+        "-m",
+        "service.emulator",
+        "--port",
+        str(port),
+        "--client-id",
+        CLIENT_ID,
+        "--client-secret",
+        CLIENT_SECRET,
+        "--redirect-uri",
+        redirect_uri,
+        "--log-level",
+        "warning",
+    ]
 
 
 class Server:
     """One server process on a loopback port; its output goes to a log file for post-mortems."""
 
-    def __init__(self, name: str, command: list[str], port: int, *,
-                 env: dict[str, str] | None = None, ready_path: str = "/healthz") -> None:
+    def __init__(
+        self,
+        name: str,
+        command: list[str],
+        port: int,
+        *,
+        env: dict[str, str] | None = None,
+        ready_path: str = "/healthz",
+    ) -> None:
         self.name = name
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self._command = command
         self._env = env
         self._ready_path = ready_path
-        self._log = tempfile.NamedTemporaryFile(prefix=f"qbo-bench-{name}-", suffix=".log",
-                                                delete=False)
+        self._log = tempfile.NamedTemporaryFile(prefix=f"qbo-bench-{name}-", suffix=".log", delete=False)
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -203,8 +254,9 @@ class Server:
         return self._process.pid
 
     def start(self, timeout: float = 60.0) -> Server:
-        self._process = subprocess.Popen(self._command, cwd=ROOT, env=self._env,
-                                         stdout=self._log, stderr=subprocess.STDOUT)
+        self._process = subprocess.Popen(
+            self._command, cwd=ROOT, env=self._env, stdout=self._log, stderr=subprocess.STDOUT
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
@@ -265,6 +317,7 @@ def running(*servers: Server) -> Iterator[tuple[Server, ...]]:
 
 # -- the Intuit emulator and the Connect flow -------------------------------------------------
 
+
 @dataclass(frozen=True)
 class QuickBooksAdmin:
     realm_id: str
@@ -273,15 +326,26 @@ class QuickBooksAdmin:
 
 async def create_companies(emulator_url: str, count: int, *, concurrency: int = 16) -> list[QuickBooksAdmin]:
     """`count` companies, each with its own master admin, through the emulator's control API."""
-    admins = [QuickBooksAdmin(realm_id=f"71{i:014d}", email=f"admin{i}@bench.example")
-              for i in range(count)]
+    admins = [QuickBooksAdmin(realm_id=f"71{i:014d}", email=f"admin{i}@bench.example") for i in range(count)]
     async with httpx.AsyncClient(base_url=f"{emulator_url}/_emulator", timeout=30) as emu:
+
         async def one(admin: QuickBooksAdmin) -> None:
-            (await emu.post("/companies", json={"name": f"Bench Company {admin.realm_id}",
-                                                "realm_id": admin.realm_id})).raise_for_status()
-            (await emu.post("/users", json={
-                "email": admin.email, "given_name": "Bench", "family_name": admin.realm_id[-6:],
-                "companies": {admin.realm_id: "master_admin"}})).raise_for_status()
+            (
+                await emu.post(
+                    "/companies", json={"name": f"Bench Company {admin.realm_id}", "realm_id": admin.realm_id}
+                )
+            ).raise_for_status()
+            (
+                await emu.post(
+                    "/users",
+                    json={
+                        "email": admin.email,
+                        "given_name": "Bench",
+                        "family_name": admin.realm_id[-6:],
+                        "companies": {admin.realm_id: "master_admin"},
+                    },
+                )
+            ).raise_for_status()
 
         await bounded(concurrency, [one(a) for a in admins])
     return admins
@@ -302,16 +366,18 @@ async def emulator_stats(emulator_url: str) -> dict[str, Any]:
 _TLS = ssl.create_default_context()  # built once: httpx builds one per client otherwise
 
 
-async def connect_through_flow(broker: httpx.AsyncClient, *, tenant: str, user: str,
-                               admin: QuickBooksAdmin) -> str:
+async def connect_through_flow(
+    broker: httpx.AsyncClient, *, tenant: str, user: str, admin: QuickBooksAdmin
+) -> str:
     """Create a connection and Connect it as a person would: the broker's authorize, Intuit's
     sign-in and consent forms, and back to the broker's /callback. Returns the connection id."""
     headers = user_headers(tenant, user)
     created = await broker.post("/connections", json={}, headers=headers)
     created.raise_for_status()
     connection_id = str(created.json()["id"])
-    started = await broker.post(f"/connections/{connection_id}/authorize",
-                                json={"return_url": RETURN_URL}, headers=headers)
+    started = await broker.post(
+        f"/connections/{connection_id}/authorize", json={"return_url": RETURN_URL}, headers=headers
+    )
     started.raise_for_status()
     authorization_url = started.json()["authorization_url"]
     # A browser of its own per flow: the emulator's session cookie must not leak between flows.
@@ -330,23 +396,31 @@ async def connect_through_flow(broker: httpx.AsyncClient, *, tenant: str, user: 
     params = parse_qs(urlsplit(location).query)
     result = params.get("result", [""])[0]
     if result == "completion_required":  # ticket mode: the frontend finishes as the same user
-        completed = await broker.post(f"/connections/{connection_id}/complete", headers=headers,
-                                      json={"completion_ticket": params["completion_ticket"][0]})
+        completed = await broker.post(
+            f"/connections/{connection_id}/complete",
+            headers=headers,
+            json={"completion_ticket": params["completion_ticket"][0]},
+        )
         result = completed.json().get("status", "") if completed.status_code == 200 else ""
     if result != "connected":
         raise RuntimeError(f"Connect flow for {tenant} ended with {back.status_code} {location!r}")
     return connection_id
 
 
-async def connect_many(broker_url: str, admins: Sequence[QuickBooksAdmin], *,
-                       concurrency: int) -> tuple[list[str], float]:
+async def connect_many(
+    broker_url: str, admins: Sequence[QuickBooksAdmin], *, concurrency: int
+) -> tuple[list[str], float]:
     """One tenant per company (tenant-i, user-i); returns the connection ids and the seconds."""
     limits = httpx.Limits(max_connections=concurrency * 2, max_keepalive_connections=concurrency * 2)
     async with httpx.AsyncClient(base_url=broker_url, timeout=60, limits=limits) as broker:
         started = time.perf_counter()
-        ids = await bounded(concurrency, [
-            connect_through_flow(broker, tenant=f"tenant-{i:06d}", user=f"user-{i:06d}", admin=a)
-            for i, a in enumerate(admins)])
+        ids = await bounded(
+            concurrency,
+            [
+                connect_through_flow(broker, tenant=f"tenant-{i:06d}", user=f"user-{i:06d}", admin=a)
+                for i, a in enumerate(admins)
+            ],
+        )
         return ids, time.perf_counter() - started
 
 
@@ -363,6 +437,7 @@ async def bounded(concurrency: int, jobs: Sequence[Awaitable[T]]) -> list[T]:
 
 # -- figures -----------------------------------------------------------------------------------
 
+
 def percentile(values: Sequence[float], q: float) -> float:
     """Nearest-rank percentile (q in 0..100); NaN for no values."""
     if not values:
@@ -377,8 +452,9 @@ def print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
 
     def line(row: list[str]) -> str:
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
-                         for i, (c, w) in enumerate(zip(row, widths, strict=True)))
+        return "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        )
 
     print(f"\n{title}")
     print(line(cells[0]))

@@ -52,32 +52,69 @@ def pick_client(requested: str) -> str:
     return requested
 
 
-def run_load(client: str, base_url: str, targets: Path, *, concurrency: int, warmup: float,
-             duration: float) -> LoadResult:
+def run_load(
+    client: str, base_url: str, targets: Path, *, concurrency: int, warmup: float, duration: float
+) -> LoadResult:
     """Warm up, then measure; blocks for warmup + duration seconds (plus start-up)."""
     if client == "wrk":
         warm = _wrk(base_url, targets, concurrency=concurrency, duration=warmup)
         measured = _wrk(base_url, targets, concurrency=concurrency, duration=duration)
         return replace(measured, all_requests=warm.requests + measured.requests)
     output = subprocess.run(
-        [sys.executable, __file__, "--base-url", base_url, "--targets", str(targets),
-         "--concurrency", str(concurrency), "--warmup", str(warmup), "--duration", str(duration)],
-        check=True, capture_output=True, text=True).stdout
+        [
+            sys.executable,
+            __file__,
+            "--base-url",
+            base_url,
+            "--targets",
+            str(targets),
+            "--concurrency",
+            str(concurrency),
+            "--warmup",
+            str(warmup),
+            "--duration",
+            str(duration),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     return LoadResult(**json.loads(output.strip().splitlines()[-1]))
 
 
 def _wrk(base_url: str, targets: Path, *, concurrency: int, duration: float) -> LoadResult:
     # One thread: on a small machine a second one would only take CPU from the server.
     output = subprocess.run(
-        ["wrk", "-t1", f"-c{concurrency}", f"-d{max(1, round(duration))}s", "--timeout", "10s",
-         "-s", str(LUA_SCRIPT), base_url, "--", str(targets)],
-        check=True, capture_output=True, text=True).stdout
+        [
+            "wrk",
+            "-t1",
+            f"-c{concurrency}",
+            f"-d{max(1, round(duration))}s",
+            "--timeout",
+            "10s",
+            "-s",
+            str(LUA_SCRIPT),
+            base_url,
+            "--",
+            str(targets),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     line = next(x for x in output.splitlines() if x.startswith("WRK_JSON "))
     figures = json.loads(line.removeprefix("WRK_JSON "))
-    return LoadResult(client="wrk", requests=figures["requests"], seconds=figures["duration_s"],
-                      p50_ms=figures["p50_ms"], p99_ms=figures["p99_ms"], max_ms=figures["max_ms"],
-                      non_2xx=figures["non_2xx"], socket_errors=figures["socket_errors"],
-                      all_requests=figures["requests"])
+    return LoadResult(
+        client="wrk",
+        requests=figures["requests"],
+        seconds=figures["duration_s"],
+        p50_ms=figures["p50_ms"],
+        p99_ms=figures["p99_ms"],
+        max_ms=figures["max_ms"],
+        non_2xx=figures["non_2xx"],
+        socket_errors=figures["socket_errors"],
+        all_requests=figures["requests"],
+    )
 
 
 def _read_targets(path: Path) -> list[tuple[str, dict[str, str]]]:
@@ -88,8 +125,14 @@ def _read_targets(path: Path) -> list[tuple[str, dict[str, str]]]:
     return targets
 
 
-async def _httpx_load(base_url: str, targets: list[tuple[str, dict[str, str]]], *,
-                      concurrency: int, warmup: float, duration: float) -> LoadResult:
+async def _httpx_load(
+    base_url: str,
+    targets: list[tuple[str, dict[str, str]]],
+    *,
+    concurrency: int,
+    warmup: float,
+    duration: float,
+) -> LoadResult:
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     latencies: list[float] = []
     sent = 0
@@ -123,10 +166,17 @@ async def _httpx_load(base_url: str, targets: list[tuple[str, dict[str, str]]], 
     def ms(q: float) -> float:
         return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000 if ordered else 0.0
 
-    return LoadResult(client="httpx", requests=len(latencies), seconds=seconds, p50_ms=ms(0.50),
-                      p99_ms=ms(0.99), max_ms=ms(1.0),
-                      non_2xx=sum(n for s, n in statuses.items() if not 200 <= s < 300),
-                      socket_errors=socket_errors, all_requests=sent)
+    return LoadResult(
+        client="httpx",
+        requests=len(latencies),
+        seconds=seconds,
+        p50_ms=ms(0.50),
+        p99_ms=ms(0.99),
+        max_ms=ms(1.0),
+        non_2xx=sum(n for s, n in statuses.items() if not 200 <= s < 300),
+        socket_errors=socket_errors,
+        all_requests=sent,
+    )
 
 
 def main() -> None:
@@ -143,9 +193,15 @@ def main() -> None:
         runner = asyncio.run
     else:
         runner = uvloop.run  # type: ignore[assignment]
-    result = runner(_httpx_load(args.base_url, _read_targets(args.targets),
-                                concurrency=args.concurrency, warmup=args.warmup,
-                                duration=args.duration))
+    result = runner(
+        _httpx_load(
+            args.base_url,
+            _read_targets(args.targets),
+            concurrency=args.concurrency,
+            warmup=args.warmup,
+            duration=args.duration,
+        )
+    )
     print(json.dumps(result.__dict__))
 
 

@@ -41,12 +41,15 @@ def percentile(samples: list[int], q: float) -> float:
 def workload(calls: int, tenants: int, seed: int = 7) -> list[tuple[str, str, CallClass]]:
     rng = random.Random(seed)
     classes: list[CallClass] = ["coreplus", "coreplus", "coreplus", "core"]  # reads dominate
-    return [(f"tenant-{rng.randrange(tenants)}", f"realm-{rng.randrange(2)}", rng.choice(classes))
-            for _ in range(calls)]
+    return [
+        (f"tenant-{rng.randrange(tenants)}", f"realm-{rng.randrange(2)}", rng.choice(classes))
+        for _ in range(calls)
+    ]
 
 
-async def drive(calls: list[tuple[str, str, CallClass]], concurrency: int,
-                metered: Any) -> tuple[list[int], float]:
+async def drive(
+    calls: list[tuple[str, str, CallClass]], concurrency: int, metered: Any
+) -> tuple[list[int], float]:
     """Run `calls` over `concurrency` callers; each sample is metered()'s time in ns. Many
     callers wait INTUIT_SECONDS each for their simulated Intuit answer (so flushes run amid
     them); one caller yields but does not wait."""
@@ -66,8 +69,9 @@ async def drive(calls: list[tuple[str, str, CallClass]], concurrency: int,
     return samples, time.perf_counter() - begun
 
 
-async def buffered(url: str, calls: list[tuple[str, str, CallClass]], concurrency: int,
-                   cap: int | None) -> dict[str, Any]:
+async def buffered(
+    url: str, calls: list[tuple[str, str, CallClass]], concurrency: int, cap: int | None
+) -> dict[str, Any]:
     pool = await create_reads_pool(url, max_size=10)
     settings = Settings(BROKER_COREPLUS_TENANT_MONTHLY_CAP=cap)  # type: ignore[call-arg]
     meter = Meter(pool, settings)
@@ -95,8 +99,7 @@ async def buffered(url: str, calls: list[tuple[str, str, CallClass]], concurrenc
     return {"samples": samples, "seconds": seconds, "flushes": flushes}
 
 
-async def synchronous(url: str, calls: list[tuple[str, str, CallClass]],
-                      concurrency: int) -> dict[str, Any]:
+async def synchronous(url: str, calls: list[tuple[str, str, CallClass]], concurrency: int) -> dict[str, Any]:
     """The alternative: one upsert per call, on the reads pool, before the answer."""
     pool = await create_reads_pool(url, max_size=10)
     month = month_of(await _db_now(pool))
@@ -123,28 +126,37 @@ async def run(url: str, args: argparse.Namespace) -> None:
     for label, concurrency, coro in [
         ("buffered, no cap", 1, lambda c: buffered(url, calls, c, None)),
         ("buffered, no cap", args.concurrency, lambda c: buffered(url, calls, c, None)),
-        ("buffered, capped tenants", args.concurrency,
-         lambda c: buffered(url, calls, c, 10**9)),
+        ("buffered, capped tenants", args.concurrency, lambda c: buffered(url, calls, c, 10**9)),
         ("synchronous upsert", 1, lambda c: synchronous(url, calls, c)),
         ("synchronous upsert", args.concurrency, lambda c: synchronous(url, calls, c)),
     ]:
         result = await coro(concurrency)
         samples, flushes = result["samples"], result["flushes"]
-        rows.append([label, concurrency, len(samples), f"{percentile(samples, 0.5):.1f}",
-                     f"{percentile(samples, 0.99):.1f}", f"{statistics.mean(samples) / 1000:.1f}",
-                     f"{len(samples) / result['seconds']:.0f}",
-                     f"{len(flushes)} / {statistics.mean(flushes) * 1000:.2f} ms"
-                     if flushes else "-"])
-    print_table(f"admit + record per call, µs ({args.calls} calls, {args.tenants} tenants x 2 "
-                f"realms, 3/4 CorePlus; many callers wait {INTUIT_SECONDS * 1000:.0f} ms for "
-                "Intuit between calls)",
-                ["design", "callers", "calls", "p50", "p99", "mean", "calls/s",
-                 "flushes / mean"], rows)
+        rows.append(
+            [
+                label,
+                concurrency,
+                len(samples),
+                f"{percentile(samples, 0.5):.1f}",
+                f"{percentile(samples, 0.99):.1f}",
+                f"{statistics.mean(samples) / 1000:.1f}",
+                f"{len(samples) / result['seconds']:.0f}",
+                f"{len(flushes)} / {statistics.mean(flushes) * 1000:.2f} ms" if flushes else "-",
+            ]
+        )
+    print_table(
+        f"admit + record per call, µs ({args.calls} calls, {args.tenants} tenants x 2 "
+        f"realms, 3/4 CorePlus; many callers wait {INTUIT_SECONDS * 1000:.0f} ms for "
+        "Intuit between calls)",
+        ["design", "callers", "calls", "p50", "p99", "mean", "calls/s", "flushes / mean"],
+        rows,
+    )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--calls", type=int, default=20000)
     parser.add_argument("--concurrency", type=int, default=50)
     parser.add_argument("--tenants", type=int, default=100)

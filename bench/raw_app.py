@@ -39,17 +39,29 @@ def _keys(setting: str) -> list[tuple[str, bytes]]:
 
 def _status_item(row: asyncpg.Record) -> dict[str, Any]:
     enabled = row["status"] == "connected" and (row["module_ar"] or row["module_ap"])
-    owner = None if row["owner_qb_sub"] is None else {
-        "user_id": row["owner_user_id"],
-        "quickbooks_user": {"sub": row["owner_qb_sub"], "email": row["owner_qb_email"],
-                            "name": row["owner_qb_name"]}}
+    owner = (
+        None
+        if row["owner_qb_sub"] is None
+        else {
+            "user_id": row["owner_user_id"],
+            "quickbooks_user": {
+                "sub": row["owner_qb_sub"],
+                "email": row["owner_qb_email"],
+                "name": row["owner_qb_name"],
+            },
+        }
+    )
     expires = row["access_token_expires_at"]
-    return {"id": str(row["id"]), "status": row["status"], "realm_id": row["realm_id"],
-            "company_name": row["company_name"], "owner": owner,
-            "modules": {"accounts_receivable": row["module_ar"],
-                        "accounts_payable": row["module_ap"]},
-            "accounting_link": "enabled" if enabled else "disabled",
-            "access_token_expires_at": expires.isoformat() if expires else None}
+    return {
+        "id": str(row["id"]),
+        "status": row["status"],
+        "realm_id": row["realm_id"],
+        "company_name": row["company_name"],
+        "owner": owner,
+        "modules": {"accounts_receivable": row["module_ar"], "accounts_payable": row["module_ap"]},
+        "accounting_link": "enabled" if enabled else "disabled",
+        "access_token_expires_at": expires.isoformat() if expires else None,
+    }
 
 
 def create_app() -> Starlette:
@@ -61,8 +73,7 @@ def create_app() -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         nonlocal pool
         # Sized like the broker's engine: pool_size 10, max_overflow 10.
-        pool = await asyncpg.create_pool(asyncpg_dsn(os.environ["DATABASE_URL"]), min_size=10,
-                                         max_size=20)
+        pool = await asyncpg.create_pool(asyncpg_dsn(os.environ["DATABASE_URL"]), min_size=10, max_size=20)
         try:
             yield
         finally:
@@ -85,11 +96,22 @@ def create_app() -> Starlette:
         if row is None:
             return JSONResponse({"detail": "no such connection"}, status_code=404)
         access = box.decrypt(row["access_token"], f"{row['id']}:access")
-        return JSONResponse({"access_token": access, "token_type": "bearer",
-                             "expires_at": row["access_token_expires_at"].isoformat(),
-                             "realm_id": row["realm_id"], "api_base_url": api_base_url},
-                            headers={"Cache-Control": "no-store"})
+        return JSONResponse(
+            {
+                "access_token": access,
+                "token_type": "bearer",
+                "expires_at": row["access_token_expires_at"].isoformat(),
+                "realm_id": row["realm_id"],
+                "api_base_url": api_base_url,
+            },
+            headers={"Cache-Control": "no-store"},
+        )
 
-    return Starlette(routes=[Route("/healthz", healthz), Route("/status", status),
-                             Route("/connections/{connection_id}/token", token)],
-                     lifespan=lifespan)
+    return Starlette(
+        routes=[
+            Route("/healthz", healthz),
+            Route("/status", status),
+            Route("/connections/{connection_id}/token", token),
+        ],
+        lifespan=lifespan,
+    )

@@ -24,11 +24,24 @@ from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.routing import Route
 
-_DROPPED = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"proxy-authenticate",
-                      b"proxy-authorization", b"te", b"trailer", b"transfer-encoding", b"upgrade",
-                      b"host", b"authorization", b"x-api-key", b"content-length"})
-_NOT_RETURNED = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"date",
-                           b"server"})
+_DROPPED = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"host",
+        b"authorization",
+        b"x-api-key",
+        b"content-length",
+    }
+)
+_NOT_RETURNED = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"date", b"server"})
 
 
 def create_app() -> Starlette:
@@ -39,8 +52,9 @@ def create_app() -> Starlette:
 
     @asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
-        state["http"] = httpx.AsyncClient(timeout=15, limits=httpx.Limits(
-            max_connections=200, max_keepalive_connections=50))
+        state["http"] = httpx.AsyncClient(
+            timeout=15, limits=httpx.Limits(max_connections=200, max_keepalive_connections=50)
+        )
         yield
         await state["http"].aclose()
 
@@ -56,15 +70,26 @@ def create_app() -> Starlette:
         headers.append((b"authorization", bearer))
         has_body = request.method not in ("GET", "HEAD")
         sent = state["http"].build_request(
-            request.method, f"{upstream}/v3/company/{realm}/{rest}?{query}", headers=headers,
-            content=request.stream() if has_body else None)
+            request.method,
+            f"{upstream}/v3/company/{realm}/{rest}?{query}",
+            headers=headers,
+            content=request.stream() if has_body else None,
+        )
         answer = await state["http"].send(sent, stream=True)
         return StreamingResponse(
-            answer.aiter_raw(), status_code=answer.status_code,
-            headers={k.decode(): v.decode() for k, v in answer.headers.raw
-                     if k.lower() not in _NOT_RETURNED},
-            background=BackgroundTask(answer.aclose))
+            answer.aiter_raw(),
+            status_code=answer.status_code,
+            headers={k.decode(): v.decode() for k, v in answer.headers.raw if k.lower() not in _NOT_RETURNED},
+            background=BackgroundTask(answer.aclose),
+        )
 
-    return Starlette(routes=[Route("/connections/{connection_id}/quickbooks/{path:path}", forward,
-                                   methods=["GET", "POST", "PUT", "PATCH", "DELETE"])],
-                     lifespan=lifespan)
+    return Starlette(
+        routes=[
+            Route(
+                "/connections/{connection_id}/quickbooks/{path:path}",
+                forward,
+                methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
+            )
+        ],
+        lifespan=lifespan,
+    )

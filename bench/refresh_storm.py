@@ -118,13 +118,18 @@ class KeepAliveConnection:
         return cls(reader, writer, f"{url.host}:{url.port}")
 
     async def get(self, path: str, headers: dict[str, str]) -> tuple[int, bytes]:
-        lines = [f"GET {path} HTTP/1.1", f"Host: {self._host}",
-                 *(f"{k}: {v}" for k, v in headers.items())]
+        lines = [f"GET {path} HTTP/1.1", f"Host: {self._host}", *(f"{k}: {v}" for k, v in headers.items())]
         self._writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
         head = await self._reader.readuntil(b"\r\n\r\n")
         status_line, *header_lines = head.decode("latin-1").split("\r\n")
-        length = next((int(v) for k, _, v in (h.partition(":") for h in header_lines)
-                       if k.strip().lower() == "content-length"), None)
+        length = next(
+            (
+                int(v)
+                for k, _, v in (h.partition(":") for h in header_lines)
+                if k.strip().lower() == "content-length"
+            ),
+            None,
+        )
         if length is None:
             raise RuntimeError(f"an answer without Content-Length: {status_line}")
         return int(status_line.split(" ", 2)[1]), await self._reader.readexactly(length)
@@ -135,8 +140,9 @@ class KeepAliveConnection:
             await self._writer.wait_closed()
 
 
-async def fire(connections: list[KeepAliveConnection], ids: list[str],
-               key: str) -> tuple[list[Answer], float]:
+async def fire(
+    connections: list[KeepAliveConnection], ids: list[str], key: str
+) -> tuple[list[Answer], float]:
     """One request per connection, all released at once, each timed from its own send.
     Returns the answers and the moment of release."""
     release = asyncio.Event()
@@ -148,19 +154,24 @@ async def fire(connections: list[KeepAliveConnection], ids: list[str],
         await release.wait()
         started = time.monotonic()
         try:
-            status, raw = await connection.get(f"/connections/{connection_id}/token",
-                                               {"X-API-Key": key, "X-Request-ID": request_id})
+            status, raw = await connection.get(
+                f"/connections/{connection_id}/token", {"X-API-Key": key, "X-Request-ID": request_id}
+            )
         except (OSError, RuntimeError, asyncio.IncompleteReadError) as exc:
-            answers.append(Answer(request_id, connection_id, 0, type(exc).__name__, None, started,
-                                  time.monotonic()))
+            answers.append(
+                Answer(request_id, connection_id, 0, type(exc).__name__, None, started, time.monotonic())
+            )
             return
         ended = time.monotonic()
         try:
             body = json.loads(raw)
         except ValueError:
             body = {}
-        answers.append(Answer(request_id, connection_id, status, body.get("code"),
-                              body.get("access_token"), started, ended))
+        answers.append(
+            Answer(
+                request_id, connection_id, status, body.get("code"), body.get("access_token"), started, ended
+            )
+        )
 
     tasks = [asyncio.create_task(one(i, c)) for i, c in enumerate(connections)]
     await asyncio.sleep(0.2)  # every task parked on the release
@@ -175,14 +186,25 @@ def timeline_logging(directory: Path, name: str) -> tuple[Path, Path]:
     writes it, one JSON object a line, to a file of its own. Returns (configuration, file)."""
     lines = directory / f"{name}-timeline.jsonl"
     config = directory / f"{name}-logging.json"
-    config.write_text(json.dumps({
-        "version": 1, "disable_existing_loggers": False,
-        "formatters": {"timeline": {"format": "%(timeline)s"}},
-        "handlers": {"timeline": {"class": "logging.FileHandler", "filename": str(lines),
-                                  "formatter": "timeline"}},
-        "loggers": {TIMELINE_LOGGER: {"level": "DEBUG", "handlers": ["timeline"],
-                                      "propagate": False}},
-    }))
+    config.write_text(
+        json.dumps(
+            {
+                "version": 1,
+                "disable_existing_loggers": False,
+                "formatters": {"timeline": {"format": "%(timeline)s"}},
+                "handlers": {
+                    "timeline": {
+                        "class": "logging.FileHandler",
+                        "filename": str(lines),
+                        "formatter": "timeline",
+                    }
+                },
+                "loggers": {
+                    TIMELINE_LOGGER: {"level": "DEBUG", "handlers": ["timeline"], "propagate": False}
+                },
+            }
+        )
+    )
     return config, lines
 
 
@@ -201,16 +223,17 @@ def read_timelines(files: list[Path]) -> dict[str, dict[str, Any]]:
     return found
 
 
-def story_rows(answers: list[Answer], timelines: dict[str, dict[str, Any]], released_at: float,
-               count: int) -> list[list[str]]:
+def story_rows(
+    answers: list[Answer], timelines: dict[str, dict[str, Any]], released_at: float, count: int
+) -> list[list[str]]:
     """The slowest requests one by one: each refresh it waited on, as its marks in ms since the
     release, and the refresh that called Intuit for its connection (in either broker)."""
-    calls = {t["connection_id"]: t for t in timelines.values()
-             if any(phase == "intuit" for phase, _ in t["marks"])}
+    calls = {
+        t["connection_id"]: t for t in timelines.values() if any(phase == "intuit" for phase, _ in t["marks"])
+    }
 
     def marks(timeline: dict[str, Any]) -> str:
-        return " ".join(f"{phase}@{(moment - released_at) * 1000:.0f}"
-                        for phase, moment in timeline["marks"])
+        return " ".join(f"{phase}@{(moment - released_at) * 1000:.0f}" for phase, moment in timeline["marks"])
 
     rows = []
     for answer in sorted(answers, key=lambda a: a.seconds, reverse=True)[:count]:
@@ -218,8 +241,14 @@ def story_rows(answers: list[Answer], timelines: dict[str, dict[str, Any]], rele
         if timeline is None:
             rows.append([answer.request_id, "", f"{answer.seconds * 1000:.0f}", "no refresh"])
             continue
-        rows.append([answer.request_id, timeline["broker"], f"{answer.seconds * 1000:.0f}",
-                     f"entered@{(timeline['entered'] - released_at) * 1000:.0f} {marks(timeline)}"])
+        rows.append(
+            [
+                answer.request_id,
+                timeline["broker"],
+                f"{answer.seconds * 1000:.0f}",
+                f"entered@{(timeline['entered'] - released_at) * 1000:.0f} {marks(timeline)}",
+            ]
+        )
         call = calls.get(timeline["connection_id"])
         if call is not None and call["refresh"] != timeline["refresh"]:
             rows.append(["  its refresh", call["broker"], "", marks(call)])
@@ -234,8 +263,9 @@ def phases_of(answer: Answer, timeline: dict[str, Any] | None) -> dict[str, floa
         spent[NO_REFRESH] = answer.seconds
         return spent
     entered, left = timeline["entered"], timeline["left"]
-    began = timeline["view"] if timeline["view"] is not None and timeline["view"] >= answer.sent_at \
-        else entered
+    began = (
+        timeline["view"] if timeline["view"] is not None and timeline["view"] >= answer.sent_at else entered
+    )
     spent[BEFORE] += max(0.0, began - answer.sent_at)
     spent[VIEW] += max(0.0, entered - began)
     at = entered
@@ -252,8 +282,9 @@ def phases_of(answer: Answer, timeline: dict[str, Any] | None) -> dict[str, floa
     return spent
 
 
-def breakdown_rows(answers: list[Answer], timelines: dict[str, dict[str, Any]],
-                   p99: float) -> list[list[str]]:
+def breakdown_rows(
+    answers: list[Answer], timelines: dict[str, dict[str, Any]], p99: float
+) -> list[list[str]]:
     slowest = [a for a in answers if a.seconds >= p99]
     columns = [slowest, answers]
     sums: list[defaultdict[str, float]] = [defaultdict(float), defaultdict(float)]
@@ -271,8 +302,9 @@ def breakdown_rows(answers: list[Answer], timelines: dict[str, dict[str, Any]],
             mean = total.get(phase, 0.0) / max(1, len(column))
             cells.append(f"{mean * 1000:.0f}")
         rows.append(cells)
-    rows.append(["total (mean latency)",
-                 *(f"{statistics.fmean(a.seconds for a in c) * 1000:.0f}" for c in columns)])
+    rows.append(
+        ["total (mean latency)", *(f"{statistics.fmean(a.seconds for a in c) * 1000:.0f}" for c in columns)]
+    )
     return rows
 
 
@@ -280,9 +312,13 @@ async def postgres_pids(database_url: str) -> list[int]:
     """The server's processes serving this database, and its background ones."""
     db = await db_connect(database_url)
     try:
-        return [r["pid"] for r in await db.fetch(
-            "SELECT pid FROM pg_stat_activity WHERE (datname = current_database() "
-            "OR datname IS NULL) AND pid <> pg_backend_pid()")]
+        return [
+            r["pid"]
+            for r in await db.fetch(
+                "SELECT pid FROM pg_stat_activity WHERE (datname = current_database() "
+                "OR datname IS NULL) AND pid <> pg_backend_pid()"
+            )
+        ]
     finally:
         await db.close()
 
@@ -314,14 +350,21 @@ async def database_round_trip(database_url: str) -> float:
         await db.close()
 
 
-async def storm(args: argparse.Namespace, database_url: str, emulator: Server,
-                brokers: list[Server], timeline_files: list[Path]) -> None:
+async def storm(
+    args: argparse.Namespace,
+    database_url: str,
+    emulator: Server,
+    brokers: list[Server],
+    timeline_files: list[Path],
+) -> None:
     # One more connection than the storm's, refreshed by each broker before the storm: a broker
     # in service has refreshed before (its refresh lock session open, its statements prepared).
     everyone = await create_companies(emulator.url, args.connections + 1)
     all_ids, connect_seconds = await connect_many(brokers[0].url, everyone, concurrency=8)
-    print(f"connected {len(all_ids)} connections through the Connect flow in "
-          f"{connect_seconds:.1f} s", flush=True)
+    print(
+        f"connected {len(all_ids)} connections through the Connect flow in {connect_seconds:.1f} s",
+        flush=True,
+    )
     admins, ids, warm_id = everyone[:-1], all_ids[:-1], all_ids[-1]
     key = await new_api_key(database_url, "tokens:read")
 
@@ -329,9 +372,9 @@ async def storm(args: argparse.Namespace, database_url: str, emulator: Server,
     # measures the broker, not TCP handshakes. uvicorn keeps idle ones for 5 s.
     # Request i asks for connection i mod N from broker (i div N) mod B: every connection is
     # asked for from every broker, so the brokers contend for the same rows.
-    connections = await asyncio.gather(*(
-        KeepAliveConnection.open(brokers[(i // len(ids)) % len(brokers)].url)
-        for i in range(args.requests)))
+    connections = await asyncio.gather(
+        *(KeepAliveConnection.open(brokers[(i // len(ids)) % len(brokers)].url) for i in range(args.requests))
+    )
     try:
         # Each one used once, for the token it will ask for again, while that is still fresh:
         # the brokers are in service, as before any storm (the caller's key known, database
@@ -339,15 +382,17 @@ async def storm(args: argparse.Namespace, database_url: str, emulator: Server,
         # broker's pool would open one connection, and the storm would pay for opening the
         # others. Nothing is refreshed here; the emulator's counts are taken after.
         async def warm(index: int, connection: KeepAliveConnection) -> None:
-            status, _ = await connection.get(f"/connections/{ids[index % len(ids)]}/token",
-                                             {"X-API-Key": key})
+            status, _ = await connection.get(
+                f"/connections/{ids[index % len(ids)]}/token", {"X-API-Key": key}
+            )
             assert status == 200
 
         if not args.sequential_warmup:
             async with httpx.AsyncClient(timeout=30, headers={"X-API-Key": key}) as http:
                 for broker in brokers:
-                    forced = await http.get(f"{broker.url}/connections/{warm_id}/token",
-                                            params={"force_refresh": "true"})
+                    forced = await http.get(
+                        f"{broker.url}/connections/{warm_id}/token", params={"force_refresh": "true"}
+                    )
                     assert forced.status_code == 200, forced.text
         if args.sequential_warmup:
             for index, connection in enumerate(connections):
@@ -360,10 +405,17 @@ async def storm(args: argparse.Namespace, database_url: str, emulator: Server,
                 await asyncio.gather(*(warm(i, c) for i, c in enumerate(connections)))
         db = await db_connect(database_url)
         try:
-            before_tokens = {str(r["id"]): r["access_token"] for r in await db.fetch(
-                "SELECT id, access_token FROM connections WHERE id = ANY($1::uuid[])", ids)}
-            await db.execute("UPDATE connections SET access_token_expires_at = now() - interval "
-                             "'1 minute' WHERE id = ANY($1::uuid[])", ids)
+            before_tokens = {
+                str(r["id"]): r["access_token"]
+                for r in await db.fetch(
+                    "SELECT id, access_token FROM connections WHERE id = ANY($1::uuid[])", ids
+                )
+            }
+            await db.execute(
+                "UPDATE connections SET access_token_expires_at = now() - interval "
+                "'1 minute' WHERE id = ANY($1::uuid[])",
+                ids,
+            )
         finally:
             await db.close()
         await set_emulator_config(emulator.url, latency_ms=args.latency_ms)
@@ -392,10 +444,14 @@ async def storm(args: argparse.Namespace, database_url: str, emulator: Server,
     overlapping = max((n for n in stats_after.get("max_concurrent_refresh", {}).values()), default=0)
     db = await db_connect(database_url)
     try:
-        stored = await db.fetch("SELECT id, access_token, status FROM connections "
-                                "WHERE id = ANY($1::uuid[])", ids)
-        events = await db.fetchval("SELECT count(*) FROM connection_events WHERE type = 'refreshed' "
-                                   "AND connection_id = ANY($1::uuid[])", ids)
+        stored = await db.fetch(
+            "SELECT id, access_token, status FROM connections WHERE id = ANY($1::uuid[])", ids
+        )
+        events = await db.fetchval(
+            "SELECT count(*) FROM connection_events WHERE type = 'refreshed' "
+            "AND connection_id = ANY($1::uuid[])",
+            ids,
+        )
     finally:
         await db.close()
 
@@ -413,82 +469,148 @@ async def storm(args: argparse.Namespace, database_url: str, emulator: Server,
     rotated = sum(1 for r in stored if r["access_token"] != before_tokens[str(r["id"])])
     realms_refreshed_once = sum(1 for a in admins if by_realm.get(a.realm_id, {}).get("ok") == 1)
 
-    print(f"\n{args.requests} concurrent token requests over {len(ids)} expired connections, "
-          f"{len(brokers)} broker processes (default pool settings), emulator latency "
-          f"{args.latency_ms} ms; load average before the storm "
-          f"{' '.join(f'{x:.2f}' for x in load)}, after "
-          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    print_table("Refresh storm", ["figure", "value", "target", ""], [
-        ["refreshes counted by the emulator", refreshes["ok"], len(ids),
-         verdict(refreshes["ok"] == len(ids))],
-        ["invalid_grant at the emulator", refreshes["invalid_grant"], 0,
-         verdict(refreshes["invalid_grant"] == 0)],
-        ["other refresh outcomes at the emulator",
-         sum(n for k, n in refreshes.items() if k not in ("ok", "invalid_grant")), 0, ""],
-        ["companies refreshed exactly once", realms_refreshed_once, len(ids),
-         verdict(realms_refreshed_once == len(ids))],
-        ["most refreshes of one company at once", overlapping, 1, verdict(overlapping <= 1)],
-        ["connections with 1 distinct token", distinct[1], len(ids), verdict(distinct[1] == len(ids))],
-        ["connections with > 1 distinct token", sum(n for k, n in distinct.items() if k > 1), 0, ""],
-        ["'refreshed' events / rows with a new token", f"{events} / {rotated}", len(ids),
-         verdict(events == rotated == len(ids))],
-        ["answers 200", len(ok), args.requests, verdict(len(ok) == args.requests)],
-        ["errors", sum(errors.values()), 0, verdict(not errors)],
-        ["latency p50 (s)", f"{percentile(latencies, 50):.3f}", "", ""],
-        ["latency p99 (s)", f"{p99:.3f}", f"<= {P99_TARGET_S}", verdict(p99 <= P99_TARGET_S)],
-        ["latency max (s)", f"{max(latencies):.3f}", "", ""],
-        [f"lower bound (s): {args.latency_ms} ms x ceil({len(ids)}/{concurrency}) + DB round "
-         f"trip {round_trip * 1000:.2f} ms", f"{floor:.3f}", "", ""],
-        ["p99 / lower bound", f"{p99 / floor:.2f}", f"<= {RATIO_TARGET}",
-         verdict(p99 / floor <= RATIO_TARGET)],
-        ["all answered after (s)", f"{max(a.done_at for a in answers) - released_at:.3f}", "", ""],
-    ])
+    print(
+        f"\n{args.requests} concurrent token requests over {len(ids)} expired connections, "
+        f"{len(brokers)} broker processes (default pool settings), emulator latency "
+        f"{args.latency_ms} ms; load average before the storm "
+        f"{' '.join(f'{x:.2f}' for x in load)}, after "
+        f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}"
+    )
+    print_table(
+        "Refresh storm",
+        ["figure", "value", "target", ""],
+        [
+            [
+                "refreshes counted by the emulator",
+                refreshes["ok"],
+                len(ids),
+                verdict(refreshes["ok"] == len(ids)),
+            ],
+            [
+                "invalid_grant at the emulator",
+                refreshes["invalid_grant"],
+                0,
+                verdict(refreshes["invalid_grant"] == 0),
+            ],
+            [
+                "other refresh outcomes at the emulator",
+                sum(n for k, n in refreshes.items() if k not in ("ok", "invalid_grant")),
+                0,
+                "",
+            ],
+            [
+                "companies refreshed exactly once",
+                realms_refreshed_once,
+                len(ids),
+                verdict(realms_refreshed_once == len(ids)),
+            ],
+            ["most refreshes of one company at once", overlapping, 1, verdict(overlapping <= 1)],
+            ["connections with 1 distinct token", distinct[1], len(ids), verdict(distinct[1] == len(ids))],
+            ["connections with > 1 distinct token", sum(n for k, n in distinct.items() if k > 1), 0, ""],
+            [
+                "'refreshed' events / rows with a new token",
+                f"{events} / {rotated}",
+                len(ids),
+                verdict(events == rotated == len(ids)),
+            ],
+            ["answers 200", len(ok), args.requests, verdict(len(ok) == args.requests)],
+            ["errors", sum(errors.values()), 0, verdict(not errors)],
+            ["latency p50 (s)", f"{percentile(latencies, 50):.3f}", "", ""],
+            ["latency p99 (s)", f"{p99:.3f}", f"<= {P99_TARGET_S}", verdict(p99 <= P99_TARGET_S)],
+            ["latency max (s)", f"{max(latencies):.3f}", "", ""],
+            [
+                f"lower bound (s): {args.latency_ms} ms x ceil({len(ids)}/{concurrency}) + DB round "
+                f"trip {round_trip * 1000:.2f} ms",
+                f"{floor:.3f}",
+                "",
+                "",
+            ],
+            [
+                "p99 / lower bound",
+                f"{p99 / floor:.2f}",
+                f"<= {RATIO_TARGET}",
+                verdict(p99 / floor <= RATIO_TARGET),
+            ],
+            ["all answered after (s)", f"{max(a.done_at for a in answers) - released_at:.3f}", "", ""],
+        ],
+    )
     # Where the CPU went during the storm: on a shared machine, a storm that took far longer than
     # its CPU time waited for the CPU (or on locks), not on its own work.
     # On a machine with few cores the CPU they all need is a floor of its own: the storm cannot
     # be over sooner than that CPU time spread over every core.
     total_cpu = sum(cpu.values()) + client_cpu
     cores = os.cpu_count() or 1
-    print_table("CPU seconds used during the storm", ["process", "CPU s"],
-                [*([name, f"{seconds:.2f}"] for name, seconds in cpu.items()),
-                 [f"this process (the {args.requests} clients)", f"{client_cpu:.2f}"],
-                 [f"all of them; spread over {cores} cores: at least (s)",
-                  f"{total_cpu:.2f}; {total_cpu / cores:.2f}"]])
+    print_table(
+        "CPU seconds used during the storm",
+        ["process", "CPU s"],
+        [
+            *([name, f"{seconds:.2f}"] for name, seconds in cpu.items()),
+            [f"this process (the {args.requests} clients)", f"{client_cpu:.2f}"],
+            [
+                f"all of them; spread over {cores} cores: at least (s)",
+                f"{total_cpu:.2f}; {total_cpu / cores:.2f}",
+            ],
+        ],
+    )
     if errors:
         print_table("Errors", ["status code", "count"], sorted(errors.items()))
     timelines = read_timelines(timeline_files)
     if timelines:
         slowest = sum(1 for a in answers if a.seconds >= p99)
         waited = sum(1 for a in answers if a.request_id in timelines)
-        print_table(f"Where the time went, mean ms per request ({waited} of "
-                    f"{len(answers)} requests waited on a refresh)",
-                    ["phase", f"slowest {slowest} (>= p99)", f"all {len(answers)}"],
-                    breakdown_rows(answers, timelines, p99))
+        print_table(
+            f"Where the time went, mean ms per request ({waited} of "
+            f"{len(answers)} requests waited on a refresh)",
+            ["phase", f"slowest {slowest} (>= p99)", f"all {len(answers)}"],
+            breakdown_rows(answers, timelines, p99),
+        )
         if args.show_slowest:
-            print_table("The slowest requests (marks: phase that ended @ ms since the release)",
-                        ["request", "broker", "ms", "marks"],
-                        story_rows(answers, timelines, released_at, args.show_slowest))
+            print_table(
+                "The slowest requests (marks: phase that ended @ ms since the release)",
+                ["request", "broker", "ms", "marks"],
+                story_rows(answers, timelines, released_at, args.show_slowest),
+            )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--connections", type=int, default=100)
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--latency-ms", type=int, default=100)
     parser.add_argument("--brokers", type=int, default=2)
-    parser.add_argument("--db-pool-size", type=int, default=None,
-                        help="BROKER_DB_POOL_SIZE for the brokers (default: the broker's default)")
-    parser.add_argument("--refresh-concurrency", type=int, default=None,
-                        help="BROKER_REFRESH_CONCURRENCY for the brokers (default: the broker's)")
-    parser.add_argument("--sequential-warmup", action="store_true",
-                        help="warm the brokers up as the benchmark did at first: one request "
-                             "at a time (their pools then hold one connection each when the "
-                             "storm starts) and no refresh before the storm")
-    parser.add_argument("--show-slowest", type=int, default=0, metavar="N",
-                        help="print the timelines of the N slowest requests")
-    parser.add_argument("--no-timeline", action="store_true",
-                        help="leave the brokers' refresh timeline off (no phase breakdown)")
+    parser.add_argument(
+        "--db-pool-size",
+        type=int,
+        default=None,
+        help="BROKER_DB_POOL_SIZE for the brokers (default: the broker's default)",
+    )
+    parser.add_argument(
+        "--refresh-concurrency",
+        type=int,
+        default=None,
+        help="BROKER_REFRESH_CONCURRENCY for the brokers (default: the broker's)",
+    )
+    parser.add_argument(
+        "--sequential-warmup",
+        action="store_true",
+        help="warm the brokers up as the benchmark did at first: one request "
+        "at a time (their pools then hold one connection each when the "
+        "storm starts) and no refresh before the storm",
+    )
+    parser.add_argument(
+        "--show-slowest",
+        type=int,
+        default=0,
+        metavar="N",
+        help="print the timelines of the N slowest requests",
+    )
+    parser.add_argument(
+        "--no-timeline",
+        action="store_true",
+        help="leave the brokers' refresh timeline off (no phase breakdown)",
+    )
     args = parser.parse_args()
 
     with fresh_database() as database_url:
@@ -496,9 +618,12 @@ def main() -> None:
         broker_ports = [free_port() for _ in range(args.brokers)]
         # Both brokers are one deployment: one public URL, one registered redirect URI.
         public_url = f"http://127.0.0.1:{broker_ports[0]}"
-        emulator = Server("emulator", emulator_command(emulator_port,
-                                                       redirect_uri=f"{public_url}/callback"),
-                          emulator_port, ready_path="/.well-known/openid_configuration")
+        emulator = Server(
+            "emulator",
+            emulator_command(emulator_port, redirect_uri=f"{public_url}/callback"),
+            emulator_port,
+            ready_path="/.well-known/openid_configuration",
+        )
         overrides = {} if args.db_pool_size is None else {"BROKER_DB_POOL_SIZE": str(args.db_pool_size)}
         if args.refresh_concurrency is not None:
             overrides["BROKER_REFRESH_CONCURRENCY"] = str(args.refresh_concurrency)
@@ -511,8 +636,14 @@ def main() -> None:
                 if not args.no_timeline:
                     log_config, lines = timeline_logging(Path(scratch), name)
                     timeline_files.append(lines)
-                brokers.append(Server(name, uvicorn_command("service.main:create_app", port,
-                                                            log_config=log_config), port, env=env))
+                brokers.append(
+                    Server(
+                        name,
+                        uvicorn_command("service.main:create_app", port, log_config=log_config),
+                        port,
+                        env=env,
+                    )
+                )
             with running(emulator, *brokers):
                 asyncio.run(storm(args, database_url, emulator, brokers, timeline_files))
 

@@ -59,19 +59,43 @@ def seed_rows(tenants: int) -> tuple[list[tuple[Any, ...]], list[str], list[str]
         cid = uuid.uuid4()
         tenant = f"tenant-{i:06d}"
         # Shaped like the emulator's (and Intuit's) tokens, so ciphertexts have a real length.
-        access = ".".join(["eyJlbmMiOiJBMTI4Q0JDLUhTMjU2IiwiYWxnIjoiZGlyIn0", "",
-                           secrets.token_urlsafe(16), secrets.token_urlsafe(96),
-                           secrets.token_urlsafe(16)])
+        access = ".".join(
+            [
+                "eyJlbmMiOiJBMTI4Q0JDLUhTMjU2IiwiYWxnIjoiZGlyIn0",
+                "",
+                secrets.token_urlsafe(16),
+                secrets.token_urlsafe(96),
+                secrets.token_urlsafe(16),
+            ]
+        )
         refresh = "AB11" + secrets.token_urlsafe(36)
         created = now - timedelta(days=30, minutes=i)
-        rows.append((
-            cid, tenant, "connected", f"93{i:014d}", f"Company {i}", f"user-{i:06d}",
-            str(uuid.uuid4()), f"owner{i}@example.com", f"Owner {i}", i % 2 == 0, i % 3 == 0,
-            box.encrypt(access, sealed_aad(cid, Sealed.ACCESS)),
-            box.encrypt(refresh, sealed_aad(cid, Sealed.REFRESH)),
-            now + timedelta(days=1), now + timedelta(days=100), now - timedelta(hours=1),
-            now + timedelta(hours=23), now - timedelta(hours=1), created, None, created,
-            now - timedelta(hours=1)))
+        rows.append(
+            (
+                cid,
+                tenant,
+                "connected",
+                f"93{i:014d}",
+                f"Company {i}",
+                f"user-{i:06d}",
+                str(uuid.uuid4()),
+                f"owner{i}@example.com",
+                f"Owner {i}",
+                i % 2 == 0,
+                i % 3 == 0,
+                box.encrypt(access, sealed_aad(cid, Sealed.ACCESS)),
+                box.encrypt(refresh, sealed_aad(cid, Sealed.REFRESH)),
+                now + timedelta(days=1),
+                now + timedelta(days=100),
+                now - timedelta(hours=1),
+                now + timedelta(hours=23),
+                now - timedelta(hours=1),
+                created,
+                None,
+                created,
+                now - timedelta(hours=1),
+            )
+        )
         tenant_ids.append(tenant)
         connection_ids.append(str(cid))
     return rows, tenant_ids, connection_ids
@@ -91,8 +115,9 @@ def shape(value: Any) -> Any:
     return None
 
 
-def check_same_answers(broker: str, raw: str, status: tuple[str, str, str],
-                       token: tuple[str, str, str]) -> None:
+def check_same_answers(
+    broker: str, raw: str, status: tuple[str, str, str], token: tuple[str, str, str]
+) -> None:
     """Both servers answer 200 with the same token, and (or a warning says) the same fields."""
     answers = {}
     for name, base in (("broker", broker), ("raw", raw)):
@@ -104,24 +129,36 @@ def check_same_answers(broker: str, raw: str, status: tuple[str, str, str],
     for kind in ("status", "token"):
         if shape(answers["broker", kind]) != shape(answers["raw", kind]):
             # Still measured, but raw_app.py should be brought up to the broker's answer.
-            print(f"WARNING {kind}: broker and raw answer different fields:\n"
-                  f"  broker {json.dumps(shape(answers['broker', kind]))}\n"
-                  f"  raw    {json.dumps(shape(answers['raw', kind]))}", flush=True)
+            print(
+                f"WARNING {kind}: broker and raw answer different fields:\n"
+                f"  broker {json.dumps(shape(answers['broker', kind]))}\n"
+                f"  raw    {json.dumps(shape(answers['raw', kind]))}",
+                flush=True,
+            )
     if answers["broker", "token"]["access_token"] != answers["raw", "token"]["access_token"]:
         raise SystemExit("token: broker and raw decrypt different access tokens")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--tenants", type=int, default=10_000)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--duration", type=float, default=10.0, help="measured seconds per run")
     parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds before each")
-    parser.add_argument("--client", choices=("auto", "wrk", "httpx"), default="auto",
-                        help="load generator (auto: wrk if installed, else httpx)")
-    parser.add_argument("--status-auth", choices=("jwt", "key"), default="jwt",
-                        help="/status as a user (JWT for the tenant) or a service (API key)")
+    parser.add_argument(
+        "--client",
+        choices=("auto", "wrk", "httpx"),
+        default="auto",
+        help="load generator (auto: wrk if installed, else httpx)",
+    )
+    parser.add_argument(
+        "--status-auth",
+        choices=("jwt", "key"),
+        default="jwt",
+        help="/status as a user (JWT for the tenant) or a service (API key)",
+    )
     args = parser.parse_args()
     client = pick_client(args.client)
 
@@ -138,60 +175,112 @@ def main() -> None:
             else:
                 header, value = "X-API-Key", status_key
             status_lines.append((f"/status?tenant_id={tenant}", header, value))
-        token_lines = [(f"/connections/{cid}/token", "X-API-Key", token_key)
-                       for cid in connection_ids]
-        targets = {"/status": write_targets(Path(tmp) / "status.tsv", status_lines),
-                   "token": write_targets(Path(tmp) / "token.tsv", token_lines)}
+        token_lines = [(f"/connections/{cid}/token", "X-API-Key", token_key) for cid in connection_ids]
+        targets = {
+            "/status": write_targets(Path(tmp) / "status.tsv", status_lines),
+            "token": write_targets(Path(tmp) / "token.tsv", token_lines),
+        }
 
         broker_port, raw_port = free_port(), free_port()
-        env = broker_env(database_url, public_url=f"http://127.0.0.1:{broker_port}",
-                         emulator_url=UNUSED_INTUIT)
-        broker = Server("broker", uvicorn_command("service.main:create_app", broker_port),
-                        broker_port, env=env)
-        raw = Server("raw", uvicorn_command("raw_app:create_app", raw_port, app_dir=BENCH_DIR),
-                     raw_port, env=env)
+        env = broker_env(
+            database_url, public_url=f"http://127.0.0.1:{broker_port}", emulator_url=UNUSED_INTUIT
+        )
+        broker = Server(
+            "broker", uvicorn_command("service.main:create_app", broker_port), broker_port, env=env
+        )
+        raw = Server(
+            "raw", uvicorn_command("raw_app:create_app", raw_port, app_dir=BENCH_DIR), raw_port, env=env
+        )
         results: dict[tuple[str, str], LoadResult] = {}
         cpu_ms: dict[tuple[str, str], float] = {}
         with running(broker, raw):
             check_same_answers(broker.url, raw.url, status_lines[0], token_lines[0])
             for endpoint, path in targets.items():
                 for server in (broker, raw):
-                    print(f"load: {endpoint} on {server.name} ({args.warmup:g} s warm-up, "
-                          f"{args.duration:g} s measured)", flush=True)
+                    print(
+                        f"load: {endpoint} on {server.name} ({args.warmup:g} s warm-up, "
+                        f"{args.duration:g} s measured)",
+                        flush=True,
+                    )
                     cpu_before = server.cpu_seconds()
-                    result = run_load(client, server.url, path, concurrency=args.concurrency,
-                                      warmup=args.warmup, duration=args.duration)
+                    result = run_load(
+                        client,
+                        server.url,
+                        path,
+                        concurrency=args.concurrency,
+                        warmup=args.warmup,
+                        duration=args.duration,
+                    )
                     results[endpoint, server.name] = result
-                    cpu_ms[endpoint, server.name] = ((server.cpu_seconds() - cpu_before) * 1000
-                                                     / max(result.all_requests, 1))
+                    cpu_ms[endpoint, server.name] = (
+                        (server.cpu_seconds() - cpu_before) * 1000 / max(result.all_requests, 1)
+                    )
             memory = {server.name: server.memory_mb() for server in (broker, raw)}
 
-    print(f"\n{args.tenants} tenants, {args.concurrency} concurrent clients ({client}), "
-          f"{args.duration:g} s per run after {args.warmup:g} s warm-up; one uvicorn worker each; "
-          f"/status as {'a user (JWT)' if args.status_auth == 'jwt' else 'a service (API key)'}; "
-          f"load average at the end {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(
+        f"\n{args.tenants} tenants, {args.concurrency} concurrent clients ({client}), "
+        f"{args.duration:g} s per run after {args.warmup:g} s warm-up; one uvicorn worker each; "
+        f"/status as {'a user (JWT)' if args.status_auth == 'jwt' else 'a service (API key)'}; "
+        f"load average at the end {' '.join(f'{x:.2f}' for x in os.getloadavg())}"
+    )
     # CPU ms per request is the server process's own CPU time over the requests it served: less
     # disturbed than req/s when other work shares the machine.
-    print_table("Throughput and latency", ["endpoint", "server", "requests", "req/s", "p50 ms",
-                                           "p99 ms", "max ms", "CPU ms/req", "non-2xx",
-                                           "socket errors"],
-                [[e, s, r.requests, f"{r.rps:.0f}", f"{r.p50_ms:.2f}", f"{r.p99_ms:.2f}",
-                  f"{r.max_ms:.1f}", f"{cpu_ms[e, s]:.2f}", r.non_2xx, r.socket_errors]
-                 for (e, s), r in results.items()])
+    print_table(
+        "Throughput and latency",
+        [
+            "endpoint",
+            "server",
+            "requests",
+            "req/s",
+            "p50 ms",
+            "p99 ms",
+            "max ms",
+            "CPU ms/req",
+            "non-2xx",
+            "socket errors",
+        ],
+        [
+            [
+                e,
+                s,
+                r.requests,
+                f"{r.rps:.0f}",
+                f"{r.p50_ms:.2f}",
+                f"{r.p99_ms:.2f}",
+                f"{r.max_ms:.1f}",
+                f"{cpu_ms[e, s]:.2f}",
+                r.non_2xx,
+                r.socket_errors,
+            ]
+            for (e, s), r in results.items()
+        ],
+    )
     ratio_rows = []
     for endpoint, target in (("/status", STATUS_TARGET), ("token", TOKEN_TARGET)):
         ratio = results[endpoint, "broker"].rps / max(results[endpoint, "raw"].rps, 1e-9)
         cpu_ratio = cpu_ms[endpoint, "raw"] / max(cpu_ms[endpoint, "broker"], 1e-9)
-        ratio_rows.append([endpoint, f"{ratio:.2f}x", f"{cpu_ratio:.2f}x", f">= {target:.1f}x",
-                           verdict(ratio >= target)])
-    print_table("Broker relative to raw (the target is on throughput)",
-                ["endpoint", "req/s broker / raw", "raw CPU / broker CPU per req", "target", ""],
-                ratio_rows)
-    print_table("Resident memory after the run (one worker)", ["process", "VmRSS MB", "VmHWM MB",
-                                                              "target", ""],
-                [["broker", f"{memory['broker'][0]:.1f}", f"{memory['broker'][1]:.1f}",
-                  f"<= {MEMORY_TARGET_MB:.0f} MB", verdict(memory["broker"][0] <= MEMORY_TARGET_MB)],
-                 ["raw", f"{memory['raw'][0]:.1f}", f"{memory['raw'][1]:.1f}", "", ""]])
+        ratio_rows.append(
+            [endpoint, f"{ratio:.2f}x", f"{cpu_ratio:.2f}x", f">= {target:.1f}x", verdict(ratio >= target)]
+        )
+    print_table(
+        "Broker relative to raw (the target is on throughput)",
+        ["endpoint", "req/s broker / raw", "raw CPU / broker CPU per req", "target", ""],
+        ratio_rows,
+    )
+    print_table(
+        "Resident memory after the run (one worker)",
+        ["process", "VmRSS MB", "VmHWM MB", "target", ""],
+        [
+            [
+                "broker",
+                f"{memory['broker'][0]:.1f}",
+                f"{memory['broker'][1]:.1f}",
+                f"<= {MEMORY_TARGET_MB:.0f} MB",
+                verdict(memory["broker"][0] <= MEMORY_TARGET_MB),
+            ],
+            ["raw", f"{memory['raw'][0]:.1f}", f"{memory['raw'][1]:.1f}", "", ""],
+        ],
+    )
 
 
 if __name__ == "__main__":

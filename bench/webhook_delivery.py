@@ -69,8 +69,13 @@ def create_receiver() -> Any:
             await send({"type": "http.response.body", "body": b""})
             return
         body = b"{}" if scope["path"] == "/healthz" else json.dumps(arrived).encode()
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", b"application/json")]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"application/json")],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
     return app
@@ -81,8 +86,9 @@ async def arrivals(receivers: list[Server]) -> list[dict[str, float]]:
         return [(await http.get(f"{r.url}/arrivals")).json() for r in receivers]
 
 
-async def wait_for(receivers: list[Server], committed: dict[str, float],
-                   within: float) -> list[dict[str, float]]:
+async def wait_for(
+    receivers: list[Server], committed: dict[str, float], within: float
+) -> list[dict[str, float]]:
     """Each receiver's arrivals of the committed events, once all arrived (or time is up)."""
     deadline = time.monotonic() + within
     while True:
@@ -92,8 +98,7 @@ async def wait_for(receivers: list[Server], committed: dict[str, float],
         await asyncio.sleep(0.5)
 
 
-async def commit_events(database_url: str, count: int, *, batch: int,
-                        rate: float | None) -> dict[str, float]:
+async def commit_events(database_url: str, count: int, *, batch: int, rate: float | None) -> dict[str, float]:
     """Commit `count` events, `batch` per transaction (at `rate` per second if given); each
     event id with the time its COMMIT returned."""
     engine = build_engine(database_url, pool_size=2)
@@ -107,12 +112,19 @@ async def commit_events(database_url: str, count: int, *, batch: int,
             ids = []
             async with sessionmaker() as session, session.begin():
                 for _ in range(min(batch, count - first)):
-                    ids.append(await outbox.emit(
-                        session, outbox.CONNECTION_MODULES_CHANGED, tenant_id="bench-tenant",
-                        connection_id=uuid.uuid4(),
-                        data={"status": "connected", "accounting_link": "enabled",
-                              "modules": {"accounts_receivable": True,
-                                          "accounts_payable": False}}))
+                    ids.append(
+                        await outbox.emit(
+                            session,
+                            outbox.CONNECTION_MODULES_CHANGED,
+                            tenant_id="bench-tenant",
+                            connection_id=uuid.uuid4(),
+                            data={
+                                "status": "connected",
+                                "accounting_link": "enabled",
+                                "modules": {"accounts_receivable": True, "accounts_payable": False},
+                            },
+                        )
+                    )
             now = time.time()
             committed.update((str(i), now) for i in ids)
     finally:
@@ -121,34 +133,45 @@ async def commit_events(database_url: str, count: int, *, batch: int,
 
 
 def lags(committed: dict[str, float], got: list[dict[str, float]]) -> list[float]:
-    return [(seen[event_id] - at) * 1000 for seen in got for event_id, at in committed.items()
-            if event_id in seen]
+    return [
+        (seen[event_id] - at) * 1000 for seen in got for event_id, at in committed.items() if event_id in seen
+    ]
 
 
 async def run(args: argparse.Namespace, database_url: str) -> None:
     ports = [free_port() for _ in range(ENDPOINTS)]
-    receiver_servers = [Server(f"receiver{i}", uvicorn_command(
-        "webhook_delivery:create_receiver", port, app_dir=BENCH_DIR), port)
-        for i, port in enumerate(ports)]
+    receiver_servers = [
+        Server(
+            f"receiver{i}", uvicorn_command("webhook_delivery:create_receiver", port, app_dir=BENCH_DIR), port
+        )
+        for i, port in enumerate(ports)
+    ]
     broker_port = free_port()
-    broker = Server("broker", uvicorn_command("service.main:create_app", broker_port), broker_port,
-                    env=broker_env(database_url, public_url=f"http://127.0.0.1:{broker_port}",
-                                   emulator_url="http://127.0.0.1:9",
-                                   BROKER_BACKGROUND_ENABLED="true",
-                                   BROKER_WEBHOOK_ALLOW_PRIVATE="true",
-                                   BROKER_WEBHOOK_CONCURRENCY_PER_ENDPOINT=str(args.concurrency),
-                                   BROKER_DB_POOL_SIZE="10"))
+    broker = Server(
+        "broker",
+        uvicorn_command("service.main:create_app", broker_port),
+        broker_port,
+        env=broker_env(
+            database_url,
+            public_url=f"http://127.0.0.1:{broker_port}",
+            emulator_url="http://127.0.0.1:9",
+            BROKER_BACKGROUND_ENABLED="true",
+            BROKER_WEBHOOK_ALLOW_PRIVATE="true",
+            BROKER_WEBHOOK_CONCURRENCY_PER_ENDPOINT=str(args.concurrency),
+            BROKER_DB_POOL_SIZE="10",
+        ),
+    )
     key = await new_api_key(database_url, "webhooks:write")
     with running(*receiver_servers, broker):
-        async with httpx.AsyncClient(base_url=broker.url, timeout=30,
-                                     headers={"X-API-Key": key}) as http:
+        async with httpx.AsyncClient(base_url=broker.url, timeout=30, headers={"X-API-Key": key}) as http:
             for server in receiver_servers:
-                answer = await http.post("/webhook-endpoints",
-                                         json={"url": f"{server.url}/hooks"})
+                answer = await http.post("/webhook-endpoints", json={"url": f"{server.url}/hooks"})
                 answer.raise_for_status()
         rows = []
-        for name, count, batch, rate in [("(a) burst", args.events, args.batch, None),
-                                         ("(b) paced", args.paced, 1, args.rate)]:
+        for name, count, batch, rate in [
+            ("(a) burst", args.events, args.batch, None),
+            ("(b) paced", args.paced, 1, args.rate),
+        ]:
             cpu_before = broker.cpu_seconds()
             started = time.time()
             committed = await commit_events(database_url, count, batch=batch, rate=rate)
@@ -158,21 +181,42 @@ async def run(args: argparse.Namespace, database_url: str) -> None:
             last = max((max(g.values()) for g in got if g), default=started)
             cpu = broker.cpu_seconds() - cpu_before
             lag = lags(committed, got)
-            rows.append([name, count, batch, f"{count / committing:.0f}", delivered,
-                         f"{delivered / (last - started):.0f}",
-                         f"{percentile(lag, 50):.0f}", f"{percentile(lag, 99):.0f}",
-                         f"{max(lag, default=float('nan')):.0f}",
-                         f"{cpu * 1000 / max(delivered, 1):.2f}"])
-        print_table(f"webhook delivery to {ENDPOINTS} local endpoints (per-endpoint concurrency "
-                    f"{args.concurrency})",
-                    ["run", "events", "per txn", "events/s committed", "deliveries",
-                     "deliveries/s", "lag p50 ms", "lag p99 ms", "lag max ms",
-                     "broker CPU ms/delivery"], rows)
+            rows.append(
+                [
+                    name,
+                    count,
+                    batch,
+                    f"{count / committing:.0f}",
+                    delivered,
+                    f"{delivered / (last - started):.0f}",
+                    f"{percentile(lag, 50):.0f}",
+                    f"{percentile(lag, 99):.0f}",
+                    f"{max(lag, default=float('nan')):.0f}",
+                    f"{cpu * 1000 / max(delivered, 1):.2f}",
+                ]
+            )
+        print_table(
+            f"webhook delivery to {ENDPOINTS} local endpoints (per-endpoint concurrency {args.concurrency})",
+            [
+                "run",
+                "events",
+                "per txn",
+                "events/s committed",
+                "deliveries",
+                "deliveries/s",
+                "lag p50 ms",
+                "lag p99 ms",
+                "lag max ms",
+                "broker CPU ms/delivery",
+            ],
+            rows,
+        )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--events", type=int, default=10_000)
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--paced", type=int, default=2_000)

@@ -67,8 +67,7 @@ def sign(body: bytes) -> str:
     return base64.b64encode(hmac.new(TOKEN.encode(), body, hashlib.sha256).digest()).decode()
 
 
-def notifications(count: int, realms: list[str], *, repeat_share: float,
-                  unknown_share: float) -> list[bytes]:
+def notifications(count: int, realms: list[str], *, repeat_share: float, unknown_share: float) -> list[bytes]:
     """`count` bodies: half legacy, half CloudEvents; 1-3 changes each; some sent again."""
     rng = random.Random(7)  # noqa: S311 - test data
     bodies: list[bytes] = []
@@ -77,31 +76,56 @@ def notifications(count: int, realms: list[str], *, repeat_share: float,
         if bodies and rng.random() < repeat_share:
             bodies.append(rng.choice(bodies[-50:]))
             continue
-        realm = (f"55{rng.randrange(10**12):012d}" if rng.random() < unknown_share
-                 else rng.choice(realms))
+        realm = f"55{rng.randrange(10**12):012d}" if rng.random() < unknown_share else rng.choice(realms)
         changes = []
         for part in range(rng.randint(1, 3)):
             entity, operation = rng.choice(ENTITIES), rng.choice(list(VERBS))
             when = base + timedelta(seconds=index, milliseconds=part)
             changes.append((entity, str(index * 3 + part), operation, when))
         if index % 2:
-            document: Any = {"eventNotifications": [{"realmId": realm, "dataChangeEvent": {
-                "entities": [{"name": e, "id": i, "operation": o,
-                              "lastUpdated": w.isoformat(timespec="milliseconds")}
-                             for e, i, o, w in changes]}}]}
+            document: Any = {
+                "eventNotifications": [
+                    {
+                        "realmId": realm,
+                        "dataChangeEvent": {
+                            "entities": [
+                                {
+                                    "name": e,
+                                    "id": i,
+                                    "operation": o,
+                                    "lastUpdated": w.isoformat(timespec="milliseconds"),
+                                }
+                                for e, i, o, w in changes
+                            ]
+                        },
+                    }
+                ]
+            }
         else:
-            document = [{"specversion": "1.0", "id": str(uuid.uuid4()), "source": "intuit.bench",
-                         "type": f"qbo.{e.lower()}.{VERBS[o]}.v1", "time": w.isoformat(),
-                         "datacontenttype": "application/json", "intuitentityid": i,
-                         "intuitaccountid": realm, "data": {}} for e, i, o, w in changes]
+            document = [
+                {
+                    "specversion": "1.0",
+                    "id": str(uuid.uuid4()),
+                    "source": "intuit.bench",
+                    "type": f"qbo.{e.lower()}.{VERBS[o]}.v1",
+                    "time": w.isoformat(),
+                    "datacontenttype": "application/json",
+                    "intuitentityid": i,
+                    "intuitaccountid": realm,
+                    "data": {},
+                }
+                for e, i, o, w in changes
+            ]
         bodies.append(json.dumps(document).encode())
     return bodies
 
 
 # -- the load generator (this file run with --generate, in a process of its own) ---------------
 
-async def generate(base_url: str, bodies: list[bytes], *, rate: float, warmup: float,
-                   duration: float) -> dict[str, Any]:
+
+async def generate(
+    base_url: str, bodies: list[bytes], *, rate: float, warmup: float, duration: float
+) -> dict[str, Any]:
     signed = [(body, sign(body)) for body in bodies]
     total = int((warmup + duration) * rate)
     limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
@@ -118,8 +142,11 @@ async def generate(base_url: str, bodies: list[bytes], *, rate: float, warmup: f
             body, signature = signed[index % len(signed)]
             sent = time.perf_counter()
             try:
-                response = await client.post("/intuit/webhooks", content=body, headers={
-                    "content-type": "application/json", "intuit-signature": signature})
+                response = await client.post(
+                    "/intuit/webhooks",
+                    content=body,
+                    headers={"content-type": "application/json", "intuit-signature": signature},
+                )
                 status = response.status_code
             except httpx.HTTPError:
                 status = 0
@@ -131,12 +158,25 @@ async def generate(base_url: str, bodies: list[bytes], *, rate: float, warmup: f
 
         await asyncio.gather(*(one(i) for i in range(total)))
         seconds = time.perf_counter() - measure_from
-    return {"requests": len(scheduled_ms), "seconds": seconds, "statuses": statuses,
-            "scheduled_ms": scheduled_ms, "service_ms": service_ms}
+    return {
+        "requests": len(scheduled_ms),
+        "seconds": seconds,
+        "statuses": statuses,
+        "scheduled_ms": scheduled_ms,
+        "service_ms": service_ms,
+    }
 
 
-def run_wrk(base_url: str, bodies: list[bytes], tmp: Path, *, rate: float, warmup: float,
-            duration: float, connections: int) -> dict[str, Any]:
+def run_wrk(
+    base_url: str,
+    bodies: list[bytes],
+    tmp: Path,
+    *,
+    rate: float,
+    warmup: float,
+    duration: float,
+    connections: int,
+) -> dict[str, Any]:
     """wrk, paced to about `rate`: a warm-up at the nominal pause, then the measured run with
     the pause less the warm-up's median latency."""
     signed = tmp / "signed.tsv"
@@ -145,9 +185,24 @@ def run_wrk(base_url: str, bodies: list[bytes], tmp: Path, *, rate: float, warmu
 
     def once(seconds: float, pause_ms: float) -> dict[str, Any]:
         output = subprocess.run(
-            ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--timeout", "10s",
-             "-s", str(Path(__file__).with_name("signed_posts.lua")), base_url, "--",
-             str(signed), f"{pause_ms:.1f}"], check=True, capture_output=True, text=True).stdout
+            [
+                "wrk",
+                "-t1",
+                f"-c{connections}",
+                f"-d{max(1, round(seconds))}s",
+                "--timeout",
+                "10s",
+                "-s",
+                str(Path(__file__).with_name("signed_posts.lua")),
+                base_url,
+                "--",
+                str(signed),
+                f"{pause_ms:.1f}",
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
         line = next(x for x in output.splitlines() if x.startswith("WRK_JSON "))
         return dict(json.loads(line.removeprefix("WRK_JSON ")))
 
@@ -159,27 +214,47 @@ def run_wrk(base_url: str, bodies: list[bytes], tmp: Path, *, rate: float, warmu
     return measured
 
 
-def run_generator(base_url: str, bodies_file: Path, *, rate: float, warmup: float,
-                  duration: float) -> dict[str, Any]:
+def run_generator(
+    base_url: str, bodies_file: Path, *, rate: float, warmup: float, duration: float
+) -> dict[str, Any]:
     output = subprocess.run(
-        [sys.executable, __file__, "--generate", "--base-url", base_url, "--bodies",
-         str(bodies_file), "--rate", str(rate), "--warmup", str(warmup), "--duration",
-         str(duration)], check=True, capture_output=True, text=True).stdout
+        [
+            sys.executable,
+            __file__,
+            "--generate",
+            "--base-url",
+            base_url,
+            "--bodies",
+            str(bodies_file),
+            "--rate",
+            str(rate),
+            "--warmup",
+            str(warmup),
+            "--duration",
+            str(duration),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     return dict(json.loads(output.strip().splitlines()[-1]))
 
 
 # -- the benchmark -----------------------------------------------------------------------------
+
 
 def server_quantiles(metrics: str, quantiles: tuple[float, ...]) -> list[str]:
     """Upper bounds of the intake's latency as the broker measured it (request in to answer
     out), from its histogram buckets: "<= X ms" per quantile."""
     buckets: list[tuple[float, float]] = []
     for line in metrics.splitlines():
-        if (line.startswith("qbo_broker_http_request_seconds_bucket{")
-                and 'route="/intuit/webhooks"' in line and 'method="POST"' in line):
+        if (
+            line.startswith("qbo_broker_http_request_seconds_bucket{")
+            and 'route="/intuit/webhooks"' in line
+            and 'method="POST"' in line
+        ):
             bound = line.split('le="', 1)[1].split('"', 1)[0]
-            buckets.append((float("inf") if bound == "+Inf" else float(bound),
-                            float(line.rsplit(" ", 1)[1])))
+            buckets.append((float("inf") if bound == "+Inf" else float(bound), float(line.rsplit(" ", 1)[1])))
     buckets.sort()
     total = buckets[-1][1] if buckets else 0.0
     answers = []
@@ -195,42 +270,59 @@ async def processing_figures(database_url: str, *, within: float) -> dict[str, A
     try:
         deadline = time.monotonic() + within
         while time.monotonic() < deadline:
-            if not await conn.fetchval("SELECT count(*) FROM intuit_notifications "
-                                       "WHERE processed_at IS NULL"):
+            if not await conn.fetchval(
+                "SELECT count(*) FROM intuit_notifications WHERE processed_at IS NULL"
+            ):
                 break
             await asyncio.sleep(0.2)
-        lags = [row["lag"] * 1000 for row in await conn.fetch(
-            "SELECT extract(epoch FROM processed_at - received_at)::float8 AS lag "
-            "FROM intuit_notifications WHERE processed_at IS NOT NULL")]
-        outcomes = {row["key"]: row["n"] for row in await conn.fetch(
-            "SELECT key, sum(value::int) AS n FROM intuit_notifications, "
-            "jsonb_each_text(outcomes) GROUP BY key ORDER BY key")}
+        lags = [
+            row["lag"] * 1000
+            for row in await conn.fetch(
+                "SELECT extract(epoch FROM processed_at - received_at)::float8 AS lag "
+                "FROM intuit_notifications WHERE processed_at IS NOT NULL"
+            )
+        ]
+        outcomes = {
+            row["key"]: row["n"]
+            for row in await conn.fetch(
+                "SELECT key, sum(value::int) AS n FROM intuit_notifications, "
+                "jsonb_each_text(outcomes) GROUP BY key ORDER BY key"
+            )
+        }
         stored = await conn.fetchval("SELECT count(*) FROM intuit_notifications")
-        left = await conn.fetchval("SELECT count(*) FROM intuit_notifications "
-                                   "WHERE processed_at IS NULL")
-        events = await conn.fetchval("SELECT count(*) FROM events "
-                                     "WHERE type = 'quickbooks.entity_changed'")
+        left = await conn.fetchval("SELECT count(*) FROM intuit_notifications WHERE processed_at IS NULL")
+        events = await conn.fetchval("SELECT count(*) FROM events WHERE type = 'quickbooks.entity_changed'")
     finally:
         await conn.close()
     return {"lags": lags, "outcomes": outcomes, "stored": stored, "left": left, "events": events}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rate", type=float, default=200.0, help="notifications per second")
     parser.add_argument("--duration", type=float, default=20.0, help="measured seconds")
     parser.add_argument("--warmup", type=float, default=3.0, help="unmeasured seconds before")
     parser.add_argument("--companies", type=int, default=1000, help="connected companies")
-    parser.add_argument("--repeat-share", type=float, default=0.1,
-                        help="share of notifications that repeat an earlier one")
-    parser.add_argument("--unknown-share", type=float, default=0.05,
-                        help="share for companies the broker does not hold")
-    parser.add_argument("--client", choices=("auto", "wrk", "httpx"), default="auto",
-                        help="load generator (auto: wrk if installed, else httpx)")
+    parser.add_argument(
+        "--repeat-share", type=float, default=0.1, help="share of notifications that repeat an earlier one"
+    )
+    parser.add_argument(
+        "--unknown-share", type=float, default=0.05, help="share for companies the broker does not hold"
+    )
+    parser.add_argument(
+        "--client",
+        choices=("auto", "wrk", "httpx"),
+        default="auto",
+        help="load generator (auto: wrk if installed, else httpx)",
+    )
     parser.add_argument("--connections", type=int, default=8, help="wrk's connections")
-    parser.add_argument("--no-processor", action="store_true",
-                        help="intake only: the broker's background work (the processor) off")
+    parser.add_argument(
+        "--no-processor",
+        action="store_true",
+        help="intake only: the broker's background work (the processor) off",
+    )
     parser.add_argument("--generate", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--base-url", help=argparse.SUPPRESS)
     parser.add_argument("--bodies", type=Path, help=argparse.SUPPRESS)
@@ -243,8 +335,15 @@ def main() -> None:
         else:
             runner = uvloop.run  # type: ignore[assignment]
         bodies = [base64.b64decode(line) for line in args.bodies.read_text().split()]
-        print(json.dumps(runner(generate(args.base_url, bodies, rate=args.rate,
-                                         warmup=args.warmup, duration=args.duration))))
+        print(
+            json.dumps(
+                runner(
+                    generate(
+                        args.base_url, bodies, rate=args.rate, warmup=args.warmup, duration=args.duration
+                    )
+                )
+            )
+        )
         return
 
     with fresh_database() as database_url, tempfile.TemporaryDirectory() as tmp:
@@ -252,33 +351,45 @@ def main() -> None:
         asyncio.run(copy_connections(database_url, rows))
         realms = [row[3] for row in rows]
         total = int((args.warmup + args.duration) * args.rate)
-        bodies = notifications(total, realms, repeat_share=args.repeat_share,
-                               unknown_share=args.unknown_share)
+        bodies = notifications(
+            total, realms, repeat_share=args.repeat_share, unknown_share=args.unknown_share
+        )
         bodies_file = Path(tmp) / "bodies.txt"
         bodies_file.write_text("\n".join(base64.b64encode(b).decode() for b in bodies))
-        client = ("wrk" if shutil.which("wrk") else "httpx") if args.client == "auto" \
-            else args.client
+        client = ("wrk" if shutil.which("wrk") else "httpx") if args.client == "auto" else args.client
         port = free_port()
-        env = broker_env(database_url, public_url=f"http://127.0.0.1:{port}",
-                         emulator_url=UNUSED_INTUIT, INTUIT_WEBHOOK_VERIFIER_TOKENS=TOKEN,
-                         BROKER_BACKGROUND_ENABLED=str(not args.no_processor).lower(),
-                         BROKER_BACKGROUND_INTERVAL="3600")
+        env = broker_env(
+            database_url,
+            public_url=f"http://127.0.0.1:{port}",
+            emulator_url=UNUSED_INTUIT,
+            INTUIT_WEBHOOK_VERIFIER_TOKENS=TOKEN,
+            BROKER_BACKGROUND_ENABLED=str(not args.no_processor).lower(),
+            BROKER_BACKGROUND_INTERVAL="3600",
+        )
         broker = Server("broker", uvicorn_command("service.main:create_app", port), port, env=env)
         with running(broker):
-            print(f"load ({client}): {args.rate:g} notifications/s, {args.warmup:g} s warm-up, "
-                  f"{args.duration:g} s measured", flush=True)
+            print(
+                f"load ({client}): {args.rate:g} notifications/s, {args.warmup:g} s warm-up, "
+                f"{args.duration:g} s measured",
+                flush=True,
+            )
             cpu_before = broker.cpu_seconds()
             if client == "wrk":
-                load = run_wrk(broker.url, bodies, Path(tmp), rate=args.rate,
-                               warmup=args.warmup, duration=args.duration,
-                               connections=args.connections)
+                load = run_wrk(
+                    broker.url,
+                    bodies,
+                    Path(tmp),
+                    rate=args.rate,
+                    warmup=args.warmup,
+                    duration=args.duration,
+                    connections=args.connections,
+                )
             else:
-                load = run_generator(broker.url, bodies_file, rate=args.rate,
-                                     warmup=args.warmup, duration=args.duration)
-            server = server_quantiles(httpx.get(f"{broker.url}/metrics", timeout=30).text,
-                                      (0.5, 0.99))
-            processed = asyncio.run(processing_figures(
-                database_url, within=0 if args.no_processor else 60))
+                load = run_generator(
+                    broker.url, bodies_file, rate=args.rate, warmup=args.warmup, duration=args.duration
+                )
+            server = server_quantiles(httpx.get(f"{broker.url}/metrics", timeout=30).text, (0.5, 0.99))
+            processed = asyncio.run(processing_figures(database_url, within=0 if args.no_processor else 60))
             sent = load["sent"] if client == "wrk" else total
             cpu_ms = (broker.cpu_seconds() - cpu_before) * 1000 / max(sent, 1)
             memory = broker.memory_mb()
@@ -288,37 +399,84 @@ def main() -> None:
         p50, p99, worst = load["p50_ms"], load["p99_ms"], load["max_ms"]
         p50_send, p99_send = "-", "-"
         failed = load["non_2xx"] + load["socket_errors"]
-        note = (f"wrk, {args.connections} connections, each pausing {load['pause_ms']:.1f} ms "
-                "between its requests; latency from each request's send")
+        note = (
+            f"wrk, {args.connections} connections, each pausing {load['pause_ms']:.1f} ms "
+            "between its requests; latency from each request's send"
+        )
     else:
         scheduled, service = load["scheduled_ms"], load["service_ms"]
         rate = load["requests"] / load["seconds"]
-        p50, p99, worst = (percentile(scheduled, 50), percentile(scheduled, 99),
-                           max(scheduled))
+        p50, p99, worst = (percentile(scheduled, 50), percentile(scheduled, 99), max(scheduled))
         p50_send, p99_send = (f"{percentile(service, 50):.2f}", f"{percentile(service, 99):.2f}")
         failed = sum(v for k, v in load["statuses"].items() if k != "200")
         note = "httpx, open loop; latency from each request's scheduled time"
-    print(f"\n{args.companies} connected companies, one uvicorn worker "
-          f"{'without' if args.no_processor else 'with'} the processor; "
-          f"{total} notifications ({args.repeat_share:.0%} repeats, {args.unknown_share:.0%} "
-          f"unknown companies); load average at the end "
-          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(
+        f"\n{args.companies} connected companies, one uvicorn worker "
+        f"{'without' if args.no_processor else 'with'} the processor; "
+        f"{total} notifications ({args.repeat_share:.0%} repeats, {args.unknown_share:.0%} "
+        f"unknown companies); load average at the end "
+        f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}"
+    )
     print(f"generator: {note}")
-    print_table("Intake (POST /intuit/webhooks), measured part", [
-        "requests", "rate /s", "p50 ms", "p99 ms", "max ms", "p50 ms from send",
-        "p99 ms from send", "failed", "CPU ms/notification", "target p99", ""],
-        [[load["requests"], f"{rate:.0f}", f"{p50:.2f}", f"{p99:.2f}", f"{worst:.1f}", p50_send,
-          p99_send, failed, f"{cpu_ms:.2f}", f"<= {P99_TARGET_MS:g} ms",
-          verdict(p99 <= P99_TARGET_MS and not failed and rate >= 0.95 * args.rate)]])
+    print_table(
+        "Intake (POST /intuit/webhooks), measured part",
+        [
+            "requests",
+            "rate /s",
+            "p50 ms",
+            "p99 ms",
+            "max ms",
+            "p50 ms from send",
+            "p99 ms from send",
+            "failed",
+            "CPU ms/notification",
+            "target p99",
+            "",
+        ],
+        [
+            [
+                load["requests"],
+                f"{rate:.0f}",
+                f"{p50:.2f}",
+                f"{p99:.2f}",
+                f"{worst:.1f}",
+                p50_send,
+                p99_send,
+                failed,
+                f"{cpu_ms:.2f}",
+                f"<= {P99_TARGET_MS:g} ms",
+                verdict(p99 <= P99_TARGET_MS and not failed and rate >= 0.95 * args.rate),
+            ]
+        ],
+    )
     lags = processed["lags"]
-    print(f"as the broker measured it (request in to answer out, all notifications, histogram "
-          f"bucket bounds): p50 {server[0]} ms, p99 {server[1]} ms")
-    print_table("Processing (receipt to events committed), all notifications", [
-        "stored", "left unprocessed", "lag p50 ms", "lag p99 ms", "lag max ms",
-        "entity_changed events", "outcomes"],
-        [[processed["stored"], processed["left"], f"{percentile(lags, 50):.1f}",
-          f"{percentile(lags, 99):.1f}", f"{max(lags):.1f}" if lags else "-",
-          processed["events"], json.dumps(processed["outcomes"])]])
+    print(
+        f"as the broker measured it (request in to answer out, all notifications, histogram "
+        f"bucket bounds): p50 {server[0]} ms, p99 {server[1]} ms"
+    )
+    print_table(
+        "Processing (receipt to events committed), all notifications",
+        [
+            "stored",
+            "left unprocessed",
+            "lag p50 ms",
+            "lag p99 ms",
+            "lag max ms",
+            "entity_changed events",
+            "outcomes",
+        ],
+        [
+            [
+                processed["stored"],
+                processed["left"],
+                f"{percentile(lags, 50):.1f}",
+                f"{percentile(lags, 99):.1f}",
+                f"{max(lags):.1f}" if lags else "-",
+                processed["events"],
+                json.dumps(processed["outcomes"]),
+            ]
+        ],
+    )
     print(f"broker resident memory after the run: {memory[0]:.1f} MB (peak {memory[1]:.1f} MB)")
 
 

@@ -20,8 +20,11 @@ if TYPE_CHECKING:  # for annotations only: each command imports what it runs
 
 T = TypeVar("T")
 
-app = typer.Typer(no_args_is_help=True, add_completion=False,
-                  help="qbo-broker: cieTrade's OAuth 2.0 broker for QuickBooks Online.")
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    help="qbo-broker: cieTrade's OAuth 2.0 broker for QuickBooks Online.",
+)
 api_key_app = typer.Typer(no_args_is_help=True, help="Service API keys.")
 app.add_typer(api_key_app, name="api-key")
 webhook_app = typer.Typer(no_args_is_help=True, help="Endpoints that receive the broker's events.")
@@ -70,17 +73,22 @@ def _check_stored_key_ids(settings: Settings, url: str) -> None:
 
     missing = asyncio.run(run())
     if missing:
-        listed = ", ".join(f"{printable_key_id(kid)} ({count} secrets)"
-                           for kid, count in sorted(missing.items()))
-        _fail(f"the database holds secrets encrypted under key ids that BROKER_ENCRYPTION_KEYS "
-              f"does not have: {listed}. Add those keys to BROKER_ENCRYPTION_KEYS (after the one "
-              f"that encrypts); configured key ids: {', '.join(configured)}")
+        listed = ", ".join(
+            f"{printable_key_id(kid)} ({count} secrets)" for kid, count in sorted(missing.items())
+        )
+        _fail(
+            f"the database holds secrets encrypted under key ids that BROKER_ENCRYPTION_KEYS "
+            f"does not have: {listed}. Add those keys to BROKER_ENCRYPTION_KEYS (after the one "
+            f"that encrypts); configured key ids: {', '.join(configured)}"
+        )
 
 
 @app.command()
-def serve(host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
-          port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
-          workers: Annotated[int, typer.Option(min=1, help="Worker processes.")] = 1) -> None:
+def serve(
+    host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    workers: Annotated[int, typer.Option(min=1, help="Worker processes.")] = 1,
+) -> None:
     """Migrate to head (under an advisory lock, so replicas don't race), then serve."""
     import uvicorn
 
@@ -106,8 +114,17 @@ def serve(host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0
     os.environ["DATABASE_URL"] = url
     os.environ.setdefault("BROKER_METRICS_HOST", host)  # unset: the interface served
     # Request heads are bounded (service.core.httpserver): uvicorn's httptools would buffer any size.
-    uvicorn.run("service.main:create_app", factory=True, host=host, port=port, workers=workers,
-                proxy_headers=True, log_config=None, access_log=False, **server_options())
+    uvicorn.run(
+        "service.main:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        proxy_headers=True,
+        log_config=None,
+        access_log=False,
+        **server_options(),
+    )
 
 
 @app.command()
@@ -163,9 +180,11 @@ def _jwt_secret(settings: Settings) -> str | None:
 
 
 @app.command("dev-token")
-def dev_token(tenant: Annotated[str, typer.Option(help="tenant_id claim.")],
-              user: Annotated[str, typer.Option(help="sub claim: the cieTrade user id.")],
-              ttl: Annotated[int, typer.Option(help="Lifetime in seconds.")] = 12 * 3600) -> None:
+def dev_token(
+    tenant: Annotated[str, typer.Option(help="tenant_id claim.")],
+    user: Annotated[str, typer.Option(help="sub claim: the cieTrade user id.")],
+    ttl: Annotated[int, typer.Option(help="Lifetime in seconds.")] = 12 * 3600,
+) -> None:
     """Print a JWT signed with BROKER_JWT_SECRET (or `dev`'s secret)."""
     from service.auth.jwt import issue_dev_token
 
@@ -174,8 +193,16 @@ def dev_token(tenant: Annotated[str, typer.Option(help="tenant_id claim.")],
     if not secret:
         _fail("BROKER_JWT_SECRET is not set (and no dev secret exists under BROKER_DATA_DIR)")
         return
-    typer.echo(issue_dev_token(secret, tenant_id=tenant, user_id=user, ttl_seconds=ttl,
-                               issuer=settings.jwt_issuer, audience=settings.jwt_audience))
+    typer.echo(
+        issue_dev_token(
+            secret,
+            tenant_id=tenant,
+            user_id=user,
+            ttl_seconds=ttl,
+            issuer=settings.jwt_issuer,
+            audience=settings.jwt_audience,
+        )
+    )
 
 
 def _in_session(work: Callable[[AsyncSession], Awaitable[T]]) -> T:
@@ -196,9 +223,12 @@ def _in_session(work: Callable[[AsyncSession], Awaitable[T]]) -> T:
 
 
 @api_key_app.command("create")
-def api_key_create(name: Annotated[str, typer.Option(help="Who uses the key.")],
-                   scope: Annotated[list[str], typer.Option(
-                       help="status:read, tokens:read or connections:write (repeatable).")]) -> None:
+def api_key_create(
+    name: Annotated[str, typer.Option(help="Who uses the key.")],
+    scope: Annotated[
+        list[str], typer.Option(help="status:read, tokens:read or connections:write (repeatable).")
+    ],
+) -> None:
     """Create a key; the key itself is printed alone on the last line."""
     from service.auth.api_keys import create_api_key, validate_scopes
 
@@ -265,10 +295,11 @@ def _box(settings: Settings):  # type: ignore[no-untyped-def]
 
 @webhook_app.command("create")
 def webhook_create(
-        url: Annotated[str, typer.Option(help="https URL of a public host.")],
-        event_type: Annotated[list[str] | None, typer.Option(
-            help="Only this event type (repeatable); all when left out.")] = None,
-        tenant: Annotated[str | None, typer.Option(help="Only this tenant's events.")] = None,
+    url: Annotated[str, typer.Option(help="https URL of a public host.")],
+    event_type: Annotated[
+        list[str] | None, typer.Option(help="Only this event type (repeatable); all when left out.")
+    ] = None,
+    tenant: Annotated[str | None, typer.Option(help="Only this tenant's events.")] = None,
 ) -> None:
     """Register an endpoint; its signing secret is printed alone on the last line."""
     from pydantic import ValidationError
@@ -282,14 +313,16 @@ def webhook_create(
     box = _box(settings)
     try:
         body = WebhookEndpointCreate.model_validate(
-            {"url": url, "event_types": event_type or None, "tenant_id": tenant})
+            {"url": url, "event_types": event_type or None, "tenant_id": tenant}
+        )
     except ValidationError as exc:
         _fail("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()))
         return
 
     async def work(session):  # type: ignore[no-untyped-def]
-        return await webhooks.create(session, settings, box, body,
-                                     caller=Caller(kind="service", subject="cli"))
+        return await webhooks.create(
+            session, settings, box, body, caller=Caller(kind="service", subject="cli")
+        )
 
     try:
         endpoint, secret = _in_session(work)
@@ -307,8 +340,7 @@ def webhook_list() -> None:
     from service.webhooks import repository
 
     async def work(session):  # type: ignore[no-untyped-def]
-        return (await repository.list_endpoints(session, tenant_id=None, limit=1000,
-                                                cursor=None))[0]
+        return (await repository.list_endpoints(session, tenant_id=None, limit=1000, cursor=None))[0]
 
     for row in _in_session(work):
         state = f"disabled ({row.disabled_reason})" if row.disabled_at else "enabled"
@@ -335,8 +367,7 @@ def webhook_delete(endpoint_id: Annotated[str, typer.Argument(help="The endpoint
 
 
 @webhook_app.command("rotate-secret")
-def webhook_rotate_secret(
-        endpoint_id: Annotated[str, typer.Argument(help="The endpoint's id.")]) -> None:
+def webhook_rotate_secret(endpoint_id: Annotated[str, typer.Argument(help="The endpoint's id.")]) -> None:
     """A new signing secret, printed alone on the last line; the old one signs too for 24 h."""
     from service.core.errors import NotFound
     from service.webhooks import service as webhooks
@@ -346,7 +377,8 @@ def webhook_rotate_secret(
 
     async def work(session):  # type: ignore[no-untyped-def]
         return await webhooks.rotate_secret(
-            session, box, await webhooks.load(session, ident, for_update=True))
+            session, box, await webhooks.load(session, ident, for_update=True)
+        )
 
     try:
         secret, expires = _in_session(work)
@@ -360,7 +392,8 @@ def webhook_rotate_secret(
 
 @app.command("rotate-keys")
 def rotate_keys_command(
-        batch: Annotated[int, typer.Option(min=1, help="Rows per transaction.")] = 200) -> None:
+    batch: Annotated[int, typer.Option(min=1, help="Rows per transaction.")] = 200,
+) -> None:
     """Re-encrypt every stored secret under the first key of BROKER_ENCRYPTION_KEYS."""
     from service.core.crypto import SecretBox
     from service.core.db.engine import build_engine, build_sessionmaker
@@ -387,9 +420,11 @@ def rotate_keys_command(
 
 
 @app.command()
-def dev(port: Annotated[int, typer.Option(help="The broker's port.")] = 8000,
-        emulator_port: Annotated[int, typer.Option(help="The Intuit emulator's port.")] = 9100,
-        host: Annotated[str, typer.Option(help="Interface for both.")] = "127.0.0.1") -> None:
+def dev(
+    port: Annotated[int, typer.Option(help="The broker's port.")] = 8000,
+    emulator_port: Annotated[int, typer.Option(help="The Intuit emulator's port.")] = 9100,
+    host: Annotated[str, typer.Option(help="Interface for both.")] = "127.0.0.1",
+) -> None:
     """Embedded PostgreSQL + the local Intuit emulator + the broker, wired together."""
     from service.devserver import run_dev
 
@@ -398,7 +433,8 @@ def dev(port: Annotated[int, typer.Option(help="The broker's port.")] = 8000,
 
 @app.command()
 def openapi(
-        output: Annotated[Path | None, typer.Option(help="Write here instead of stdout.")] = None) -> None:
+    output: Annotated[Path | None, typer.Option(help="Write here instead of stdout.")] = None,
+) -> None:
     """Print the OpenAPI document the app serves, as YAML (openapi.yaml is this output)."""
     from service.main import openapi_yaml
 

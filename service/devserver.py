@@ -75,8 +75,7 @@ def _prepare_environment(host: str, port: int, emulator_port: int) -> Path:
         "BROKER_ENCRYPTION_KEYS": "dev:" + dev_secret(data_dir / "dev-encryption-key", generate_key()),
         "BROKER_JWT_SECRET": dev_secret(data_dir / "dev-jwt-secret", new_secret()),
         # The emulator signs its webhooks with this; the broker verifies them with it.
-        "INTUIT_WEBHOOK_VERIFIER_TOKENS": dev_secret(data_dir / "dev-intuit-webhook-token",
-                                                     new_secret()),
+        "INTUIT_WEBHOOK_VERIFIER_TOKENS": dev_secret(data_dir / "dev-intuit-webhook-token", new_secret()),
         # Local receivers (plain http, this machine) may get webhooks.
         "BROKER_WEBHOOK_ALLOW_PRIVATE": "true",
     }
@@ -97,8 +96,7 @@ async def _dev_api_key(data_dir: Path, database_url: str) -> str:
     try:
         async with build_sessionmaker(engine)() as session, session.begin():
             # A key saved by an older version lacks newer scopes: make a new one then.
-            row = (await find_active_key(session, saved.read_text().strip())
-                   if saved.is_file() else None)
+            row = await find_active_key(session, saved.read_text().strip()) if saved.is_file() else None
             if row is not None and set(every_scope) <= set(row.scopes):
                 return saved.read_text().strip()
             _, key = await create_api_key(session, name="dev", scopes=every_scope)
@@ -131,24 +129,34 @@ def run_dev(*, host: str, port: int, emulator_port: int) -> None:
     assert settings.jwt_secret is not None
     jwt = issue_dev_token(settings.jwt_secret, tenant_id=DEV_TENANT, user_id=DEV_USER)
 
-    emulator = create_emulator(EmulatorSettings(
-        public_url=f"http://{host}:{emulator_port}", client_id=DEV_CLIENT_ID,
-        client_secret=DEV_CLIENT_SECRET, redirect_uris=[settings.redirect_uri],
-        state_file=str(data_dir / "emulator-state.json"),
-        # Intuit's webhooks of data changes go to the dev broker, signed with its first token.
-        webhook_url=f"http://{host}:{port}/intuit/webhooks",
-        webhook_verifier_token=next(iter(settings.intuit_webhook_verifier_tokens), None)))
-    emulator_server = uvicorn.Server(uvicorn.Config(emulator, host=host, port=emulator_port,
-                                                    log_config=None, access_log=False))
+    emulator = create_emulator(
+        EmulatorSettings(
+            public_url=f"http://{host}:{emulator_port}",
+            client_id=DEV_CLIENT_ID,
+            client_secret=DEV_CLIENT_SECRET,
+            redirect_uris=[settings.redirect_uri],
+            state_file=str(data_dir / "emulator-state.json"),
+            # Intuit's webhooks of data changes go to the dev broker, signed with its first token.
+            webhook_url=f"http://{host}:{port}/intuit/webhooks",
+            webhook_verifier_token=next(iter(settings.intuit_webhook_verifier_tokens), None),
+        )
+    )
+    emulator_server = uvicorn.Server(
+        uvicorn.Config(emulator, host=host, port=emulator_port, log_config=None, access_log=False)
+    )
     broker = create_app(settings)
     jwt_secret = settings.jwt_secret
     install_integration_page(
-        broker, lambda user: issue_dev_token(jwt_secret, tenant_id=DEV_TENANT, user_id=user),
-        default_user=DEV_USER)
+        broker,
+        lambda user: issue_dev_token(jwt_secret, tenant_id=DEV_TENANT, user_id=user),
+        default_user=DEV_USER,
+    )
     # serve's protocol: bounded request heads, and open event streams ended at shutdown.
-    broker_server = uvicorn.Server(uvicorn.Config(broker, host=host, port=port, log_config=None,
-                                                  access_log=False, **server_options()))
-    print(f"""
+    broker_server = uvicorn.Server(
+        uvicorn.Config(broker, host=host, port=port, log_config=None, access_log=False, **server_options())
+    )
+    print(
+        f"""
 qbo-broker dev is starting.
 
   Swagger UI        http://localhost:{port}/docs
@@ -166,7 +174,9 @@ qbo-broker dev is starting.
   Try: POST /connections; POST /connections/{{id}}/authorize with
   {{"return_url": "http://localhost:{port}/docs"}}; open authorization_url and Connect; back on
   /docs, copy completion_ticket from the address bar into POST /connections/{{id}}/complete.
-""", flush=True)
+""",
+        flush=True,
+    )
 
     async def serve_all() -> None:
         await asyncio.gather(_as_emulator_server(emulator_server.serve()), broker_server.serve())

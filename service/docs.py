@@ -80,10 +80,11 @@ def install_docs(app: FastAPI, settings: Settings) -> None:
         media_type = ASSETS.get(name)
         if media_type is None:
             raise HTTPException(404)
-        return FileResponse(directory / name, media_type=media_type,
-                            headers={"Cache-Control": _ASSET_CACHE,
-                                     "X-Content-Type-Options": "nosniff"})
+        return FileResponse(
+            directory / name,
+            media_type=media_type,
+            headers={"Cache-Control": _ASSET_CACHE, "X-Content-Type-Options": "nosniff"},
+        )
 
     app.add_route(DOCS_PATH, swagger_ui, methods=["GET"], include_in_schema=False)
     app.add_route(f"{assets}/{{name}}", asset, methods=["GET"], include_in_schema=False)
-

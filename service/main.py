@@ -55,7 +55,8 @@ def _document_problems(app: FastAPI) -> None:
         if app.openapi_schema is None:
             schema = build()
             schema.setdefault("components", {}).setdefault("schemas", {})["Problem"] = (
-                Problem.model_json_schema())
+                Problem.model_json_schema()
+            )
             app.openapi_schema = schema
         return app.openapi_schema
 
@@ -71,17 +72,26 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.state.runtime = runtime
             app.state.sessionmaker = runtime.sessionmaker
             runtime.meter.start()  # flushes, and the budget gauges, even before the first call
-            streams = StreamHub(asyncpg_dsn(runtime.database_url), runtime.reads, channel=outbox.CHANNEL,
-                                queue_size=settings.stream_queue_size,
-                                max_streams=settings.streams_max,
-                                max_streams_per_tenant=settings.streams_per_tenant)
+            streams = StreamHub(
+                asyncpg_dsn(runtime.database_url),
+                runtime.reads,
+                channel=outbox.CHANNEL,
+                queue_size=settings.stream_queue_size,
+                max_streams=settings.streams_max,
+                max_streams_per_tenant=settings.streams_per_tenant,
+            )
             await streams.start()
             app.state.streams = streams
-            gateway = app.state.gateway = Gateway(settings, runtime.refresher,
-                                                  RealmThrottle(settings, runtime.reads),
-                                                  meter=runtime.meter, classify=metering.classify)
-            stop_metrics = (await ops.serve_metrics(app.state, settings)
-                            if settings.metrics_port is not None else None)
+            gateway = app.state.gateway = Gateway(
+                settings,
+                runtime.refresher,
+                RealmThrottle(settings, runtime.reads),
+                meter=runtime.meter,
+                classify=metering.classify,
+            )
+            stop_metrics = (
+                await ops.serve_metrics(app.state, settings) if settings.metrics_port is not None else None
+            )
             worker = BackgroundWorker(runtime) if settings.background_enabled else None
             if worker is not None:
                 worker.start()
@@ -135,17 +145,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(ErrorBoundary)
     if settings.cors_origins:
         # Credentials only in cookie mode, where authorize sets the browser-binding cookie.
-        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
-                           allow_credentials=settings.connect_binding == "cookie",
-                           allow_methods=["GET", "POST", "PATCH", "DELETE"],
-                           allow_headers=["Authorization", "Content-Type", "X-Request-ID",
-                                          "Last-Event-ID"],
-                           expose_headers=["X-Request-ID", "Retry-After", "X-Stream-Resumed"],
-                           max_age=600)
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_credentials=settings.connect_binding == "cookie",
+            allow_methods=["GET", "POST", "PATCH", "DELETE"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-ID", "Last-Event-ID"],
+            expose_headers=["X-Request-ID", "Retry-After", "X-Stream-Resumed"],
+            max_age=600,
+        )
     # The gateway streams bodies up to a limit of its own (BROKER_QUICKBOOKS_MAX_BODY_BYTES), and
     # Intuit's webhooks have theirs (2 MB).
-    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes,
-                       own_limits=OWN_BODY_LIMITS)
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes, own_limits=OWN_BODY_LIMITS)
     app.add_middleware(RequestContextMiddleware)
     return app
 

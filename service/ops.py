@@ -92,26 +92,31 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="Readiness: database reachable and migrations at head",
-            responses={503: {"content": {"application/json": {}}}})
+@router.get(
+    "/readyz",
+    summary="Readiness: database reachable and migrations at head",
+    responses={503: {"content": {"application/json": {}}}},
+)
 async def readyz(rt: RuntimeDep) -> JSONResponse:
     try:
         async with asyncio.timeout(3):
             async with rt.engine.connect() as conn:
-                current = (await conn.execute(sa.text("SELECT version_num FROM alembic_version"))
-                           ).scalar_one_or_none()
+                current = (
+                    await conn.execute(sa.text("SELECT version_num FROM alembic_version"))
+                ).scalar_one_or_none()
     except Exception as exc:  # any failure to reach the database means "not ready"
         log.warning("readiness: database not reachable: %s", type(exc).__name__)
         return JSONResponse({"status": "unavailable", "database": "unreachable"}, status_code=503)
     head = head_revision()
     if current != head:
-        return JSONResponse({"status": "unavailable", "database": "ok", "migration": current,
-                             "expected_migration": head}, status_code=503)
+        return JSONResponse(
+            {"status": "unavailable", "database": "ok", "migration": current, "expected_migration": head},
+            status_code=503,
+        )
     return JSONResponse({"status": "ok", "database": "ok", "migration": current})
 
 
-@router.get("/metrics", summary="Prometheus metrics",
-            responses={200: {"content": {"text/plain": {}}}})
+@router.get("/metrics", summary="Prometheus metrics", responses={200: {"content": {"text/plain": {}}}})
 async def metrics(request: Request, rt: RuntimeDep) -> Response:
     if rt.settings.metrics_port is not None:  # served on the metrics port instead
         raise NotFound("Not found.")
@@ -154,8 +159,9 @@ async def serve_metrics(state: State, settings: Settings) -> Callable[[], Awaita
     host = settings.metrics_host or "127.0.0.1"
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.create_server((host, settings.metrics_port), family=family)
-    config = uvicorn.Config(MetricsApp(state), log_config=None, access_log=False, lifespan="off",
-                            **server_options())
+    config = uvicorn.Config(
+        MetricsApp(state), log_config=None, access_log=False, lifespan="off", **server_options()
+    )
     server = _EmbeddedServer(config)
     task = asyncio.create_task(server.serve(sockets=[sock]), name="qbo-broker-metrics-server")
     while not server.started and not task.done():  # noqa: ASYNC110 (uvicorn has no startup event)

@@ -48,8 +48,9 @@ def database_url_for(settings: Settings) -> str:
 
 
 @asynccontextmanager
-async def build_runtime(settings: Settings, *, database_url: str | None = None,
-                        change_feed: bool = True) -> AsyncIterator[Runtime]:
+async def build_runtime(
+    settings: Settings, *, database_url: str | None = None, change_feed: bool = True
+) -> AsyncIterator[Runtime]:
     """Everything a broker process needs, opened in order and closed in reverse. Without the
     change feed, the caches stay off (every read goes to PostgreSQL): for one-off work that
     does not serve requests."""
@@ -73,13 +74,25 @@ async def build_runtime(settings: Settings, *, database_url: str | None = None,
         locks = RefreshLocks(dsn)
         stack.push_async_callback(locks.close)
         box = SecretBox(settings.parsed_encryption_keys)
-        refresher = TokenRefresher(settings, reads, intuit, box, locks, caches,
-                                   watch=feed.watching if feed is not None else None)
+        refresher = TokenRefresher(
+            settings, reads, intuit, box, locks, caches, watch=feed.watching if feed is not None else None
+        )
         stack.push_async_callback(refresher.aclose)  # first to close: refreshes finish first
-        yield Runtime(settings=settings, database_url=url, engine=engine,
-                      sessionmaker=build_sessionmaker(engine, caches), reads=reads, caches=caches,
-                      feed=feed, intuit=intuit, box=box, locks=locks, refresher=refresher,
-                      jwt_verifier=JWTVerifier(settings), meter=meter)
+        yield Runtime(
+            settings=settings,
+            database_url=url,
+            engine=engine,
+            sessionmaker=build_sessionmaker(engine, caches),
+            reads=reads,
+            caches=caches,
+            feed=feed,
+            intuit=intuit,
+            box=box,
+            locks=locks,
+            refresher=refresher,
+            jwt_verifier=JWTVerifier(settings),
+            meter=meter,
+        )
 
 
 async def get_runtime(request: Request) -> Runtime:

@@ -64,14 +64,18 @@ class BackgroundWorker:
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
         self._notifications = NotificationProcessor(
-            asyncpg_dsn(runtime.database_url), runtime.sessionmaker,
-            poll_seconds=runtime.settings.background_interval_seconds)
+            asyncpg_dsn(runtime.database_url),
+            runtime.sessionmaker,
+            poll_seconds=runtime.settings.background_interval_seconds,
+        )
 
         # Webhooks go out from a task of their own, woken by each event's commit rather than on
         # this worker's interval.
-        self._sender = (WebhookSender(runtime.settings, runtime.reads, runtime.box,
-                                      dsn=asyncpg_dsn(runtime.database_url))
-                        if runtime.settings.webhook_delivery_enabled else None)
+        self._sender = (
+            WebhookSender(runtime.settings, runtime.reads, runtime.box, dsn=asyncpg_dsn(runtime.database_url))
+            if runtime.settings.webhook_delivery_enabled
+            else None
+        )
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="qbo-broker-background")
@@ -124,30 +128,36 @@ class BackgroundWorker:
         return done
 
 
-def due_connections_query(*, now: datetime, include_access: bool, limit: int,
-                          key_ids: Sequence[str] | None = None) -> sa.Select:  # type: ignore[type-arg]
+def due_connections_query(
+    *, now: datetime, include_access: bool, limit: int, key_ids: Sequence[str] | None = None
+) -> sa.Select:  # type: ignore[type-arg]
     """Connections whose refresh token is old or near its end (or, optionally, whose access
     token is about to expire). Each branch is served by a partial index on connected rows.
     With key_ids, only connections whose tokens are sealed under one of them."""
     # 'connected' as a literal, not a parameter: a generic plan could not use the partial indexes.
     connected = sa.text("status = 'connected'")
-    readable = (sa.func.split_part(C.refresh_token, ".", 1).in_(key_ids) if key_ids is not None
-                else sa.true())
-    keepalive = (sa.select(C.id).where(connected, C.keepalive_due_at <= now, readable)
-                 .order_by(C.keepalive_due_at).limit(limit))
+    readable = sa.func.split_part(C.refresh_token, ".", 1).in_(key_ids) if key_ids is not None else sa.true()
+    keepalive = (
+        sa.select(C.id)
+        .where(connected, C.keepalive_due_at <= now, readable)
+        .order_by(C.keepalive_due_at)
+        .limit(limit)
+    )
     if not include_access:
         return keepalive
-    access = (sa.select(C.id).where(connected, C.access_token_expires_at <= now + ACCESS_TOKEN_LEAD,
-                                    readable)
-              .order_by(C.access_token_expires_at).limit(limit))
+    access = (
+        sa.select(C.id)
+        .where(connected, C.access_token_expires_at <= now + ACCESS_TOKEN_LEAD, readable)
+        .order_by(C.access_token_expires_at)
+        .limit(limit)
+    )
     return sa.union(keepalive, access).limit(limit)  # type: ignore[return-value]
 
 
 def _row_failed(task: str, row_id: object, exc: Exception) -> None:
     """Log (by id and error type only: no secret is in either) and count one row's failure."""
     reason = "undecryptable" if isinstance(exc, DecryptionError) else "error"
-    log.error("background %s of %s failed (%s); retried on a later pass", task, row_id,
-              type(exc).__name__)
+    log.error("background %s of %s failed (%s); retried on a later pass", task, row_id, type(exc).__name__)
     BACKGROUND_ROW_ERRORS.labels(task, reason).inc()
 
 
@@ -156,9 +166,18 @@ async def keep_alive(rt: Runtime, *, limit: int = 500) -> int:
     connection's lock and re-checks, so one another replica just refreshed is not refreshed
     again."""
     async with rt.sessionmaker() as session:
-        ids: list[uuid.UUID] = list((await session.execute(due_connections_query(
-            now=datetime.now(UTC), include_access=rt.settings.keepalive_refresh_access_tokens,
-            limit=limit, key_ids=rt.box.key_ids))).scalars())
+        ids: list[uuid.UUID] = list(
+            (
+                await session.execute(
+                    due_connections_query(
+                        now=datetime.now(UTC),
+                        include_access=rt.settings.keepalive_refresh_access_tokens,
+                        limit=limit,
+                        key_ids=rt.box.key_ids,
+                    )
+                )
+            ).scalars()
+        )
     if not ids:
         return 0
     gate = asyncio.Semaphore(rt.settings.keepalive_concurrency)
@@ -184,15 +203,21 @@ async def expire_pending_links(rt: Runtime, *, batch: int = 50) -> int:
     """Pending links older than 10 minutes: revoke their grants at Intuit and discard them.
     Each in a savepoint of its own: one that fails is left as it was for a later pass, and the
     pass goes on past it (in expiry order, batch by batch)."""
-    readable = sa.and_(sa.func.split_part(P.access_token, ".", 1).in_(rt.box.key_ids),
-                       sa.func.split_part(P.refresh_token, ".", 1).in_(rt.box.key_ids))
+    readable = sa.and_(
+        sa.func.split_part(P.access_token, ".", 1).in_(rt.box.key_ids),
+        sa.func.split_part(P.refresh_token, ".", 1).in_(rt.box.key_ids),
+    )
     expired = 0
     after: tuple[datetime, uuid.UUID] | None = None
     while True:
         async with transaction(rt.sessionmaker) as session:
-            stmt = (sa.select(PendingLink).where(P.expires_at <= sa.func.now(), readable)
-                    .order_by(P.expires_at, P.connection_id).limit(batch)
-                    .with_for_update(skip_locked=True))
+            stmt = (
+                sa.select(PendingLink)
+                .where(P.expires_at <= sa.func.now(), readable)
+                .order_by(P.expires_at, P.connection_id)
+                .limit(batch)
+                .with_for_update(skip_locked=True)
+            )
             if after is not None:
                 stmt = stmt.where(sa.tuple_(P.expires_at, P.connection_id) > sa.tuple_(*after))
             rows = list((await session.execute(stmt)).scalars())
@@ -211,8 +236,9 @@ async def _expire_one(session: AsyncSession, rt: Runtime, pending: PendingLink) 
             conn = await repo.get_connection(session, connection_id, for_update=True)
             if conn is None:
                 return False  # deleted meanwhile; the cascade removes the pending link
-            await discard_pending_link(session, rt, conn, pending, event="pending_link_expired",
-                                       actor="broker")
+            await discard_pending_link(
+                session, rt, conn, pending, event="pending_link_expired", actor="broker"
+            )
     except Exception as exc:
         _row_failed("pending_link", connection_id, exc)
         return False
@@ -251,7 +277,11 @@ async def report_unknown_keys(rt: Runtime) -> int:
     for task, kid, count in rows:
         total += count
         BACKGROUND_ROW_ERRORS.labels(task, "unknown_key").inc(count)
-        log.error("%d due %s rows are sealed under encryption key id %r, which "
-                  "BROKER_ENCRYPTION_KEYS here lacks; left for a replica that has it", count, task,
-                  printable_key_id(kid))
+        log.error(
+            "%d due %s rows are sealed under encryption key id %r, which "
+            "BROKER_ENCRYPTION_KEYS here lacks; left for a replica that has it",
+            count,
+            task,
+            printable_key_id(kid),
+        )
     return total

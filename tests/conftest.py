@@ -35,16 +35,17 @@ TENANT = "tenant-a"
 # Seeded by the emulator.
 COMPANY_1 = "9341452988354102"
 COMPANY_2 = "9341452988354203"
-ALICE, BOB, CAROL, DAVE = ("alice@example.com", "bob@example.com", "carol@example.com",
-                           "dave@example.com")
+ALICE, BOB, CAROL, DAVE = ("alice@example.com", "bob@example.com", "carol@example.com", "dave@example.com")
 
 
 @pytest.fixture(scope="session")
 def database_url() -> Iterator[str]:
     # A directory of our own (not pytest's tmp tree, which concurrent runs prune): the embedded
     # server runs as another system user when the tests run as root, and must reach it.
-    with tempfile.TemporaryDirectory(prefix="qbo-test-pg-") as pg_dir, \
-            database.postgres_server(Path(pg_dir)) as admin:
+    with (
+        tempfile.TemporaryDirectory(prefix="qbo-test-pg-") as pg_dir,
+        database.postgres_server(Path(pg_dir)) as admin,
+    ):
         url = asyncio.run(database.create_database(admin))
         upgrade_to_head(url)  # the real migrations, as in production
         yield url
@@ -91,10 +92,17 @@ def stack(database_url: str) -> Iterator[Stack]:
     broker_port, emulator_port, cookie_port = free_port(), free_port(), free_port()
     emulator_url = f"http://127.0.0.1:{emulator_port}"
     settings = broker_settings(database_url, broker_port, emulator_url)
-    emulator = ThreadedServer(create_emulator(EmulatorSettings(
-        public_url=emulator_url, client_id=CLIENT_ID, client_secret=CLIENT_SECRET,
-        redirect_uris=[settings.redirect_uri, f"http://127.0.0.1:{cookie_port}/callback"])),
-        emulator_port).start()
+    emulator = ThreadedServer(
+        create_emulator(
+            EmulatorSettings(
+                public_url=emulator_url,
+                client_id=CLIENT_ID,
+                client_secret=CLIENT_SECRET,
+                redirect_uris=[settings.redirect_uri, f"http://127.0.0.1:{cookie_port}/callback"],
+            )
+        ),
+        emulator_port,
+    ).start()
     broker = ThreadedServer(create_app(settings), broker_port).start()
     yield Stack(broker.url, emulator.url, database_url, settings, cookie_port)
     broker.stop()
@@ -105,8 +113,9 @@ def stack(database_url: str) -> Iterator[Stack]:
 def cookie_broker(stack: Stack) -> Iterator[str]:
     """A second broker on the same database and emulator, with BROKER_CONNECT_BINDING=cookie
     (the broker on the frontend's own site); its URL."""
-    settings = broker_settings(stack.database_url, stack.cookie_broker_port, stack.emulator_url,
-                               BROKER_CONNECT_BINDING="cookie")
+    settings = broker_settings(
+        stack.database_url, stack.cookie_broker_port, stack.emulator_url, BROKER_CONNECT_BINDING="cookie"
+    )
     broker = ThreadedServer(create_app(settings), stack.cookie_broker_port).start()
     yield broker.url
     broker.stop()
@@ -157,27 +166,39 @@ def service_headers(stack: Stack) -> Callable[..., Awaitable[dict[str, str]]]:
 def connect(client: httpx.AsyncClient) -> Callable[..., Awaitable[CallbackResult]]:
     """Authorize a connection and walk Intuit's pages as the given QuickBooks user."""
 
-    async def run(connection_id: str, *, email: str = ALICE, realm_id: str | None = COMPANY_1,
-                  user: str = "user-1", tenant: str = TENANT, force: bool = False,
-                  return_url: str | None = RETURN_URL, decision: str = "allow",
-                  connect_anyway: bool = False) -> CallbackResult:
+    async def run(
+        connection_id: str,
+        *,
+        email: str = ALICE,
+        realm_id: str | None = COMPANY_1,
+        user: str = "user-1",
+        tenant: str = TENANT,
+        force: bool = False,
+        return_url: str | None = RETURN_URL,
+        decision: str = "allow",
+        connect_anyway: bool = False,
+    ) -> CallbackResult:
         body: dict[str, Any] = {"force": force}
         if return_url:
             body["return_url"] = return_url
         headers = user_headers(tenant, user)
-        started = await client.post(f"/connections/{connection_id}/authorize", json=body,
-                                    headers=headers)
+        started = await client.post(f"/connections/{connection_id}/authorize", json=body, headers=headers)
         assert started.status_code == 200, started.text
-        result = await sign_in_and_decide(started.json()["authorization_url"], email=email,
-                                          realm_id=realm_id, decision=decision,
-                                          connect_anyway=connect_anyway)
+        result = await sign_in_and_decide(
+            started.json()["authorization_url"],
+            email=email,
+            realm_id=realm_id,
+            decision=decision,
+            connect_anyway=connect_anyway,
+        )
         return await finish_connect(client, result, headers)
 
     return run
 
 
-async def finish_connect(client: httpx.AsyncClient, result: CallbackResult,
-                         headers: dict[str, str]) -> CallbackResult:
+async def finish_connect(
+    client: httpx.AsyncClient, result: CallbackResult, headers: dict[str, str]
+) -> CallbackResult:
     """What the frontend does when the callback hands back a completion ticket: redeem it as the
     user who started Connect. `params` then reads as the callback's did before tickets:
     `result` connected / confirmation_required / error (with `error`, the problem's code)."""
@@ -185,8 +206,11 @@ async def finish_connect(client: httpx.AsyncClient, result: CallbackResult,
         return result
     result.callback_params = dict(result.params)
     ticket = result.params["completion_ticket"]
-    completed = await client.post(f"/connections/{result.params['connection_id']}/complete",
-                                  json={"completion_ticket": ticket}, headers=headers)
+    completed = await client.post(
+        f"/connections/{result.params['connection_id']}/complete",
+        json={"completion_ticket": ticket},
+        headers=headers,
+    )
     result.completion = completed
     params = {"connection_id": result.params["connection_id"]}
     if completed.status_code == 200:
@@ -203,20 +227,30 @@ def cookie_connect(cookie_broker: str) -> Callable[..., Awaitable[CallbackResult
     """As `connect`, against the cookie-mode broker: authorize sets the browser-binding cookie,
     and the same browser carries it to the callback (`with_cookie=False`: another browser)."""
 
-    async def run(connection_id: str, *, email: str = ALICE, realm_id: str | None = COMPANY_1,
-                  user: str = "user-1", tenant: str = TENANT, return_url: str | None = RETURN_URL,
-                  with_cookie: bool = True, force: bool = False) -> CallbackResult:
+    async def run(
+        connection_id: str,
+        *,
+        email: str = ALICE,
+        realm_id: str | None = COMPANY_1,
+        user: str = "user-1",
+        tenant: str = TENANT,
+        return_url: str | None = RETURN_URL,
+        with_cookie: bool = True,
+        force: bool = False,
+    ) -> CallbackResult:
         body: dict[str, Any] = {"force": force}
         if return_url:
             body["return_url"] = return_url
         async with httpx.AsyncClient(base_url=cookie_broker, timeout=30) as http:
-            started = await http.post(f"/connections/{connection_id}/authorize", json=body,
-                                      headers=user_headers(tenant, user))
+            started = await http.post(
+                f"/connections/{connection_id}/authorize", json=body, headers=user_headers(tenant, user)
+            )
         assert started.status_code == 200, started.text
         name, _, rest = started.headers["set-cookie"].partition("=")
         cookies = {name: rest.split(";")[0]} if with_cookie else None
-        result = await sign_in_and_decide(started.json()["authorization_url"], email=email,
-                                          realm_id=realm_id, cookies=cookies)
+        result = await sign_in_and_decide(
+            started.json()["authorization_url"], email=email, realm_id=realm_id, cookies=cookies
+        )
         result.headers.setdefault("x-authorize-set-cookie", started.headers["set-cookie"])
         return result
 
@@ -233,11 +267,11 @@ def new_connection(client: httpx.AsyncClient) -> Callable[..., Awaitable[dict[st
     return make
 
 
-
-
 @pytest.fixture
-def linked(new_connection: Callable[..., Awaitable[dict[str, Any]]],
-           connect: Callable[..., Awaitable[CallbackResult]]) -> Callable[..., Awaitable[str]]:
+def linked(
+    new_connection: Callable[..., Awaitable[dict[str, Any]]],
+    connect: Callable[..., Awaitable[CallbackResult]],
+) -> Callable[..., Awaitable[str]]:
     """A new connection of the tenant, linked through the Connect flow; returns its id."""
 
     async def make(*, email: str = ALICE, realm_id: str = COMPANY_1) -> str:
@@ -250,8 +284,9 @@ def linked(new_connection: Callable[..., Awaitable[dict[str, Any]]],
 
 
 @pytest.fixture
-def linked_company(emulator: httpx.AsyncClient,
-                   linked: Callable[..., Awaitable[str]]) -> Callable[[int], Awaitable[tuple[str, str]]]:
+def linked_company(
+    emulator: httpx.AsyncClient, linked: Callable[..., Awaitable[str]]
+) -> Callable[[int], Awaitable[tuple[str, str]]]:
     """A connection to a new QuickBooks company of its own, linked by that company's own admin
     (both made through the emulator's control API); returns (connection id, realm id)."""
 
@@ -260,9 +295,15 @@ def linked_company(emulator: httpx.AsyncClient,
         assert company.status_code == 201, company.text
         realm = company.json()["realm_id"]
         email = f"owner{index}@recycler.example.com"
-        user = await emulator.post("/users", json={
-            "email": email, "given_name": "Owner", "family_name": str(index),
-            "companies": {realm: "company_admin"}})
+        user = await emulator.post(
+            "/users",
+            json={
+                "email": email,
+                "given_name": "Owner",
+                "family_name": str(index),
+                "companies": {realm: "company_admin"},
+            },
+        )
         assert user.status_code == 201, user.text
         return await linked(email=email, realm_id=realm), realm
 
@@ -274,6 +315,5 @@ async def runtime(stack: Stack) -> AsyncIterator[Any]:
     """The broker's runtime objects, for driving background work directly in a test."""
     from service.runtime import build_runtime
 
-    async with build_runtime(stack.settings, database_url=stack.database_url,
-                             change_feed=False) as built:
+    async with build_runtime(stack.settings, database_url=stack.database_url, change_feed=False) as built:
         yield built

@@ -32,17 +32,18 @@ async def _eventually(check: Callable[[], Awaitable[bool]]) -> None:
     await until(check, "the other replica to see the change", within=2.0)
 
 
-async def test_disconnect_on_one_replica_is_seen_by_the_other(client, replica, new_connection,
-                                                              connect) -> None:
+async def test_disconnect_on_one_replica_is_seen_by_the_other(
+    client, replica, new_connection, connect
+) -> None:
     conn = await new_connection()
     await connect(conn["id"])
-    await client.patch(f"/connections/{conn['id']}", json={"modules": {"accounts_receivable": True}},
-                       headers=user_headers())
+    await client.patch(
+        f"/connections/{conn['id']}", json={"modules": {"accounts_receivable": True}}, headers=user_headers()
+    )
     async with httpx.AsyncClient(base_url=replica.url) as other:
         warm = (await other.get("/status", headers=user_headers())).json()
         assert warm["accounting_link"] == "enabled"
-        disconnected = await client.post(f"/connections/{conn['id']}/disconnect",
-                                         headers=user_headers())
+        disconnected = await client.post(f"/connections/{conn['id']}/disconnect", headers=user_headers())
         assert disconnected.status_code == 200
         started = time.monotonic()
 
@@ -58,14 +59,16 @@ async def test_a_write_is_read_back_at_once_on_the_same_replica(client, new_conn
     conn = await new_connection()
     await connect(conn["id"])
     assert (await client.get("/status", headers=user_headers())).json()["accounting_link"] == "disabled"
-    await client.patch(f"/connections/{conn['id']}", json={"modules": {"accounts_payable": True}},
-                       headers=user_headers())
+    await client.patch(
+        f"/connections/{conn['id']}", json={"modules": {"accounts_payable": True}}, headers=user_headers()
+    )
     status = (await client.get("/status", headers=user_headers())).json()
     assert status["accounting_link"] == "enabled"  # no waiting: the writer dropped its own entry
 
 
-async def test_refresh_and_revocation_reach_the_other_replica(client, replica, new_connection, connect,
-                                                              service_headers, stack) -> None:
+async def test_refresh_and_revocation_reach_the_other_replica(
+    client, replica, new_connection, connect, service_headers, stack
+) -> None:
     conn = await new_connection()
     await connect(conn["id"])
     headers = await service_headers("tokens:read")
@@ -77,8 +80,7 @@ async def test_refresh_and_revocation_reach_the_other_replica(client, replica, n
         assert refreshed["access_token"] != first
 
         async def new_token() -> bool:
-            return (await other.get(url, headers=headers)).json()["access_token"] == refreshed[
-                "access_token"]
+            return (await other.get(url, headers=headers)).json()["access_token"] == refreshed["access_token"]
 
         await _eventually(new_token)
         await execute(stack.database_url, "UPDATE api_keys SET revoked_at = now()")
@@ -151,8 +153,7 @@ async def test_a_failed_or_empty_load_caches_nothing() -> None:
         await asyncio.sleep(0.01)
         raise ConnectionError("database unreachable")
 
-    results = await asyncio.gather(*(cache.get_or_load("k", fail) for _ in range(5)),
-                                   return_exceptions=True)
+    results = await asyncio.gather(*(cache.get_or_load("k", fail) for _ in range(5)), return_exceptions=True)
     assert all(isinstance(r, ConnectionError) for r in results)
 
     async def missing() -> int | None:
@@ -168,8 +169,9 @@ async def test_a_failed_or_empty_load_caches_nothing() -> None:
     assert cache.get("k") == 7
 
 
-async def test_a_truncate_empties_every_replicas_status(client, replica, new_connection,
-                                                         stack: Stack) -> None:
+async def test_a_truncate_empties_every_replicas_status(
+    client, replica, new_connection, stack: Stack
+) -> None:
     # Row triggers do not fire on TRUNCATE; a statement trigger tells every replica to drop all.
     await new_connection()
     async with httpx.AsyncClient(base_url=replica.url) as other:
@@ -177,6 +179,7 @@ async def test_a_truncate_empties_every_replicas_status(client, replica, new_con
             assert len((await broker.get("/status", headers=user_headers())).json()["connections"]) == 1
         await execute(stack.database_url, "TRUNCATE connections CASCADE")
         for broker in (client, other):
+
             async def emptied(broker: httpx.AsyncClient = broker) -> bool:
                 body = (await broker.get("/status", headers=user_headers())).json()
                 return body["connections"] == []
@@ -193,14 +196,19 @@ async def test_using_an_api_key_notifies_no_replica_but_revoking_it_does(stack: 
     heard: list[str] = []
     await listener.add_listener("qbo_broker_api_keys", lambda *args: heard.append(args[2]))
     try:
-        await execute(stack.database_url, "INSERT INTO api_keys (id, name, prefix, key_hash, scopes) "
-                      "VALUES (gen_random_uuid(), 'k', 'p', 'h-notify', '{status:read}')")
+        await execute(
+            stack.database_url,
+            "INSERT INTO api_keys (id, name, prefix, key_hash, scopes) "
+            "VALUES (gen_random_uuid(), 'k', 'p', 'h-notify', '{status:read}')",
+        )
         await until(lambda: _true(bool(heard)), "the insert to be notified", within=2.0)
         heard.clear()
-        await execute(stack.database_url, "UPDATE api_keys SET last_used_at = now() "
-                      "WHERE key_hash = 'h-notify'")
-        await execute(stack.database_url, "UPDATE api_keys SET revoked_at = now() "
-                      "WHERE key_hash = 'h-notify'")
+        await execute(
+            stack.database_url, "UPDATE api_keys SET last_used_at = now() WHERE key_hash = 'h-notify'"
+        )
+        await execute(
+            stack.database_url, "UPDATE api_keys SET revoked_at = now() WHERE key_hash = 'h-notify'"
+        )
         await until(lambda: _true(bool(heard)), "the revocation to be notified", within=2.0)
         # Notifications arrive in commit order: had the touch been notified, it would be first,
         # and there would be two.

@@ -14,14 +14,21 @@ from tests.conftest import ENCRYPTION_KEY, JWT_SECRET
 
 def run(*args: str, env: dict[str, str] | None = None, timeout: int = 60) -> subprocess.CompletedProcess[str]:
     base = {k: v for k, v in os.environ.items() if not k.startswith(("BROKER_", "INTUIT_", "DATABASE_"))}
-    return subprocess.run([sys.executable, "-m", "service", *args], capture_output=True, text=True,
-                          env={**base, **(env or {})}, timeout=timeout, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "service", *args],
+        capture_output=True,
+        text=True,
+        env={**base, **(env or {})},
+        timeout=timeout,
+        check=False,
+    )
 
 
 def test_api_key_create_list_revoke(stack, client) -> None:
     env = {"DATABASE_URL": stack.database_url}
-    created = run("api-key", "create", "--name", "billing", "--scope", "tokens:read",
-                  "--scope", "status:read", env=env)
+    created = run(
+        "api-key", "create", "--name", "billing", "--scope", "tokens:read", "--scope", "status:read", env=env
+    )
     assert created.returncode == 0, created.stderr
     key = created.stdout.strip().splitlines()[-1]
     assert key.startswith("qbk_") and " " not in key
@@ -32,8 +39,7 @@ def test_api_key_create_list_revoke(stack, client) -> None:
     assert works.status_code == 200
     revoked = run("api-key", "revoke", key_id, env=env)
     assert revoked.returncode == 0, revoked.stderr
-    refused = httpx.get(f"{stack.broker_url}/status", params={"tenant_id": "t"},
-                        headers={"X-API-Key": key})
+    refused = httpx.get(f"{stack.broker_url}/status", params={"tenant_id": "t"}, headers={"X-API-Key": key})
     assert refused.status_code == 401
     bad_scope = run("api-key", "create", "--name", "x", "--scope", "everything", env=env)
     assert bad_scope.returncode == 2 and "everything" in bad_scope.stderr
@@ -55,9 +61,16 @@ def test_serve_refuses_to_start_without_keys_and_secrets(tmp_path) -> None:
     for name in ("BROKER_ENCRYPTION_KEYS", "INTUIT_CLIENT_ID", "BROKER_JWT_SECRET"):
         assert name in out.stderr
     assert "Traceback" not in out.stderr
-    malformed = run("serve", env={"BROKER_DATA_DIR": str(tmp_path), "BROKER_ENCRYPTION_KEYS": "k1:short",
-                                  "INTUIT_CLIENT_ID": "a", "INTUIT_CLIENT_SECRET": "b",
-                                  "BROKER_JWT_SECRET": JWT_SECRET})
+    malformed = run(
+        "serve",
+        env={
+            "BROKER_DATA_DIR": str(tmp_path),
+            "BROKER_ENCRYPTION_KEYS": "k1:short",
+            "INTUIT_CLIENT_ID": "a",
+            "INTUIT_CLIENT_SECRET": "b",
+            "BROKER_JWT_SECRET": JWT_SECRET,
+        },
+    )
     assert malformed.returncode == 2 and "32 bytes" in malformed.stderr or "base64" in malformed.stderr
 
 
@@ -89,25 +102,44 @@ async def test_worker_alone_keeps_links_alive_and_stops_on_sigterm(stack, linked
     from tests.support.waiting import until
 
     cid = await linked()
-    await execute(stack.database_url, "UPDATE connections SET keepalive_due_at = now() - "
-                  "interval '1 minute' WHERE id = $1", cid)
-    before = await fetchrow(stack.database_url, "SELECT last_refreshed_at FROM connections "
-                            "WHERE id = $1", cid)
+    await execute(
+        stack.database_url,
+        "UPDATE connections SET keepalive_due_at = now() - interval '1 minute' WHERE id = $1",
+        cid,
+    )
+    before = await fetchrow(
+        stack.database_url, "SELECT last_refreshed_at FROM connections WHERE id = $1", cid
+    )
     base = {k: v for k, v in os.environ.items() if not k.startswith(("BROKER_", "INTUIT_", "DATABASE_"))}
     settings = stack.settings
-    env = {**base, "DATABASE_URL": stack.database_url, "BROKER_ENCRYPTION_KEYS": ENCRYPTION_KEY,
-           "INTUIT_CLIENT_ID": settings.intuit_client_id or "",
-           "INTUIT_CLIENT_SECRET": settings.intuit_client_secret or "",
-           "INTUIT_DISCOVERY_URL": settings.intuit_discovery_url or "",
-           "INTUIT_API_BASE_URL": settings.intuit_api_base_url or "",
-           "BROKER_BACKGROUND_INTERVAL": "0.2"}
+    env = {
+        **base,
+        "DATABASE_URL": stack.database_url,
+        "BROKER_ENCRYPTION_KEYS": ENCRYPTION_KEY,
+        "INTUIT_CLIENT_ID": settings.intuit_client_id or "",
+        "INTUIT_CLIENT_SECRET": settings.intuit_client_secret or "",
+        "INTUIT_DISCOVERY_URL": settings.intuit_discovery_url or "",
+        "INTUIT_API_BASE_URL": settings.intuit_api_base_url or "",
+        "BROKER_BACKGROUND_INTERVAL": "0.2",
+    }
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "service", "worker", env=env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        sys.executable,
+        "-m",
+        "service",
+        "worker",
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     try:
+
         async def refreshed() -> bool:
-            row = await fetchrow(stack.database_url, "SELECT last_refreshed_at, keepalive_due_at > "
-                                 "now() AS rescheduled FROM connections WHERE id = $1", cid)
+            row = await fetchrow(
+                stack.database_url,
+                "SELECT last_refreshed_at, keepalive_due_at > "
+                "now() AS rescheduled FROM connections WHERE id = $1",
+                cid,
+            )
             return bool(row["rescheduled"]) and row["last_refreshed_at"] != before["last_refreshed_at"]
 
         await until(refreshed, "the worker to refresh the due connection", within=30)

@@ -59,9 +59,7 @@ DOCUMENTED_ENV_VARS = frozenset(
 )
 
 # Whatever builds wheels or installs packages has no place in the runtime stage.
-BUILD_TOOLS = frozenset(
-    {"uv", "uvx", "gcc", "g++", "cc", "clang", "make", "build-essential", "python3-dev"}
-)
+BUILD_TOOLS = frozenset({"uv", "uvx", "gcc", "g++", "cc", "clang", "make", "build-essential", "python3-dev"})
 
 
 # --------------------------------------------------------------------------- Dockerfile parsing
@@ -365,8 +363,12 @@ def test_the_image_installs_the_built_wheel(stages: list[Stage], final: Stage) -
     # Everything the wheel is built from is copied into the builder before `uv build` runs.
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     wheel_target = project["tool"]["hatch"]["build"]["targets"]["wheel"]
-    needed = {*wheel_target["packages"], *wheel_target.get("force-include", {}), "pyproject.toml",
-              project["project"]["readme"]}
+    needed = {
+        *wheel_target["packages"],
+        *wheel_target.get("force-include", {}),
+        "pyproject.toml",
+        project["project"]["readme"],
+    }
     copied: set[str] = set()
     for instruction in builder.all("COPY"):
         if instruction.line < build_run.line:
@@ -444,9 +446,7 @@ def test_compose_broker_waits_for_healthy_dependencies() -> None:
 def test_compose_postgres_has_a_volume_and_a_healthcheck() -> None:
     document = compose()
     postgres = document["services"]["postgres"]
-    volumes = [
-        v if isinstance(v, str) else f"{v['source']}:{v['target']}" for v in postgres["volumes"]
-    ]
+    volumes = [v if isinstance(v, str) else f"{v['source']}:{v['target']}" for v in postgres["volumes"]]
     data = [v for v in volumes if v.split(":")[1] == "/var/lib/postgresql/data"]
     assert data, "postgres needs its data directory on a volume"
     assert data[0].split(":")[0] in (document.get("volumes") or {}), "use a named volume"
@@ -470,23 +470,30 @@ def published_host_ip(port: str | int | dict[str, Any]) -> str | None:
         return port.get("host_ip")
     text = str(port)
     if text.startswith("["):  # [::1]:8000:8000
-        return text[1:text.index("]")]
+        return text[1 : text.index("]")]
     parts = text.split(":")
     return parts[0] if len(parts) == 3 else None
 
 
 def test_compose_publishes_ports_on_loopback_only() -> None:
     # The compose setup carries public dev credentials: never reachable from the network.
-    published = [(name, port) for name, service in compose()["services"].items()
-                 for port in service.get("ports") or []]
+    published = [
+        (name, port) for name, service in compose()["services"].items() for port in service.get("ports") or []
+    ]
     assert published, "the broker and the emulator publish their ports"
     for name, port in published:
         assert published_host_ip(port) in ("127.0.0.1", "::1"), f"{name}: {port!r}"
 
 
 def test_loopback_check_is_not_vacuous() -> None:
-    for port in ("8000:8000", "8000", 8000, "0.0.0.0:8000:8000", {"target": 8000, "published": 8000},
-                 {"target": 8000, "host_ip": "0.0.0.0"}):
+    for port in (
+        "8000:8000",
+        "8000",
+        8000,
+        "0.0.0.0:8000:8000",
+        {"target": 8000, "published": 8000},
+        {"target": 8000, "host_ip": "0.0.0.0"},
+    ):
         assert published_host_ip(port) not in ("127.0.0.1", "::1"), port
     for port in ("127.0.0.1:8000:8000", "[::1]:8000:8000", {"target": 8000, "host_ip": "127.0.0.1"}):
         assert published_host_ip(port) in ("127.0.0.1", "::1"), port

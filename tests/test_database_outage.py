@@ -71,8 +71,9 @@ class StoppablePostgres:
         self._pg_ctl("-w", "-m", "fast", "stop")
 
     def start(self) -> None:
-        self._pg_ctl("-w", "-o", '-h ""', "-o", f"-k {self.socket_dir}",
-                     "-l", str(self.pgdata / "log"), "start")
+        self._pg_ctl(
+            "-w", "-o", '-h ""', "-o", f"-k {self.socket_dir}", "-l", str(self.pgdata / "log"), "start"
+        )
 
     def close(self) -> None:
         try:
@@ -123,8 +124,9 @@ class Stream:
         async with httpx.AsyncClient(timeout=20, limits=limits) as http:
             while not stop.is_set():
                 try:
-                    response = await http.get(self.url, headers=self.headers,
-                                              extensions={"trace": self._trace})
+                    response = await http.get(
+                        self.url, headers=self.headers, extensions={"trace": self._trace}
+                    )
                 except httpx.TransportError as exc:
                     self.answers.append(Answer(time.monotonic(), None, error=repr(exc)))
                     await asyncio.sleep(0.05)
@@ -135,10 +137,16 @@ class Stream:
                         code = response.json().get("code")
                     except ValueError:
                         code = None
-                self.answers.append(Answer(
-                    time.monotonic(), response.status_code, code,
-                    response.headers.get("retry-after"), response.headers.get("x-request-id"),
-                    response.headers.get("content-type")))
+                self.answers.append(
+                    Answer(
+                        time.monotonic(),
+                        response.status_code,
+                        code,
+                        response.headers.get("retry-after"),
+                        response.headers.get("x-request-id"),
+                        response.headers.get("content-type"),
+                    )
+                )
                 await asyncio.sleep(0.01)
 
 
@@ -150,8 +158,9 @@ class Setup:
 
 
 @pytest.fixture(scope="module")
-async def setup(outage_postgres: StoppablePostgres,
-                tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Setup]:
+async def setup(
+    outage_postgres: StoppablePostgres, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Setup]:
     database_url = await database.create_database(outage_postgres.admin_url)
     await asyncio.to_thread(upgrade_to_head, database_url)
     emulator_port = free_port()
@@ -161,27 +170,41 @@ async def setup(outage_postgres: StoppablePostgres,
     emulator: ThreadedServer | None = None
     try:
         brokers = [processes.spawn(name, settings_env(settings)) for name in ("a", "b")]
-        emulator = ThreadedServer(create_emulator(EmulatorSettings(
-            public_url=emulator_url, client_id=CLIENT_ID, client_secret=CLIENT_SECRET,
-            redirect_uris=[f"{b.url}/callback" for b in brokers])), emulator_port).start()
+        emulator = ThreadedServer(
+            create_emulator(
+                EmulatorSettings(
+                    public_url=emulator_url,
+                    client_id=CLIENT_ID,
+                    client_secret=CLIENT_SECRET,
+                    redirect_uris=[f"{b.url}/callback" for b in brokers],
+                )
+            ),
+            emulator_port,
+        ).start()
         await processes.ready(*brokers)
         engine = build_engine(database_url, pool_size=1)
         try:
             async with build_sessionmaker(engine)() as session, session.begin():
-                _, api_key = await create_api_key(session, name="outage",
-                                                  scopes=["status:read", "tokens:read"])
+                _, api_key = await create_api_key(
+                    session, name="outage", scopes=["status:read", "tokens:read"]
+                )
         finally:
             await engine.dispose()
         async with httpx.AsyncClient(base_url=brokers[0].url, timeout=30) as http:
             created = await http.post("/connections", json={}, headers=user_headers())
             assert created.status_code == 201, created.text
             cid = created.json()["id"]
-            started = await http.post(f"/connections/{cid}/authorize",
-                                      json={"return_url": RETURN_URL}, headers=user_headers())
+            started = await http.post(
+                f"/connections/{cid}/authorize", json={"return_url": RETURN_URL}, headers=user_headers()
+            )
             assert started.status_code == 200, started.text
-            result = await finish_connect(http, await sign_in_and_decide(
-                started.json()["authorization_url"], email="alice@example.com",
-                realm_id=COMPANY_1), user_headers())
+            result = await finish_connect(
+                http,
+                await sign_in_and_decide(
+                    started.json()["authorization_url"], email="alice@example.com", realm_id=COMPANY_1
+                ),
+                user_headers(),
+            )
         assert result.params.get("result") == "connected", result.params
         yield Setup(brokers, cid, api_key)
     finally:
@@ -208,10 +231,18 @@ async def _caches_back(http: httpx.AsyncClient, broker: BrokerProcess, setup: Se
 def _summary(stream: Stream, stopped_at: float, restarted_at: float) -> list[str]:
     """What is wrong with one stream's answers (nothing, if all is well)."""
     problems = []
-    wrong = [a for a in stream.answers if a.status not in (200, None) and (
-        a.status != 503 or a.code not in ("database_unavailable", "intuit_unavailable")
-        or not a.retry_after or not a.request_id
-        or a.content_type != "application/problem+json")]
+    wrong = [
+        a
+        for a in stream.answers
+        if a.status not in (200, None)
+        and (
+            a.status != 503
+            or a.code not in ("database_unavailable", "intuit_unavailable")
+            or not a.retry_after
+            or not a.request_id
+            or a.content_type != "application/problem+json"
+        )
+    ]
     if wrong:
         problems.append(f"{stream.name}: {len(wrong)} wrong answers, e.g. {wrong[:3]}")
     dropped = [a.error for a in stream.answers if a.status is None]
@@ -223,8 +254,7 @@ def _summary(stream: Stream, stopped_at: float, restarted_at: float) -> list[str
         problems.append(f"{stream.name}: no 503 while PostgreSQL was down")
     late = [a.status for a in stream.answers if a.at > restarted_at + RECOVERY_SECONDS]
     if not late or set(late) != {200}:
-        problems.append(f"{stream.name}: not recovered {RECOVERY_SECONDS} s after the restart: "
-                        f"{late[:20]}")
+        problems.append(f"{stream.name}: not recovered {RECOVERY_SECONDS} s after the restart: {late[:20]}")
     return problems
 
 
@@ -235,10 +265,12 @@ async def test_postgres_stopped_under_load(outage_postgres: StoppablePostgres, s
         for index in range(CLIENTS_PER_STREAM):
             streams += [
                 Stream(f"{broker.name}/status-jwt-{index}", f"{broker.url}/status", user_headers()),
-                Stream(f"{broker.name}/status-key-{index}", f"{broker.url}/status?tenant_id=tenant-a",
-                       key),
-                Stream(f"{broker.name}/token-key-{index}",
-                       f"{broker.url}/connections/{setup.connection_id}/token", key),
+                Stream(f"{broker.name}/status-key-{index}", f"{broker.url}/status?tenant_id=tenant-a", key),
+                Stream(
+                    f"{broker.name}/token-key-{index}",
+                    f"{broker.url}/connections/{setup.connection_id}/token",
+                    key,
+                ),
             ]
     stop = asyncio.Event()
     load = [asyncio.create_task(stream.run(stop)) for stream in streams]
@@ -255,16 +287,15 @@ async def test_postgres_stopped_under_load(outage_postgres: StoppablePostgres, s
     finally:
         stop.set()
         await asyncio.gather(*load)
-    problems = [problem for stream in streams
-                for problem in _summary(stream, stopped_at, restarted_at)]
-    assert not problems, "\n".join(problems) + "\n" + "\n".join(
-        b.output(3000) for b in setup.brokers)
+    problems = [problem for stream in streams for problem in _summary(stream, stopped_at, restarted_at)]
+    assert not problems, "\n".join(problems) + "\n" + "\n".join(b.output(3000) for b in setup.brokers)
     assert {await _ready(b.url) for b in setup.brokers} == {200}
 
     # The change feeds listen again: caches are back on, and a change made through one replica
     # reaches the other's cached /status at once.
     async with httpx.AsyncClient(timeout=10) as http:
         for broker in setup.brokers:
+
             async def back(broker: BrokerProcess = broker) -> bool:
                 return await _caches_back(http, broker, setup)
 
@@ -272,9 +303,11 @@ async def test_postgres_stopped_under_load(outage_postgres: StoppablePostgres, s
         a, b = setup.brokers
         status_b = f"{b.url}/status"
         assert (await http.get(status_b, headers=user_headers())).json()["accounting_link"] == "disabled"
-        changed = await http.patch(f"{a.url}/connections/{setup.connection_id}",
-                                   json={"modules": {"accounts_receivable": True}},
-                                   headers=user_headers())
+        changed = await http.patch(
+            f"{a.url}/connections/{setup.connection_id}",
+            json={"modules": {"accounts_receivable": True}},
+            headers=user_headers(),
+        )
         assert changed.status_code == 200, changed.text
 
         async def seen_by_b() -> bool:

@@ -25,9 +25,21 @@ def dev_process(data_dir: Path, port: int, emulator_port: int, log: Path) -> Ite
     env = {k: v for k, v in os.environ.items() if not k.startswith(("BROKER_", "INTUIT_", "DATABASE_"))}
     env["BROKER_DATA_DIR"] = str(data_dir)
     with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "service", "dev", "--port", str(port),
-                                 "--emulator-port", str(emulator_port)], stdout=out,
-                                stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "service",
+                "dev",
+                "--port",
+                str(port),
+                "--emulator-port",
+                str(emulator_port),
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
     try:
         deadline = time.monotonic() + 90
         while True:
@@ -66,18 +78,23 @@ async def test_dev_connects_and_survives_a_restart(tmp_path: Path) -> None:
             assert created.status_code == 201, created.text
             cid = created.json()["id"]
             # The README's walk-through: back to /docs with a ticket, redeemed by the same user.
-            started = await http.post(f"/connections/{cid}/authorize", headers=user,
-                                      json={"return_url": f"http://localhost:{port}/docs"})
+            started = await http.post(
+                f"/connections/{cid}/authorize",
+                headers=user,
+                json={"return_url": f"http://localhost:{port}/docs"},
+            )
             assert started.status_code == 200, started.text
             url = started.json()["authorization_url"]
             assert url.startswith(f"http://127.0.0.1:{emulator_port}/connect/oauth2?")
-            result = await sign_in_and_decide(url, email="alice@example.com",
-                                              realm_id="9341452988354102")
+            result = await sign_in_and_decide(url, email="alice@example.com", realm_id="9341452988354102")
             assert result.status_code == 303
             assert result.location.startswith(f"http://localhost:{port}/docs?")
             assert result.params["result"] == "completion_required"
-            done = await http.post(f"/connections/{cid}/complete", headers=user,
-                                   json={"completion_ticket": result.params["completion_ticket"]})
+            done = await http.post(
+                f"/connections/{cid}/complete",
+                headers=user,
+                json={"completion_ticket": result.params["completion_ticket"]},
+            )
             assert done.status_code == 200, done.text
             assert (await http.get(f"/connections/{cid}", headers=user)).json()["status"] == "connected"
             await _integration_page_is_served(http)
@@ -85,21 +102,28 @@ async def test_dev_connects_and_survives_a_restart(tmp_path: Path) -> None:
     with dev_process(data_dir, port, emulator_port, tmp_path / "dev-2.log") as second:
         assert second["api_key"] == first["api_key"]  # kept under BROKER_DATA_DIR
         async with httpx.AsyncClient(base_url=broker, timeout=30) as http:
-            body = (await http.get(f"/connections/{cid}",
-                                   headers={"Authorization": f"Bearer {second['jwt']}"})).json()
+            body = (
+                await http.get(f"/connections/{cid}", headers={"Authorization": f"Bearer {second['jwt']}"})
+            ).json()
             assert body["status"] == "connected"
             # The emulator kept its grants too: a forced refresh with the stored token works.
-            token = await http.get(f"/connections/{cid}/token", params={"force_refresh": "true"},
-                                   headers={"X-API-Key": second["api_key"]})
+            token = await http.get(
+                f"/connections/{cid}/token",
+                params={"force_refresh": "true"},
+                headers={"X-API-Key": second["api_key"]},
+            )
             assert token.status_code == 200, token.text
         # Intuit's webhooks: a change made through the Accounting API reaches the dev broker,
         # signed with the verifier token dev generated (a wrong one is answered 401).
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{emulator_port}",
-                                     timeout=30) as emulator:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{emulator_port}", timeout=30) as emulator:
             changed = await emulator.post(
-                "/v3/company/9341452988354102/customer", json={"DisplayName": "Webhook Test"},
-                headers={"Authorization": f"Bearer {token.json()['access_token']}",
-                         "Accept": "application/json"})
+                "/v3/company/9341452988354102/customer",
+                json={"DisplayName": "Webhook Test"},
+                headers={
+                    "Authorization": f"Bearer {token.json()['access_token']}",
+                    "Accept": "application/json",
+                },
+            )
             assert changed.status_code == 200, changed.text
 
             async def delivered() -> bool:
@@ -115,12 +139,18 @@ async def test_dev_connects_and_survives_a_restart(tmp_path: Path) -> None:
     log = (tmp_path / "dev-2.log").read_text()
     lines = [line for line in log.splitlines() if line.startswith("{")]
     messages = [json.loads(line)["message"] for line in lines]
-    for said in ("Started server process", "Waiting for application startup.",
-                 "Application startup complete.", "Uvicorn running on", "Shutting down",
-                 "Finished server process"):
+    for said in (
+        "Started server process",
+        "Waiting for application startup.",
+        "Application startup complete.",
+        "Uvicorn running on",
+        "Shutting down",
+        "Finished server process",
+    ):
         assert sum(message.startswith(said) for message in messages) == 1, (said, messages)
     assert [m for m in messages if m.startswith("Uvicorn running on")] == [
-        f"Uvicorn running on http://127.0.0.1:{port} (Press CTRL+C to quit)"]
+        f"Uvicorn running on http://127.0.0.1:{port} (Press CTRL+C to quit)"
+    ]
 
 
 async def _integration_page_is_served(http: httpx.AsyncClient) -> None:

@@ -23,8 +23,11 @@ ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = re.compile(r'(?:src|href)="([^"]*)"')
 DOCUMENT = re.compile(r"url: '([^']*)'")
 # How the first bytes of each asset look.
-SIGNATURES = {"swagger-ui-bundle.js": b"SwaggerUIBundle", "swagger-ui.css": b".swagger-ui",
-              "favicon.png": b"\x89PNG"}
+SIGNATURES = {
+    "swagger-ui-bundle.js": b"SwaggerUIBundle",
+    "swagger-ui.css": b".swagger-ui",
+    "favicon.png": b"\x89PNG",
+}
 
 
 async def test_docs_page_loads_only_assets_the_broker_serves(client: httpx.AsyncClient) -> None:
@@ -57,8 +60,7 @@ async def test_docs_page_keeps_authorization_and_asks_no_validator(client: httpx
     assert '"validatorUrl": null' in page
 
 
-@pytest.mark.parametrize("path", ["redoc.standalone.js", "..%2Fcore.py", "%2E%2E%2Fcore.py",
-                                  "swagger-ui.js"])
+@pytest.mark.parametrize("path", ["redoc.standalone.js", "..%2Fcore.py", "%2E%2E%2Fcore.py", "swagger-ui.js"])
 async def test_only_the_pages_assets_are_served(client: httpx.AsyncClient, path: str) -> None:
     answer = await client.get(f"{assets_path()}/{path}")
     assert answer.status_code == 404
@@ -70,16 +72,20 @@ async def test_redoc_and_oauth2_redirect_are_not_served(client: httpx.AsyncClien
         assert (await client.get(path)).status_code == 404, path
 
 
-@pytest.mark.parametrize(("docs", "environment", "enabled"), [
-    (None, "sandbox", True),
-    (None, "production", False),
-    ("", "production", False),
-    ("true", "production", True),
-    ("false", "sandbox", False),
-    ("0", "sandbox", False),
-])
-def test_broker_docs_switch(monkeypatch: pytest.MonkeyPatch, docs: str | None, environment: str,
-                            enabled: bool) -> None:
+@pytest.mark.parametrize(
+    ("docs", "environment", "enabled"),
+    [
+        (None, "sandbox", True),
+        (None, "production", False),
+        ("", "production", False),
+        ("true", "production", True),
+        ("false", "sandbox", False),
+        ("0", "sandbox", False),
+    ],
+)
+def test_broker_docs_switch(
+    monkeypatch: pytest.MonkeyPatch, docs: str | None, environment: str, enabled: bool
+) -> None:
     monkeypatch.setenv("INTUIT_ENVIRONMENT", environment)
     if docs is None:
         monkeypatch.delenv("BROKER_DOCS", raising=False)
@@ -95,8 +101,12 @@ def test_broker_docs_refuses_what_is_not_a_boolean(monkeypatch: pytest.MonkeyPat
 
 
 def test_dev_always_serves_docs(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    environment = {**os.environ, "BROKER_DATA_DIR": str(tmp_path), "BROKER_DOCS": "false",
-                   "INTUIT_ENVIRONMENT": "production"}
+    environment = {
+        **os.environ,
+        "BROKER_DATA_DIR": str(tmp_path),
+        "BROKER_DOCS": "false",
+        "INTUIT_ENVIRONMENT": "production",
+    }
     monkeypatch.setattr(os, "environ", environment)  # what dev sets stays in this test
     _prepare_environment("127.0.0.1", free_port(), free_port())
     assert Settings().docs_enabled is True
@@ -106,8 +116,9 @@ def test_dev_always_serves_docs(monkeypatch: pytest.MonkeyPatch, tmp_path: Path)
 def production_broker(stack: Stack) -> Iterator[str]:
     """A broker with INTUIT_ENVIRONMENT=production and BROKER_DOCS unset."""
     port = free_port()
-    settings = broker_settings(stack.database_url, port, stack.emulator_url,
-                               INTUIT_ENVIRONMENT="production", BROKER_DOCS=None)
+    settings = broker_settings(
+        stack.database_url, port, stack.emulator_url, INTUIT_ENVIRONMENT="production", BROKER_DOCS=None
+    )
     assert not settings.docs_enabled
     server = ThreadedServer(create_app(settings), port).start()
     yield server.url

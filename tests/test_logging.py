@@ -38,8 +38,9 @@ def captured_logs() -> Iterator[io.StringIO]:
         yield stream
 
 
-async def test_canary_secrets_never_reach_the_logs(client, new_connection, connect, service_headers,
-                                                   emulator, stack, captured_logs) -> None:
+async def test_canary_secrets_never_reach_the_logs(
+    client, new_connection, connect, service_headers, emulator, stack, captured_logs
+) -> None:
     headers = await service_headers("tokens:read")
     jwt = user_headers()["Authorization"].split()[1]
     conn = await new_connection()
@@ -51,21 +52,22 @@ async def test_canary_secrets_never_reach_the_logs(client, new_connection, conne
     # Failures log too: a forged callback, a bad key, an Intuit outage, a revoked grant.
     await client.get("/callback", params={"code": callback["code"][0], "state": callback["state"][0]})
     await client.get("/connections", headers={"X-API-Key": headers["X-API-Key"] + "x"})
-    await emulator.post("/faults", json={"endpoint": "token", "kind": "status", "status": 503,
-                                         "count": 3})
-    await client.get(f"/connections/{conn['id']}/token", params={"force_refresh": "true"},
-                     headers=headers)
+    await emulator.post("/faults", json={"endpoint": "token", "kind": "status", "status": 503, "count": 3})
+    await client.get(f"/connections/{conn['id']}/token", params={"force_refresh": "true"}, headers=headers)
     await emulator.post("/companies/9341452988354102/disconnect")
-    await client.get(f"/connections/{conn['id']}/token", params={"force_refresh": "true"},
-                     headers=headers)
+    await client.get(f"/connections/{conn['id']}/token", params={"force_refresh": "true"}, headers=headers)
 
     text = captured_logs.getvalue()
     lines = [json.loads(line) for line in text.splitlines() if line.strip()]
     assert len(lines) > 10
     canaries = {
-        "authorization code": callback["code"][0], "state": callback["state"][0],
-        "access token 1": first["access_token"], "access token 2": second["access_token"],
-        "api key": headers["X-API-Key"], "user jwt": jwt, "client secret": CLIENT_SECRET,
+        "authorization code": callback["code"][0],
+        "state": callback["state"][0],
+        "access token 1": first["access_token"],
+        "access token 2": second["access_token"],
+        "api key": headers["X-API-Key"],
+        "user jwt": jwt,
+        "client secret": CLIENT_SECRET,
     }
     for name, secret in canaries.items():
         assert secret not in text, f"{name} leaked into the logs"
@@ -74,9 +76,13 @@ async def test_canary_secrets_never_reach_the_logs(client, new_connection, conne
     # Intuit's transaction id is on every line about a token, revoke, userinfo or CompanyInfo call
     # (not on the published documents: discovery and the signing keys, fetched once per process,
     # so in this test only when it runs first).
-    intuit_lines = [line for line in lines if "intuit_path" in line
-                    and "well-known" not in line["intuit_path"]
-                    and not line["intuit_path"].endswith("/jwks")]
+    intuit_lines = [
+        line
+        for line in lines
+        if "intuit_path" in line
+        and "well-known" not in line["intuit_path"]
+        and not line["intuit_path"].endswith("/jwks")
+    ]
     assert intuit_lines, "no log line about Intuit calls"
     missing = [line for line in intuit_lines if not line.get("intuit_tid")]
     assert not missing, [line["intuit_path"] for line in missing]
@@ -122,10 +128,12 @@ def test_redaction_removes_real_secrets() -> None:
 
 def test_redaction_keeps_what_is_not_secret() -> None:
     assert redact("unhandled RuntimeError on GET /connections/{connection_id}/token") == (
-        "unhandled RuntimeError on GET /connections/{connection_id}/token")
+        "unhandled RuntimeError on GET /connections/{connection_id}/token"
+    )
     # A path segment named like a key is not a key: what follows it stays.
     assert redact("failed on GET /connections/abc/token: RuntimeError: boom") == (
-        "failed on GET /connections/abc/token: RuntimeError: boom")
+        "failed on GET /connections/abc/token: RuntimeError: boom"
+    )
     assert redact("GET /connections/abc/token 200") == "GET /connections/abc/token 200"
 
 
@@ -156,15 +164,16 @@ def test_redaction_is_linear_on_pathological_input(name: str) -> None:
         loggable_path(text)
         if time.perf_counter() - started < 0.25:
             return
-    raise AssertionError(f"redacting {len(text)} characters ({name}) took "
-                         f"{time.perf_counter() - started:.2f} s")
+    raise AssertionError(
+        f"redacting {len(text)} characters ({name}) took {time.perf_counter() - started:.2f} s"
+    )
 
 
 def test_long_paths_are_cut_and_marked() -> None:
     jwt = issue_dev_token(JWT_SECRET, tenant_id="t", user_id="u")
     path = "/connections/" + "x" * (MAX_LOGGED_PATH - 20) + jwt
     logged = loggable_path(path)
-    assert logged.startswith(path[:MAX_LOGGED_PATH - 20])
+    assert logged.startswith(path[: MAX_LOGGED_PATH - 20])
     assert logged.endswith(f"…[truncated, {len(path)} chars]")
     assert len(logged) < MAX_LOGGED_PATH + 40
     assert jwt[:40] not in logged  # redacted before the cut, so no part of it shows
@@ -180,8 +189,11 @@ async def test_a_pathological_path_does_not_stall_the_broker(client, captured_lo
     assert answer.status_code == 404 and health.status_code == 200
     assert elapsed < 1.0, f"{elapsed:.2f} s"
     lines = [json.loads(line) for line in captured_logs.getvalue().splitlines() if line.strip()]
-    [logged] = [line for line in lines if line["logger"] == "qbo_broker.access"
-                and line["request_id"] == answer.headers["x-request-id"]]
+    [logged] = [
+        line
+        for line in lines
+        if line["logger"] == "qbo_broker.access" and line["request_id"] == answer.headers["x-request-id"]
+    ]
     assert len(logged["path"]) < MAX_LOGGED_PATH + 40
     assert "truncated" in logged["path"]
 
@@ -196,9 +208,19 @@ def logging_restored() -> Iterator[None]:
     """configure_logging() rewires the process's loggers: put them back afterwards."""
     names = ["uvicorn", "uvicorn.error", "uvicorn.access", "httpx", "pgserver"]
     root = logging.getLogger()
-    saved = (root.handlers[:], root.level,
-             {n: (logging.getLogger(n).handlers[:], logging.getLogger(n).propagate,
-                  logging.getLogger(n).disabled, logging.getLogger(n).level) for n in names})
+    saved = (
+        root.handlers[:],
+        root.level,
+        {
+            n: (
+                logging.getLogger(n).handlers[:],
+                logging.getLogger(n).propagate,
+                logging.getLogger(n).disabled,
+                logging.getLogger(n).level,
+            )
+            for n in names
+        },
+    )
     try:
         yield
     finally:
@@ -209,14 +231,21 @@ def logging_restored() -> Iterator[None]:
             logger.setLevel(level)
 
 
-@pytest.mark.parametrize(("stderr", "human_on_tty", "formatter"), [
-    (Terminal(), True, ConsoleFormatter),  # `dev` on a terminal
-    (io.StringIO(), True, JSONFormatter),  # `dev` piped or in a container
-    (Terminal(), False, JSONFormatter),  # `serve`, wherever it runs
-])
+@pytest.mark.parametrize(
+    ("stderr", "human_on_tty", "formatter"),
+    [
+        (Terminal(), True, ConsoleFormatter),  # `dev` on a terminal
+        (io.StringIO(), True, JSONFormatter),  # `dev` piped or in a container
+        (Terminal(), False, JSONFormatter),  # `serve`, wherever it runs
+    ],
+)
 def test_readable_logs_only_for_dev_on_a_terminal(
-        monkeypatch: pytest.MonkeyPatch, logging_restored: None, stderr: io.StringIO,
-        human_on_tty: bool, formatter: type[logging.Formatter]) -> None:
+    monkeypatch: pytest.MonkeyPatch,
+    logging_restored: None,
+    stderr: io.StringIO,
+    human_on_tty: bool,
+    formatter: type[logging.Formatter],
+) -> None:
     monkeypatch.setattr(sys, "stderr", stderr)
     configure_logging("INFO", human_on_tty=human_on_tty)
     [handler] = logging.getLogger().handlers
@@ -225,8 +254,9 @@ def test_readable_logs_only_for_dev_on_a_terminal(
 
 def test_readable_lines_are_redacted_and_carry_the_request_id() -> None:
     jwt = issue_dev_token(JWT_SECRET, tenant_id="t", user_id="u")
-    record = logging.LogRecord("service.oauth", logging.INFO, __file__, 1,
-                               "linked with Bearer %s", (jwt,), None)
+    record = logging.LogRecord(
+        "service.oauth", logging.INFO, __file__, 1, "linked with Bearer %s", (jwt,), None
+    )
     record.connection_id = "c-1"
     record.path = f"/callback?code=secret-code&state={jwt}"
     token = request_id_var.set("req-42")
@@ -234,22 +264,32 @@ def test_readable_lines_are_redacted_and_carry_the_request_id() -> None:
         line = ConsoleFormatter().format(record)
     finally:
         request_id_var.reset(token)
-    assert re.fullmatch(r"\d\d:\d\d:\d\d INFO  service\.oauth  linked with Bearer \[redacted\]  "
-                        r"connection_id=c-1 path=/callback\?code=\[redacted\]&state=\[redacted\]  "
-                        r"\[req-42\]", line), line
+    assert re.fullmatch(
+        r"\d\d:\d\d:\d\d INFO  service\.oauth  linked with Bearer \[redacted\]  "
+        r"connection_id=c-1 path=/callback\?code=\[redacted\]&state=\[redacted\]  "
+        r"\[req-42\]",
+        line,
+    ), line
     assert jwt not in line and "secret-code" not in line
 
 
 def test_dev_logs_are_readable_on_a_real_terminal() -> None:
     """`dev`'s logging set-up, in a process whose stderr is a pseudo-terminal."""
-    script = ("import logging; from service.devserver import configure_dev_logging; "
-              "configure_dev_logging('INFO'); "
-              "logging.getLogger('service.oauth').info('linked', extra={'connection_id': 'c-1'})")
+    script = (
+        "import logging; from service.devserver import configure_dev_logging; "
+        "configure_dev_logging('INFO'); "
+        "logging.getLogger('service.oauth').info('linked', extra={'connection_id': 'c-1'})"
+    )
     controller, terminal = pty.openpty()
     try:
-        done = subprocess.run([sys.executable, "-c", script], stderr=terminal,
-                              stdout=subprocess.DEVNULL, timeout=60, check=False,
-                              cwd=Path(__file__).resolve().parents[1])
+        done = subprocess.run(
+            [sys.executable, "-c", script],
+            stderr=terminal,
+            stdout=subprocess.DEVNULL,
+            timeout=60,
+            check=False,
+            cwd=Path(__file__).resolve().parents[1],
+        )
         os.close(terminal)
         terminal = -1
         output = b""
@@ -267,6 +307,7 @@ def test_dev_logs_are_readable_on_a_real_terminal() -> None:
         os.close(controller)
     assert done.returncode == 0, output
     text = output.decode().replace("\r\n", "\n")
-    assert re.search(r"^\d\d:\d\d:\d\d INFO  service\.oauth  linked  connection_id=c-1$", text,
-                     re.MULTILINE), text
+    assert re.search(
+        r"^\d\d:\d\d:\d\d INFO  service\.oauth  linked  connection_id=c-1$", text, re.MULTILINE
+    ), text
     assert "{" not in text

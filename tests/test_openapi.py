@@ -14,8 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_openapi_yaml_matches_the_app() -> None:
     committed = yaml.safe_load((ROOT / "openapi.yaml").read_text())
     served = yaml.safe_load(openapi_yaml())
-    assert committed == served, (
-        "openapi.yaml is stale: run `uv run qbo-broker openapi --output openapi.yaml`")
+    assert committed == served, "openapi.yaml is stale: run `uv run qbo-broker openapi --output openapi.yaml`"
 
 
 async def test_served_document_is_the_committed_one(client) -> None:
@@ -27,8 +26,11 @@ async def test_served_document_is_the_committed_one(client) -> None:
 def test_both_security_schemes_are_offered() -> None:
     document = yaml.safe_load(openapi_yaml())
     schemes = document["components"]["securitySchemes"]
-    assert schemes["UserJWT"] == {"type": "http", "scheme": "bearer",
-                                  "description": schemes["UserJWT"]["description"]}
+    assert schemes["UserJWT"] == {
+        "type": "http",
+        "scheme": "bearer",
+        "description": schemes["UserJWT"]["description"],
+    }
     assert schemes["ServiceAPIKey"]["in"] == "header"
     assert schemes["ServiceAPIKey"]["name"] == "X-API-Key"
     token_op = document["paths"]["/connections/{connection_id}/token"]["get"]
@@ -37,7 +39,11 @@ def test_both_security_schemes_are_offered() -> None:
 
 def test_every_api_operation_documents_database_unavailable() -> None:
     document = yaml.safe_load(openapi_yaml())
-    missing = [f"{method.upper()} {path}" for path, item in document["paths"].items()
-               if path.startswith(("/connections", "/status"))
-               for method, operation in item.items() if "503" not in operation["responses"]]
+    missing = [
+        f"{method.upper()} {path}"
+        for path, item in document["paths"].items()
+        if path.startswith(("/connections", "/status"))
+        for method, operation in item.items()
+        if "503" not in operation["responses"]
+    ]
     assert not missing

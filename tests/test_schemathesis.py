@@ -51,59 +51,79 @@ COMPLETE = "POST /connections/{connection_id}/complete"
 _TENANT_ID: TypeAdapter[str] = TypeAdapter(TenantId)
 _HTTP_URL: TypeAdapter[AnyHttpUrl] = TypeAdapter(AnyHttpUrl)
 
-CONFIG = schemathesis.Config.from_dict({
-    "request-timeout": 10,
-    "generation": {
-        "mode": "all",  # valid and invalid requests
-        # Fuzzed cases per operation and caller, on top of the deterministic coverage cases
-        # (boundaries, missing and malformed parameters): the module runs in about a minute.
-        "max-examples": 25,
-        # No example database in the working tree.
-        "database": ":memory:",
-        # The test's caller signs every request (test_operation); random Authorization and
-        # X-API-Key values next to it would only turn cases into 401s. Missing and invalid
-        # credentials are still tried: `ignored_auth` strips or garbles them on every success.
-        "with-security-parameters": False,
-    },
-    "operations": [{
-        # Intuit's redirect back can only succeed with a `state` the broker issued moments ago and a
-        # `code` Intuit issued for it; for anything a generator can make, the documented answer is
-        # 400 (invalid_state: the HTML page, or problem+json). That answer, and the linking rules
-        # behind a real callback, are tested in tests/oauth/test_connect_flow.py.
-        "include-name": CALLBACK,
-        "checks": {"positive_data_acceptance": {
-            "expected-statuses": ["2xx", "3xx", "400", "401", "403", "404", "409", "429", "5xx"]}},
-    }, {
-        # Likewise a completion ticket: only one the callback handed out moments ago is good, so
-        # any generated one is answered 400 invalid_state (or 404 for a connection the caller may
-        # not see). Redeeming real tickets is tested in tests/oauth/test_connect_binding.py.
-        "include-name": COMPLETE,
-        "checks": {"positive_data_acceptance": {
-            "expected-statuses": ["2xx", "400", "401", "403", "404", "409", "429", "5xx"]}},
-    }, {
-        # Intuit signs its notifications with the app's verifier token; a generated signature
-        # never matches, so the documented answer is 401 (413 for an oversized body). Verified
-        # notifications are tested in tests/intuit_webhooks/test_intake.py.
-        "include-name": "POST /intuit/webhooks",
-        "checks": {"positive_data_acceptance": {"expected-statuses": ["2xx", "401", "413"]}},
-    }, {
-        # Which URLs may receive webhooks is decided after DNS resolution (https to public
-        # addresses only), not by the document: a generated URL is refused with 422 (tested in
-        # tests/events/test_webhooks.py); a good one becomes a public address (_public_webhook_url),
-        # and past the per-tenant cap a create is 409.
-        "include-name": "POST /webhook-endpoints",
-        "checks": {"positive_data_acceptance": {
-            "expected-statuses": ["2xx", "401", "403", "404", "409", "422", "429", "5xx"]}},
-    }, {
-        # The QuickBooks gateway relays whatever Intuit answers a generated path, query and body
-        # (mostly 400 "Unsupported Operation"), or refuses a path that leaves the company (400);
-        # a user is refused (403), a pending connection is 409, and a burst of cases may meet
-        # the company's throttles (429). Real calls are tested in tests/gateway/.
-        "include-path-regex": "/quickbooks/",
-        "checks": {"positive_data_acceptance": {
-            "expected-statuses": ["2xx", "400", "401", "403", "404", "409", "415", "429", "5xx"]}},
-    }],
-})
+CONFIG = schemathesis.Config.from_dict(
+    {
+        "request-timeout": 10,
+        "generation": {
+            "mode": "all",  # valid and invalid requests
+            # Fuzzed cases per operation and caller, on top of the deterministic coverage cases
+            # (boundaries, missing and malformed parameters): the module runs in about a minute.
+            "max-examples": 25,
+            # No example database in the working tree.
+            "database": ":memory:",
+            # The test's caller signs every request (test_operation); random Authorization and
+            # X-API-Key values next to it would only turn cases into 401s. Missing and invalid
+            # credentials are still tried: `ignored_auth` strips or garbles them on every success.
+            "with-security-parameters": False,
+        },
+        "operations": [
+            {
+                # Intuit's redirect back can only succeed with a `state` the broker issued moments ago and a
+                # `code` Intuit issued for it; for anything a generator can make, the documented answer is
+                # 400 (invalid_state: the HTML page, or problem+json). That answer, and the linking rules
+                # behind a real callback, are tested in tests/oauth/test_connect_flow.py.
+                "include-name": CALLBACK,
+                "checks": {
+                    "positive_data_acceptance": {
+                        "expected-statuses": ["2xx", "3xx", "400", "401", "403", "404", "409", "429", "5xx"]
+                    }
+                },
+            },
+            {
+                # Likewise a completion ticket: only one the callback handed out moments ago is good, so
+                # any generated one is answered 400 invalid_state (or 404 for a connection the caller may
+                # not see). Redeeming real tickets is tested in tests/oauth/test_connect_binding.py.
+                "include-name": COMPLETE,
+                "checks": {
+                    "positive_data_acceptance": {
+                        "expected-statuses": ["2xx", "400", "401", "403", "404", "409", "429", "5xx"]
+                    }
+                },
+            },
+            {
+                # Intuit signs its notifications with the app's verifier token; a generated signature
+                # never matches, so the documented answer is 401 (413 for an oversized body). Verified
+                # notifications are tested in tests/intuit_webhooks/test_intake.py.
+                "include-name": "POST /intuit/webhooks",
+                "checks": {"positive_data_acceptance": {"expected-statuses": ["2xx", "401", "413"]}},
+            },
+            {
+                # Which URLs may receive webhooks is decided after DNS resolution (https to public
+                # addresses only), not by the document: a generated URL is refused with 422 (tested in
+                # tests/events/test_webhooks.py); a good one becomes a public address (_public_webhook_url),
+                # and past the per-tenant cap a create is 409.
+                "include-name": "POST /webhook-endpoints",
+                "checks": {
+                    "positive_data_acceptance": {
+                        "expected-statuses": ["2xx", "401", "403", "404", "409", "422", "429", "5xx"]
+                    }
+                },
+            },
+            {
+                # The QuickBooks gateway relays whatever Intuit answers a generated path, query and body
+                # (mostly 400 "Unsupported Operation"), or refuses a path that leaves the company (400);
+                # a user is refused (403), a pending connection is 409, and a burst of cases may meet
+                # the company's throttles (429). Real calls are tested in tests/gateway/.
+                "include-path-regex": "/quickbooks/",
+                "checks": {
+                    "positive_data_acceptance": {
+                        "expected-statuses": ["2xx", "400", "401", "403", "404", "409", "415", "429", "5xx"]
+                    }
+                },
+            },
+        ],
+    }
+)
 PUBLIC_WEBHOOK_URL = "https://93.184.216.34/hooks"
 
 
@@ -147,12 +167,18 @@ def real_connection_ids(ctx: schemathesis.HookContext, path_parameters: dict[str
     # A generated well-formed id never exists; use a seeded one about half of the time, so the
     # operations' success answers are exercised too. Malformed ids stay: negative cases must remain
     # negative.
-    for name, seeded in [("connection_id", SEEDED.connection_ids),
-                         ("endpoint_id", SEEDED.endpoint_ids), ("event_id", SEEDED.event_ids)]:
-        if (path_parameters and _is_uuid(path_parameters.get(name))
-                and seeded):  # nothing seeded yet: cases built at collection
-            return st.one_of(st.just(path_parameters), st.sampled_from(seeded).map(
-                lambda real, name=name: {**path_parameters, name: real}))
+    for name, seeded in [
+        ("connection_id", SEEDED.connection_ids),
+        ("endpoint_id", SEEDED.endpoint_ids),
+        ("event_id", SEEDED.event_ids),
+    ]:
+        if (
+            path_parameters and _is_uuid(path_parameters.get(name)) and seeded
+        ):  # nothing seeded yet: cases built at collection
+            return st.one_of(
+                st.just(path_parameters),
+                st.sampled_from(seeded).map(lambda real, name=name: {**path_parameters, name: real}),
+            )
     return st.just(path_parameters)
 
 
@@ -181,9 +207,12 @@ def _issued_cursor(case: Case) -> None:
 
 def _public_webhook_url(case: Case) -> None:
     # A URL the document calls valid becomes one of a public address (see CONFIG).
-    if (case.method.upper(), case.path) == ("POST", "/webhook-endpoints") and isinstance(
-            case.body, dict) and isinstance(case.body.get("url"), str) and 0 < len(
-            case.body["url"]) <= 2048:
+    if (
+        (case.method.upper(), case.path) == ("POST", "/webhook-endpoints")
+        and isinstance(case.body, dict)
+        and isinstance(case.body.get("url"), str)
+        and 0 < len(case.body["url"]) <= 2048
+    ):
         case.body = {**case.body, "url": PUBLIC_WEBHOOK_URL}
 
 
@@ -255,10 +284,13 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 @pytest.fixture
-async def seeded(identity: str, client: httpx.AsyncClient,
-                 new_connection: Callable[..., Awaitable[dict[str, Any]]],
-                 connect: Callable[..., Awaitable[CallbackResult]],
-                 service_headers: Callable[..., Awaitable[dict[str, str]]]) -> AsyncIterator[Seeded]:
+async def seeded(
+    identity: str,
+    client: httpx.AsyncClient,
+    new_connection: Callable[..., Awaitable[dict[str, Any]]],
+    connect: Callable[..., Awaitable[CallbackResult]],
+    service_headers: Callable[..., Awaitable[dict[str, str]]],
+) -> AsyncIterator[Seeded]:
     """Connections in every state the operations tell apart, page cursors, the caller's
     credentials. Operations open to anyone (health, metrics, Intuit's callback) need none."""
     if identity == "anonymous":
@@ -267,8 +299,7 @@ async def seeded(identity: str, client: httpx.AsyncClient,
     # Webhook endpoints before the events, so they have deliveries (and pages of them).
     hooks = await service_headers("webhooks:write", name="seed-webhooks")
     for _ in range(2):
-        created = await client.post("/webhook-endpoints", json={"url": PUBLIC_WEBHOOK_URL},
-                                    headers=hooks)
+        created = await client.post("/webhook-endpoints", json={"url": PUBLIC_WEBHOOK_URL}, headers=hooks)
         SEEDED.endpoint_ids.append(created.raise_for_status().json()["id"])
     pending = await new_connection()
     connected = await new_connection()
@@ -283,26 +314,38 @@ async def seeded(identity: str, client: httpx.AsyncClient,
     foreign = await new_connection(tenant="tenant-b")
     SEEDED.connection_ids = [pending["id"], connected["id"], awaiting["id"], foreign["id"]]
 
-    pages = {"/connections": "/connections",
-             "/connections/{connection_id}/events": f"/connections/{awaiting['id']}/events"}
-    pages.update({"/webhook-endpoints": "/webhook-endpoints",
-                  "/webhook-endpoints/{endpoint_id}/deliveries":
-                  f"/webhook-endpoints/{SEEDED.endpoint_ids[0]}/deliveries"})
-    deliveries = await client.get(pages["/webhook-endpoints/{endpoint_id}/deliveries"],
-                                  headers=hooks)
+    pages = {
+        "/connections": "/connections",
+        "/connections/{connection_id}/events": f"/connections/{awaiting['id']}/events",
+    }
+    pages.update(
+        {
+            "/webhook-endpoints": "/webhook-endpoints",
+            "/webhook-endpoints/{endpoint_id}/deliveries": (
+                f"/webhook-endpoints/{SEEDED.endpoint_ids[0]}/deliveries"
+            ),
+        }
+    )
+    deliveries = await client.get(pages["/webhook-endpoints/{endpoint_id}/deliveries"], headers=hooks)
     SEEDED.event_ids = [d["event_id"] for d in deliveries.raise_for_status().json()["items"]]
     for template, url in pages.items():
-        page = await client.get(url, params={"limit": 1}, headers=(
-            hooks if template.startswith("/webhook") else user_headers()))
+        page = await client.get(
+            url, params={"limit": 1}, headers=(hooks if template.startswith("/webhook") else user_headers())
+        )
         SEEDED.cursors[template] = page.raise_for_status().json()["next_cursor"]
         assert SEEDED.cursors[template], (url, page.text)
 
     if identity == "user":
         SEEDED.headers = user_headers()
     elif identity == "service":
-        SEEDED.headers = await service_headers("status:read", "tokens:read", "connections:write",
-                                               "webhooks:write", "quickbooks:read",
-                                               "quickbooks:write")
+        SEEDED.headers = await service_headers(
+            "status:read",
+            "tokens:read",
+            "connections:write",
+            "webhooks:write",
+            "quickbooks:read",
+            "quickbooks:write",
+        )
     yield SEEDED
     SEEDED.connection_ids, SEEDED.cursors, SEEDED.headers = [], {}, {}
     SEEDED.endpoint_ids, SEEDED.event_ids = [], []
@@ -313,8 +356,12 @@ def fuzzed_broker(stack: Stack) -> Iterator[str]:
     """A broker like the stack's, on its database, whose event streams end after half a second:
     a stream's success is an answer that goes on, which a generated case cannot wait for."""
     port = free_port()
-    server = ThreadedServer(create_app(broker_settings(
-        stack.database_url, port, stack.emulator_url, BROKER_STREAM_MAX_SECONDS=0.5)), port).start()
+    server = ThreadedServer(
+        create_app(
+            broker_settings(stack.database_url, port, stack.emulator_url, BROKER_STREAM_MAX_SECONDS=0.5)
+        ),
+        port,
+    ).start()
     yield server.url
     server.stop()
 
@@ -341,14 +388,19 @@ def test_operation(case: Case, broker: str, identity: str) -> None:
 
 
 async def test_a_service_must_name_the_tenant_and_the_user(
-        client: httpx.AsyncClient, service_headers: Callable[..., Awaitable[dict[str, str]]],
-        new_connection: Callable[..., Awaitable[dict[str, Any]]]) -> None:
+    client: httpx.AsyncClient,
+    service_headers: Callable[..., Awaitable[dict[str, str]]],
+    new_connection: Callable[..., Awaitable[dict[str, Any]]],
+) -> None:
     headers = await service_headers("status:read", "connections:write")
     connection = await new_connection()
     requests: list[tuple[str, str, dict[str, str] | None]] = [
-        ("GET", "/connections", None), ("GET", "/status", None), ("GET", "/status/stream", None),
+        ("GET", "/connections", None),
+        ("GET", "/status", None),
+        ("GET", "/status/stream", None),
         ("POST", "/connections", {}),
-        ("POST", f"/connections/{connection['id']}/authorize", {"return_url": RETURN_URL})]
+        ("POST", f"/connections/{connection['id']}/authorize", {"return_url": RETURN_URL}),
+    ]
     for method, url, body in requests:
         response = await client.request(method, url, json=body, headers=headers)
         assert response.status_code == 422, (method, url, response.text)
@@ -361,9 +413,11 @@ async def test_a_service_must_name_the_tenant_and_the_user(
 
 async def test_method_not_allowed_names_every_method_of_the_path(client: httpx.AsyncClient) -> None:
     # Each route carries one operation; the router's own 405 named only the first route's methods.
-    for method, url, allowed in [("PUT", "/connections", "GET, POST"),
-                                 ("POST", f"/connections/{uuid.uuid4()}", "GET, PATCH, DELETE"),
-                                 ("DELETE", "/status", "GET")]:
+    for method, url, allowed in [
+        ("PUT", "/connections", "GET, POST"),
+        ("POST", f"/connections/{uuid.uuid4()}", "GET, PATCH, DELETE"),
+        ("DELETE", "/status", "GET"),
+    ]:
         response = await client.request(method, url, headers=user_headers())
         assert response.status_code == 405, (method, url)
         assert response.headers["allow"] == allowed
@@ -372,10 +426,13 @@ async def test_method_not_allowed_names_every_method_of_the_path(client: httpx.A
 
 async def test_a_body_that_is_not_text_is_a_documented_400(client: httpx.AsyncClient) -> None:
     document = yaml.safe_load(openapi_yaml())
-    for method, url, template in [("POST", "/connections", "/connections"),
-                                  ("PATCH", f"/connections/{uuid.uuid4()}", "/connections/{connection_id}")]:
-        response = await client.request(method, url, content=b"\xff\xfe{", headers={
-            **user_headers(), "Content-Type": "application/json"})
+    for method, url, template in [
+        ("POST", "/connections", "/connections"),
+        ("PATCH", f"/connections/{uuid.uuid4()}", "/connections/{connection_id}"),
+    ]:
+        response = await client.request(
+            method, url, content=b"\xff\xfe{", headers={**user_headers(), "Content-Type": "application/json"}
+        )
         assert response.status_code == 400, (method, url, response.text)
         assert response.headers["content-type"] == "application/problem+json"
         assert "400" in document["paths"][template][method.lower()]["responses"]

@@ -83,18 +83,19 @@ async def test_recognises_an_unreachable_database(database_url: str) -> None:
             await admin.close()
             await asyncio.sleep(0.1)
             unreachable["SQLAlchemy, session ended"] = await _raised(
-                lambda: sa_conn.execute(sa.text("SELECT 1")))
+                lambda: sa_conn.execute(sa.text("SELECT 1"))
+            )
         async with engine.connect() as sa_conn:
             await sa_conn.execute(sa.text("SET statement_timeout = 50"))
             unreachable["SQLAlchemy, statement timeout"] = await _raised(
-                lambda: sa_conn.execute(sa.text("SELECT pg_sleep(2)")))
+                lambda: sa_conn.execute(sa.text("SELECT pg_sleep(2)"))
+            )
     finally:
         await engine.dispose()
     refused_engine = build_engine(_closed_port_dsn(), pool_size=1)
     try:
         async with refused_engine.connect() as sa_conn:
-            unreachable["SQLAlchemy, refused"] = await _raised(
-                lambda: sa_conn.execute(sa.text("SELECT 1")))
+            unreachable["SQLAlchemy, refused"] = await _raised(lambda: sa_conn.execute(sa.text("SELECT 1")))
     except Exception as exc:  # raised at connect
         unreachable["SQLAlchemy, refused"] = exc
     finally:
@@ -111,25 +112,27 @@ async def test_recognises_an_unreachable_database(database_url: str) -> None:
     try:
         async with pool.acquire():
             unreachable["asyncpg pool, no connection in time"] = await _raised(
-                lambda: pool.acquire(timeout=0.05))
+                lambda: pool.acquire(timeout=0.05)
+            )
     finally:
         await pool.close()
     unreachable["server starting up"] = asyncpg.exceptions.CannotConnectNowError(
-        "the database system is starting up")
+        "the database system is starting up"
+    )
 
     bugs: dict[str, BaseException] = {}
     admin = await asyncpg.connect(asyncpg_dsn(database_url))
     try:
         bugs["syntax error"] = await _raised(lambda: admin.execute("SELEC 1"))
-        bugs["unique violation"] = await _raised(lambda: admin.execute(
-            "CREATE TEMP TABLE t (id int PRIMARY KEY); INSERT INTO t VALUES (1), (1)"))
+        bugs["unique violation"] = await _raised(
+            lambda: admin.execute("CREATE TEMP TABLE t (id int PRIMARY KEY); INSERT INTO t VALUES (1), (1)")
+        )
     finally:
         await admin.close()
     engine = build_engine(database_url, pool_size=1)
     try:
         async with engine.connect() as sa_conn:
-            bugs["SQLAlchemy, syntax error"] = await _raised(
-                lambda: sa_conn.execute(sa.text("SELEC 1")))
+            bugs["SQLAlchemy, syntax error"] = await _raised(lambda: sa_conn.execute(sa.text("SELEC 1")))
     finally:
         await engine.dispose()
     bugs["a plain bug"] = RuntimeError("boom")
@@ -137,8 +140,7 @@ async def test_recognises_an_unreachable_database(database_url: str) -> None:
 
     assert {name: exc for name, exc in unreachable.items() if not database_unreachable(exc)} == {}
     assert {name: exc for name, exc in bugs.items() if database_unreachable(exc)} == {}
-    assert isinstance(unreachable["SQLAlchemy pool, no connection in time"],
-                      sqlalchemy.exc.TimeoutError)
+    assert isinstance(unreachable["SQLAlchemy pool, no connection in time"], sqlalchemy.exc.TimeoutError)
 
 
 async def test_a_silent_server_fails_fast(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -148,8 +150,7 @@ async def test_a_silent_server_fails_fast(monkeypatch: pytest.MonkeyPatch) -> No
     with socket.socket() as silent:
         silent.bind(("127.0.0.1", 0))
         silent.listen(8)
-        engine = build_engine(f"postgresql://postgres@127.0.0.1:{silent.getsockname()[1]}/x",
-                              pool_size=1)
+        engine = build_engine(f"postgresql://postgres@127.0.0.1:{silent.getsockname()[1]}/x", pool_size=1)
         started = time.monotonic()
         try:
             async with asyncio.timeout(10) as guard:
@@ -167,6 +168,7 @@ async def _select_one(engine: Any) -> None:
 
 
 # -- through the app ---------------------------------------------------------------------------
+
 
 @pytest.fixture
 def captured() -> Iterator[io.StringIO]:
@@ -227,10 +229,13 @@ def _records(captured: io.StringIO) -> list[dict[str, Any]]:
 
 
 async def test_an_unexpected_error_answers_500_with_the_request_id(
-        one_connection: tuple[httpx.AsyncClient, Connects], captured: io.StringIO) -> None:
+    one_connection: tuple[httpx.AsyncClient, Connects], captured: io.StringIO
+) -> None:
     http, connects = one_connection
-    answers = [await http.get("/_test/boom", headers={"Origin": ORIGIN},
-                              extensions={"trace": connects}) for _ in range(3)]
+    answers = [
+        await http.get("/_test/boom", headers={"Origin": ORIGIN}, extensions={"trace": connects})
+        for _ in range(3)
+    ]
     for answer in answers:
         assert answer.status_code == 500
         assert answer.headers["content-type"] == "application/problem+json"
@@ -250,23 +255,28 @@ async def test_an_unexpected_error_answers_500_with_the_request_id(
 
 
 async def test_the_error_class_survives_redaction_on_a_token_path(
-        one_connection: tuple[httpx.AsyncClient, Connects], captured: io.StringIO) -> None:
+    one_connection: tuple[httpx.AsyncClient, Connects], captured: io.StringIO
+) -> None:
     http, _ = one_connection
     answer = await http.get(f"/_test/{uuid.uuid4()}/token")
     assert answer.status_code == 500
-    errors = [r for r in _records(captured)
-              if r["request_id"] == answer.headers["x-request-id"] and r["level"] == "error"]
-    assert [r["message"] for r in errors] == [
-        "unhandled ValueError on GET /_test/{connection_id}/token"]
+    errors = [
+        r
+        for r in _records(captured)
+        if r["request_id"] == answer.headers["x-request-id"] and r["level"] == "error"
+    ]
+    assert [r["message"] for r in errors] == ["unhandled ValueError on GET /_test/{connection_id}/token"]
 
 
 @pytest.mark.parametrize("path", ["/_test/database", "/_test/dependency"])
 async def test_an_unreachable_database_answers_503(
-        one_connection: tuple[httpx.AsyncClient, Connects], captured: io.StringIO,
-        path: str) -> None:
+    one_connection: tuple[httpx.AsyncClient, Connects], captured: io.StringIO, path: str
+) -> None:
     http, connects = one_connection
-    answers = [await http.get(path, headers={"Origin": ORIGIN, **user_headers()},
-                              extensions={"trace": connects}) for _ in range(3)]
+    answers = [
+        await http.get(path, headers={"Origin": ORIGIN, **user_headers()}, extensions={"trace": connects})
+        for _ in range(3)
+    ]
     for answer in answers:
         assert answer.status_code == 503
         assert answer.headers["content-type"] == "application/problem+json"

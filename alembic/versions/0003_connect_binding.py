@@ -40,8 +40,7 @@ def upgrade() -> None:
         sa.Column("access_token_expires_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("refresh_token_expires_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
-        sa.Column("created_at", sa.DateTime(timezone=True), server_default=sa.text("now()"),
-                  nullable=False),
+        sa.Column("created_at", sa.DateTime(timezone=True), server_default=sa.text("now()"), nullable=False),
         sa.PrimaryKeyConstraint("ticket_hash"),
     )
     op.create_index("ix_held_grants_expires", "held_grants", ["expires_at"])

@@ -124,6 +124,8 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    op.execute("DROP FUNCTION qbo_broker_gateway_admit(text, boolean, int, int, int, int, "
-               "double precision, double precision, double precision)")
+    op.execute(
+        "DROP FUNCTION qbo_broker_gateway_admit(text, boolean, int, int, int, int, "
+        "double precision, double precision, double precision)"
+    )
     op.drop_table("quickbooks_realm_throttles")

@@ -26,10 +26,8 @@ def upgrade() -> None:
         sa.Column("tenant_id", sa.Text(), nullable=False),
         sa.Column("realm_id", sa.Text(), nullable=False),
         sa.Column("calls", sa.BigInteger(), nullable=False),
-        sa.Column("updated_at", sa.DateTime(timezone=True), server_default=sa.text("now()"),
-                  nullable=False),
-        sa.CheckConstraint("call_class IN ('core', 'coreplus')",
-                           name="quickbooks_usage_class_check"),
+        sa.Column("updated_at", sa.DateTime(timezone=True), server_default=sa.text("now()"), nullable=False),
+        sa.CheckConstraint("call_class IN ('core', 'coreplus')", name="quickbooks_usage_class_check"),
         sa.PrimaryKeyConstraint("month", "call_class", "tenant_id", "realm_id"),
     )
     op.create_table(
@@ -37,8 +35,7 @@ def upgrade() -> None:
         sa.Column("tenant_id", sa.Text(), nullable=False),
         sa.Column("coreplus_monthly_cap", sa.BigInteger(), nullable=False),
         sa.Column("updated_by", sa.Text(), nullable=False),
-        sa.Column("updated_at", sa.DateTime(timezone=True), server_default=sa.text("now()"),
-                  nullable=False),
+        sa.Column("updated_at", sa.DateTime(timezone=True), server_default=sa.text("now()"), nullable=False),
         sa.PrimaryKeyConstraint("tenant_id"),
     )
     op.create_table(
@@ -46,8 +43,7 @@ def upgrade() -> None:
         sa.Column("month", sa.Date(), nullable=False),
         sa.Column("threshold", sa.Integer(), nullable=False),
         sa.Column("coreplus_calls", sa.BigInteger(), nullable=False),
-        sa.Column("created_at", sa.DateTime(timezone=True), server_default=sa.text("now()"),
-                  nullable=False),
+        sa.Column("created_at", sa.DateTime(timezone=True), server_default=sa.text("now()"), nullable=False),
         sa.PrimaryKeyConstraint("month", "threshold"),
     )
 

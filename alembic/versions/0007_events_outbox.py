@@ -25,8 +25,7 @@ def upgrade() -> None:
         sa.Column("id", pg.UUID(as_uuid=True), primary_key=True),
         sa.Column("seq", sa.BigInteger, sa.Identity(always=True), nullable=False, unique=True),
         sa.Column("type", sa.Text, nullable=False),
-        sa.Column("occurred_at", sa.DateTime(timezone=True), nullable=False,
-                  server_default=sa.func.now()),
+        sa.Column("occurred_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
         sa.Column("tenant_id", sa.Text, nullable=False),
         # No foreign key: a connection's events outlive it (connection.deleted among them).
         sa.Column("connection_id", pg.UUID(as_uuid=True), nullable=True),

@@ -41,10 +41,15 @@ def upgrade() -> None:
     op.create_table(
         "webhook_deliveries",
         sa.Column("id", pg.UUID(as_uuid=True), primary_key=True),
-        sa.Column("endpoint_id", pg.UUID(as_uuid=True),
-                  sa.ForeignKey("webhook_endpoints.id", ondelete="CASCADE"), nullable=False),
-        sa.Column("event_id", pg.UUID(as_uuid=True),
-                  sa.ForeignKey("events.id", ondelete="CASCADE"), nullable=False),
+        sa.Column(
+            "endpoint_id",
+            pg.UUID(as_uuid=True),
+            sa.ForeignKey("webhook_endpoints.id", ondelete="CASCADE"),
+            nullable=False,
+        ),
+        sa.Column(
+            "event_id", pg.UUID(as_uuid=True), sa.ForeignKey("events.id", ondelete="CASCADE"), nullable=False
+        ),
         sa.Column("status", sa.Text, nullable=False, server_default="pending"),
         sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
         sa.Column("next_attempt_at", TZ, nullable=True),
@@ -56,14 +61,22 @@ def upgrade() -> None:
         sa.Column("last_error", sa.Text, nullable=True),
         sa.Column("delivered_at", TZ, nullable=True),
         sa.Column("created_at", TZ, nullable=False, server_default=sa.func.now()),
-        sa.CheckConstraint("status IN ('pending', 'succeeded', 'failed', 'cancelled')",
-                           name="webhook_deliveries_status_check"),
+        sa.CheckConstraint(
+            "status IN ('pending', 'succeeded', 'failed', 'cancelled')",
+            name="webhook_deliveries_status_check",
+        ),
     )
-    op.create_index("ix_webhook_deliveries_due", "webhook_deliveries",
-                    ["endpoint_id", "next_attempt_at"],
-                    postgresql_where=sa.text("status = 'pending'"))
-    op.create_index("ix_webhook_deliveries_endpoint", "webhook_deliveries",
-                    ["endpoint_id", sa.text("created_at DESC"), sa.text("id DESC")])
+    op.create_index(
+        "ix_webhook_deliveries_due",
+        "webhook_deliveries",
+        ["endpoint_id", "next_attempt_at"],
+        postgresql_where=sa.text("status = 'pending'"),
+    )
+    op.create_index(
+        "ix_webhook_deliveries_endpoint",
+        "webhook_deliveries",
+        ["endpoint_id", sa.text("created_at DESC"), sa.text("id DESC")],
+    )
     op.create_index("ix_webhook_deliveries_event", "webhook_deliveries", ["event_id"])
     # Fan-out in the event's own transaction: a committed event has its deliveries, a rolled-back
     # one none. Endpoints are few; this is an index-free scan of a small table.

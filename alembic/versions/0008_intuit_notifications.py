@@ -23,8 +23,7 @@ def upgrade() -> None:
     op.create_table(
         "intuit_notifications",
         sa.Column("id", sa.BigInteger(), sa.Identity(), nullable=False),
-        sa.Column("received_at", sa.DateTime(timezone=True), server_default=sa.text("now()"),
-                  nullable=False),
+        sa.Column("received_at", sa.DateTime(timezone=True), server_default=sa.text("now()"), nullable=False),
         sa.Column("body", sa.LargeBinary(), nullable=False),
         sa.Column("processed_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("attempts", sa.Integer(), server_default="0", nullable=False),
@@ -32,10 +31,18 @@ def upgrade() -> None:
         sa.Column("outcomes", postgresql.JSONB(), nullable=True),
         sa.PrimaryKeyConstraint("id"),
     )
-    op.create_index("ix_intuit_notifications_unprocessed", "intuit_notifications", ["id"],
-                    postgresql_where=sa.text("processed_at IS NULL"))
-    op.create_index("ix_intuit_notifications_processed", "intuit_notifications",
-                    ["processed_at"], postgresql_where=sa.text("processed_at IS NOT NULL"))
+    op.create_index(
+        "ix_intuit_notifications_unprocessed",
+        "intuit_notifications",
+        ["id"],
+        postgresql_where=sa.text("processed_at IS NULL"),
+    )
+    op.create_index(
+        "ix_intuit_notifications_processed",
+        "intuit_notifications",
+        ["processed_at"],
+        postgresql_where=sa.text("processed_at IS NOT NULL"),
+    )
     op.create_table(
         "intuit_entity_changes",
         sa.Column("realm_id", sa.Text(), nullable=False),
@@ -45,13 +52,10 @@ def upgrade() -> None:
         sa.Column("occurred_second", sa.DateTime(timezone=True), nullable=False),
         sa.Column("notification_id", sa.BigInteger(), nullable=False),
         sa.Column("outcome", sa.Text(), nullable=False),
-        sa.Column("recorded_at", sa.DateTime(timezone=True), server_default=sa.text("now()"),
-                  nullable=False),
-        sa.PrimaryKeyConstraint("realm_id", "entity", "entity_id", "operation",
-                                "occurred_second"),
+        sa.Column("recorded_at", sa.DateTime(timezone=True), server_default=sa.text("now()"), nullable=False),
+        sa.PrimaryKeyConstraint("realm_id", "entity", "entity_id", "operation", "occurred_second"),
     )
-    op.create_index("ix_intuit_entity_changes_second", "intuit_entity_changes",
-                    ["occurred_second"])
+    op.create_index("ix_intuit_entity_changes_second", "intuit_entity_changes", ["occurred_second"])
 
 
 def downgrade() -> None:

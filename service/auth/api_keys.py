@@ -42,10 +42,14 @@ async def create_api_key(session: AsyncSession, *, name: str, scopes: list[str])
 
 
 async def find_active_key(session: AsyncSession, key: str) -> ApiKey | None:
-    row = (await session.execute(
-        sa.select(ApiKey).where(ApiKey.key_hash == hash_key(key),  # type: ignore[arg-type]
-                                ApiKey.revoked_at.is_(None))  # type: ignore[union-attr]
-    )).scalar_one_or_none()
+    row = (
+        await session.execute(
+            sa.select(ApiKey).where(
+                ApiKey.key_hash == hash_key(key),  # type: ignore[arg-type]
+                ApiKey.revoked_at.is_(None),  # type: ignore[union-attr]
+            )
+        )
+    ).scalar_one_or_none()
     if row is not None:
         now = datetime.now(UTC)
         if row.last_used_at is None or now - row.last_used_at > _TOUCH_EVERY:
@@ -60,7 +64,8 @@ async def list_api_keys(session: AsyncSession) -> list[ApiKey]:
 
 async def revoke_api_key(session: AsyncSession, key_id: uuid.UUID) -> bool:
     result = await session.execute(
-        sa.update(ApiKey).where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None))  # type: ignore[arg-type,union-attr]
+        sa.update(ApiKey)
+        .where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None))  # type: ignore[arg-type,union-attr]
         .values(revoked_at=sa.func.now())
     )
     return bool(result.rowcount)  # type: ignore[attr-defined]

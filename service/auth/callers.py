@@ -68,9 +68,10 @@ class Caller:
             return self.tenant_id
         self.require_scope(Scope.STATUS_READ, Scope.CONNECTIONS_WRITE)
         if not requested:
-            raise ValidationFailed("A service must name the tenant: ?tenant_id=…",
-                                   errors=[{"loc": ["query", "tenant_id"], "msg": "required",
-                                            "type": "missing"}])
+            raise ValidationFailed(
+                "A service must name the tenant: ?tenant_id=…",
+                errors=[{"loc": ["query", "tenant_id"], "msg": "required", "type": "missing"}],
+            )
         return requested
 
     def tenant_for_write(self, requested: str | None) -> str:
@@ -81,9 +82,10 @@ class Caller:
             return self.tenant_id
         self.require_scope(Scope.CONNECTIONS_WRITE)
         if not requested:
-            raise ValidationFailed("A service must name the tenant: tenant_id.",
-                                   errors=[{"loc": ["body", "tenant_id"], "msg": "required",
-                                            "type": "missing"}])
+            raise ValidationFailed(
+                "A service must name the tenant: tenant_id.",
+                errors=[{"loc": ["body", "tenant_id"], "msg": "required", "type": "missing"}],
+            )
         return requested
 
     def user_for_write(self, requested: str | None) -> str:
@@ -91,7 +93,8 @@ class Caller:
         if self.is_user:
             return self.subject
         if not requested:
-            raise ValidationFailed("A service must name the cieTrade user: user_id.",
-                                   errors=[{"loc": ["body", "user_id"], "msg": "required",
-                                            "type": "missing"}])
+            raise ValidationFailed(
+                "A service must name the cieTrade user: user_id.",
+                errors=[{"loc": ["body", "user_id"], "msg": "required", "type": "missing"}],
+            )
         return requested

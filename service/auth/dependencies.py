@@ -15,11 +15,14 @@ from service.auth.jwt import MAX_BEARER_TOKEN_CHARS, JWTVerifier
 from service.core.errors import Unauthorized
 
 bearer_scheme = HTTPBearer(
-    auto_error=False, scheme_name="UserJWT",
+    auto_error=False,
+    scheme_name="UserJWT",
     description="A cieTrade user's JWT (claims sub, tenant_id, exp).",
 )
 api_key_scheme = APIKeyHeader(
-    name="X-API-Key", auto_error=False, scheme_name="ServiceAPIKey",
+    name="X-API-Key",
+    auto_error=False,
+    scheme_name="ServiceAPIKey",
     description="An internal service's API key (created with `qbo-broker api-key create`).",
 )
 
@@ -48,8 +51,7 @@ async def _service(request: Request, api_key: str) -> Caller:
             row = await find_active_key(session, api_key)
         if row is None:
             return None
-        return Caller(kind="service", subject=row.name, scopes=frozenset(row.scopes),
-                      api_key_id=row.id)
+        return Caller(kind="service", subject=row.name, scopes=frozenset(row.scopes), api_key_id=row.id)
 
     caller: Caller | None = await runtime.caches.api_keys.get_or_load(hash_key(api_key), load)
     if caller is None:

@@ -42,9 +42,15 @@ class _KeySetClient(PyJWKClient):
     remembering when the key set in use was fetched, and failing fast after a failed fetch."""
 
     def __init__(self, uri: str, *, lifespan: float, cooldown: float, timeout: float) -> None:
-        super().__init__(uri, cache_keys=False, cache_jwk_set=True, lifespan=lifespan,
-                         timeout=timeout, cooldown_duration=cooldown,
-                         headers={"User-Agent": "qbo-broker"})
+        super().__init__(
+            uri,
+            cache_keys=False,
+            cache_jwk_set=True,
+            lifespan=lifespan,
+            timeout=timeout,
+            cooldown_duration=cooldown,
+            headers={"User-Agent": "qbo-broker"},
+        )
         self.fetched_at = -math.inf  # time.monotonic() of the last successful fetch
         self._failed_at = -math.inf
 
@@ -61,14 +67,23 @@ class _KeySetClient(PyJWKClient):
 
 
 class JWTVerifier:
-    def __init__(self, settings: Settings, *, jwks_lifespan: float = JWKS_LIFESPAN_SECONDS,
-                 jwks_cooldown: float = JWKS_COOLDOWN_SECONDS,
-                 jwks_timeout: float = JWKS_TIMEOUT_SECONDS) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        jwks_lifespan: float = JWKS_LIFESPAN_SECONDS,
+        jwks_cooldown: float = JWKS_COOLDOWN_SECONDS,
+        jwks_timeout: float = JWKS_TIMEOUT_SECONDS,
+    ) -> None:
         self._settings = settings
         self._jwks_lifespan = jwks_lifespan
-        self._jwks = (_KeySetClient(settings.jwt_jwks_url, lifespan=jwks_lifespan,
-                                    cooldown=jwks_cooldown, timeout=jwks_timeout)
-                      if settings.jwt_jwks_url else None)
+        self._jwks = (
+            _KeySetClient(
+                settings.jwt_jwks_url, lifespan=jwks_lifespan, cooldown=jwks_cooldown, timeout=jwks_timeout
+            )
+            if settings.jwt_jwks_url
+            else None
+        )
         # token -> (claims, time.monotonic() until which it may be trusted without a new look)
         self._verified: dict[str, tuple[dict[str, Any], float]] = {}
 
@@ -108,7 +123,8 @@ class JWTVerifier:
             key = self._jwks.get_signing_key_from_jwt(token).key
         except (PyJWKClientConnectionError, PyJWKSetError, ValueError):
             raise SigningKeysUnavailable(
-                "The signing keys of user tokens could not be fetched; retry shortly.") from None
+                "The signing keys of user tokens could not be fetched; retry shortly."
+            ) from None
         except jwt.PyJWTError:
             raise Unauthorized("The bearer token's signing key is unknown.") from None
         return key, self._jwks.fetched_at + self._jwks_lifespan
@@ -132,8 +148,11 @@ class JWTVerifier:
             raise Unauthorized("The bearer token's algorithm is not accepted.")
         try:
             claims = jwt.decode(
-                token, key, algorithms=[alg],
-                audience=s.jwt_audience, issuer=s.jwt_issuer,
+                token,
+                key,
+                algorithms=[alg],
+                audience=s.jwt_audience,
+                issuer=s.jwt_issuer,
                 options={"require": list(_REQUIRED_CLAIMS), "verify_aud": s.jwt_audience is not None},
                 leeway=30,
             )
@@ -156,13 +175,18 @@ class JWTVerifier:
         return {**claims, "exp": exp}, until
 
 
-def issue_dev_token(secret: str, *, tenant_id: str, user_id: str,
-                    ttl_seconds: int = 12 * 3600, issuer: str | None = None,
-                    audience: str | None = None) -> str:
+def issue_dev_token(
+    secret: str,
+    *,
+    tenant_id: str,
+    user_id: str,
+    ttl_seconds: int = 12 * 3600,
+    issuer: str | None = None,
+    audience: str | None = None,
+) -> str:
     """An HS256 token as the cieTrade frontend would send, for development and tests."""
     now = int(time.time())
-    claims: dict[str, Any] = {"sub": user_id, "tenant_id": tenant_id, "iat": now,
-                              "exp": now + ttl_seconds}
+    claims: dict[str, Any] = {"sub": user_id, "tenant_id": tenant_id, "iat": now, "exp": now + ttl_seconds}
     if issuer:
         claims["iss"] = issuer
     if audience:

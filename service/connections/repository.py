@@ -23,8 +23,13 @@ E = ConnectionEvent.__table__.c  # type: ignore[attr-defined]
 
 async def lock_tenant(session: AsyncSession, tenant_id: str) -> None:
     """Serialize this transaction with others that lock the tenant, until it ends."""
-    await session.execute(sa.select(sa.func.pg_advisory_xact_lock(
-        sa.literal(TENANT_LOCK_NAMESPACE, sa.Integer), sa.func.hashtext(tenant_id))))
+    await session.execute(
+        sa.select(
+            sa.func.pg_advisory_xact_lock(
+                sa.literal(TENANT_LOCK_NAMESPACE, sa.Integer), sa.func.hashtext(tenant_id)
+            )
+        )
+    )
 
 
 async def count_tenant_connections(session: AsyncSession, tenant_id: str) -> int:
@@ -39,16 +44,18 @@ async def create_connection(session: AsyncSession, *, tenant_id: str) -> Connect
     return conn
 
 
-async def get_connection(session: AsyncSession, connection_id: uuid.UUID, *,
-                         for_update: bool = False) -> Connection | None:
+async def get_connection(
+    session: AsyncSession, connection_id: uuid.UUID, *, for_update: bool = False
+) -> Connection | None:
     stmt = sa.select(Connection).where(C.id == connection_id)
     if for_update:
         stmt = stmt.with_for_update()
     return (await session.execute(stmt)).scalar_one_or_none()
 
 
-async def get_pending_link(session: AsyncSession, connection_id: uuid.UUID, *,
-                           for_update: bool = False) -> PendingLink | None:
+async def get_pending_link(
+    session: AsyncSession, connection_id: uuid.UUID, *, for_update: bool = False
+) -> PendingLink | None:
     stmt = sa.select(PendingLink).where(P.connection_id == connection_id)
     if for_update:
         stmt = stmt.with_for_update()
@@ -58,17 +65,20 @@ async def get_pending_link(session: AsyncSession, connection_id: uuid.UUID, *,
 async def list_connections(
     session: AsyncSession, *, tenant_id: str, status: str | None, limit: int, cursor: str | None
 ) -> tuple[list[tuple[Connection, PendingLink | None]], str | None]:
-    stmt = (sa.select(Connection, PendingLink)
-            .outerjoin(PendingLink, P.connection_id == C.id)
-            .where(C.tenant_id == tenant_id)
-            .order_by(C.created_at.desc(), C.id.desc())
-            .limit(limit + 1))
+    stmt = (
+        sa.select(Connection, PendingLink)
+        .outerjoin(PendingLink, P.connection_id == C.id)
+        .where(C.tenant_id == tenant_id)
+        .order_by(C.created_at.desc(), C.id.desc())
+        .limit(limit + 1)
+    )
     if status is not None:
         stmt = stmt.where(C.status == status)
     if cursor is not None:
         stmt = stmt.where(sa.tuple_(C.created_at, C.id) < sa.tuple_(*time_id_cursor(cursor)))
     rows: list[tuple[Connection, PendingLink | None]] = [
-        (row[0], row[1]) for row in (await session.execute(stmt)).all()]
+        (row[0], row[1]) for row in (await session.execute(stmt)).all()
+    ]
     next_cursor = None
     if len(rows) > limit:
         rows = rows[:limit]
@@ -86,28 +96,30 @@ FROM connections WHERE tenant_id = $1 ORDER BY created_at DESC, id DESC LIMIT $2
 """
 
 
-async def read_tenant_status(reads: asyncpg.Pool, tenant_id: str, *,
-                             limit: int) -> list[SimpleNamespace]:
+async def read_tenant_status(reads: asyncpg.Pool, tenant_id: str, *, limit: int) -> list[SimpleNamespace]:
     """The link-status columns of a tenant's newest `limit` connections."""
     return [SimpleNamespace(**row) for row in await reads.fetch(_STATUS_SQL, tenant_id, limit)]
 
 
-async def realm_linked_elsewhere(session: AsyncSession, *, realm_id: str,
-                                 connection_id: uuid.UUID) -> bool:
-    stmt = sa.select(sa.exists().where(
-        C.realm_id == realm_id, C.id != connection_id,
-        C.status.in_(("connected", "reauthorization_required"))))
+async def realm_linked_elsewhere(session: AsyncSession, *, realm_id: str, connection_id: uuid.UUID) -> bool:
+    stmt = sa.select(
+        sa.exists().where(
+            C.realm_id == realm_id,
+            C.id != connection_id,
+            C.status.in_(("connected", "reauthorization_required")),
+        )
+    )
     return bool((await session.execute(stmt)).scalar_one())
 
 
 async def claimed_by(session: AsyncSession, *, tenant_id: str, qb_sub: str) -> str | None:
     stmt = sa.select(QuickBooksUserClaim.user_id).where(  # type: ignore[call-overload]
-        QuickBooksUserClaim.tenant_id == tenant_id, QuickBooksUserClaim.qb_sub == qb_sub)
+        QuickBooksUserClaim.tenant_id == tenant_id, QuickBooksUserClaim.qb_sub == qb_sub
+    )
     return (await session.execute(stmt)).scalar_one_or_none()
 
 
-async def claim_quickbooks_user(session: AsyncSession, *, tenant_id: str, qb_sub: str,
-                                user_id: str) -> None:
+async def claim_quickbooks_user(session: AsyncSession, *, tenant_id: str, qb_sub: str, user_id: str) -> None:
     await session.execute(
         pg_insert(QuickBooksUserClaim)
         .values(tenant_id=tenant_id, qb_sub=qb_sub, user_id=user_id)
@@ -115,25 +127,32 @@ async def claim_quickbooks_user(session: AsyncSession, *, tenant_id: str, qb_sub
     )
 
 
-async def add_event(session: AsyncSession, conn: Connection, type_: str, *,
-                    actor: str | None, **details: Any) -> None:
+async def add_event(
+    session: AsyncSession, conn: Connection, type_: str, *, actor: str | None, **details: Any
+) -> None:
     """Record a change in the connection's audit trail and, for the public kinds, publish its
     event (service.events.outbox), both in the change's transaction."""
     kept = {k: v for k, v in details.items() if v is not None}
-    session.add(ConnectionEvent(connection_id=conn.id, tenant_id=conn.tenant_id, type=type_,
-                                actor=actor, details=kept))
+    session.add(
+        ConnectionEvent(
+            connection_id=conn.id, tenant_id=conn.tenant_id, type=type_, actor=actor, details=kept
+        )
+    )
     public = outbox.public_event(type_, conn, kept)
     if public is not None:
-        await outbox.emit(session, public[0], tenant_id=conn.tenant_id, connection_id=conn.id,
-                          data=public[1])
+        await outbox.emit(session, public[0], tenant_id=conn.tenant_id, connection_id=conn.id, data=public[1])
 
 
-async def list_events(session: AsyncSession, *, connection_id: uuid.UUID, limit: int,
-                      cursor: str | None) -> tuple[list[ConnectionEvent], str | None]:
+async def list_events(
+    session: AsyncSession, *, connection_id: uuid.UUID, limit: int, cursor: str | None
+) -> tuple[list[ConnectionEvent], str | None]:
     # refresh_attempt rows are the refresher's bookkeeping (service.tokens.refresh), not history.
-    stmt = (sa.select(ConnectionEvent)
-            .where(E.connection_id == connection_id, E.type != "refresh_attempt")
-            .order_by(E.id.desc()).limit(limit + 1))
+    stmt = (
+        sa.select(ConnectionEvent)
+        .where(E.connection_id == connection_id, E.type != "refresh_attempt")
+        .order_by(E.id.desc())
+        .limit(limit + 1)
+    )
     if cursor is not None:
         stmt = stmt.where(E.id < id_cursor(cursor))
     events = list((await session.execute(stmt)).scalars())

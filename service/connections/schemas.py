@@ -12,8 +12,9 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StringConstraints
 from service.core.db.models import Connection, ConnectionEvent, PendingLink
 from service.domain import Status
 
-TenantId = Annotated[str, StringConstraints(min_length=1, max_length=128,
-                                            pattern=r"^[A-Za-z0-9][A-Za-z0-9._:@-]*$")]
+TenantId = Annotated[
+    str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:@-]*$")
+]
 UserId = TenantId
 
 
@@ -84,29 +85,45 @@ def accounting_link(conn: Any) -> AccountingLink:
 def owner_of(conn: Any) -> Owner | None:
     if conn.owner_qb_sub is None:
         return None
-    return Owner(user_id=conn.owner_user_id, quickbooks_user=QuickBooksUserOut(
-        sub=conn.owner_qb_sub, email=conn.owner_qb_email, name=conn.owner_qb_name))
+    return Owner(
+        user_id=conn.owner_user_id,
+        quickbooks_user=QuickBooksUserOut(
+            sub=conn.owner_qb_sub, email=conn.owner_qb_email, name=conn.owner_qb_name
+        ),
+    )
 
 
 def connection_out(conn: Connection, pending: PendingLink | None) -> ConnectionOut:
     return ConnectionOut(
-        id=conn.id, tenant_id=conn.tenant_id, status=Status(conn.status),
-        realm_id=conn.realm_id, company_name=conn.company_name, owner=owner_of(conn),
+        id=conn.id,
+        tenant_id=conn.tenant_id,
+        status=Status(conn.status),
+        realm_id=conn.realm_id,
+        company_name=conn.company_name,
+        owner=owner_of(conn),
         modules=Modules(accounts_receivable=conn.module_ar, accounts_payable=conn.module_ap),
         accounting_link=accounting_link(conn),
-        pending_link=None if pending is None else PendingLinkOut(
+        pending_link=None
+        if pending is None
+        else PendingLinkOut(
             reasons=list(pending.reasons),
-            quickbooks_user=QuickBooksUserOut(sub=pending.qb_sub, email=pending.qb_email,
-                                              name=pending.qb_name),
-            realm_id=pending.realm_id, company_name=pending.company_name,
-            expires_at=pending.expires_at),
+            quickbooks_user=QuickBooksUserOut(
+                sub=pending.qb_sub, email=pending.qb_email, name=pending.qb_name
+            ),
+            realm_id=pending.realm_id,
+            company_name=pending.company_name,
+            expires_at=pending.expires_at,
+        ),
         access_token_expires_at=conn.access_token_expires_at,
         refresh_token_expires_at=conn.refresh_token_expires_at,
-        last_refreshed_at=conn.last_refreshed_at, connected_at=conn.connected_at,
-        disconnected_at=conn.disconnected_at, created_at=conn.created_at,
+        last_refreshed_at=conn.last_refreshed_at,
+        connected_at=conn.connected_at,
+        disconnected_at=conn.disconnected_at,
+        created_at=conn.created_at,
         updated_at=conn.updated_at,
-        last_error=None if conn.last_error_code is None else LastError(
-            code=conn.last_error_code, message=conn.last_error_message, at=conn.last_error_at),
+        last_error=None
+        if conn.last_error_code is None
+        else LastError(code=conn.last_error_code, message=conn.last_error_message, at=conn.last_error_at),
     )
 
 
@@ -115,7 +132,8 @@ class ConnectionCreate(Strict):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{}]})
 
     tenant_id: TenantId | None = Field(
-        default=None, description="Services only: the tenant the connection is for.")
+        default=None, description="Services only: the tenant the connection is for."
+    )
 
 
 class ModulesPatch(Strict):
@@ -124,8 +142,9 @@ class ModulesPatch(Strict):
 
 
 class ConnectionPatch(Strict):
-    model_config = ConfigDict(extra="forbid", json_schema_extra={
-        "examples": [{"modules": {"accounts_receivable": True}}]})
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"modules": {"accounts_receivable": True}}]}
+    )
 
     modules: ModulesPatch
 
@@ -149,8 +168,14 @@ class EventOut(BaseModel):
     @classmethod
     def of(cls, event: ConnectionEvent) -> EventOut:
         assert event.id is not None
-        return cls(id=event.id, connection_id=event.connection_id, type=event.type,
-                   actor=event.actor, details=event.details, created_at=event.created_at)
+        return cls(
+            id=event.id,
+            connection_id=event.connection_id,
+            type=event.type,
+            actor=event.actor,
+            details=event.details,
+            created_at=event.created_at,
+        )
 
 
 class ConnectionStatusOut(BaseModel):

@@ -59,15 +59,16 @@ async def create(session: AsyncSession, *, tenant_id: str, caller: Caller, limit
     await repo.lock_tenant(session, tenant_id)
     if await repo.count_tenant_connections(session, tenant_id) >= limit:
         raise ConnectionLimitReached(
-            f"A tenant may have at most {limit} connections; delete one it no longer needs.",
-            limit=limit)
+            f"A tenant may have at most {limit} connections; delete one it no longer needs.", limit=limit
+        )
     conn = await repo.create_connection(session, tenant_id=tenant_id)
     await repo.add_event(session, conn, "created", actor=caller.actor)
     return conn
 
 
-async def change_modules(session: AsyncSession, conn: Connection, patch: ModulesPatch, *,
-                         caller: Caller) -> None:
+async def change_modules(
+    session: AsyncSession, conn: Connection, patch: ModulesPatch, *, caller: Caller
+) -> None:
     changes = {}
     if patch.accounts_receivable is not None and patch.accounts_receivable != conn.module_ar:
         conn.module_ar = patch.accounts_receivable
@@ -86,27 +87,41 @@ async def disconnect(session: AsyncSession, rt: Runtime, conn: Connection, *, ca
     if conn.status == Status.DISCONNECTED:
         return  # already done; disconnecting twice is not an error
     if conn.status == Status.PENDING:
-        raise NotConnected("The connection was never linked to QuickBooks.",
-                           connection_id=str(conn.id), connection_status=conn.status)
+        raise NotConnected(
+            "The connection was never linked to QuickBooks.",
+            connection_id=str(conn.id),
+            connection_status=conn.status,
+        )
     queued = False
     if conn.refresh_token is not None:
-        revoke_after_commit(session, rt.sessionmaker, rt.intuit, rt.box, connection_id=conn.id,
-                            token=credentials.open_refresh_token(conn, rt.box),
-                            reason="disconnected")
+        revoke_after_commit(
+            session,
+            rt.sessionmaker,
+            rt.intuit,
+            rt.box,
+            connection_id=conn.id,
+            token=credentials.open_refresh_token(conn, rt.box),
+            reason="disconnected",
+        )
         queued = True
     pending = await repo.get_pending_link(session, conn.id, for_update=True)
     if pending is not None:
-        revoke_after_commit(session, rt.sessionmaker, rt.intuit, rt.box, connection_id=conn.id,
-                            token=credentials.open_pending(pending, rt.box).refresh_token,
-                            reason="disconnected")
+        revoke_after_commit(
+            session,
+            rt.sessionmaker,
+            rt.intuit,
+            rt.box,
+            connection_id=conn.id,
+            token=credentials.open_pending(pending, rt.box).refresh_token,
+            reason="disconnected",
+        )
         await session.delete(pending)
     now = datetime.now(UTC)
     credentials.wipe_tokens(conn)
     conn.status = Status.DISCONNECTED
     conn.disconnected_at = now
     conn.updated_at = now
-    await repo.add_event(session, conn, "disconnected", actor=caller.actor,
-                         revocation_queued=queued or None)
+    await repo.add_event(session, conn, "disconnected", actor=caller.actor, revocation_queued=queued or None)
 
 
 async def delete(session: AsyncSession, rt: Runtime, conn: Connection, *, caller: Caller) -> None:
@@ -115,10 +130,15 @@ async def delete(session: AsyncSession, rt: Runtime, conn: Connection, *, caller
     else:
         pending = await repo.get_pending_link(session, conn.id, for_update=True)
         if pending is not None:
-            revoke_after_commit(session, rt.sessionmaker, rt.intuit, rt.box,
-                                connection_id=conn.id,
-                                token=credentials.open_pending(pending, rt.box).refresh_token,
-                                reason="deleted")
+            revoke_after_commit(
+                session,
+                rt.sessionmaker,
+                rt.intuit,
+                rt.box,
+                connection_id=conn.id,
+                token=credentials.open_pending(pending, rt.box).refresh_token,
+                reason="deleted",
+            )
     await outbox.emit_for_connection(session, outbox.CONNECTION_DELETED, conn)
     await session.flush()  # the disconnect's own changes first (its pending link, its event)
     # Through the ORM, so the commit drops the connection from this replica's caches at once.
@@ -132,17 +152,31 @@ async def link_status_body(rt: Runtime, tenant_id: str) -> bytes:
     async def load() -> bytes:
         # Creation stops at the cap; should the cap be lowered, the answer stays bounded.
         connections = await repo.read_tenant_status(
-            rt.reads, tenant_id, limit=rt.settings.max_connections_per_tenant)
-        items = [ConnectionStatusOut(
-            id=c.id, status=Status(c.status), realm_id=c.realm_id, company_name=c.company_name,
-            owner=owner_of(c), modules=Modules(accounts_receivable=c.module_ar,
-                                               accounts_payable=c.module_ap),
-            accounting_link=accounting_link(c), access_token_expires_at=c.access_token_expires_at)
-            for c in connections]
-        overall = (AccountingLink.ENABLED if any(i.accounting_link == AccountingLink.ENABLED
-                                                 for i in items) else AccountingLink.DISABLED)
-        return LinkStatusOut(tenant_id=tenant_id, accounting_link=overall,
-                             connections=items).model_dump_json().encode()
+            rt.reads, tenant_id, limit=rt.settings.max_connections_per_tenant
+        )
+        items = [
+            ConnectionStatusOut(
+                id=c.id,
+                status=Status(c.status),
+                realm_id=c.realm_id,
+                company_name=c.company_name,
+                owner=owner_of(c),
+                modules=Modules(accounts_receivable=c.module_ar, accounts_payable=c.module_ap),
+                accounting_link=accounting_link(c),
+                access_token_expires_at=c.access_token_expires_at,
+            )
+            for c in connections
+        ]
+        overall = (
+            AccountingLink.ENABLED
+            if any(i.accounting_link == AccountingLink.ENABLED for i in items)
+            else AccountingLink.DISABLED
+        )
+        return (
+            LinkStatusOut(tenant_id=tenant_id, accounting_link=overall, connections=items)
+            .model_dump_json()
+            .encode()
+        )
 
     body = await rt.caches.status.get_or_load(tenant_id, load)
     assert body is not None  # a tenant without connections has a status too

@@ -20,8 +20,13 @@ async def cancel_and_wait(task: asyncio.Task[None] | None) -> None:
         await task
 
 
-async def shared(running: dict[K, asyncio.Task[T]], key: K,
-                 start: Callable[[], Coroutine[Any, Any, T]], *, name: str | None = None) -> T:
+async def shared(
+    running: dict[K, asyncio.Task[T]],
+    key: K,
+    start: Callable[[], Coroutine[Any, Any, T]],
+    *,
+    name: str | None = None,
+) -> T:
     """The outcome of the work running for `key`, started by `start()` if none is.
 
     Concurrent callers share one task. It runs to its end even if every caller goes away (a

@@ -20,8 +20,7 @@ class BodySizeLimitMiddleware:
         self.own_limits = own_limits  # paths whose endpoints bound their bodies themselves
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or (self.own_limits is not None
-                                       and self.own_limits.match(scope["path"])):
+        if scope["type"] != "http" or (self.own_limits is not None and self.own_limits.match(scope["path"])):
             await self.app(scope, receive, send)
             return
         length = header(scope, b"content-length")

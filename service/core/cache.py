@@ -209,11 +209,14 @@ class ChangeFeed:
             watch.changed.set()
 
     async def _run(self) -> None:
-        await listen_forever(self._dsn, {CONNECTIONS_CHANNEL: self._on_notify,
-                                         API_KEYS_CHANNEL: self._on_notify},
-                             name="the change feed (caches off until it listens)",
-                             retry_seconds=self._retry, on_listening=self._on_listening,
-                             on_stopped=self._on_stopped)
+        await listen_forever(
+            self._dsn,
+            {CONNECTIONS_CHANNEL: self._on_notify, API_KEYS_CHANNEL: self._on_notify},
+            name="the change feed (caches off until it listens)",
+            retry_seconds=self._retry,
+            on_listening=self._on_listening,
+            on_stopped=self._on_stopped,
+        )
 
     async def _on_listening(self, _conn: asyncpg.Connection) -> None:
         # Anything cached before this point may have missed a notification, and so may anyone

@@ -59,8 +59,7 @@ class Settings(BaseSettings):
     return_url_allowlist: CommaList = Field(default_factory=list, alias="BROKER_RETURN_URL_ALLOWLIST")
     cors_origins_setting: CommaList | None = Field(default=None, alias="BROKER_CORS_ORIGINS")
     # How the callback knows it runs in the browser, for the user, that started Connect.
-    connect_binding: Literal["ticket", "cookie"] = Field(default="ticket",
-                                                         alias="BROKER_CONNECT_BINDING")
+    connect_binding: Literal["ticket", "cookie"] = Field(default="ticket", alias="BROKER_CONNECT_BINDING")
     encryption_keys: str | None = Field(default=None, alias="BROKER_ENCRYPTION_KEYS", repr=False)
 
     jwt_secret: str | None = Field(default=None, alias="BROKER_JWT_SECRET", repr=False)
@@ -69,16 +68,14 @@ class Settings(BaseSettings):
     jwt_issuer: str | None = Field(default=None, alias="BROKER_JWT_ISSUER")
     jwt_audience: str | None = Field(default=None, alias="BROKER_JWT_AUDIENCE")
     # Longest lifetime (exp - iat, or exp - now without iat) of a user JWT; None: no cap.
-    jwt_max_lifetime_seconds: int | None = Field(default=None, alias="BROKER_JWT_MAX_LIFETIME_SECONDS",
-                                                 ge=1)
+    jwt_max_lifetime_seconds: int | None = Field(default=None, alias="BROKER_JWT_MAX_LIFETIME_SECONDS", ge=1)
 
     db_pool_size: int = Field(default=10, alias="BROKER_DB_POOL_SIZE", ge=1)
     # Token refreshes one process runs at once. None holds a pooled connection while Intuit
     # answers, so this is a bound on calls to Intuit, not on database connections.
     refresh_concurrency: int = Field(default=50, alias="BROKER_REFRESH_CONCURRENCY", ge=1)
     max_body_bytes: int = Field(default=64 * 1024, alias="BROKER_MAX_BODY_BYTES", ge=1024)
-    max_connections_per_tenant: int = Field(default=20, alias="BROKER_MAX_CONNECTIONS_PER_TENANT",
-                                            ge=1)
+    max_connections_per_tenant: int = Field(default=20, alias="BROKER_MAX_CONNECTIONS_PER_TENANT", ge=1)
     # Serve /metrics on this port instead of the main one (which then answers 404 for it).
     metrics_port: int | None = Field(default=None, alias="BROKER_METRICS_PORT", ge=1, le=65535)
     # Unset: the interface `serve --host` binds (127.0.0.1 outside `serve`).
@@ -91,17 +88,14 @@ class Settings(BaseSettings):
     # Live event streams (service/streams), per process.
     streams_max: int = Field(default=1000, alias="BROKER_STREAMS_MAX", ge=1)
     streams_per_tenant: int = Field(default=50, alias="BROKER_STREAMS_PER_TENANT", ge=1)
-    stream_heartbeat_seconds: float = Field(default=15.0, alias="BROKER_STREAM_HEARTBEAT_SECONDS",
-                                            gt=0)
+    stream_heartbeat_seconds: float = Field(default=15.0, alias="BROKER_STREAM_HEARTBEAT_SECONDS", gt=0)
     stream_max_seconds: float = Field(default=3600.0, alias="BROKER_STREAM_MAX_SECONDS", gt=0)
     stream_queue_size: int = Field(default=100, alias="BROKER_STREAM_QUEUE_SIZE", ge=1)
 
     # Background work (token keep-alive, pending-link expiry, revocation retries).
     background_enabled: bool = Field(default=True, alias="BROKER_BACKGROUND_ENABLED")
     background_interval_seconds: float = Field(default=30.0, alias="BROKER_BACKGROUND_INTERVAL", gt=0)
-    keepalive_refresh_age_seconds: int = Field(
-        default=24 * 3600, alias="BROKER_KEEPALIVE_REFRESH_AGE", ge=60
-    )
+    keepalive_refresh_age_seconds: int = Field(default=24 * 3600, alias="BROKER_KEEPALIVE_REFRESH_AGE", ge=60)
     keepalive_refresh_access_tokens: bool = Field(
         default=False, alias="BROKER_KEEPALIVE_REFRESH_ACCESS_TOKENS"
     )
@@ -109,59 +103,63 @@ class Settings(BaseSettings):
 
     # Intuit's CorePlus calls: the app's monthly budget (the free tier's), and the cap of a
     # tenant without one of its own (unset: none). README, "Usage and the CorePlus budget".
-    coreplus_monthly_budget: int = Field(default=500_000, alias="BROKER_COREPLUS_MONTHLY_BUDGET",
-                                         ge=1, le=10**12)
+    coreplus_monthly_budget: int = Field(
+        default=500_000, alias="BROKER_COREPLUS_MONTHLY_BUDGET", ge=1, le=10**12
+    )
     coreplus_tenant_monthly_cap: int | None = Field(
-        default=None, alias="BROKER_COREPLUS_TENANT_MONTHLY_CAP", ge=0, le=10**12)
+        default=None, alias="BROKER_COREPLUS_TENANT_MONTHLY_CAP", ge=0, le=10**12
+    )
 
     # The QuickBooks gateway (service.gateway): forwarding, retries and Intuit's per-company limits.
     quickbooks_minor_version: int = Field(default=75, alias="BROKER_QUICKBOOKS_MINOR_VERSION", ge=1)
-    quickbooks_max_body_bytes: int = Field(default=25 * 1024 * 1024,
-                                           alias="BROKER_QUICKBOOKS_MAX_BODY_BYTES", ge=1024)
+    quickbooks_max_body_bytes: int = Field(
+        default=25 * 1024 * 1024, alias="BROKER_QUICKBOOKS_MAX_BODY_BYTES", ge=1024
+    )
     # Request bodies up to this size are read before forwarding, and so can be sent again.
-    quickbooks_retry_body_bytes: int = Field(default=1024 * 1024,
-                                             alias="BROKER_QUICKBOOKS_RETRY_BODY_BYTES", ge=0)
-    quickbooks_deadline_seconds: float = Field(default=30.0, alias="BROKER_QUICKBOOKS_DEADLINE_SECONDS",
-                                               gt=0)
+    quickbooks_retry_body_bytes: int = Field(
+        default=1024 * 1024, alias="BROKER_QUICKBOOKS_RETRY_BODY_BYTES", ge=0
+    )
+    quickbooks_deadline_seconds: float = Field(default=30.0, alias="BROKER_QUICKBOOKS_DEADLINE_SECONDS", gt=0)
     quickbooks_queue_seconds: float = Field(default=5.0, alias="BROKER_QUICKBOOKS_QUEUE_SECONDS", ge=0)
     quickbooks_max_in_flight: int = Field(default=10, alias="BROKER_QUICKBOOKS_MAX_IN_FLIGHT", ge=0)
     quickbooks_per_second: int = Field(default=10, alias="BROKER_QUICKBOOKS_PER_SECOND", ge=0)
     quickbooks_per_minute: int = Field(default=500, alias="BROKER_QUICKBOOKS_PER_MINUTE", ge=0)
-    quickbooks_batch_per_minute: int = Field(default=120, alias="BROKER_QUICKBOOKS_BATCH_PER_MINUTE",
-                                             ge=0)
+    quickbooks_batch_per_minute: int = Field(default=120, alias="BROKER_QUICKBOOKS_BATCH_PER_MINUTE", ge=0)
     # Added to each window (1 s, 60 s): a call admitted at the edge of one can reach Intuit a few
     # milliseconds later than another, and Intuit counts arrivals.
     quickbooks_window_margin_seconds: float = Field(
-        default=0.1, alias="BROKER_QUICKBOOKS_WINDOW_MARGIN_SECONDS", ge=0, le=5)
+        default=0.1, alias="BROKER_QUICKBOOKS_WINDOW_MARGIN_SECONDS", ge=0, le=5
+    )
     # Least time between two calls to one company; unset: 60 s / the per-minute limit (0.12 s),
     # the pace that uses a whole minute. Spread out, ten calls take 1.2 s, so each second's
     # window at Intuit keeps 0.2 s of slack for calls that arrive later than others.
     quickbooks_min_interval_seconds: float | None = Field(
-        default=None, alias="BROKER_QUICKBOOKS_MIN_INTERVAL_SECONDS", ge=0, le=60)
+        default=None, alias="BROKER_QUICKBOOKS_MIN_INTERVAL_SECONDS", ge=0, le=60
+    )
     # An in-flight slot lapses after this long unless renewed (a replica killed mid-call).
-    quickbooks_lease_seconds: float = Field(default=60.0, alias="BROKER_QUICKBOOKS_LEASE_SECONDS",
-                                            ge=5)
-
+    quickbooks_lease_seconds: float = Field(default=60.0, alias="BROKER_QUICKBOOKS_LEASE_SECONDS", ge=5)
 
     # Outgoing webhooks (service.events). Private destinations (and plain http) only in development.
     webhook_allow_private: bool = Field(default=False, alias="BROKER_WEBHOOK_ALLOW_PRIVATE")
     webhook_delivery_enabled: bool = Field(default=True, alias="BROKER_WEBHOOK_DELIVERY_ENABLED")
-    webhook_timeout_seconds: float = Field(default=10.0, alias="BROKER_WEBHOOK_TIMEOUT", gt=0,
-                                           le=30)
+    webhook_timeout_seconds: float = Field(default=10.0, alias="BROKER_WEBHOOK_TIMEOUT", gt=0, le=30)
     webhook_concurrency_per_endpoint: int = Field(
-        default=10, alias="BROKER_WEBHOOK_CONCURRENCY_PER_ENDPOINT", ge=1, le=100)
+        default=10, alias="BROKER_WEBHOOK_CONCURRENCY_PER_ENDPOINT", ge=1, le=100
+    )
     webhook_max_in_flight: int = Field(default=100, alias="BROKER_WEBHOOK_MAX_IN_FLIGHT", ge=1)
     webhook_max_endpoints_per_tenant: int = Field(
-        default=10, alias="BROKER_WEBHOOK_MAX_ENDPOINTS_PER_TENANT", ge=1)
-
+        default=10, alias="BROKER_WEBHOOK_MAX_ENDPOINTS_PER_TENANT", ge=1
+    )
 
     # Intuit's webhook verifier tokens (comma-separated: during a rotation, the new and the old);
     # none: POST /intuit/webhooks refuses everything.
     intuit_webhook_verifier_tokens: CommaList = Field(
-        default_factory=list, alias="INTUIT_WEBHOOK_VERIFIER_TOKENS", repr=False)
+        default_factory=list, alias="INTUIT_WEBHOOK_VERIFIER_TOKENS", repr=False
+    )
 
-    _split = field_validator("return_url_allowlist", "cors_origins_setting",
-                             "intuit_webhook_verifier_tokens", mode="before")(_split_commas)
+    _split = field_validator(
+        "return_url_allowlist", "cors_origins_setting", "intuit_webhook_verifier_tokens", mode="before"
+    )(_split_commas)
 
     @field_validator("docs_setting", "coreplus_tenant_monthly_cap", mode="before")
     @classmethod
@@ -217,9 +215,7 @@ class Settings(BaseSettings):
         for entry in self.encryption_keys.split(","):
             kid, sep, encoded = entry.strip().partition(":")
             if not sep or not kid:
-                raise ConfigurationError(
-                    "BROKER_ENCRYPTION_KEYS entries must look like kid:base64key"
-                )
+                raise ConfigurationError("BROKER_ENCRYPTION_KEYS entries must look like kid:base64key")
             if not _KEY_ID.match(kid):
                 # Ciphertexts read "kid.payload": a dot or colon in a key id would be ambiguous.
                 raise ConfigurationError(
@@ -228,9 +224,7 @@ class Settings(BaseSettings):
             try:
                 key = base64.b64decode(encoded, validate=True)
             except ValueError:
-                raise ConfigurationError(
-                    f"BROKER_ENCRYPTION_KEYS key {kid!r} is not valid base64"
-                ) from None
+                raise ConfigurationError(f"BROKER_ENCRYPTION_KEYS key {kid!r} is not valid base64") from None
             if len(key) != 32:
                 raise ConfigurationError(
                     f"BROKER_ENCRYPTION_KEYS key {kid!r} must be 32 bytes, got {len(key)}"
@@ -269,16 +263,20 @@ class Settings(BaseSettings):
         if (self.jwt_public_key or self.jwt_jwks_url) and not (self.jwt_issuer and self.jwt_audience):
             # An RS256 key (above all a JWKS) often signs tokens for other audiences too: without
             # both checks, a token issued for another application would be accepted here.
-            problems.append("BROKER_JWT_ISSUER and BROKER_JWT_AUDIENCE are required with "
-                            "BROKER_JWT_PUBLIC_KEY or BROKER_JWT_JWKS_URL")
+            problems.append(
+                "BROKER_JWT_ISSUER and BROKER_JWT_AUDIENCE are required with "
+                "BROKER_JWT_PUBLIC_KEY or BROKER_JWT_JWKS_URL"
+            )
         if self.intuit_environment == "production":
             # Intuit accepts only https redirect URIs (and no localhost) for production apps.
             if not self.public_url.startswith("https://"):
                 problems.append("BROKER_PUBLIC_URL must be https:// when INTUIT_ENVIRONMENT=production")
             # Client secrets and tokens travel to these: never in clear text (sandbox may use the
             # emulator over http).
-            for name, url in (("INTUIT_DISCOVERY_URL", self.intuit_discovery_url_override),
-                              ("INTUIT_API_BASE_URL", self.intuit_api_base_url_override)):
+            for name, url in (
+                ("INTUIT_DISCOVERY_URL", self.intuit_discovery_url_override),
+                ("INTUIT_API_BASE_URL", self.intuit_api_base_url_override),
+            ):
                 if url is not None and not url.lower().startswith("https://"):
                     problems.append(f"{name} must be https:// when INTUIT_ENVIRONMENT=production")
         if problems:

@@ -47,9 +47,7 @@ class SecretBox:
 
     def encrypt(self, plaintext: str, associated_data: str) -> str:
         nonce = os.urandom(_NONCE_BYTES)
-        sealed = self._ciphers[self._primary_kid].encrypt(
-            nonce, plaintext.encode(), associated_data.encode()
-        )
+        sealed = self._ciphers[self._primary_kid].encrypt(nonce, plaintext.encode(), associated_data.encode())
         return f"{self._primary_kid}.{base64.urlsafe_b64encode(nonce + sealed).decode()}"
 
     def decrypt(self, ciphertext: str, associated_data: str) -> str:
@@ -59,8 +57,7 @@ class SecretBox:
             raise DecryptionError(f"no key with id {kid!r} is configured")
         try:
             raw = base64.urlsafe_b64decode(encoded)
-            opened = cipher.decrypt(raw[:_NONCE_BYTES], raw[_NONCE_BYTES:],
-                                    associated_data.encode())
+            opened = cipher.decrypt(raw[:_NONCE_BYTES], raw[_NONCE_BYTES:], associated_data.encode())
         except (InvalidTag, ValueError):
             raise DecryptionError("ciphertext does not open under its key") from None
         return opened.decode()

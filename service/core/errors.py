@@ -38,8 +38,10 @@ class Problem(BaseModel):
 def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI `responses` entries for the given error statuses."""
     content = {PROBLEM_CONTENT_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}}
-    return {status: {"description": "A problem (application/problem+json)", "content": content}
-            for status in statuses}
+    return {
+        status: {"description": "A problem (application/problem+json)", "content": content}
+        for status in statuses
+    }
 
 
 class ProblemError(Exception):
@@ -163,8 +165,11 @@ class DatabaseUnavailable(ProblemError):
     status, code, title = 503, "database_unavailable", "The database is not reachable right now"
 
     def __init__(self, detail: str | None = None, *, retry_after: int = 5, **extra: Any) -> None:
-        super().__init__(detail or "PostgreSQL cannot be reached right now; retry shortly.",
-                         headers={"Retry-After": str(retry_after)}, **extra)
+        super().__init__(
+            detail or "PostgreSQL cannot be reached right now; retry shortly.",
+            headers={"Retry-After": str(retry_after)},
+            **extra,
+        )
 
 
 class IntuitRejected(ProblemError):
@@ -182,8 +187,11 @@ def problem_response(error: ProblemError) -> JSONResponse:
 def _validation_detail(errors: list[Any]) -> list[dict[str, Any]]:
     # Echo locations and messages only: input values may hold secrets.
     return [
-        {"loc": [str(part) for part in err.get("loc", ())], "msg": err.get("msg", ""),
-         "type": err.get("type", "")}
+        {
+            "loc": [str(part) for part in err.get("loc", ())],
+            "msg": err.get("msg", ""),
+            "type": err.get("type", ""),
+        }
         for err in errors
     ]
 
@@ -207,9 +215,11 @@ def _allowed_methods(request: Request) -> str:
     """Every method the request's path answers to. Each route carries one operation, so the
     router's own 405 names only the methods of the first route whose path matched."""
     routes = request.app.router.routes
-    return ", ".join(method for method in _METHODS
-                     if any(route.matches({**request.scope, "method": method})[0] == Match.FULL
-                            for route in routes))
+    return ", ".join(
+        method
+        for method in _METHODS
+        if any(route.matches({**request.scope, "method": method})[0] == Match.FULL for route in routes)
+    )
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -267,8 +277,9 @@ def database_unreachable(exc: BaseException) -> bool:
             return True
         if isinstance(current, asyncpg.InterfaceError) and "clos" in str(current):
             return True  # "connection is closed", "pool is closing"
-        if (isinstance(current, asyncpg.exceptions.InternalClientError)
-                and "cannot switch to state" in str(current)):
+        if isinstance(current, asyncpg.exceptions.InternalClientError) and "cannot switch to state" in str(
+            current
+        ):
             # A pooled connection the server was ending (its FATAL came in, the close not yet)
             # handed to the next statement.
             return True
@@ -306,8 +317,9 @@ _database_warnings = _Throttled(5.0)
 def database_unavailable(exc: BaseException) -> DatabaseUnavailable:
     """The answer to a request that failed because the database cannot be reached (a warning
     without traceback, at most every few seconds: an outage fails every request alike)."""
-    _database_warnings.warn("database unreachable (%s); answering 503 database_unavailable",
-                            type(exc).__name__)
+    _database_warnings.warn(
+        "database unreachable (%s); answering 503 database_unavailable", type(exc).__name__
+    )
     return DatabaseUnavailable()
 
 
@@ -322,8 +334,7 @@ def unexpected_error(exc: BaseException, scope: Scope) -> ProblemError:
     route = scope.get("route")
     where = getattr(route, "path", None) or loggable_path(scope.get("path", ""))
     # The class first: after the path it would read as "…/token: <value>" to the redaction.
-    log.error("unhandled %s on %s %s", type(exc).__name__, scope.get("method", "?"), where,
-              exc_info=exc)
+    log.error("unhandled %s on %s %s", type(exc).__name__, scope.get("method", "?"), where, exc_info=exc)
     return ProblemError("The broker failed to handle this request.")
 
 

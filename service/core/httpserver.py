@@ -25,10 +25,12 @@ def _refusal() -> bytes:
     error = ProblemError("The request's header fields are too large.")
     error.status, error.code, error.title = 431, "http_error", "Request header fields too large"
     body = json.dumps(error.body(), separators=(",", ":")).encode()
-    return (b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
-            b"content-type: " + PROBLEM_CONTENT_TYPE.encode() + b"\r\n"
-            b"content-length: " + str(len(body)).encode() + b"\r\n"
-            b"connection: close\r\n\r\n" + body)
+    return (
+        b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+        b"content-type: " + PROBLEM_CONTENT_TYPE.encode() + b"\r\n"
+        b"content-length: " + str(len(body)).encode() + b"\r\n"
+        b"connection: close\r\n\r\n" + body
+    )
 
 
 try:
@@ -65,7 +67,7 @@ if HttpToolsProtocol is not None:
                     super().data_received(data)
                     return
                 # Feed what the budget allows: the head may end in it, the rest being a body.
-                piece, data = data[:self._head_budget], data[self._head_budget:]
+                piece, data = data[: self._head_budget], data[self._head_budget :]
                 self._head_budget = 0
                 if piece:
                     super().data_received(piece)
@@ -93,6 +95,5 @@ if HttpToolsProtocol is not None:
 
 def server_options() -> dict[str, Any]:
     """uvicorn.run / uvicorn.Config options that bound request heads."""
-    http = ("service.core.httpserver:BoundedHttpToolsProtocol" if HttpToolsProtocol is not None
-            else "h11")
+    http = "service.core.httpserver:BoundedHttpToolsProtocol" if HttpToolsProtocol is not None else "h11"
     return {"http": http, "h11_max_incomplete_event_size": MAX_REQUEST_HEAD_BYTES}

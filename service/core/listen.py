@@ -16,11 +16,16 @@ import asyncpg
 log = logging.getLogger(__name__)
 
 
-async def listen_forever(dsn: str, channels: Mapping[str, Callable[..., Any]], *, name: str,
-                         retry_seconds: float,
-                         on_listening: Callable[[asyncpg.Connection], Awaitable[None]] | None = None,
-                         on_stopped: Callable[[], None] | None = None,
-                         application_name: str | None = None) -> None:
+async def listen_forever(
+    dsn: str,
+    channels: Mapping[str, Callable[..., Any]],
+    *,
+    name: str,
+    retry_seconds: float,
+    on_listening: Callable[[asyncpg.Connection], Awaitable[None]] | None = None,
+    on_stopped: Callable[[], None] | None = None,
+    application_name: str | None = None,
+) -> None:
     """Listen on `channels` (each with its asyncpg callback). `on_listening` runs once the
     listeners are in place (on every connection: anything sent while none was listening was
     missed), `on_stopped` whenever that connection is lost or cannot be opened."""

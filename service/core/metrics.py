@@ -8,7 +8,9 @@ HTTP_REQUESTS = Counter(
     "qbo_broker_http_requests_total", "HTTP requests served", ["method", "route", "status"]
 )
 HTTP_LATENCY = Histogram(
-    "qbo_broker_http_request_seconds", "HTTP request latency", ["method", "route"],
+    "qbo_broker_http_request_seconds",
+    "HTTP request latency",
+    ["method", "route"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 DIRECT_ANSWERS = Counter(
@@ -17,24 +19,23 @@ DIRECT_ANSWERS = Counter(
     "FastAPI's dependency solving (service.core.routing)",
     ["route"],
 )
-INTUIT_CALLS = Counter(
-    "qbo_broker_intuit_calls_total", "Calls to Intuit", ["endpoint", "outcome"]
-)
+INTUIT_CALLS = Counter("qbo_broker_intuit_calls_total", "Calls to Intuit", ["endpoint", "outcome"])
 INTUIT_LATENCY = Histogram(
-    "qbo_broker_intuit_call_seconds", "Latency of calls to Intuit", ["endpoint"],
+    "qbo_broker_intuit_call_seconds",
+    "Latency of calls to Intuit",
+    ["endpoint"],
     buckets=(0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
 REFRESHES = Counter(
-    "qbo_broker_token_refreshes_total", "Token refreshes by outcome and trigger",
+    "qbo_broker_token_refreshes_total",
+    "Token refreshes by outcome and trigger",
     ["outcome", "trigger"],
 )
 REFRESH_TOKENS_LOST = Counter(
     "qbo_broker_refresh_tokens_lost_total",
     "Refreshes whose answer was lost after Intuit may have rotated the refresh token",
 )
-CONNECTIONS_BY_STATUS = Gauge(
-    "qbo_broker_connections", "Connections by status", ["status"]
-)
+CONNECTIONS_BY_STATUS = Gauge("qbo_broker_connections", "Connections by status", ["status"])
 METRICS_DATABASE_READS = Counter(
     "qbo_broker_metrics_database_reads_total",
     "Reads of the database gauges (qbo_broker_connections, qbo_broker_encrypted_secrets)",
@@ -42,12 +43,8 @@ METRICS_DATABASE_READS = Counter(
 SECRETS_BY_KEY = Gauge(
     "qbo_broker_encrypted_secrets", "Stored encrypted secrets by encryption key id", ["key_id"]
 )
-LINK_RESULTS = Counter(
-    "qbo_broker_link_results_total", "Outcomes of the OAuth callback", ["result", "code"]
-)
-BACKGROUND_RUNS = Counter(
-    "qbo_broker_background_tasks_total", "Background work done", ["task", "outcome"]
-)
+LINK_RESULTS = Counter("qbo_broker_link_results_total", "Outcomes of the OAuth callback", ["result", "code"])
+BACKGROUND_RUNS = Counter("qbo_broker_background_tasks_total", "Background work done", ["task", "outcome"])
 BACKGROUND_ROW_ERRORS = Counter(
     "qbo_broker_background_row_errors_total",
     "Rows the background worker left for a later pass (or a replica with the key): "
@@ -65,8 +62,7 @@ QUICKBOOKS_CALLS = Counter(
     ["class", "outcome"],
 )
 COREPLUS_BUDGET = Gauge(
-    "qbo_broker_coreplus_budget_calls", "The app's monthly CorePlus budget "
-    "(BROKER_COREPLUS_MONTHLY_BUDGET)"
+    "qbo_broker_coreplus_budget_calls", "The app's monthly CorePlus budget (BROKER_COREPLUS_MONTHLY_BUDGET)"
 )
 COREPLUS_MONTH_CALLS = Gauge(
     "qbo_broker_coreplus_month_calls",

@@ -27,18 +27,24 @@ _SECRET_PATTERNS = [
     (re.compile(r"(?i)(?<![A-Za-z0-9])(bearer\s+)[A-Za-z0-9._~+/=-]+"), r"\1[redacted]"),
     # Not after "/": a path segment such as …/token is not a key, and what follows it (say,
     # ": RuntimeError" in a message) is not its value.
-    (re.compile(r"(?i)(?<![A-Za-z0-9/])((?:access_token|refresh_token|id_token|code|state|"
-                r"client_secret|token|password|x-api-key|authorization)[\"']?\s*[=:]\s*[\"']?)"
-                r"[^\s\"'&,;}]+"),
-     r"\1[redacted]"),
+    (
+        re.compile(
+            r"(?i)(?<![A-Za-z0-9/])((?:access_token|refresh_token|id_token|code|state|"
+            r"client_secret|token|password|x-api-key|authorization)[\"']?\s*[=:]\s*[\"']?)"
+            r"[^\s\"'&,;}]+"
+        ),
+        r"\1[redacted]",
+    ),
     (re.compile(r"qbk_[0-9a-f]{8}_[A-Za-z0-9_-]+"), "qbk_[redacted]"),
-    (re.compile(r"(?<![A-Za-z0-9_-])eyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*"),
-     "[redacted-jwt]"),
+    (re.compile(r"(?<![A-Za-z0-9_-])eyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*"), "[redacted-jwt]"),
 ]
 MAX_LOGGED_PATH = 256  # characters of a request path that reach a log line
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 _STANDARD_ATTRS = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {
-    "message", "asctime", "color_message"}  # uvicorn's: the message again, with colour codes
+    "message",
+    "asctime",
+    "color_message",
+}  # uvicorn's: the message again, with colour codes
 
 
 def redact(text: str) -> str:
@@ -56,9 +62,11 @@ def loggable_path(path: str) -> str:
 
 
 def _extras(record: logging.LogRecord) -> dict[str, Any]:
-    return {key: redact(value) if isinstance(value, str) else value
-            for key, value in record.__dict__.items()
-            if key not in _STANDARD_ATTRS and not key.startswith("_")}
+    return {
+        key: redact(value) if isinstance(value, str) else value
+        for key, value in record.__dict__.items()
+        if key not in _STANDARD_ATTRS and not key.startswith("_")
+    }
 
 
 class JSONFormatter(logging.Formatter):
@@ -161,12 +169,22 @@ class RequestContextMiddleware:
             key = (method, template, status)
             metrics = self._metrics.get(key)
             if metrics is None:
-                metrics = self._metrics[key] = (HTTP_REQUESTS.labels(method, template, str(status)),
-                                                HTTP_LATENCY.labels(method, template))
+                metrics = self._metrics[key] = (
+                    HTTP_REQUESTS.labels(method, template, str(status)),
+                    HTTP_LATENCY.labels(method, template),
+                )
             metrics[0].inc()
             metrics[1].observe(elapsed)
             if self.log.isEnabledFor(logging.INFO):  # skip building the line when it is off
-                self.log.info("%s %s %s", scope["method"], template, status,
-                              extra={"status": status, "duration_ms": round(elapsed * 1000, 2),
-                                     "path": loggable_path(scope["path"])})
+                self.log.info(
+                    "%s %s %s",
+                    scope["method"],
+                    template,
+                    status,
+                    extra={
+                        "status": status,
+                        "duration_ms": round(elapsed * 1000, 2),
+                        "path": loggable_path(scope["path"]),
+                    },
+                )
             request_id_var.reset(token)

@@ -11,8 +11,10 @@ from service.core.errors import ValidationFailed
 
 
 def bad_cursor() -> ValidationFailed:
-    return ValidationFailed("The cursor is not valid.", errors=[
-        {"loc": ["query", "cursor"], "msg": "not a cursor from this API", "type": "value_error"}])
+    return ValidationFailed(
+        "The cursor is not valid.",
+        errors=[{"loc": ["query", "cursor"], "msg": "not a cursor from this API", "type": "value_error"}],
+    )
 
 
 def encode_cursor(*parts: str) -> str:
@@ -47,8 +49,7 @@ def time_id_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
     except ValueError:
         raise bad_cursor() from None
     # Exactly as encode_cursor wrote it: a UTC timestamp and a canonical id.
-    if (after[0].utcoffset() != timedelta(0) or after[0].isoformat() != created
-            or str(after[1]) != ident):
+    if after[0].utcoffset() != timedelta(0) or after[0].isoformat() != created or str(after[1]) != ident:
         raise bad_cursor()
     return after
 

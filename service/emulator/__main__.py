@@ -12,17 +12,25 @@ from .config import EmulatorSettings
 
 def main(argv: list[str] | None = None) -> None:
     defaults = EmulatorSettings()
-    parser = argparse.ArgumentParser(prog="python -m service.emulator",
-                                     description="Run the local Intuit emulator.")
+    parser = argparse.ArgumentParser(
+        prog="python -m service.emulator", description="Run the local Intuit emulator."
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=9100)
     parser.add_argument("--public-url", help="its own base URL (default http://HOST:PORT)")
-    parser.add_argument("--internal-url", help="base URL for the token, revoke, userinfo and "
-                        "JWKS endpoints in the discovery document (default: the public URL)")
+    parser.add_argument(
+        "--internal-url",
+        help="base URL for the token, revoke, userinfo and "
+        "JWKS endpoints in the discovery document (default: the public URL)",
+    )
     parser.add_argument("--client-id", default=defaults.client_id)
     parser.add_argument("--client-secret", default=defaults.client_secret)
-    parser.add_argument("--redirect-uri", action="append", dest="redirect_uris",
-                        help="a registered redirect URI, matched byte for byte (repeatable)")
+    parser.add_argument(
+        "--redirect-uri",
+        action="append",
+        dest="redirect_uris",
+        help="a registered redirect URI, matched byte for byte (repeatable)",
+    )
     parser.add_argument("--state-file", help="persist users, grants and tokens as JSON here")
     parser.add_argument("--access-token-ttl", type=int, default=defaults.access_token_ttl)
     parser.add_argument("--refresh-token-ttl", type=int, default=defaults.refresh_token_ttl)
@@ -32,8 +40,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-seed", action="store_true", help="start without the demo users")
     parser.add_argument("--webhook-url", help="send Intuit's webhooks of data changes here")
     parser.add_argument("--webhook-verifier-token", help="the verifier token that signs them")
-    parser.add_argument("--webhook-format", choices=["legacy", "cloudevents", "both"],
-                        default=defaults.webhook_format)
+    parser.add_argument(
+        "--webhook-format", choices=["legacy", "cloudevents", "both"], default=defaults.webhook_format
+    )
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
 

@@ -100,10 +100,14 @@ def xml_element(tag: str, value: Any) -> str:
     if not isinstance(value, dict):
         return f"<{tag}>{escape(_xml_value(value))}</{tag}>"
     attribute_names = _XML_ATTRIBUTES.get(tag, frozenset()) | _ENTITY_ATTRIBUTES
-    attributes = "".join(f" {k}={quoteattr(_xml_value(v))}" for k, v in value.items()
-                         if k in attribute_names and not isinstance(v, dict | list))
-    children = "".join(xml_element(k, v) for k, v in value.items()
-                       if k not in attribute_names or isinstance(v, dict | list))
+    attributes = "".join(
+        f" {k}={quoteattr(_xml_value(v))}"
+        for k, v in value.items()
+        if k in attribute_names and not isinstance(v, dict | list)
+    )
+    children = "".join(
+        xml_element(k, v) for k, v in value.items() if k not in attribute_names or isinstance(v, dict | list)
+    )
     return f"<{tag}{attributes}>{children}</{tag}>" if children else f"<{tag}{attributes}/>"
 
 
@@ -111,8 +115,10 @@ def _xml_document(payload: dict[str, Any]) -> str:
     time_stamp = payload.get("time")
     stamp = f" time={quoteattr(str(time_stamp))}" if time_stamp else ""
     body = "".join(xml_element(k, v) for k, v in payload.items() if k != "time")
-    return (f'<?xml version="1.0" encoding="UTF-8" standalone="yes"?>'
-            f'<IntuitResponse xmlns="{_XMLNS}"{stamp}>{body}</IntuitResponse>')
+    return (
+        f'<?xml version="1.0" encoding="UTF-8" standalone="yes"?>'
+        f'<IntuitResponse xmlns="{_XMLNS}"{stamp}>{body}</IntuitResponse>'
+    )
 
 
 def _render(payload: dict[str, Any], status: int, as_json: bool) -> Answer:
@@ -150,13 +156,20 @@ def minor_version(raw: str | None) -> int:
 
 def _json_body(raw: bytes, media_type: str) -> Any:
     if media_type != "application/json":
-        raise QboError("1050", "Invalid Content Type", "Content-Type must be application/json "
-                       f"for this request; got {media_type or 'none'}", status=415)
+        raise QboError(
+            "1050",
+            "Invalid Content Type",
+            f"Content-Type must be application/json for this request; got {media_type or 'none'}",
+            status=415,
+        )
     try:
         return json.loads(raw)
     except ValueError as exc:
-        raise QboError("2010", "Request has invalid or unsupported property",
-                       f"Property Name:{exc} specified is unsupported or invalid") from None
+        raise QboError(
+            "2010",
+            "Request has invalid or unsupported property",
+            f"Property Name:{exc} specified is unsupported or invalid",
+        ) from None
 
 
 def resolve(request: Request, realm_id: str, rest: str, raw: bytes) -> Operation:
@@ -168,8 +181,9 @@ def resolve(request: Request, realm_id: str, rest: str, raw: bytes) -> Operation
     media_type = _media_type(request)
 
     def wrong_method() -> QboError:
-        return unsupported_operation(f"Operation No resource method found for {method}, return "
-                                     "405 with Allow header is not supported.")
+        return unsupported_operation(
+            f"Operation No resource method found for {method}, return 405 with Allow header is not supported."
+        )
 
     if "" in parts:
         pass  # fall through to "not found"
@@ -178,8 +192,12 @@ def resolve(request: Request, realm_id: str, rest: str, raw: bytes) -> Operation
             return Operation("query", "coreplus", False, document=params.get("query", ""))
         if method == "POST":
             if media_type not in ("application/text", "text/plain"):
-                raise QboError("1050", "Invalid Content Type", "A query sent with POST must be "
-                               "Content-Type: application/text", status=415)
+                raise QboError(
+                    "1050",
+                    "Invalid Content Type",
+                    "A query sent with POST must be Content-Type: application/text",
+                    status=415,
+                )
             return Operation("query", "coreplus", False, document=raw.decode("utf-8", "replace"))
         raise wrong_method()
     elif head == "batch" and len(parts) == 1:
@@ -210,9 +228,12 @@ def resolve(request: Request, realm_id: str, rest: str, raw: bytes) -> Operation
                 raise wrong_method()
             document = _json_body(raw, media_type)
             if not isinstance(document, dict):
-                raise QboError("2010", "Request has invalid or unsupported property",
-                               f"Property Name:the request body must be a {entity} object "
-                               "specified is unsupported or invalid")
+                raise QboError(
+                    "2010",
+                    "Request has invalid or unsupported property",
+                    f"Property Name:the request body must be a {entity} object "
+                    "specified is unsupported or invalid",
+                )
             operation = params.get("operation")
             if operation is None:
                 operation = "update" if document.get("Id") not in (None, "") else "create"
@@ -227,9 +248,11 @@ def resolve(request: Request, realm_id: str, rest: str, raw: bytes) -> Operation
             if method != "POST":
                 raise wrong_method()
             return Operation("send", "core", True, entity=entity, entity_id=parts[1])
-    raise unsupported_operation(f"Operation Could not find resource for relative : "
-                                f"/v3/company/{realm_id}/{rest} of full path: {request.url} is "
-                                "not supported.")
+    raise unsupported_operation(
+        f"Operation Could not find resource for relative : "
+        f"/v3/company/{realm_id}/{rest} of full path: {request.url} is "
+        "not supported."
+    )
 
 
 # -- the router --------------------------------------------------------------------------------
@@ -246,22 +269,45 @@ def accounting_router(store: Store) -> APIRouter:
         return _render({"Fault": error.fault(), "time": stamp()}, error.status, as_json)
 
     def send(answer: Answer, tid: str, **headers: str) -> Response:
-        return Response(answer.body, answer.status, media_type=answer.media_type,
-                        headers={"intuit_tid": tid, **headers})
+        return Response(
+            answer.body, answer.status, media_type=answer.media_type, headers={"intuit_tid": tid, **headers}
+        )
 
     def auth_failure(detail: str, as_json: bool, tid: str) -> Response:
-        error = QboError("3200", "message=AuthenticationFailed; errorCode=003200; statusCode=401",
-                         detail, status=401, kind="AUTHENTICATION")
-        body = {"Fault": {"Error": [{"Message": error.message, "Detail": detail,
-                                     "code": "3200"}], "type": "AUTHENTICATION"}, "time": stamp()}
-        return send(_render(body, 401, as_json), tid,
-                    **{"WWW-Authenticate": 'Bearer realm="Intuit", error="invalid_token"'})
+        error = QboError(
+            "3200",
+            "message=AuthenticationFailed; errorCode=003200; statusCode=401",
+            detail,
+            status=401,
+            kind="AUTHENTICATION",
+        )
+        body = {
+            "Fault": {
+                "Error": [{"Message": error.message, "Detail": detail, "code": "3200"}],
+                "type": "AUTHENTICATION",
+            },
+            "time": stamp(),
+        }
+        return send(
+            _render(body, 401, as_json),
+            tid,
+            **{"WWW-Authenticate": 'Bearer realm="Intuit", error="invalid_token"'},
+        )
 
     def throttled(retry_after: int, as_json: bool, tid: str) -> Response:
-        body = {"Fault": {"Error": [{
-            "Message": "message=ThrottleExceeded; errorCode=003001; statusCode=429",
-            "Detail": "The request limit was reached.", "code": "3001"}], "type": "SERVICE"},
-            "time": stamp()}
+        body = {
+            "Fault": {
+                "Error": [
+                    {
+                        "Message": "message=ThrottleExceeded; errorCode=003001; statusCode=429",
+                        "Detail": "The request limit was reached.",
+                        "code": "3001",
+                    }
+                ],
+                "type": "SERVICE",
+            },
+            "time": stamp(),
+        }
         return send(_render(body, 429, as_json), tid, **{"Retry-After": str(retry_after)})
 
     def status_fault(realm_id: str, fault: Fault, as_json: bool, tid: str) -> Response:
@@ -269,14 +315,22 @@ def accounting_router(store: Store) -> APIRouter:
         if status == 429:
             store.traffic.count_throttled(realm_id, "fault")
             return throttled(max(1, int(fault.delay_s or 1)), as_json, tid)
-        body = {"Fault": {"Error": [{
-            "Message": "An application error has occurred while processing your request",
-            "Detail": f"System Failure Error: HTTP {status}", "code": "10000"}],
-            "type": "SystemFault"}, "time": stamp()}
+        body = {
+            "Fault": {
+                "Error": [
+                    {
+                        "Message": "An application error has occurred while processing your request",
+                        "Detail": f"System Failure Error: HTTP {status}",
+                        "code": "10000",
+                    }
+                ],
+                "type": "SystemFault",
+            },
+            "time": stamp(),
+        }
         return send(_render(body, status, as_json), tid)
 
-    @router.api_route("/v3/company/{realm_id}/{rest:path}",
-                      methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
+    @router.api_route("/v3/company/{realm_id}/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
     async def accounting(realm_id: str, rest: str, request: Request) -> Response:
         tid = new_intuit_tid()
         as_json = _wants_json(request)
@@ -287,9 +341,13 @@ def accounting_router(store: Store) -> APIRouter:
         if grant.realm_id != realm_id or realm_id not in store.companies:
             return auth_failure("Token not valid for this company (realmId)", as_json, tid)
         if ACCOUNTING_SCOPE not in grant.scopes:
-            error = QboError("3100", "message=ApplicationAuthorizationFailed; errorCode=003100; "
-                             "statusCode=403", "The app is not authorized for the accounting "
-                             "scope", status=403, kind="AUTHENTICATION")
+            error = QboError(
+                "3100",
+                "message=ApplicationAuthorizationFailed; errorCode=003100; statusCode=403",
+                "The app is not authorized for the accounting scope",
+                status=403,
+                kind="AUTHENTICATION",
+            )
             return send(fault_answer(error, as_json), tid)
         minor_version(request.query_params.get("minorversion"))
         raw = await request.body() if request.method != "GET" else b""
@@ -299,8 +357,9 @@ def accounting_router(store: Store) -> APIRouter:
             return send(fault_answer(error, as_json), tid)
 
         client_id = grant.client_id
-        refusal = store.traffic.enter(realm_id, client_id, store.config.limits,
-                                      batch=operation.name == "batch")
+        refusal = store.traffic.enter(
+            realm_id, client_id, store.config.limits, batch=operation.name == "batch"
+        )
         if refusal is not None:
             return throttled(refusal.retry_after, as_json, tid)
         store.traffic.meter(realm_id, operation.metering, operation.name)
@@ -350,8 +409,9 @@ def accounting_router(store: Store) -> APIRouter:
 
     # -- the work ---------------------------------------------------------------------------
 
-    def work(realm_id: str, operation: Operation, request: Request, as_json: bool,
-             request_id: str | None) -> Answer:
+    def work(
+        realm_id: str, operation: Operation, request: Request, as_json: bool, request_id: str | None
+    ) -> Answer:
         try:
             with store.lock:
                 ledger = store.ledger(realm_id)
@@ -362,8 +422,7 @@ def accounting_router(store: Store) -> APIRouter:
             return fault_answer(error, as_json)
         return _render(payload, 200, as_json)
 
-    def run(ledger: Ledger, operation: Operation, request: Request,
-            request_id: str | None) -> dict[str, Any]:
+    def run(ledger: Ledger, operation: Operation, request: Request, request_id: str | None) -> dict[str, Any]:
         now = store.now()
         name, entity = operation.name, operation.entity
         if name == "read":
@@ -371,13 +430,11 @@ def accounting_router(store: Store) -> APIRouter:
             return {entity: books.read(ledger, entity, operation.entity_id), "time": stamp()}
         if name == "send":
             assert operation.entity_id is not None
-            document = books.send(ledger, operation.entity_id, request.query_params.get("sendTo"),
-                                  now)
+            document = books.send(ledger, operation.entity_id, request.query_params.get("sendTo"), now)
             return {"Invoice": document, "time": stamp()}
         if name in ("create", "update", "delete", "void"):
             assert entity is not None
-            return {entity: entity_operation(ledger, name, entity, operation.document, now),
-                    "time": stamp()}
+            return {entity: entity_operation(ledger, name, entity, operation.document, now), "time": stamp()}
         if name == "query":
             return {"QueryResponse": query(ledger, str(operation.document)), "time": stamp()}
         if name == "cdc":
@@ -386,11 +443,13 @@ def accounting_router(store: Store) -> APIRouter:
             return batch(ledger, operation.document, request_id, now)
         raise unsupported_operation(f"Operation {name} is not supported.")
 
-    def entity_operation(ledger: Ledger, name: str, entity: str, document: Any,
-                         now: float) -> dict[str, Any]:
+    def entity_operation(ledger: Ledger, name: str, entity: str, document: Any, now: float) -> dict[str, Any]:
         if not isinstance(document, dict):
-            raise QboError("2010", "Request has invalid or unsupported property",
-                           f"Property Name:{entity} specified is unsupported or invalid")
+            raise QboError(
+                "2010",
+                "Request has invalid or unsupported property",
+                f"Property Name:{entity} specified is unsupported or invalid",
+            )
         if name == "create":
             return books.create(ledger, entity, document, now)
         if name == "update":
@@ -414,18 +473,24 @@ def accounting_router(store: Store) -> APIRouter:
             raise missing("changedSince")
         since = parse_time(since_raw)
         if since is None:
-            raise QboError("4001", "Invalid query", "QueryValidationError: changedSince is not "
-                           f"a valid date-time: {since_raw}")
+            raise QboError(
+                "4001",
+                "Invalid query",
+                f"QueryValidationError: changedSince is not a valid date-time: {since_raw}",
+            )
         if since < now - CDC_LOOKBACK_S:
-            raise QboError("4001", "Invalid query", "QueryValidationError: changedSince must "
-                           "be within the last 30 days")
+            raise QboError(
+                "4001", "Invalid query", "QueryValidationError: changedSince must be within the last 30 days"
+            )
         wanted: list[str] = []
         for raw_name in names.split(","):
-            known = next((e for e in (*ENTITIES, *EMPTY_ENTITIES)
-                          if e.lower() == raw_name.strip().lower()), None)
+            known = next(
+                (e for e in (*ENTITIES, *EMPTY_ENTITIES) if e.lower() == raw_name.strip().lower()), None
+            )
             if known is None:
-                raise QboError("4001", "Invalid query",
-                               f"QueryValidationError: Invalid entity name: {raw_name.strip()}")
+                raise QboError(
+                    "4001", "Invalid query", f"QueryValidationError: Invalid entity name: {raw_name.strip()}"
+                )
             if known not in wanted:
                 wanted.append(known)
         changed = books.changes_since(ledger, [w for w in wanted if w in ENTITIES], since)
@@ -434,19 +499,23 @@ def accounting_router(store: Store) -> APIRouter:
         for name in wanted:
             rows = changed.get(name, [])[:budget]
             budget -= len(rows)
-            responses.append({name: rows, "startPosition": 1, "maxResults": len(rows),
-                              "totalCount": len(rows)} if rows else {})
+            responses.append(
+                {name: rows, "startPosition": 1, "maxResults": len(rows), "totalCount": len(rows)}
+                if rows
+                else {}
+            )
         return {"CDCResponse": [{"QueryResponse": responses}], "time": stamp()}
 
-    def batch(ledger: Ledger, document: Any, request_id: str | None,
-              now: float) -> dict[str, Any]:
+    def batch(ledger: Ledger, document: Any, request_id: str | None, now: float) -> dict[str, Any]:
         items = document.get("BatchItemRequest") if isinstance(document, dict) else None
         if not isinstance(items, list) or not items:
             raise missing("BatchItemRequest")
         if len(items) > BATCH_MAX:
-            raise QboError("1040", "Batch size exceeds allowed limit",
-                           f"The batch has {len(items)} BatchItemRequest objects; the limit is "
-                           f"{BATCH_MAX}.")
+            raise QboError(
+                "1040",
+                "Batch size exceeds allowed limit",
+                f"The batch has {len(items)} BatchItemRequest objects; the limit is {BATCH_MAX}.",
+            )
         responses: list[dict[str, Any]] = []
         for item in items:
             bid = item.get("bId") if isinstance(item, dict) else None
@@ -478,13 +547,26 @@ def accounting_router(store: Store) -> APIRouter:
 
     async def upload(realm_id: str, request: Request, as_json: bool) -> Answer:
         if _media_type(request) != "multipart/form-data":
-            return fault_answer(QboError("1050", "Invalid Content Type", "An upload must be "
-                                         "Content-Type: multipart/form-data", status=415), as_json)
+            return fault_answer(
+                QboError(
+                    "1050",
+                    "Invalid Content Type",
+                    "An upload must be Content-Type: multipart/form-data",
+                    status=415,
+                ),
+                as_json,
+            )
         length = int(request.headers.get("content-length") or 0)
         if length > UPLOAD_MAX_BYTES:
-            return fault_answer(QboError("6030", "Upload request size exceeds allowed limit",
-                                         "The file upload request should not exceed 100MB in "
-                                         f"size. The current request size is {length}"), as_json)
+            return fault_answer(
+                QboError(
+                    "6030",
+                    "Upload request size exceeds allowed limit",
+                    "The file upload request should not exceed 100MB in "
+                    f"size. The current request size is {length}",
+                ),
+                as_json,
+            )
         form = await request.form()
         files: dict[str, tuple[UploadFile, Any]] = {}
         metadata: dict[str, Any] = {}
@@ -509,15 +591,31 @@ def accounting_router(store: Store) -> APIRouter:
                 except ValueError:
                     meta = None
             if not isinstance(meta, dict):
-                prepared.append((QboError(
-                    "6040", "The file metadata must be of Attachable type", "The file metadata "
-                    f"submitted must be of Attachable type. request parameter: file_metadata_"
-                    f"{suffix}"), 0))
+                prepared.append(
+                    (
+                        QboError(
+                            "6040",
+                            "The file metadata must be of Attachable type",
+                            "The file metadata "
+                            f"submitted must be of Attachable type. request parameter: file_metadata_"
+                            f"{suffix}",
+                        ),
+                        0,
+                    )
+                )
                 continue
-            prepared.append(({
-                **meta, "FileName": meta.get("FileName") or part.filename or f"file_{suffix}",
-                "ContentType": meta.get("ContentType") or part.content_type
-                or "application/octet-stream"}, size))
+            prepared.append(
+                (
+                    {
+                        **meta,
+                        "FileName": meta.get("FileName") or part.filename or f"file_{suffix}",
+                        "ContentType": meta.get("ContentType")
+                        or part.content_type
+                        or "application/octet-stream",
+                    },
+                    size,
+                )
+            )
         await form.close()
         results: list[dict[str, Any]] = []
         with store.lock:
@@ -532,14 +630,14 @@ def accounting_router(store: Store) -> APIRouter:
                 except QboError as error:
                     results.append({"Fault": error.fault()})
                     continue
-                document.update(Size=size, FileAccessUri=f"/v3/company/{realm_id}/download/"
-                                f"{document['Id']}")
+                document.update(Size=size, FileAccessUri=f"/v3/company/{realm_id}/download/{document['Id']}")
                 results.append({"Attachable": document})
             store.books_changed()
         return _render({"AttachableResponse": results, "time": stamp()}, 200, as_json)
 
-    def report_response(operation: Operation, request: Request, as_json: bool, tid: str,
-                        realm_id: str, client_id: str) -> Response:
+    def report_response(
+        operation: Operation, request: Request, as_json: bool, tid: str, realm_id: str, client_id: str
+    ) -> Response:
         name = operation.report or ""
         if name not in reports.REPORTS:
             error = unsupported_operation(f"Operation Report {name} is not supported.")
@@ -553,19 +651,26 @@ def accounting_router(store: Store) -> APIRouter:
 
         def chunks() -> Iterator[str]:
             if as_json:
-                yield ('{"Header":' + json.dumps(head, separators=(",", ":")) + ',"Columns":'
-                       + json.dumps(columns, separators=(",", ":"))
-                       + (',"Rows":{"Row":[' if rows else ',"Rows":{}'))
+                yield (
+                    '{"Header":'
+                    + json.dumps(head, separators=(",", ":"))
+                    + ',"Columns":'
+                    + json.dumps(columns, separators=(",", ":"))
+                    + (',"Rows":{"Row":[' if rows else ',"Rows":{}')
+                )
             else:
-                yield (f'<?xml version="1.0" encoding="UTF-8" standalone="yes"?><Report '
-                       f'xmlns="{_XMLNS}">' + xml_element("Header", head)
-                       + xml_element("Columns", columns) + "<Rows>")
+                yield (
+                    f'<?xml version="1.0" encoding="UTF-8" standalone="yes"?><Report '
+                    f'xmlns="{_XMLNS}">'
+                    + xml_element("Header", head)
+                    + xml_element("Columns", columns)
+                    + "<Rows>"
+                )
             first = True
             buffer: list[str] = []
             size = 0
             for section in sections:
-                text = (json.dumps(section, separators=(",", ":")) if as_json
-                        else xml_element("Row", section))
+                text = json.dumps(section, separators=(",", ":")) if as_json else xml_element("Row", section)
                 if as_json and not first:
                     text = "," + text
                 first = False
@@ -586,9 +691,12 @@ def accounting_router(store: Store) -> APIRouter:
                 yield chunk.encode()
                 await asyncio.sleep(0)  # let other requests run between chunks
 
-        return _ReleasingStream(lambda: store.traffic.leave(realm_id, client_id), body(),
-                                media_type=_JSON if as_json else _XML,
-                                headers={"intuit_tid": tid})
+        return _ReleasingStream(
+            lambda: store.traffic.leave(realm_id, client_id),
+            body(),
+            media_type=_JSON if as_json else _XML,
+            headers={"intuit_tid": tid},
+        )
 
     return router
 
@@ -608,6 +716,8 @@ class _ReleasingStream(StreamingResponse):
 
 
 def _request_id_too_long(value: str) -> QboError:
-    return business(f"You cannot enter more than {REQUEST_ID_MAX} characters in the request_id "
-                    f"field. You tried entering {value[:10]}..., which is {len(value)} "
-                    "characters.")
+    return business(
+        f"You cannot enter more than {REQUEST_ID_MAX} characters in the request_id "
+        f"field. You tried entering {value[:10]}..., which is {len(value)} "
+        "characters."
+    )

@@ -31,69 +31,230 @@ ENTITY_PATHS: dict[str, str] = {
 }
 ENTITIES: tuple[str, ...] = tuple(ENTITY_PATHS.values())
 # Real QuickBooks entities the emulator does not model: a query finds none of them.
-EMPTY_ENTITIES = frozenset({
-    "Vendor", "Employee", "Bill", "BillPayment", "Payment", "SalesReceipt", "Estimate",
-    "CreditMemo", "JournalEntry", "Purchase", "PurchaseOrder", "Deposit", "Transfer", "Class",
-    "Department", "Term", "TaxCode", "TaxRate", "TaxAgency", "PaymentMethod", "RefundReceipt",
-    "VendorCredit", "TimeActivity", "Budget", "CompanyCurrency", "CustomerType",
-})
+EMPTY_ENTITIES = frozenset(
+    {
+        "Vendor",
+        "Employee",
+        "Bill",
+        "BillPayment",
+        "Payment",
+        "SalesReceipt",
+        "Estimate",
+        "CreditMemo",
+        "JournalEntry",
+        "Purchase",
+        "PurchaseOrder",
+        "Deposit",
+        "Transfer",
+        "Class",
+        "Department",
+        "Term",
+        "TaxCode",
+        "TaxRate",
+        "TaxAgency",
+        "PaymentMethod",
+        "RefundReceipt",
+        "VendorCredit",
+        "TimeActivity",
+        "Budget",
+        "CompanyCurrency",
+        "CustomerType",
+    }
+)
 NAME_LISTS = frozenset({"Customer", "Item", "Account"})  # made inactive, never deleted
 
 _SYSTEM = frozenset({"Id", "SyncToken", "MetaData", "domain", "sparse"})
 _WRITABLE: dict[str, frozenset[str]] = {
-    "Customer": frozenset({
-        "DisplayName", "Title", "GivenName", "MiddleName", "FamilyName", "Suffix",
-        "FullyQualifiedName", "CompanyName", "PrintOnCheckName", "Active", "PrimaryPhone",
-        "AlternatePhone", "Mobile", "Fax", "PrimaryEmailAddr", "WebAddr", "BillAddr",
-        "ShipAddr", "OtherAddr", "Notes", "Job", "BillWithParent", "ParentRef", "Level",
-        "Taxable", "Balance", "BalanceWithJobs", "OpenBalanceDate", "CurrencyRef",
-        "PreferredDeliveryMethod", "ResaleNum", "SalesTermRef", "PaymentMethodRef",
-        "DefaultTaxCodeRef", "TaxExemptionReasonId", "CustomerTypeRef", "ARAccountRef",
-        "PrimaryTaxIdentifier", "SecondaryTaxIdentifier", "GSTIN", "BusinessNumber",
-        "GSTRegistrationType", "IsProject", "Source", "V4IDPseudonym", "ClientEntityId",
-    }),
-    "Item": frozenset({
-        "Name", "Sku", "Description", "Active", "SubItem", "ParentRef", "Level",
-        "FullyQualifiedName", "Taxable", "SalesTaxIncluded", "UnitPrice", "Type",
-        "IncomeAccountRef", "PurchaseDesc", "PurchaseTaxIncluded", "PurchaseCost",
-        "ExpenseAccountRef", "AssetAccountRef", "TrackQtyOnHand", "QtyOnHand", "InvStartDate",
-        "SalesTaxCodeRef", "PurchaseTaxCodeRef", "PrefVendorRef", "ReorderPoint", "ClassRef",
-        "AbatementRate", "ReverseChargeRate", "ServiceType", "ItemCategoryType",
-        "TaxClassificationRef", "UQCDisplayText", "UQCId", "Source",
-    }),
-    "Account": frozenset({
-        "Name", "AcctNum", "Description", "Active", "SubAccount", "ParentRef",
-        "FullyQualifiedName", "Classification", "AccountType", "AccountSubType",
-        "CurrentBalance", "CurrentBalanceWithSubAccounts", "CurrencyRef", "TaxCodeRef",
-        "OpeningBalance", "OpeningBalanceDate", "AccountAlias", "TxnLocationType",
-    }),
-    "Invoice": frozenset({
-        "DocNumber", "TxnDate", "DueDate", "ShipDate", "CustomerRef", "Line", "TotalAmt",
-        "Balance", "CustomerMemo", "PrivateNote", "BillEmail", "BillEmailCc", "BillEmailBcc",
-        "BillAddr", "ShipAddr", "ShipFromAddr", "SalesTermRef", "EmailStatus", "PrintStatus",
-        "AllowOnlineCreditCardPayment", "AllowOnlineACHPayment", "AllowIPNPayment",
-        "AllowOnlinePayment", "CurrencyRef", "ExchangeRate", "TxnTaxDetail",
-        "ApplyTaxAfterDiscount", "ClassRef", "DepartmentRef", "CustomField", "LinkedTxn",
-        "Deposit", "DepositToAccountRef", "GlobalTaxCalculation", "HomeBalance",
-        "HomeTotalAmt", "TrackingNum", "ShipMethodRef", "TxnSource", "TransactionLocationType",
-        "InvoiceLink", "FreeFormAddress", "DeliveryInfo", "RecurDataRef", "TaxExemptionRef",
-        "ProjectRef",
-    }),
-    "Attachable": frozenset({
-        "FileName", "Note", "Category", "ContentType", "PlaceName", "AttachableRef", "Long",
-        "Lat", "Tag", "FileAccessUri", "Size", "TempDownloadUri", "ThumbnailFileAccessUri",
-        "ThumbnailTempDownloadUri",
-    }),
+    "Customer": frozenset(
+        {
+            "DisplayName",
+            "Title",
+            "GivenName",
+            "MiddleName",
+            "FamilyName",
+            "Suffix",
+            "FullyQualifiedName",
+            "CompanyName",
+            "PrintOnCheckName",
+            "Active",
+            "PrimaryPhone",
+            "AlternatePhone",
+            "Mobile",
+            "Fax",
+            "PrimaryEmailAddr",
+            "WebAddr",
+            "BillAddr",
+            "ShipAddr",
+            "OtherAddr",
+            "Notes",
+            "Job",
+            "BillWithParent",
+            "ParentRef",
+            "Level",
+            "Taxable",
+            "Balance",
+            "BalanceWithJobs",
+            "OpenBalanceDate",
+            "CurrencyRef",
+            "PreferredDeliveryMethod",
+            "ResaleNum",
+            "SalesTermRef",
+            "PaymentMethodRef",
+            "DefaultTaxCodeRef",
+            "TaxExemptionReasonId",
+            "CustomerTypeRef",
+            "ARAccountRef",
+            "PrimaryTaxIdentifier",
+            "SecondaryTaxIdentifier",
+            "GSTIN",
+            "BusinessNumber",
+            "GSTRegistrationType",
+            "IsProject",
+            "Source",
+            "V4IDPseudonym",
+            "ClientEntityId",
+        }
+    ),
+    "Item": frozenset(
+        {
+            "Name",
+            "Sku",
+            "Description",
+            "Active",
+            "SubItem",
+            "ParentRef",
+            "Level",
+            "FullyQualifiedName",
+            "Taxable",
+            "SalesTaxIncluded",
+            "UnitPrice",
+            "Type",
+            "IncomeAccountRef",
+            "PurchaseDesc",
+            "PurchaseTaxIncluded",
+            "PurchaseCost",
+            "ExpenseAccountRef",
+            "AssetAccountRef",
+            "TrackQtyOnHand",
+            "QtyOnHand",
+            "InvStartDate",
+            "SalesTaxCodeRef",
+            "PurchaseTaxCodeRef",
+            "PrefVendorRef",
+            "ReorderPoint",
+            "ClassRef",
+            "AbatementRate",
+            "ReverseChargeRate",
+            "ServiceType",
+            "ItemCategoryType",
+            "TaxClassificationRef",
+            "UQCDisplayText",
+            "UQCId",
+            "Source",
+        }
+    ),
+    "Account": frozenset(
+        {
+            "Name",
+            "AcctNum",
+            "Description",
+            "Active",
+            "SubAccount",
+            "ParentRef",
+            "FullyQualifiedName",
+            "Classification",
+            "AccountType",
+            "AccountSubType",
+            "CurrentBalance",
+            "CurrentBalanceWithSubAccounts",
+            "CurrencyRef",
+            "TaxCodeRef",
+            "OpeningBalance",
+            "OpeningBalanceDate",
+            "AccountAlias",
+            "TxnLocationType",
+        }
+    ),
+    "Invoice": frozenset(
+        {
+            "DocNumber",
+            "TxnDate",
+            "DueDate",
+            "ShipDate",
+            "CustomerRef",
+            "Line",
+            "TotalAmt",
+            "Balance",
+            "CustomerMemo",
+            "PrivateNote",
+            "BillEmail",
+            "BillEmailCc",
+            "BillEmailBcc",
+            "BillAddr",
+            "ShipAddr",
+            "ShipFromAddr",
+            "SalesTermRef",
+            "EmailStatus",
+            "PrintStatus",
+            "AllowOnlineCreditCardPayment",
+            "AllowOnlineACHPayment",
+            "AllowIPNPayment",
+            "AllowOnlinePayment",
+            "CurrencyRef",
+            "ExchangeRate",
+            "TxnTaxDetail",
+            "ApplyTaxAfterDiscount",
+            "ClassRef",
+            "DepartmentRef",
+            "CustomField",
+            "LinkedTxn",
+            "Deposit",
+            "DepositToAccountRef",
+            "GlobalTaxCalculation",
+            "HomeBalance",
+            "HomeTotalAmt",
+            "TrackingNum",
+            "ShipMethodRef",
+            "TxnSource",
+            "TransactionLocationType",
+            "InvoiceLink",
+            "FreeFormAddress",
+            "DeliveryInfo",
+            "RecurDataRef",
+            "TaxExemptionRef",
+            "ProjectRef",
+        }
+    ),
+    "Attachable": frozenset(
+        {
+            "FileName",
+            "Note",
+            "Category",
+            "ContentType",
+            "PlaceName",
+            "AttachableRef",
+            "Long",
+            "Lat",
+            "Tag",
+            "FileAccessUri",
+            "Size",
+            "TempDownloadUri",
+            "ThumbnailFileAccessUri",
+            "ThumbnailTempDownloadUri",
+        }
+    ),
 }
 # Fields QuickBooks computes: accepted in a request body and ignored.
 _COMPUTED: dict[str, frozenset[str]] = {
     "Customer": frozenset({"FullyQualifiedName", "Balance", "BalanceWithJobs", "Level"}),
     "Item": frozenset({"FullyQualifiedName", "Level"}),
-    "Account": frozenset({"FullyQualifiedName", "Classification", "CurrentBalance",
-                          "CurrentBalanceWithSubAccounts"}),
+    "Account": frozenset(
+        {"FullyQualifiedName", "Classification", "CurrentBalance", "CurrentBalanceWithSubAccounts"}
+    ),
     "Invoice": frozenset({"TotalAmt", "Balance", "HomeBalance", "HomeTotalAmt", "InvoiceLink"}),
-    "Attachable": frozenset({"FileAccessUri", "Size", "TempDownloadUri",
-                             "ThumbnailFileAccessUri", "ThumbnailTempDownloadUri"}),
+    "Attachable": frozenset(
+        {"FileAccessUri", "Size", "TempDownloadUri", "ThumbnailFileAccessUri", "ThumbnailTempDownloadUri"}
+    ),
 }
 
 ACCOUNT_TYPES: dict[str, tuple[str, str]] = {  # AccountType -> (Classification, default subtype)
@@ -114,8 +275,7 @@ ACCOUNT_TYPES: dict[str, tuple[str, str]] = {  # AccountType -> (Classification,
     "Other Income": ("Revenue", "OtherMiscellaneousIncome"),
 }
 ITEM_TYPES = ("Service", "NonInventory", "Inventory", "Category")
-LINE_TYPES = ("SalesItemLineDetail", "SubTotalLineDetail", "DiscountLineDetail",
-              "DescriptionOnly")
+LINE_TYPES = ("SalesItemLineDetail", "SubTotalLineDetail", "DiscountLineDetail", "DescriptionOnly")
 _USD = {"value": "USD", "name": "United States Dollar"}
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 
@@ -123,8 +283,16 @@ _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 class QboError(Exception):
     """A QuickBooks Fault: `{"Fault": {"Error": [...], "type": ...}}` with an HTTP status."""
 
-    def __init__(self, code: str, message: str, detail: str, *, status: int = 400,
-                 kind: str = "ValidationFault", element: str = "") -> None:
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        detail: str,
+        *,
+        status: int = 400,
+        kind: str = "ValidationFault",
+        element: str = "",
+    ) -> None:
         super().__init__(f"{code} {message}: {detail}")
         self.code = code
         self.message = message
@@ -134,35 +302,48 @@ class QboError(Exception):
         self.element = element
 
     def fault(self) -> dict[str, Any]:
-        error = {"Message": self.message, "Detail": self.detail, "code": self.code,
-                 "element": self.element}
+        error = {"Message": self.message, "Detail": self.detail, "code": self.code, "element": self.element}
         return {"Error": [error], "type": self.kind}
 
 
 def not_found(deleted: bool = False) -> QboError:
-    detail = ("Object Not Found : Another user has deleted this transaction." if deleted else
-              "Object Not Found : Something you're trying to use has been made inactive. Check "
-              "the fields with accounts, customers, items, vendors or employees.")
+    detail = (
+        "Object Not Found : Another user has deleted this transaction."
+        if deleted
+        else "Object Not Found : Something you're trying to use has been made inactive. Check "
+        "the fields with accounts, customers, items, vendors or employees."
+    )
     return QboError("610", "Object Not Found", detail)
 
 
 def missing(name: str) -> QboError:
-    return QboError("2020", "Required param missing, need to supply the required value for "
-                    "the API", f"Required parameter {name} is missing in the request", element=name)
+    return QboError(
+        "2020",
+        "Required param missing, need to supply the required value for the API",
+        f"Required parameter {name} is missing in the request",
+        element=name,
+    )
 
 
 def unsupported_property(name: str, entity: str) -> QboError:
-    return QboError("2010", "Request has invalid or unsupported property",
-                    f'Property Name:Unrecognized field "{name}" (class com.intuit.schema.finance.'
-                    f"v3.{entity}), not marked as ignorable specified is unsupported or invalid",
-                    element=name)
+    return QboError(
+        "2010",
+        "Request has invalid or unsupported property",
+        f'Property Name:Unrecognized field "{name}" (class com.intuit.schema.finance.'
+        f"v3.{entity}), not marked as ignorable specified is unsupported or invalid",
+        element=name,
+    )
 
 
 def invalid_reference(what: str, value: Any) -> QboError:
-    return QboError("2500", "Invalid Reference Id",
-                    f"Invalid Reference Id : {what} assigned to this transaction has been "
-                    f"deleted or made inactive (Id {value}). Check the fields with accounts, "
-                    "customers, items, vendors or employees.", element=what)
+    return QboError(
+        "2500",
+        "Invalid Reference Id",
+        f"Invalid Reference Id : {what} assigned to this transaction has been "
+        f"deleted or made inactive (Id {value}). Check the fields with accounts, "
+        "customers, items, vendors or employees.",
+        element=what,
+    )
 
 
 def invalid_enum(value: Any) -> QboError:
@@ -170,10 +351,13 @@ def invalid_enum(value: Any) -> QboError:
 
 
 def too_long(name: str, maximum: int, length: int) -> QboError:
-    return QboError("2050", "String length is either shorter or longer than supported by "
-                    "specification", f"String length specified does not match the supported "
-                    f"length. Min:0 Max:{maximum} supported. Supplied length:{length}",
-                    element=name)
+    return QboError(
+        "2050",
+        "String length is either shorter or longer than supported by specification",
+        f"String length specified does not match the supported "
+        f"length. Min:0 Max:{maximum} supported. Supplied length:{length}",
+        element=name,
+    )
 
 
 def unsupported_operation(detail: str) -> QboError:
@@ -181,8 +365,11 @@ def unsupported_operation(detail: str) -> QboError:
 
 
 def business(detail: str) -> QboError:
-    return QboError("6000", "A business validation error has occurred while processing your "
-                    "request", f"Business Validation Error: {detail}")
+    return QboError(
+        "6000",
+        "A business validation error has occurred while processing your request",
+        f"Business Validation Error: {detail}",
+    )
 
 
 def fields_of(entity: str) -> frozenset[str]:
@@ -213,14 +400,21 @@ def parse_time(value: str) -> float | None:
 
 def _money(value: Any, name: str) -> float:
     if isinstance(value, bool):
-        raise QboError("2010", "Request has invalid or unsupported property",
-                       f"Property Name:{name} specified is unsupported or invalid", element=name)
+        raise QboError(
+            "2010",
+            "Request has invalid or unsupported property",
+            f"Property Name:{name} specified is unsupported or invalid",
+            element=name,
+        )
     try:
         return round(float(value), 2)
     except (TypeError, ValueError):
-        raise QboError("2010", "Request has invalid or unsupported property",
-                       f"Property Name:{name} specified is unsupported or invalid",
-                       element=name) from None
+        raise QboError(
+            "2010",
+            "Request has invalid or unsupported property",
+            f"Property Name:{name} specified is unsupported or invalid",
+            element=name,
+        ) from None
 
 
 def _ref_value(ref: Any) -> str | None:
@@ -256,9 +450,9 @@ class Ledger:
 
     realm_id: str
     entities: dict[str, dict[str, dict[str, Any]]] = field(
-        default_factory=lambda: {name: {} for name in ENTITIES})
-    deleted: dict[str, dict[str, float]] = field(
-        default_factory=lambda: {name: {} for name in ENTITIES})
+        default_factory=lambda: {name: {} for name in ENTITIES}
+    )
+    deleted: dict[str, dict[str, float]] = field(default_factory=lambda: {name: {} for name in ENTITIES})
     next_id: dict[str, int] = field(default_factory=lambda: dict.fromkeys(ENTITIES, 1))
     next_doc_number: int = 1001
     changes: deque[Change] = field(default_factory=lambda: deque(maxlen=_CHANGES_MAX))
@@ -300,38 +494,77 @@ class Books:
             ("Cost of Goods Sold", "Cost of Goods Sold", "SuppliesMaterialsCogs"),
         ]
         for name, kind, subtype in accounts:
-            self._insert(ledger, "Account", {"Name": name, "AccountType": kind,
-                                             "AccountSubType": subtype}, when, record=False)
-        items = [("Services", "Service", 0, "2"), ("Hours", "Service", 75, "2"),
-                 ("Scrap Steel (ton)", "NonInventory", 310.5, "1"),
-                 ("Copper #2 (lb)", "NonInventory", 3.85, "1")]
+            self._insert(
+                ledger,
+                "Account",
+                {"Name": name, "AccountType": kind, "AccountSubType": subtype},
+                when,
+                record=False,
+            )
+        items = [
+            ("Services", "Service", 0, "2"),
+            ("Hours", "Service", 75, "2"),
+            ("Scrap Steel (ton)", "NonInventory", 310.5, "1"),
+            ("Copper #2 (lb)", "NonInventory", 3.85, "1"),
+        ]
         for name, kind, price, income in items:
-            self._insert(ledger, "Item", {"Name": name, "Type": kind, "UnitPrice": price,
-                                          "IncomeAccountRef": {"value": income}},
-                         when, record=False)
+            self._insert(
+                ledger,
+                "Item",
+                {"Name": name, "Type": kind, "UnitPrice": price, "IncomeAccountRef": {"value": income}},
+                when,
+                record=False,
+            )
         if not self.seed:
             return
-        customers = [("Acme Metals", "ap@acme-metals.example"),
-                     ("Bill's Windsurf Shop", "surf@intuit.example"),
-                     ("Cool Cars", "cool_cars@intuit.example")]
+        customers = [
+            ("Acme Metals", "ap@acme-metals.example"),
+            ("Bill's Windsurf Shop", "surf@intuit.example"),
+            ("Cool Cars", "cool_cars@intuit.example"),
+        ]
         for name, email in customers:
-            self._insert(ledger, "Customer", {"DisplayName": name,
-                                              "PrimaryEmailAddr": {"Address": email}},
-                         when, record=False)
+            self._insert(
+                ledger,
+                "Customer",
+                {"DisplayName": name, "PrimaryEmailAddr": {"Address": email}},
+                when,
+                record=False,
+            )
         invoices = [("1", [("3", 2, 310.5), ("2", 4, 75)]), ("2", [("4", 500, 3.85)])]
         for customer, lines in invoices:
-            self._insert(ledger, "Invoice", {
-                "CustomerRef": {"value": customer},
-                "Line": [{"Amount": round(qty * price, 2), "DetailType": "SalesItemLineDetail",
-                          "SalesItemLineDetail": {"ItemRef": {"value": item}, "Qty": qty,
-                                                  "UnitPrice": price}}
-                         for item, qty, price in lines]}, when, record=False)
+            self._insert(
+                ledger,
+                "Invoice",
+                {
+                    "CustomerRef": {"value": customer},
+                    "Line": [
+                        {
+                            "Amount": round(qty * price, 2),
+                            "DetailType": "SalesItemLineDetail",
+                            "SalesItemLineDetail": {
+                                "ItemRef": {"value": item},
+                                "Qty": qty,
+                                "UnitPrice": price,
+                            },
+                        }
+                        for item, qty, price in lines
+                    ],
+                },
+                when,
+                record=False,
+            )
 
     def dump(self) -> dict[str, Any]:
-        return {realm: {"entities": ledger.entities, "deleted": ledger.deleted,
-                        "next_id": ledger.next_id, "next_doc_number": ledger.next_doc_number,
-                        "changes": [asdict(c) for c in ledger.changes]}
-                for realm, ledger in self.ledgers.items()}
+        return {
+            realm: {
+                "entities": ledger.entities,
+                "deleted": ledger.deleted,
+                "next_id": ledger.next_id,
+                "next_doc_number": ledger.next_doc_number,
+                "changes": [asdict(c) for c in ledger.changes],
+            }
+            for realm, ledger in self.ledgers.items()
+        }
 
     def load(self, document: dict[str, Any] | None) -> None:
         self.ledgers.clear()
@@ -401,16 +634,20 @@ class Books:
         if not address:
             raise business("Please enter an email address in the To: field.")
         if not _EMAIL.match(address):
-            raise QboError("2210", "Invalid Email Address format",
-                           "Email Address does not conform to the syntax rules of RFC 822.")
+            raise QboError(
+                "2210",
+                "Invalid Email Address format",
+                "Email Address does not conform to the syntax rules of RFC 822.",
+            )
         sent = {k: v for k, v in current.items() if k not in _SYSTEM}
         sent["EmailStatus"] = "EmailSent"
         sent["BillEmail"] = {"Address": address}
         sent["DeliveryInfo"] = {"DeliveryType": "Email", "DeliveryTime": entity_time(now)}
         return self._store(ledger, "Invoice", sent, current, now, "Emailed")
 
-    def changes_since(self, ledger: Ledger, entities: Iterable[str],
-                      since: float) -> dict[str, list[dict[str, Any]]]:
+    def changes_since(
+        self, ledger: Ledger, entities: Iterable[str], since: float
+    ) -> dict[str, list[dict[str, Any]]]:
         """Per entity, what changed at or after `since`: the entity as it is now, or a
         `"status": "Deleted"` stub, each once, oldest change first."""
         wanted = set(entities)
@@ -427,8 +664,14 @@ class Books:
                 if live is not None:
                     rows.append(live)
                 else:
-                    rows.append({"domain": "QBO", "status": "Deleted", "Id": entity_id,
-                                 "MetaData": {"LastUpdatedTime": entity_time(when)}})
+                    rows.append(
+                        {
+                            "domain": "QBO",
+                            "status": "Deleted",
+                            "Id": entity_id,
+                            "MetaData": {"LastUpdatedTime": entity_time(when)},
+                        }
+                    )
             answer[name] = rows
         return answer
 
@@ -452,20 +695,31 @@ class Books:
         if token in (None, ""):
             raise missing("SyncToken")
         if str(token) != current["SyncToken"]:
-            raise QboError("5010", "Stale Object Error", "Stale Object Error : You and root "
-                           "were working on this at the same time. root finished before you "
-                           "did, so your work was not saved.")
+            raise QboError(
+                "5010",
+                "Stale Object Error",
+                "Stale Object Error : You and root "
+                "were working on this at the same time. root finished before you "
+                "did, so your work was not saved.",
+            )
         return current
 
-    def _insert(self, ledger: Ledger, entity: str, body: dict[str, Any], now: float, *,
-                record: bool = True) -> dict[str, Any]:
+    def _insert(
+        self, ledger: Ledger, entity: str, body: dict[str, Any], now: float, *, record: bool = True
+    ) -> dict[str, Any]:
         fields = {k: v for k, v in body.items() if k not in _SYSTEM}
         built = self._build(ledger, entity, fields, now, None)
         entity_id = str(ledger.next_id[entity])
         ledger.next_id[entity] += 1
         stamp = entity_time(now)
-        document = {**built, "domain": "QBO", "sparse": False, "Id": entity_id,
-                    "SyncToken": "0", "MetaData": {"CreateTime": stamp, "LastUpdatedTime": stamp}}
+        document = {
+            **built,
+            "domain": "QBO",
+            "sparse": False,
+            "Id": entity_id,
+            "SyncToken": "0",
+            "MetaData": {"CreateTime": stamp, "LastUpdatedTime": stamp},
+        }
         ledger.entities[entity][entity_id] = document
         if entity == "Invoice" and "DocNumber" not in body:
             ledger.next_doc_number += 1
@@ -473,81 +727,136 @@ class Books:
             self._record(ledger, entity, entity_id, "Create", now)
         return document
 
-    def _store(self, ledger: Ledger, entity: str, built: dict[str, Any], current: dict[str, Any],
-               now: float, operation: str) -> dict[str, Any]:
-        document = {**built, "domain": "QBO", "sparse": False, "Id": current["Id"],
-                    "SyncToken": str(int(current["SyncToken"]) + 1),
-                    "MetaData": {"CreateTime": current["MetaData"]["CreateTime"],
-                                 "LastUpdatedTime": entity_time(now)}}
+    def _store(
+        self,
+        ledger: Ledger,
+        entity: str,
+        built: dict[str, Any],
+        current: dict[str, Any],
+        now: float,
+        operation: str,
+    ) -> dict[str, Any]:
+        document = {
+            **built,
+            "domain": "QBO",
+            "sparse": False,
+            "Id": current["Id"],
+            "SyncToken": str(int(current["SyncToken"]) + 1),
+            "MetaData": {
+                "CreateTime": current["MetaData"]["CreateTime"],
+                "LastUpdatedTime": entity_time(now),
+            },
+        }
         ledger.entities[entity][current["Id"]] = document
         self._record(ledger, entity, current["Id"], operation, now)
         return document
 
-    def _record(self, ledger: Ledger, entity: str, entity_id: str, operation: str,
-                now: float) -> None:
+    def _record(self, ledger: Ledger, entity: str, entity_id: str, operation: str, now: float) -> None:
         change = Change(ledger.realm_id, entity, entity_id, operation, now)
         ledger.changes.append(change)
         for listener in list(self.listeners):
             listener(change)
 
-    def _build(self, ledger: Ledger, entity: str, fields: dict[str, Any], now: float,
-               own_id: str | None) -> dict[str, Any]:
+    def _build(
+        self, ledger: Ledger, entity: str, fields: dict[str, Any], now: float, own_id: str | None
+    ) -> dict[str, Any]:
         fields = {k: v for k, v in fields.items() if k not in _COMPUTED[entity] and v is not None}
-        builder = {"Customer": self._customer, "Item": self._item, "Account": self._account,
-                   "Invoice": self._invoice, "Attachable": self._attachable}[entity]
+        builder = {
+            "Customer": self._customer,
+            "Item": self._item,
+            "Account": self._account,
+            "Invoice": self._invoice,
+            "Attachable": self._attachable,
+        }[entity]
         return builder(ledger, fields, now, own_id)
 
     @staticmethod
-    def _unique(ledger: Ledger, entity: str, key: str, value: str, own_id: str | None,
-                detail: str) -> None:
+    def _unique(ledger: Ledger, entity: str, key: str, value: str, own_id: str | None, detail: str) -> None:
         folded = value.casefold()
         for other_id, other in ledger.entities[entity].items():
             if other_id != own_id and str(other.get(key, "")).casefold() == folded:
-                raise QboError("6240", "Duplicate Name Exists Error",
-                               f"The name supplied already exists. : {detail}", element=key)
+                raise QboError(
+                    "6240",
+                    "Duplicate Name Exists Error",
+                    f"The name supplied already exists. : {detail}",
+                    element=key,
+                )
 
-    def _customer(self, ledger: Ledger, fields: dict[str, Any], now: float,
-                  own_id: str | None) -> dict[str, Any]:
+    def _customer(
+        self, ledger: Ledger, fields: dict[str, Any], now: float, own_id: str | None
+    ) -> dict[str, Any]:
         name = _text(fields, "DisplayName", 500)
         if not name:
-            parts = [str(fields[k]) for k in ("Title", "GivenName", "MiddleName", "FamilyName",
-                                               "Suffix") if fields.get(k)]
+            parts = [
+                str(fields[k])
+                for k in ("Title", "GivenName", "MiddleName", "FamilyName", "Suffix")
+                if fields.get(k)
+            ]
             if not parts:
-                raise QboError("6080", "No Name Provided", "Title, GivenName, MiddleName, "
-                               "FamilyName, DisplayName, Suffix - one of these must be non-empty")
+                raise QboError(
+                    "6080",
+                    "No Name Provided",
+                    "Title, GivenName, MiddleName, "
+                    "FamilyName, DisplayName, Suffix - one of these must be non-empty",
+                )
             name = " ".join(parts)
         if ":" in name:
             raise business("The name of a customer cannot contain a colon (:).")
-        self._unique(ledger, "Customer", "DisplayName", name, own_id,
-                     "Another customer, vendor or employee is already using this name. Please "
-                     "use a different name.")
+        self._unique(
+            ledger,
+            "Customer",
+            "DisplayName",
+            name,
+            own_id,
+            "Another customer, vendor or employee is already using this name. Please use a different name.",
+        )
         email = fields.get("PrimaryEmailAddr")
         if email is not None:
             address = email.get("Address") if isinstance(email, dict) else None
             if address and not _EMAIL.match(str(address)):
-                raise QboError("2210", "Invalid Email Address format",
-                               "Email Address does not conform to the syntax rules of RFC 822.")
-        built = {"Taxable": False, "Job": False, "BillWithParent": False,
-                 "Balance": 0, "BalanceWithJobs": 0, "CurrencyRef": dict(_USD),
-                 "PreferredDeliveryMethod": "Print", "IsProject": False, "Active": True}
+                raise QboError(
+                    "2210",
+                    "Invalid Email Address format",
+                    "Email Address does not conform to the syntax rules of RFC 822.",
+                )
+        built = {
+            "Taxable": False,
+            "Job": False,
+            "BillWithParent": False,
+            "Balance": 0,
+            "BalanceWithJobs": 0,
+            "CurrencyRef": dict(_USD),
+            "PreferredDeliveryMethod": "Print",
+            "IsProject": False,
+            "Active": True,
+        }
         built.update(fields)
-        built.update(DisplayName=name, FullyQualifiedName=name, PrintOnCheckName=fields.get(
-            "PrintOnCheckName", name))
+        built.update(
+            DisplayName=name, FullyQualifiedName=name, PrintOnCheckName=fields.get("PrintOnCheckName", name)
+        )
         return built
 
-    def _item(self, ledger: Ledger, fields: dict[str, Any], now: float,
-              own_id: str | None) -> dict[str, Any]:
+    def _item(self, ledger: Ledger, fields: dict[str, Any], now: float, own_id: str | None) -> dict[str, Any]:
         name = _text(fields, "Name", 100)
         if not name:
             raise missing("Name")
-        self._unique(ledger, "Item", "Name", name, own_id, "Another product or service is "
-                     "already using this name. Please use a different name.")
+        self._unique(
+            ledger,
+            "Item",
+            "Name",
+            name,
+            own_id,
+            "Another product or service is already using this name. Please use a different name.",
+        )
         kind = fields.get("Type", "Service")
         if kind not in ITEM_TYPES:
             raise invalid_enum(kind)
-        refs = {"Service": ("IncomeAccountRef",), "NonInventory": ("IncomeAccountRef",),
-                "Inventory": ("IncomeAccountRef", "AssetAccountRef", "ExpenseAccountRef"),
-                "Category": ()}[kind]
+        refs = {
+            "Service": ("IncomeAccountRef",),
+            "NonInventory": ("IncomeAccountRef",),
+            "Inventory": ("IncomeAccountRef", "AssetAccountRef", "ExpenseAccountRef"),
+            "Category": (),
+        }[kind]
         for ref in refs:
             value = _ref_value(fields.get(ref))
             if value is None:
@@ -560,39 +869,58 @@ class Books:
             for required in ("QtyOnHand", "InvStartDate"):
                 if required not in fields:
                     raise missing(required)
-        built: dict[str, Any] = {"Active": True, "Taxable": False, "SalesTaxIncluded": False,
-                                 "UnitPrice": 0, "PurchaseCost": 0, "PurchaseTaxIncluded": False,
-                                 "TrackQtyOnHand": kind == "Inventory", "Type": kind}
+        built: dict[str, Any] = {
+            "Active": True,
+            "Taxable": False,
+            "SalesTaxIncluded": False,
+            "UnitPrice": 0,
+            "PurchaseCost": 0,
+            "PurchaseTaxIncluded": False,
+            "TrackQtyOnHand": kind == "Inventory",
+            "Type": kind,
+        }
         built.update(fields)
         built["UnitPrice"] = _money(built["UnitPrice"], "UnitPrice")
         built.update(Name=name, FullyQualifiedName=name)
         return built
 
-    def _account(self, ledger: Ledger, fields: dict[str, Any], now: float,
-                 own_id: str | None) -> dict[str, Any]:
+    def _account(
+        self, ledger: Ledger, fields: dict[str, Any], now: float, own_id: str | None
+    ) -> dict[str, Any]:
         name = _text(fields, "Name", 100)
         if not name:
             raise missing("Name")
         if ":" in name or '"' in name:
-            raise business("The account name cannot contain a colon (:) or a double quote (\").")
-        self._unique(ledger, "Account", "Name", name, own_id,
-                     "Another account is already using this name. Please use a different name.")
+            raise business('The account name cannot contain a colon (:) or a double quote (").')
+        self._unique(
+            ledger,
+            "Account",
+            "Name",
+            name,
+            own_id,
+            "Another account is already using this name. Please use a different name.",
+        )
         kind = fields.get("AccountType")
         if kind is None:
-            raise business("Either an Account.AccountType or an Account.AccountSubType must "
-                           "be specified")
+            raise business("Either an Account.AccountType or an Account.AccountSubType must be specified")
         if kind not in ACCOUNT_TYPES:
             raise invalid_enum(kind)
         classification, subtype = ACCOUNT_TYPES[kind]
-        built: dict[str, Any] = {"SubAccount": False, "Active": True, "CurrentBalance": 0,
-                                 "CurrentBalanceWithSubAccounts": 0, "CurrencyRef": dict(_USD),
-                                 "AccountSubType": subtype}
+        built: dict[str, Any] = {
+            "SubAccount": False,
+            "Active": True,
+            "CurrentBalance": 0,
+            "CurrentBalanceWithSubAccounts": 0,
+            "CurrencyRef": dict(_USD),
+            "AccountSubType": subtype,
+        }
         built.update(fields)
         built.update(Name=name, FullyQualifiedName=name, Classification=classification)
         return built
 
-    def _invoice(self, ledger: Ledger, fields: dict[str, Any], now: float,
-                 own_id: str | None) -> dict[str, Any]:
+    def _invoice(
+        self, ledger: Ledger, fields: dict[str, Any], now: float, own_id: str | None
+    ) -> dict[str, Any]:
         customer_id = _ref_value(fields.get("CustomerRef"))
         if customer_id is None:
             raise missing("CustomerRef")
@@ -629,9 +957,11 @@ class Books:
                 if "Qty" in detail and "UnitPrice" in detail:
                     expected = round(_money(detail["Qty"], "Qty") * float(detail["UnitPrice"]), 2)
                     if abs(expected - amount) > 0.005:
-                        raise QboError("6070", "Amount calculation incorrect in the request",
-                                       f"Amount is not equal to UnitPrice * Qty. Supplied "
-                                       f"value:{amount}")
+                        raise QboError(
+                            "6070",
+                            "Amount calculation incorrect in the request",
+                            f"Amount is not equal to UnitPrice * Qty. Supplied value:{amount}",
+                        )
                 detail.setdefault("TaxCodeRef", {"value": "NON"})
                 line.update(Amount=amount, SalesItemLineDetail=detail)
                 subtotal += amount
@@ -642,8 +972,11 @@ class Books:
                 elif "Amount" in line:
                     amount = _money(line["Amount"], "Amount")
                 else:
-                    raise QboError("6090", "Discount Line missing required info.",
-                                   "Discount amount or percent should be provided.")
+                    raise QboError(
+                        "6090",
+                        "Discount Line missing required info.",
+                        "Discount amount or percent should be provided.",
+                    )
                 line.update(Amount=amount, DiscountLineDetail=detail)
                 discount += amount
             else:
@@ -651,30 +984,49 @@ class Books:
             built_lines.append(line)
         numbered = []
         for index, line in enumerate(built_lines, start=1):
-            numbered.append({"Id": str(index), "LineNum": index, **{
-                k: v for k, v in line.items() if k not in ("Id", "LineNum")}})
+            numbered.append(
+                {
+                    "Id": str(index),
+                    "LineNum": index,
+                    **{k: v for k, v in line.items() if k not in ("Id", "LineNum")},
+                }
+            )
         total = round(subtotal - discount, 2)
-        numbered.append({"Amount": round(subtotal, 2), "DetailType": "SubTotalLineDetail",
-                         "SubTotalLineDetail": {}})
+        numbered.append(
+            {"Amount": round(subtotal, 2), "DetailType": "SubTotalLineDetail", "SubTotalLineDetail": {}}
+        )
         doc_number = _text(fields, "DocNumber", 21)
         if doc_number is None:
             doc_number = str(ledger.next_doc_number)
         txn_date = fields.get("TxnDate") or company_date(now).isoformat()
         built: dict[str, Any] = {
-            "AllowIPNPayment": False, "AllowOnlinePayment": False,
-            "AllowOnlineCreditCardPayment": False, "AllowOnlineACHPayment": False,
-            "CustomField": [], "LinkedTxn": [], "TxnTaxDetail": {"TotalTax": 0},
-            "CurrencyRef": dict(_USD), "EmailStatus": "NotSet", "PrintStatus": "NotSet",
-            "ApplyTaxAfterDiscount": False, "DueDate": txn_date,
+            "AllowIPNPayment": False,
+            "AllowOnlinePayment": False,
+            "AllowOnlineCreditCardPayment": False,
+            "AllowOnlineACHPayment": False,
+            "CustomField": [],
+            "LinkedTxn": [],
+            "TxnTaxDetail": {"TotalTax": 0},
+            "CurrencyRef": dict(_USD),
+            "EmailStatus": "NotSet",
+            "PrintStatus": "NotSet",
+            "ApplyTaxAfterDiscount": False,
+            "DueDate": txn_date,
         }
         built.update(fields)
-        built.update(DocNumber=doc_number, TxnDate=txn_date, Line=numbered, TotalAmt=total,
-                     Balance=total,
-                     CustomerRef={"value": customer_id, "name": customer["DisplayName"]})
+        built.update(
+            DocNumber=doc_number,
+            TxnDate=txn_date,
+            Line=numbered,
+            TotalAmt=total,
+            Balance=total,
+            CustomerRef={"value": customer_id, "name": customer["DisplayName"]},
+        )
         return built
 
-    def _attachable(self, ledger: Ledger, fields: dict[str, Any], now: float,
-                    own_id: str | None) -> dict[str, Any]:
+    def _attachable(
+        self, ledger: Ledger, fields: dict[str, Any], now: float, own_id: str | None
+    ) -> dict[str, Any]:
         if not fields.get("FileName") and not fields.get("Note"):
             raise missing("FileName")
         _text(fields, "FileName", 1000)
@@ -688,9 +1040,11 @@ class Books:
             value = _ref_value(entity_ref)
             canonical = next((e for e in ENTITIES if e.lower() == kind.lower()), None)
             if canonical is None or value is None:
-                raise QboError("6050", "The entity reference type is unsupported for Attachable",
-                               f"The entity reference type {kind or '(none)'} is unsupported "
-                               "for Attachable")
+                raise QboError(
+                    "6050",
+                    "The entity reference type is unsupported for Attachable",
+                    f"The entity reference type {kind or '(none)'} is unsupported for Attachable",
+                )
             if ledger.live(canonical, value) is None:
                 raise invalid_reference("AttachableRef.EntityRef", value)
         return {**fields, "AttachableRef": refs}

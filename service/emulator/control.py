@@ -93,15 +93,25 @@ class ClockAdvance(BaseModel):
 
 
 def user_view(user: User) -> dict[str, Any]:
-    return {"sub": user.sub, "email": user.email, "given_name": user.given_name,
-            "family_name": user.family_name, "name": user.name,
-            "email_verified": user.email_verified, "companies": dict(user.companies)}
+    return {
+        "sub": user.sub,
+        "email": user.email,
+        "given_name": user.given_name,
+        "family_name": user.family_name,
+        "name": user.name,
+        "email_verified": user.email_verified,
+        "companies": dict(user.companies),
+    }
 
 
 def company_view(company: Company) -> dict[str, Any]:
-    return {"realm_id": company.realm_id, "name": company.name,
-            "legal_name": company.legal_name, "country": company.country,
-            "created_at": iso(company.created_at)}
+    return {
+        "realm_id": company.realm_id,
+        "name": company.name,
+        "legal_name": company.legal_name,
+        "country": company.country,
+        "created_at": iso(company.created_at),
+    }
 
 
 def control_router(store: Store) -> APIRouter:
@@ -109,14 +119,18 @@ def control_router(store: Store) -> APIRouter:
 
     def config_view() -> dict[str, Any]:
         config = store.config
-        return {"access_token_ttl": config.access_token_ttl,
-                "refresh_token_ttl": config.refresh_token_ttl, "code_ttl": config.code_ttl,
-                "latency_ms": config.latency_ms, "clock_offset_s": store.clock_offset,
-                "throttle_concurrent": config.throttle_concurrent,
-                "throttle_per_second": config.throttle_per_second,
-                "throttle_per_minute": config.throttle_per_minute,
-                "throttle_batch_per_minute": config.throttle_batch_per_minute,
-                "report_rows": config.report_rows}
+        return {
+            "access_token_ttl": config.access_token_ttl,
+            "refresh_token_ttl": config.refresh_token_ttl,
+            "code_ttl": config.code_ttl,
+            "latency_ms": config.latency_ms,
+            "clock_offset_s": store.clock_offset,
+            "throttle_concurrent": config.throttle_concurrent,
+            "throttle_per_second": config.throttle_per_second,
+            "throttle_per_minute": config.throttle_per_minute,
+            "throttle_batch_per_minute": config.throttle_batch_per_minute,
+            "report_rows": config.report_rows,
+        }
 
     @router.post("/reset")
     async def reset() -> dict[str, Any]:
@@ -132,8 +146,9 @@ def control_router(store: Store) -> APIRouter:
         if store.user_by_email(body.email) is not None or (body.sub and body.sub in store.users):
             raise HTTPException(409, "a user with this email or sub already exists")
         try:
-            user = store.add_user(body.email, body.given_name, body.family_name, body.sub,
-                                  dict(body.companies))
+            user = store.add_user(
+                body.email, body.given_name, body.family_name, body.sub, dict(body.companies)
+            )
         except ValueError as exc:
             raise HTTPException(422, str(exc)) from exc
         return user_view(user)
@@ -189,8 +204,13 @@ def control_router(store: Store) -> APIRouter:
     @router.post("/webhooks")
     async def update_webhooks(body: WebhookUpdate) -> dict[str, Any]:
         given = body.model_dump(exclude_unset=True)
-        store.webhooks.configure(**{name: value for name, value in given.items()
-                                    if value is not None or name in ("url", "verifier_token")})
+        store.webhooks.configure(
+            **{
+                name: value
+                for name, value in given.items()
+                if value is not None or name in ("url", "verifier_token")
+            }
+        )
         return store.webhooks.view()
 
     @router.get("/webhooks/deliveries")
@@ -222,8 +242,7 @@ def control_router(store: Store) -> APIRouter:
 
     @router.get("/stats")
     async def stats() -> dict[str, Any]:
-        return {**store.stats.snapshot(store.faults.fired),
-                "accounting": store.traffic.snapshot()}
+        return {**store.stats.snapshot(store.faults.fired), "accounting": store.traffic.snapshot()}
 
     @router.post("/sessions/signin")
     async def session_signin(body: SigninRequest, response: Response) -> dict[str, Any]:

@@ -65,8 +65,7 @@ class Faults:
         with self._lock:
             return [fault.as_dict() for fault in self._queue]
 
-    def take(self, endpoint: str, *, is_refresh: bool = False,
-             is_write: bool = False) -> Fault | None:
+    def take(self, endpoint: str, *, is_refresh: bool = False, is_write: bool = False) -> Fault | None:
         """Consume one unit of the first fault that applies to this call, if any.
 
         `drop_after_rotate` only makes sense for a refresh, so other token calls pass it by

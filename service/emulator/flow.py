@@ -44,15 +44,13 @@ def _error(title: str, message: str, code: str, status: int = 400) -> HTMLRespon
 
 def _back_to_flow(flow: Flow) -> RedirectResponse:
     # Relative, so the flow works whatever host name the browser used to reach the emulator.
-    return RedirectResponse(f"/connect/oauth2/flow/{flow.flow_id}", status_code=303,
-                            headers=_NO_STORE)
+    return RedirectResponse(f"/connect/oauth2/flow/{flow.flow_id}", status_code=303, headers=_NO_STORE)
 
 
 def _to_client(redirect_uri: str, params: dict[str, str]) -> RedirectResponse:
     parts = urlsplit(redirect_uri)
     query = "&".join(q for q in (parts.query, urlencode(params)) if q)
-    return RedirectResponse(urlunsplit(parts._replace(query=query)), status_code=303,
-                            headers=_NO_STORE)
+    return RedirectResponse(urlunsplit(parts._replace(query=query)), status_code=303, headers=_NO_STORE)
 
 
 def flow_router(store: Store) -> APIRouter:
@@ -94,21 +92,32 @@ def flow_router(store: Store) -> APIRouter:
             admins = store.admins_of(step.company.realm_id)
             return _html(pages.not_admin_page(fid, step.user, step.company, admins), status)
         if step.kind == "switch_admin" and step.company is not None:
-            return _html(pages.switch_admin_page(fid, step.user, step.company, settings.app_name,
-                                                 step.other, flow.scopes), status)
-        return _html(pages.authorize_page(fid, step.user, step.company, settings.app_name,
-                                          flow.scopes), status)
+            return _html(
+                pages.switch_admin_page(
+                    fid, step.user, step.company, settings.app_name, step.other, flow.scopes
+                ),
+                status,
+            )
+        return _html(
+            pages.authorize_page(fid, step.user, step.company, settings.app_name, flow.scopes), status
+        )
 
     def live_flow(flow_id: str) -> Flow | Response:
         flow = store.flow(flow_id)
         if flow is None:
-            return _error("This page has expired", "This sign-in request is unknown or has "
-                          "expired. Go back to the app and start connecting again.",
-                          "flow_expired", 404)
+            return _error(
+                "This page has expired",
+                "This sign-in request is unknown or has "
+                "expired. Go back to the app and start connecting again.",
+                "flow_expired",
+                404,
+            )
         if flow.finished:
-            return _error("This request was already completed", "This sign-in request has "
-                          "already been used. Go back to the app and start connecting again.",
-                          "flow_completed")
+            return _error(
+                "This request was already completed",
+                "This sign-in request has already been used. Go back to the app and start connecting again.",
+                "flow_completed",
+            )
         return flow
 
     @router.get("/connect/oauth2")
@@ -118,43 +127,66 @@ def flow_router(store: Store) -> APIRouter:
         client_id = params.get("client_id", "")
         redirect_uri = params.get("redirect_uri", "")
         # Until client and redirect_uri are known good, nothing may be sent back to the URI.
-        if not client_id or not secrets.compare_digest(client_id.encode(),
-                                                        settings.client_id.encode()):
-            return _error("We're sorry, something went wrong", "The client_id query parameter "
-                          "is missing or does not belong to any app.", "invalid_client")
+        if not client_id or not secrets.compare_digest(client_id.encode(), settings.client_id.encode()):
+            return _error(
+                "We're sorry, something went wrong",
+                "The client_id query parameter is missing or does not belong to any app.",
+                "invalid_client",
+            )
         if redirect_uri not in settings.redirect_uris:
-            return _error("We're sorry, something went wrong", "The redirect_uri query parameter"
-                          " value is invalid. Make sure it is listed in the Redirect URIs section"
-                          " on your app's keys tab and matches it exactly.",
-                          "invalid_redirect_uri")
+            return _error(
+                "We're sorry, something went wrong",
+                "The redirect_uri query parameter"
+                " value is invalid. Make sure it is listed in the Redirect URIs section"
+                " on your app's keys tab and matches it exactly.",
+                "invalid_redirect_uri",
+            )
         if repeated:
-            return _error("We're sorry, something went wrong", "These parameters were sent more "
-                          f"than once: {', '.join(repeated)}.", "invalid_request")
+            return _error(
+                "We're sorry, something went wrong",
+                f"These parameters were sent more than once: {', '.join(repeated)}.",
+                "invalid_request",
+            )
         response_type = params.get("response_type")
         if not response_type:
-            return _error("We're sorry, something went wrong",
-                          "The response_type query parameter is missing.", "invalid_request")
+            return _error(
+                "We're sorry, something went wrong",
+                "The response_type query parameter is missing.",
+                "invalid_request",
+            )
         if response_type != "code":
-            return _error("We're sorry, something went wrong", "The response_type query "
-                          "parameter must be 'code'.", "unsupported_response_type")
+            return _error(
+                "We're sorry, something went wrong",
+                "The response_type query parameter must be 'code'.",
+                "unsupported_response_type",
+            )
         scopes = list(dict.fromkeys(params.get("scope", "").split()))
         unknown = [s for s in scopes if s not in KNOWN_SCOPES]
         if not scopes or unknown:
             detail = f"Unknown scopes: {', '.join(unknown)}." if unknown else "No scope given."
-            return _error("We're sorry, something went wrong",
-                          f"The scope query parameter is invalid. {detail}", "invalid_scope")
+            return _error(
+                "We're sorry, something went wrong",
+                f"The scope query parameter is invalid. {detail}",
+                "invalid_scope",
+            )
         state = params.get("state")
         if not state:
-            return _error("We're sorry, something went wrong",
-                          "The state query parameter is required.", "invalid_request")
+            return _error(
+                "We're sorry, something went wrong",
+                "The state query parameter is required.",
+                "invalid_request",
+            )
         challenge = params.get("code_challenge")
         if challenge is not None and params.get("code_challenge_method") != "S256":
-            return _error("We're sorry, something went wrong", "Only the S256 "
-                          "code_challenge_method is supported.", "invalid_request")
-        flow = store.create_flow(client_id, redirect_uri, scopes, state,
-                                 nonce=params.get("nonce"), code_challenge=challenge)
-        return RedirectResponse(f"/connect/oauth2/flow/{flow.flow_id}", status_code=302,
-                                headers=_NO_STORE)
+            return _error(
+                "We're sorry, something went wrong",
+                "Only the S256 code_challenge_method is supported.",
+                "invalid_request",
+            )
+        flow = store.create_flow(
+            client_id, redirect_uri, scopes, state, nonce=params.get("nonce"), code_challenge=challenge
+        )
+        return RedirectResponse(f"/connect/oauth2/flow/{flow.flow_id}", status_code=302, headers=_NO_STORE)
 
     @router.get("/connect/oauth2/flow/{flow_id}")
     async def flow_page(flow_id: str, request: Request) -> Response:
@@ -171,8 +203,11 @@ def flow_router(store: Store) -> APIRouter:
         form = await request.form()
         user = store.user_by_email(str(form.get("email") or ""))
         if user is None:
-            return render(flow, Step("signin"), error="We don't recognize this user ID or email."
-                          " Try again or choose one of the users above.")
+            return render(
+                flow,
+                Step("signin"),
+                error="We don't recognize this user ID or email. Try again or choose one of the users above.",
+            )
         store.end_session(request.cookies.get(SESSION_COOKIE))
         sid = store.create_session(user.sub)
         flow.realm_id = None  # a company picked by a previous user is not this user's choice
@@ -202,8 +237,11 @@ def flow_router(store: Store) -> APIRouter:
         realm_id = str((await request.form()).get("realm_id") or "")
         if realm_id not in step.user.companies or realm_id not in store.companies:
             companies = store.companies_of(step.user)
-            return render(flow, Step("choose_company", step.user, companies=companies),
-                          error="Choose one of your companies.")
+            return render(
+                flow,
+                Step("choose_company", step.user, companies=companies),
+                error="Choose one of your companies.",
+            )
         flow.realm_id = realm_id
         return _back_to_flow(flow)
 
@@ -219,8 +257,9 @@ def flow_router(store: Store) -> APIRouter:
             flow.finished = True
             return _to_client(flow.redirect_uri, {"error": "access_denied", "state": flow.state})
         if decision != "allow":
-            return _error("We're sorry, something went wrong",
-                          "The decision must be allow or deny.", "invalid_request")
+            return _error(
+                "We're sorry, something went wrong", "The decision must be allow or deny.", "invalid_request"
+            )
         step = resolve(flow, request)
         if step.user is None or step.kind not in ("authorize", "switch_admin", "not_admin"):
             return _back_to_flow(flow)

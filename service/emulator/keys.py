@@ -56,8 +56,7 @@ class SigningKey:
     def jwks(self) -> dict[str, Any]:
         return {
             "keys": [
-                {"kty": "RSA", "e": self._e, "use": "sig", "kid": self.kid, "alg": "RS256",
-                 "n": self._n}
+                {"kty": "RSA", "e": self._e, "use": "sig", "kid": self.kid, "alg": "RS256", "n": self._n}
             ]
         }
 

@@ -37,9 +37,13 @@ class _DroppedResponse(Response):
     """Starts a response and dies: uvicorn closes the socket, the client never gets a body."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", b"2048")]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", b"2048")],
+            }
+        )
         raise FaultDroppedConnection("connection dropped by an injected drop_after_rotate fault")
 
 
@@ -48,8 +52,9 @@ def intuit_time(timestamp: float) -> str:
 
 
 def _json(body: Any, status: int, tid: str, **headers: str) -> JSONResponse:
-    return JSONResponse(body, status_code=status,
-                        headers={"intuit_tid": tid, "Cache-Control": "no-store", **headers})
+    return JSONResponse(
+        body, status_code=status, headers={"intuit_tid": tid, "Cache-Control": "no-store", **headers}
+    )
 
 
 def _oauth_error(exc: OAuthError, tid: str) -> JSONResponse:
@@ -64,11 +69,17 @@ def _fault_body(endpoint: str, status: int, now: float) -> dict[str, Any]:
     phrase = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "Error"
     if endpoint == "companyinfo":
         if status == 429:
-            error = {"Message": "message=ThrottleExceeded; errorCode=003001; statusCode=429",
-                     "Detail": "The request limit was reached.", "code": "3001"}
+            error = {
+                "Message": "message=ThrottleExceeded; errorCode=003001; statusCode=429",
+                "Detail": "The request limit was reached.",
+                "code": "3001",
+            }
             return {"Fault": {"Error": [error], "type": "SERVICE"}, "time": intuit_time(now)}
-        error = {"Message": "An application error has occurred while processing your request",
-                 "Detail": f"System Failure Error: {phrase}", "code": "10000"}
+        error = {
+            "Message": "An application error has occurred while processing your request",
+            "Detail": f"System Failure Error: {phrase}",
+            "code": "10000",
+        }
         return {"Fault": {"Error": [error], "type": "SystemFault"}, "time": intuit_time(now)}
     if status == 429:
         return {"error": "too_many_requests", "error_description": "Too many requests"}
@@ -167,9 +178,14 @@ def oauth_router(store: Store) -> APIRouter:
 
     def id_token(grant: Grant, nonce: str | None) -> str:
         now = int(store.now())
-        claims: dict[str, Any] = {"sub": grant.sub, "aud": [grant.client_id],
-                                  "iss": settings.issuer, "iat": now, "exp": now + 3600,
-                                  "auth_time": int(grant.auth_time)}
+        claims: dict[str, Any] = {
+            "sub": grant.sub,
+            "aud": [grant.client_id],
+            "iss": settings.issuer,
+            "iat": now,
+            "exp": now + 3600,
+            "auth_time": int(grant.auth_time),
+        }
         if nonce is not None:
             claims["nonce"] = nonce
         if grant.realm_id is not None:
@@ -180,8 +196,7 @@ def oauth_router(store: Store) -> APIRouter:
         if not _client_ok(request, settings.client_id, settings.client_secret):
             raise OAuthError("invalid_client", None, 401)
         if fields is None:
-            raise OAuthError("invalid_request",
-                             "Content-Type must be application/x-www-form-urlencoded")
+            raise OAuthError("invalid_request", "Content-Type must be application/x-www-form-urlencoded")
         repeated = sorted(k for k, v in fields.items() if len(v) > 1)
         if repeated:
             raise OAuthError("invalid_request", f"Repeated parameters: {', '.join(repeated)}")
@@ -192,8 +207,9 @@ def oauth_router(store: Store) -> APIRouter:
         if grant_type == "authorization_code":
             if not one.get("code") or not one.get("redirect_uri"):
                 raise OAuthError("invalid_request", "code and redirect_uri are required")
-            return store.exchange_code(settings.client_id, one["code"], one["redirect_uri"],
-                                       one.get("code_verifier"))
+            return store.exchange_code(
+                settings.client_id, one["code"], one["redirect_uri"], one.get("code_verifier")
+            )
         if grant_type == "refresh_token":
             if not one.get("refresh_token"):
                 raise OAuthError("invalid_request", "refresh_token is required")
@@ -256,9 +272,13 @@ def oauth_router(store: Store) -> APIRouter:
                 token_value = None
         if not isinstance(token_value, str) or not token_value:
             store.stats.count("revoke", "invalid_request")
-            return _oauth_error(OAuthError(
-                "invalid_request", 'Expected a JSON body {"token": "..."} '
-                "with Content-Type: application/json"), tid)
+            return _oauth_error(
+                OAuthError(
+                    "invalid_request",
+                    'Expected a JSON body {"token": "..."} with Content-Type: application/json',
+                ),
+                tid,
+            )
         revoked = store.revoke(settings.client_id, token_value)
         store.stats.count("revoke", "ok" if revoked else "unknown_token")
         return Response(status_code=200, headers={"intuit_tid": tid, "Cache-Control": "no-store"})
@@ -273,14 +293,21 @@ def oauth_router(store: Store) -> APIRouter:
         checked = store.check_access(_bearer(request))
         if isinstance(checked, str):
             store.stats.count("userinfo", "invalid_token")
-            return _json({"error": "invalid_token", "error_description": checked}, 401, tid,
-                         **{"WWW-Authenticate": 'Bearer error="invalid_token"'})
+            return _json(
+                {"error": "invalid_token", "error_description": checked},
+                401,
+                tid,
+                **{"WWW-Authenticate": 'Bearer error="invalid_token"'},
+            )
         grant, user = checked
         if "openid" not in grant.scopes:
             store.stats.count("userinfo", "insufficient_scope")
-            return _json({"error": "insufficient_scope", "error_description": "openid scope "
-                          "required"}, 403, tid,
-                         **{"WWW-Authenticate": 'Bearer error="insufficient_scope"'})
+            return _json(
+                {"error": "insufficient_scope", "error_description": "openid scope required"},
+                403,
+                tid,
+                **{"WWW-Authenticate": 'Bearer error="insufficient_scope"'},
+            )
         body: dict[str, Any] = {"sub": user.sub}
         if "email" in grant.scopes:
             body.update(email=user.email, emailVerified=user.email_verified)
@@ -290,11 +317,17 @@ def oauth_router(store: Store) -> APIRouter:
         return _json(body, 200, tid)
 
     def auth_fault(detail: str, tid: str) -> JSONResponse:
-        error = {"Message": "message=AuthenticationFailed; errorCode=003200; statusCode=401",
-                 "Detail": detail, "code": "3200"}
-        return _json({"Fault": {"Error": [error], "type": "AUTHENTICATION"},
-                      "time": intuit_time(store.now())}, 401, tid,
-                     **{"WWW-Authenticate": 'Bearer realm="Intuit", error="invalid_token"'})
+        error = {
+            "Message": "message=AuthenticationFailed; errorCode=003200; statusCode=401",
+            "Detail": detail,
+            "code": "3200",
+        }
+        return _json(
+            {"Fault": {"Error": [error], "type": "AUTHENTICATION"}, "time": intuit_time(store.now())},
+            401,
+            tid,
+            **{"WWW-Authenticate": 'Bearer realm="Intuit", error="invalid_token"'},
+        )
 
     @router.get("/v3/company/{realm_id}/companyinfo/{company_id}")
     async def companyinfo(realm_id: str, company_id: str, request: Request) -> Response:
@@ -316,39 +349,59 @@ def oauth_router(store: Store) -> APIRouter:
             return auth_fault("Token not valid for this company (realmId)", tid)
         if ACCOUNTING_SCOPE not in grant.scopes:
             store.stats.count("companyinfo", "forbidden")
-            error = {"Message": "message=ApplicationAuthorizationFailed; errorCode=003100; "
-                     "statusCode=403", "Detail": "The app is not authorized for the "
-                     "accounting scope", "code": "3100"}
-            return _json({"Fault": {"Error": [error], "type": "AUTHENTICATION"},
-                          "time": intuit_time(store.now())}, 403, tid)
+            error = {
+                "Message": "message=ApplicationAuthorizationFailed; errorCode=003100; statusCode=403",
+                "Detail": "The app is not authorized for the accounting scope",
+                "code": "3100",
+            }
+            return _json(
+                {"Fault": {"Error": [error], "type": "AUTHENTICATION"}, "time": intuit_time(store.now())},
+                403,
+                tid,
+            )
         # An Accounting API call like the others: throttled, observed and metered (CorePlus).
         refusal = store.traffic.enter(realm_id, grant.client_id, store.config.limits)
         if refusal is not None:
             store.stats.count("companyinfo", "throttled")
-            return _json(_fault_body("companyinfo", 429, store.now()), 429, tid,
-                         **{"Retry-After": str(refusal.retry_after)})
+            return _json(
+                _fault_body("companyinfo", 429, store.now()),
+                429,
+                tid,
+                **{"Retry-After": str(refusal.retry_after)},
+            )
         store.traffic.leave(realm_id, grant.client_id)
         store.traffic.meter(realm_id, "coreplus", "companyinfo")
         if company_id != realm_id:
             store.stats.count("companyinfo", "not_found")
-            error = {"Message": "Object Not Found", "Detail": "Object Not Found : Something "
-                     "you're trying to use has been made inactive. Check the fields with "
-                     "accounts, customers, items, vendors or employees.", "code": "610",
-                     "element": ""}
-            return _json({"Fault": {"Error": [error], "type": "ValidationFault"},
-                          "time": intuit_time(store.now())}, 400, tid)
+            error = {
+                "Message": "Object Not Found",
+                "Detail": "Object Not Found : Something "
+                "you're trying to use has been made inactive. Check the fields with "
+                "accounts, customers, items, vendors or employees.",
+                "code": "610",
+                "element": "",
+            }
+            return _json(
+                {"Fault": {"Error": [error], "type": "ValidationFault"}, "time": intuit_time(store.now())},
+                400,
+                tid,
+            )
         store.stats.count("companyinfo", "ok")
-        return _json({"CompanyInfo": company_info(company), "time": intuit_time(store.now())},
-                     200, tid)
+        return _json({"CompanyInfo": company_info(company), "time": intuit_time(store.now())}, 200, tid)
 
     return router
 
 
 def company_info(company: Company) -> dict[str, Any]:
     """A CompanyInfo entity shaped like QuickBooks Online's (Id is "1" there too)."""
-    address = {"Id": "1", "Line1": company.line1, "City": company.city,
-               "Country": company.country, "CountrySubDivisionCode": company.region,
-               "PostalCode": company.postal_code}
+    address = {
+        "Id": "1",
+        "Line1": company.line1,
+        "City": company.city,
+        "Country": company.country,
+        "CountrySubDivisionCode": company.region,
+        "PostalCode": company.postal_code,
+    }
     created = intuit_time(company.created_at)
     return {
         "CompanyName": company.name,

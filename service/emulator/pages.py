@@ -64,8 +64,7 @@ def _flow_url(flow_id: str, action: str = "") -> str:
     return f"{base}/{action}" if action else base
 
 
-def _layout(title: str, body: str, *, flow_id: str | None = None,
-            user: User | None = None) -> str:
+def _layout(title: str, body: str, *, flow_id: str | None = None, user: User | None = None) -> str:
     whoami = ""
     if user is not None and flow_id is not None:
         whoami = (
@@ -75,7 +74,7 @@ def _layout(title: str, body: str, *, flow_id: str | None = None,
             '<button type="submit" id="not-you" class="link">Not you?</button></form></div>'
         )
     return (
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>{escape(title)} | Intuit</title><style>{_CSS}</style></head><body>"
         '<header><span class="logo">qb</span><span class="brand">intuit'
@@ -86,8 +85,15 @@ def _layout(title: str, body: str, *, flow_id: str | None = None,
     )
 
 
-def _consent_form(flow_id: str, button_id: str, label: str, decision: str, *,
-                  secondary: bool = False, connect_anyway: bool = False) -> str:
+def _consent_form(
+    flow_id: str,
+    button_id: str,
+    label: str,
+    decision: str,
+    *,
+    secondary: bool = False,
+    connect_anyway: bool = False,
+) -> str:
     extra = '<input type="hidden" name="connect_anyway" value="true">' if connect_anyway else ""
     css = ' class="secondary"' if secondary else ""
     return (
@@ -106,17 +112,24 @@ def error_page(title: str, message: str, code: str) -> str:
     return _layout(title, body)
 
 
-def signin_page(flow_id: str, users: list[User], company_names: dict[str, str],
-                error: str | None = None) -> str:
+def signin_page(
+    flow_id: str, users: list[User], company_names: dict[str, str], error: str | None = None
+) -> str:
     buttons = []
     for user in users:
         admin = any(role in ADMIN_ROLES for role in user.companies.values())
-        badge = ('<span class="badge admin">admin</span>' if admin
-                 else '<span class="badge non-admin">non-admin</span>')
-        roles = ", ".join(
-            f"{ROLE_LABELS.get(role, role)} of {company_names.get(realm, realm)}"
-            for realm, role in user.companies.items()
-        ) or "No QuickBooks companies"
+        badge = (
+            '<span class="badge admin">admin</span>'
+            if admin
+            else '<span class="badge non-admin">non-admin</span>'
+        )
+        roles = (
+            ", ".join(
+                f"{ROLE_LABELS.get(role, role)} of {company_names.get(realm, realm)}"
+                for realm, role in user.companies.items()
+            )
+            or "No QuickBooks companies"
+        )
         buttons.append(
             f'<form method="post" action="{_flow_url(flow_id, "signin")}">'
             f'<input type="hidden" name="email" value="{escape(user.email)}">'
@@ -140,8 +153,7 @@ def signin_page(flow_id: str, users: list[User], company_names: dict[str, str],
     return _layout("Sign in", body)
 
 
-def company_page(flow_id: str, user: User, companies: list[Company],
-                 error: str | None = None) -> str:
+def company_page(flow_id: str, user: User, companies: list[Company], error: str | None = None) -> str:
     error_html = f'<div class="error" id="company-error">{escape(error)}</div>' if error else ""
     buttons = "".join(
         f'<button type="submit" class="choice" name="realm_id" value="{escape(c.realm_id)}" '
@@ -164,9 +176,7 @@ def no_company_page(flow_id: str, user: User) -> str:
         "<h1>No QuickBooks company</h1>"
         '<p id="no-company">Your Intuit account does not have access to any QuickBooks Online '
         "company.</p>"
-        '<div class="actions">'
-        + _consent_form(flow_id, "back-to-app", "Back to app", "deny")
-        + "</div>"
+        '<div class="actions">' + _consent_form(flow_id, "back-to-app", "Back to app", "deny") + "</div>"
     )
     return _layout("No company", body, flow_id=flow_id, user=user)
 
@@ -180,22 +190,19 @@ def not_admin_page(flow_id: str, user: User, company: Company, admins: list[User
         f"<p>Your role in <strong>{escape(company.name)}</strong> is "
         f"{escape(ROLE_LABELS.get(user.companies.get(company.realm_id, ''), 'unknown'))}. "
         f"Ask an admin to connect the app for you: {escape(who)}.</p>"
-        '<div class="actions">'
-        + _consent_form(flow_id, "back-to-app", "Back to app", "deny")
-        + "</div>"
+        '<div class="actions">' + _consent_form(flow_id, "back-to-app", "Back to app", "deny") + "</div>"
     )
     return _layout("Admin required", body, flow_id=flow_id, user=user)
 
 
 def _scope_list(scopes: list[str]) -> str:
-    items = "".join(
-        f'<li data-scope="{escape(s)}">{escape(SCOPE_LABELS.get(s, s))}</li>' for s in scopes
-    )
+    items = "".join(f'<li data-scope="{escape(s)}">{escape(SCOPE_LABELS.get(s, s))}</li>' for s in scopes)
     return f'<ul class="scopes" id="scopes">{items}</ul>'
 
 
-def authorize_page(flow_id: str, user: User, company: Company | None, app_name: str,
-                   scopes: list[str]) -> str:
+def authorize_page(
+    flow_id: str, user: User, company: Company | None, app_name: str, scopes: list[str]
+) -> str:
     target = company.name if company else "your Intuit account"
     body = (
         f'<h1 id="authorize-title">{escape(app_name)} wants to connect to {escape(target)}</h1>'
@@ -211,8 +218,9 @@ def authorize_page(flow_id: str, user: User, company: Company | None, app_name: 
     return _layout("Connect", body, flow_id=flow_id, user=user)
 
 
-def switch_admin_page(flow_id: str, user: User, company: Company, app_name: str,
-                      other: User | None, scopes: list[str]) -> str:
+def switch_admin_page(
+    flow_id: str, user: User, company: Company, app_name: str, other: User | None, scopes: list[str]
+) -> str:
     other_desc = f"{other.name} ({other.email})" if other else "another user"
     body = (
         f"<h1>{escape(app_name)} is already connected to {escape(company.name)}</h1>"
@@ -224,8 +232,7 @@ def switch_admin_page(flow_id: str, user: User, company: Company, app_name: str,
         f"{_scope_list(scopes)}"
         '<div class="actions">'
         + _consent_form(flow_id, "cancel", "Cancel", "deny", secondary=True)
-        + _consent_form(flow_id, "connect-anyway", "Connect anyway", "allow",
-                        connect_anyway=True)
+        + _consent_form(flow_id, "connect-anyway", "Connect anyway", "allow", connect_anyway=True)
         + "</div>"
     )
     return _layout("Switch admin", body, flow_id=flow_id, user=user)

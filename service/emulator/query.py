@@ -26,27 +26,90 @@ DEFAULT_RESULTS = 100
 
 _META = ("MetaData.CreateTime", "MetaData.LastUpdatedTime")
 FILTERABLE: dict[str, tuple[str, ...]] = {
-    "Customer": ("Id", "DisplayName", "GivenName", "MiddleName", "FamilyName", "CompanyName",
-                 "FullyQualifiedName", "PrintOnCheckName", "PrimaryEmailAddr", "Active",
-                 "Balance", "Job", "Taxable", *_META),
+    "Customer": (
+        "Id",
+        "DisplayName",
+        "GivenName",
+        "MiddleName",
+        "FamilyName",
+        "CompanyName",
+        "FullyQualifiedName",
+        "PrintOnCheckName",
+        "PrimaryEmailAddr",
+        "Active",
+        "Balance",
+        "Job",
+        "Taxable",
+        *_META,
+    ),
     "Item": ("Id", "Name", "Sku", "Type", "Active", "FullyQualifiedName", "Taxable", *_META),
-    "Account": ("Id", "Name", "AcctNum", "AccountType", "AccountSubType", "Classification",
-                "Active", "CurrentBalance", "FullyQualifiedName", "SubAccount", *_META),
-    "Invoice": ("Id", "DocNumber", "TxnDate", "DueDate", "CustomerRef", "TotalAmt", "Balance",
-                "EmailStatus", "PrintStatus", *_META),
-    "Attachable": ("Id", "FileName", "Note", "Category", "ContentType",
-                   "AttachableRef.EntityRef.Type", "AttachableRef.EntityRef.value", *_META),
+    "Account": (
+        "Id",
+        "Name",
+        "AcctNum",
+        "AccountType",
+        "AccountSubType",
+        "Classification",
+        "Active",
+        "CurrentBalance",
+        "FullyQualifiedName",
+        "SubAccount",
+        *_META,
+    ),
+    "Invoice": (
+        "Id",
+        "DocNumber",
+        "TxnDate",
+        "DueDate",
+        "CustomerRef",
+        "TotalAmt",
+        "Balance",
+        "EmailStatus",
+        "PrintStatus",
+        *_META,
+    ),
+    "Attachable": (
+        "Id",
+        "FileName",
+        "Note",
+        "Category",
+        "ContentType",
+        "AttachableRef.EntityRef.Type",
+        "AttachableRef.EntityRef.value",
+        *_META,
+    ),
 }
-_KEYWORDS = {"select", "from", "where", "and", "or", "in", "like", "order", "orderby", "by",
-             "asc", "desc", "startposition", "maxresults", "count", "true", "false", "not",
-             "iterator"}
-_TOKEN = re.compile(r"""
+_KEYWORDS = {
+    "select",
+    "from",
+    "where",
+    "and",
+    "or",
+    "in",
+    "like",
+    "order",
+    "orderby",
+    "by",
+    "asc",
+    "desc",
+    "startposition",
+    "maxresults",
+    "count",
+    "true",
+    "false",
+    "not",
+    "iterator",
+}
+_TOKEN = re.compile(
+    r"""
     (?P<space>\s+)
   | (?P<string>'(?:\\.|''|[^'\\])*')
   | (?P<number>-?\d+(?:\.\d+)?)
   | (?P<name>[A-Za-z_][A-Za-z0-9_.]*)
   | (?P<op><=|>=|!=|[=<>*,()])
-""", re.VERBOSE)
+""",
+    re.VERBOSE,
+)
 
 
 def parser_error(detail: str) -> QboError:
@@ -83,8 +146,10 @@ def _tokens(text: str) -> list[_Token]:
         match = _TOKEN.match(text, position)
         if match is None:
             char = text[position]
-            raise parser_error(f"Invalid content. Lexical error at line 1, column {position + 1}."
-                               f'  Encountered: "{char}" ({ord(char)}), after : ""')
+            raise parser_error(
+                f"Invalid content. Lexical error at line 1, column {position + 1}."
+                f'  Encountered: "{char}" ({ord(char)}), after : ""'
+            )
         kind = match.lastgroup or ""
         raw = match.group()
         column = position + 1
@@ -116,8 +181,9 @@ class _Parser:
     def fail(self, expecting: str) -> QboError:
         token = self.token
         shown = token.text if token.kind != "eof" else "<EOF>"
-        return parser_error(f'Encountered "{shown}" at line 1, column {token.column}.\n'
-                            f"Was expecting:\n    {expecting} ...")
+        return parser_error(
+            f'Encountered "{shown}" at line 1, column {token.column}.\nWas expecting:\n    {expecting} ...'
+        )
 
     def keyword(self, *words: str) -> str | None:
         if self.token.kind == "keyword" and self.token.value in words:
@@ -188,8 +254,11 @@ class _Parser:
         seen: set[str] = set()
         while self.token.kind != "eof":
             word = self.keyword("order", "orderby", "startposition", "maxresults")
-            if word is None or word in seen or (word in ("order", "orderby") and seen & {
-                    "startposition", "maxresults"}):
+            if (
+                word is None
+                or word in seen
+                or (word in ("order", "orderby") and seen & {"startposition", "maxresults"})
+            ):
                 raise self.fail('<EOF> | <AND> | "orderby" | "startposition" | "maxresults"')
             seen.add(word)
             if word in ("order", "orderby"):
@@ -229,8 +298,7 @@ class _Parser:
 def parse(text: str) -> Query:
     query = _Parser(text).parse()
     if query.max_results > MAX_RESULTS:
-        raise validation_error(f"value {query.max_results} is too large. Max allowed value is "
-                               f"{MAX_RESULTS}")
+        raise validation_error(f"value {query.max_results} is too large. Max allowed value is {MAX_RESULTS}")
     if query.max_results < 1:
         raise validation_error("maxresults must be at least 1")
     query.start = max(1, query.start)
@@ -331,8 +399,9 @@ def execute(query: Query, documents: list[dict[str, Any]]) -> dict[str, Any]:
     if entity in EMPTY_ENTITIES:
         return {"totalCount": 0} if query.count else {}
     allowed = FILTERABLE[entity]
-    conditions = [(_canonical_field(entity, name, allowed), op, value)
-                  for name, op, value in query.conditions]
+    conditions = [
+        (_canonical_field(entity, name, allowed), op, value) for name, op, value in query.conditions
+    ]
     if entity in NAME_LISTS and not any(path == "Active" for path, _, _ in conditions):
         conditions.append(("Active", "=", True))
     found = [d for d in documents if all(_matches(d, *c) for c in conditions)]
@@ -343,7 +412,7 @@ def execute(query: Query, documents: list[dict[str, Any]]) -> dict[str, Any]:
         found.sort(key=lambda d: _sort_key(d, path), reverse=query.order[1])
     else:
         found.sort(key=lambda d: int(d["Id"]))
-    page = found[query.start - 1:query.start - 1 + query.max_results]
+    page = found[query.start - 1 : query.start - 1 + query.max_results]
     if not page:
         return {}
     if query.fields is not None:

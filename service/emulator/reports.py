@@ -13,18 +13,42 @@ from collections.abc import Iterator
 from datetime import date, timedelta
 from typing import Any
 
-SUMMARY_REPORTS = frozenset({
-    "ProfitAndLoss", "BalanceSheet", "TrialBalance", "CashFlow", "AgedReceivables",
-    "AgedPayables", "CustomerBalance", "CustomerIncome", "CustomerSales", "ItemSales",
-    "DepartmentSales", "ClassSales", "VendorBalance", "VendorExpenses", "AccountList",
-    "InventoryValuationSummary",
-})
-DETAIL_REPORTS = frozenset({
-    "GeneralLedger", "ProfitAndLossDetail", "TransactionList", "TransactionListWithSplits",
-    "TransactionListByCustomer", "TransactionListByVendor", "AgedReceivableDetail",
-    "AgedPayableDetail", "CustomerBalanceDetail", "VendorBalanceDetail", "JournalReport",
-    "InventoryValuationDetail",
-})
+SUMMARY_REPORTS = frozenset(
+    {
+        "ProfitAndLoss",
+        "BalanceSheet",
+        "TrialBalance",
+        "CashFlow",
+        "AgedReceivables",
+        "AgedPayables",
+        "CustomerBalance",
+        "CustomerIncome",
+        "CustomerSales",
+        "ItemSales",
+        "DepartmentSales",
+        "ClassSales",
+        "VendorBalance",
+        "VendorExpenses",
+        "AccountList",
+        "InventoryValuationSummary",
+    }
+)
+DETAIL_REPORTS = frozenset(
+    {
+        "GeneralLedger",
+        "ProfitAndLossDetail",
+        "TransactionList",
+        "TransactionListWithSplits",
+        "TransactionListByCustomer",
+        "TransactionListByVendor",
+        "AgedReceivableDetail",
+        "AgedPayableDetail",
+        "CustomerBalanceDetail",
+        "VendorBalanceDetail",
+        "JournalReport",
+        "InventoryValuationDetail",
+    }
+)
 REPORTS = SUMMARY_REPORTS | DETAIL_REPORTS
 SECTION_ROWS = 50
 _GROUPS = ("Income", "COGS", "Expenses", "OtherIncome", "OtherExpenses")
@@ -37,11 +61,13 @@ def _amount(index: int) -> float:
 
 def _period(params: dict[str, str], today: date) -> tuple[date, date, bool]:
     """The report's period: start_date/end_date if valid, else this calendar year to date."""
+
     def parsed(name: str) -> date | None:
         try:
             return date.fromisoformat(params[name]) if params.get(name) else None
         except ValueError:
             return None
+
     start, end = parsed("start_date"), parsed("end_date")
     explicit = start is not None or end is not None
     end = end or today
@@ -51,16 +77,21 @@ def _period(params: dict[str, str], today: date) -> tuple[date, date, bool]:
     return start, end, explicit
 
 
-def header(name: str, params: dict[str, str], today: date, time_stamp: str,
-           rows: int) -> dict[str, Any]:
+def header(name: str, params: dict[str, str], today: date, time_stamp: str, rows: int) -> dict[str, Any]:
     start, end, explicit = _period(params, today)
     basis = "Cash" if params.get("accounting_method", "").lower() == "cash" else "Accrual"
     head: dict[str, Any] = {
-        "Time": time_stamp, "ReportName": name, "ReportBasis": basis,
-        "StartPeriod": start.isoformat(), "EndPeriod": end.isoformat(),
-        "SummarizeColumnsBy": "Total", "Currency": "USD",
-        "Option": [{"Name": "AccrualBasis", "Value": "true" if basis == "Accrual" else "false"},
-                   {"Name": "NoReportData", "Value": "false" if rows else "true"}],
+        "Time": time_stamp,
+        "ReportName": name,
+        "ReportBasis": basis,
+        "StartPeriod": start.isoformat(),
+        "EndPeriod": end.isoformat(),
+        "SummarizeColumnsBy": "Total",
+        "Currency": "USD",
+        "Option": [
+            {"Name": "AccrualBasis", "Value": "true" if basis == "Accrual" else "false"},
+            {"Name": "NoReportData", "Value": "false" if rows else "true"},
+        ],
     }
     if not explicit:
         head["DateMacro"] = "this calendar year-to-date"
@@ -69,15 +100,24 @@ def header(name: str, params: dict[str, str], today: date, time_stamp: str,
 
 def columns(name: str) -> dict[str, Any]:
     if name in DETAIL_REPORTS:
-        spec = [("Date", "tx_date", "Date"), ("Transaction Type", "txn_type", "String"),
-                ("Num", "doc_num", "String"), ("Name", "name", "String"),
-                ("Memo/Description", "memo", "String"), ("Split", "split_acc", "String"),
-                ("Amount", "subt_nat_amount", "Money"), ("Balance", "rbal_nat_amount", "Money")]
+        spec = [
+            ("Date", "tx_date", "Date"),
+            ("Transaction Type", "txn_type", "String"),
+            ("Num", "doc_num", "String"),
+            ("Name", "name", "String"),
+            ("Memo/Description", "memo", "String"),
+            ("Split", "split_acc", "String"),
+            ("Amount", "subt_nat_amount", "Money"),
+            ("Balance", "rbal_nat_amount", "Money"),
+        ]
     else:
         spec = [("", "account", "Account"), ("Total", "total", "Money")]
-    return {"Column": [{"ColTitle": title, "ColType": kind,
-                        "MetaData": [{"Name": "ColKey", "Value": key}]}
-                       for title, key, kind in spec]}
+    return {
+        "Column": [
+            {"ColTitle": title, "ColType": kind, "MetaData": [{"Name": "ColKey", "Value": key}]}
+            for title, key, kind in spec
+        ]
+    }
 
 
 def sections(name: str, params: dict[str, str], today: date, rows: int) -> Iterator[dict[str, Any]]:
@@ -98,30 +138,35 @@ def sections(name: str, params: dict[str, str], today: date, rows: int) -> Itera
             if detail:
                 day = start + timedelta(days=index % days)
                 kind = _TXN_TYPES[index % len(_TXN_TYPES)]
-                cells = [{"value": day.isoformat()},
-                         {"value": kind, "id": str(index + 1)},
-                         {"value": str(1001 + index)},
-                         {"value": f"Customer {index % 997:04d}", "id": str(index % 997 + 1)},
-                         {"value": f"{kind} {index + 1} for scrap metal, lot {index % 89:02d}"},
-                         {"value": "Accounts Receivable (A/R)", "id": "3"},
-                         {"value": f"{amount:.2f}"}, {"value": f"{running:.2f}"}]
+                cells = [
+                    {"value": day.isoformat()},
+                    {"value": kind, "id": str(index + 1)},
+                    {"value": str(1001 + index)},
+                    {"value": f"Customer {index % 997:04d}", "id": str(index % 997 + 1)},
+                    {"value": f"{kind} {index + 1} for scrap metal, lot {index % 89:02d}"},
+                    {"value": "Accounts Receivable (A/R)", "id": "3"},
+                    {"value": f"{amount:.2f}"},
+                    {"value": f"{running:.2f}"},
+                ]
             else:
-                cells = [{"value": f"{group} line {index + 1:07d}", "id": str(index + 1)},
-                         {"value": f"{amount:.2f}"}]
+                cells = [
+                    {"value": f"{group} line {index + 1:07d}", "id": str(index + 1)},
+                    {"value": f"{amount:.2f}"},
+                ]
             data.append({"ColData": cells, "type": "Data"})
         grand = round(grand + running, 2)
         blanks = [{"value": ""}] * (6 if detail else 0)
         yield {
-            "Header": {"ColData": [{"value": account, "id": str(number + 1)}, {"value": ""},
-                                   *blanks]},
+            "Header": {"ColData": [{"value": account, "id": str(number + 1)}, {"value": ""}, *blanks]},
             "Rows": {"Row": data},
-            "Summary": {"ColData": [{"value": f"Total for {account}"}, *blanks,
-                                    {"value": f"{running:.2f}"}]
-                        if detail else [{"value": f"Total for {account}"},
-                                        {"value": f"{running:.2f}"}]},
-            "type": "Section", "group": group,
+            "Summary": {
+                "ColData": [{"value": f"Total for {account}"}, *blanks, {"value": f"{running:.2f}"}]
+                if detail
+                else [{"value": f"Total for {account}"}, {"value": f"{running:.2f}"}]
+            },
+            "type": "Section",
+            "group": group,
         }
     if rows:
-        cells = [{"value": "TOTAL"}, *([{"value": ""}] * 6 if detail else []),
-                 {"value": f"{grand:.2f}"}]
+        cells = [{"value": "TOTAL"}, *([{"value": ""}] * 6 if detail else []), {"value": f"{grand:.2f}"}]
         yield {"Summary": {"ColData": cells}, "type": "Section", "group": "GrandTotal"}

@@ -169,22 +169,34 @@ class RuntimeConfig:
 
     @classmethod
     def from_settings(cls, settings: EmulatorSettings) -> RuntimeConfig:
-        return cls(settings.access_token_ttl, settings.refresh_token_ttl, settings.code_ttl,
-                   settings.latency_ms, settings.throttle_concurrent,
-                   settings.throttle_per_second, settings.throttle_per_minute,
-                   settings.throttle_batch_per_minute, settings.report_rows)
+        return cls(
+            settings.access_token_ttl,
+            settings.refresh_token_ttl,
+            settings.code_ttl,
+            settings.latency_ms,
+            settings.throttle_concurrent,
+            settings.throttle_per_second,
+            settings.throttle_per_minute,
+            settings.throttle_batch_per_minute,
+            settings.report_rows,
+        )
 
     @property
     def limits(self) -> Limits:
-        return Limits(self.throttle_concurrent, self.throttle_per_second,
-                      self.throttle_per_minute, self.throttle_batch_per_minute)
+        return Limits(
+            self.throttle_concurrent,
+            self.throttle_per_second,
+            self.throttle_per_minute,
+            self.throttle_batch_per_minute,
+        )
 
 
 def _access_token() -> str:
     # Intuit's access tokens are JWE compact strings; the emulator's are opaque but look alike.
     header = "eyJlbmMiOiJBMTI4Q0JDLUhTMjU2IiwiYWxnIjoiZGlyIn0"
-    return ".".join([header, "", secrets.token_urlsafe(16), secrets.token_urlsafe(96),
-                     secrets.token_urlsafe(16)])
+    return ".".join(
+        [header, "", secrets.token_urlsafe(16), secrets.token_urlsafe(96), secrets.token_urlsafe(16)]
+    )
 
 
 def _refresh_token() -> str:
@@ -226,10 +238,16 @@ class Store:
         self.request_ids = RequestIds(self.now)
         self.signing_key = SigningKey.generate()
         # Intuit's webhooks: every recorded change of the books goes to the app's endpoint.
-        self.webhooks = WebhookSender(WebhookConfig(
-            url=settings.webhook_url, verifier_token=settings.webhook_verifier_token,
-            format=settings.webhook_format, batch_window_s=settings.webhook_batch_window_s,
-            duplicate_probability=settings.webhook_duplicate_probability), settings.client_id)
+        self.webhooks = WebhookSender(
+            WebhookConfig(
+                url=settings.webhook_url,
+                verifier_token=settings.webhook_verifier_token,
+                format=settings.webhook_format,
+                batch_window_s=settings.webhook_batch_window_s,
+                duplicate_probability=settings.webhook_duplicate_probability,
+            ),
+            settings.client_id,
+        )
         self.books.listeners.append(self.webhooks.on_change)
         self._clear()
         path = self._path
@@ -321,12 +339,8 @@ class Store:
         self.sessions = {k: Session(**v) for k, v in document.get("sessions", {}).items()}
         self.codes = {k: AuthCode(**v) for k, v in document.get("codes", {}).items()}
         self.grants = {g["grant_id"]: Grant(**g) for g in document.get("grants", [])}
-        self.access_tokens = {
-            k: AccessToken(**v) for k, v in document.get("access_tokens", {}).items()
-        }
-        self.refresh_index = {
-            g.refresh_token: g.grant_id for g in self.grants.values() if g.refresh_token
-        }
+        self.access_tokens = {k: AccessToken(**v) for k, v in document.get("access_tokens", {}).items()}
+        self.refresh_index = {g.refresh_token: g.grant_id for g in self.grants.values() if g.refresh_token}
         self.books.load(document.get("books"))
 
     # -- users and companies --------------------------------------------------------------------
@@ -335,8 +349,9 @@ class Store:
         wanted = email.strip().lower()
         return next((u for u in self.users.values() if u.email.lower() == wanted), None)
 
-    def add_user(self, email: str, given_name: str, family_name: str, sub: str | None,
-                 companies: dict[str, str]) -> User:
+    def add_user(
+        self, email: str, given_name: str, family_name: str, sub: str | None, companies: dict[str, str]
+    ) -> User:
         with self.lock:
             if self.user_by_email(email) is not None:
                 raise ValueError(f"a user with email {email} already exists")
@@ -368,8 +383,7 @@ class Store:
         if unknown:
             raise ValueError(f"unknown realm ids: {', '.join(unknown)}")
 
-    def add_company(self, name: str, realm_id: str | None, legal_name: str | None,
-                    country: str) -> Company:
+    def add_company(self, name: str, realm_id: str | None, legal_name: str | None, country: str) -> Company:
         with self.lock:
             if realm_id is None:
                 while realm_id is None or realm_id in self.companies:
@@ -414,15 +428,31 @@ class Store:
             if sid and self.sessions.pop(sid, None) is not None:
                 self._changed()
 
-    def create_flow(self, client_id: str, redirect_uri: str, scopes: list[str], state: str, *,
-                    nonce: str | None = None, code_challenge: str | None = None) -> Flow:
+    def create_flow(
+        self,
+        client_id: str,
+        redirect_uri: str,
+        scopes: list[str],
+        state: str,
+        *,
+        nonce: str | None = None,
+        code_challenge: str | None = None,
+    ) -> Flow:
         with self.lock:
             now = self.now()
             # Abandoned flows are the normal case (a non-admin may never come back): prune them.
             for flow_id in [f for f, flow in self.flows.items() if flow.expires_at < now]:
                 del self.flows[flow_id]
-            flow = Flow(secrets.token_urlsafe(18), client_id, redirect_uri, scopes, state,
-                        now + self.settings.flow_ttl, nonce=nonce, code_challenge=code_challenge)
+            flow = Flow(
+                secrets.token_urlsafe(18),
+                client_id,
+                redirect_uri,
+                scopes,
+                state,
+                now + self.settings.flow_ttl,
+                nonce=nonce,
+                code_challenge=code_challenge,
+            )
             self.flows[flow.flow_id] = flow
             return flow
 
@@ -446,18 +476,26 @@ class Store:
             for stale in [c for c, ac in self.codes.items() if ac.expires_at + 3600 < now]:
                 del self.codes[stale]
             code = "AB11" + secrets.token_urlsafe(24)
-            self.codes[code] = AuthCode(flow.client_id, flow.redirect_uri, user.sub,
-                                        flow.realm_id if flow.needs_company else None,
-                                        list(flow.scopes), now + self.config.code_ttl, auth_time,
-                                        nonce=flow.nonce, code_challenge=flow.code_challenge)
+            self.codes[code] = AuthCode(
+                flow.client_id,
+                flow.redirect_uri,
+                user.sub,
+                flow.realm_id if flow.needs_company else None,
+                list(flow.scopes),
+                now + self.config.code_ttl,
+                auth_time,
+                nonce=flow.nonce,
+                code_challenge=flow.code_challenge,
+            )
             flow.finished = True
             self._changed()
             return code
 
     # -- token operations (all atomic under the lock) -------------------------------------------
 
-    def exchange_code(self, client_id: str, code: str, redirect_uri: str,
-                      code_verifier: str | None = None) -> Issued:
+    def exchange_code(
+        self, client_id: str, code: str, redirect_uri: str, code_verifier: str | None = None
+    ) -> Issued:
         with self.lock:
             now = self.now()
             entry = self.codes.get(code)
@@ -483,12 +521,25 @@ class Store:
             # One live grant per app and company: a new authorization replaces the old one.
             previous = self.live_grant(client_id, entry.realm_id, entry.sub)
             if previous is not None:
-                reason = ("the connection was taken over by another user (Switch Admin)"
-                          if previous.sub != entry.sub else "the user connected the app again")
+                reason = (
+                    "the connection was taken over by another user (Switch Admin)"
+                    if previous.sub != entry.sub
+                    else "the user connected the app again"
+                )
                 self._kill_grant(previous.grant_id, reason)
             hard = now + self.settings.refresh_token_hard_ttl
-            grant = Grant(uuid.uuid4().hex, client_id, entry.realm_id, entry.sub,
-                          list(entry.scopes), now, entry.auth_time, hard, None, now)
+            grant = Grant(
+                uuid.uuid4().hex,
+                client_id,
+                entry.realm_id,
+                entry.sub,
+                list(entry.scopes),
+                now,
+                entry.auth_time,
+                hard,
+                None,
+                now,
+            )
             self.grants[grant.grant_id] = grant
             entry.grant_id = grant.grant_id
             issued = self._issue(grant, now, first_issue=True)
@@ -503,8 +554,7 @@ class Store:
             grant = self.grants.get(grant_id) if grant_id else None
             if grant is None:
                 dead = self.retired.get(_digest(refresh_token))
-                raise OAuthError("invalid_grant",
-                                 f"Token invalid: {dead[0]}" if dead else "Token invalid")
+                raise OAuthError("invalid_grant", f"Token invalid: {dead[0]}" if dead else "Token invalid")
             if grant.client_id != client_id:
                 raise OAuthError("invalid_grant", "Incorrect Token type or clientID")
             if grant.refresh_expires_at <= now or grant.hard_expires_at <= now:
@@ -529,9 +579,15 @@ class Store:
         grant.refresh_token = refresh
         grant.refresh_expires_at = min(now + self.config.refresh_token_ttl, grant.hard_expires_at)
         self.refresh_index[refresh] = grant.grant_id
-        return Issued(access, refresh, self.config.access_token_ttl,
-                      int(grant.refresh_expires_at - now), int(grant.hard_expires_at - now),
-                      Grant(**asdict(grant)), first_issue)
+        return Issued(
+            access,
+            refresh,
+            self.config.access_token_ttl,
+            int(grant.refresh_expires_at - now),
+            int(grant.hard_expires_at - now),
+            Grant(**asdict(grant)),
+            first_issue,
+        )
 
     def _retire(self, grant: Grant, reason: str) -> None:
         if grant.refresh_token is None:
@@ -601,23 +657,30 @@ class Store:
             rows = []
             for grant in self.grants.values():
                 owner = self.users.get(grant.sub)
-                live_refresh = (grant.refresh_token is not None
-                                and grant.refresh_expires_at > now and grant.hard_expires_at > now)
-                rows.append({
-                    "grant_id": grant.grant_id,
-                    "client_id": grant.client_id,
-                    "realm_id": grant.realm_id,
-                    "sub": grant.sub,
-                    "owner_sub": grant.sub,
-                    "owner_email": owner.email if owner else None,
-                    "scopes": grant.scopes,
-                    "live_refresh_tokens": 1 if live_refresh else 0,
-                    "live_access_tokens": sum(1 for a in self.access_tokens.values()
-                                              if a.grant_id == grant.grant_id
-                                              and a.expires_at > now),
-                    "created_at": iso(grant.created_at),
-                    "refresh_count": grant.refresh_count,
-                    "last_refreshed_at": iso(grant.last_refreshed_at),
-                    "refresh_token_expires_at": iso(grant.refresh_expires_at),
-                })
+                live_refresh = (
+                    grant.refresh_token is not None
+                    and grant.refresh_expires_at > now
+                    and grant.hard_expires_at > now
+                )
+                rows.append(
+                    {
+                        "grant_id": grant.grant_id,
+                        "client_id": grant.client_id,
+                        "realm_id": grant.realm_id,
+                        "sub": grant.sub,
+                        "owner_sub": grant.sub,
+                        "owner_email": owner.email if owner else None,
+                        "scopes": grant.scopes,
+                        "live_refresh_tokens": 1 if live_refresh else 0,
+                        "live_access_tokens": sum(
+                            1
+                            for a in self.access_tokens.values()
+                            if a.grant_id == grant.grant_id and a.expires_at > now
+                        ),
+                        "created_at": iso(grant.created_at),
+                        "refresh_count": grant.refresh_count,
+                        "last_refreshed_at": iso(grant.last_refreshed_at),
+                        "refresh_token_expires_at": iso(grant.refresh_expires_at),
+                    }
+                )
             return rows

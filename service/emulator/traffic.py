@@ -91,8 +91,7 @@ class Traffic:
             self._windows: defaultdict[tuple[str, str], _Window] = defaultdict(_Window)
             self._observed: defaultdict[str, _Observed] = defaultdict(_Observed)
 
-    def enter(self, realm_id: str, client_id: str, limits: Limits, *,
-              batch: bool = False) -> Refusal | None:
+    def enter(self, realm_id: str, client_id: str, limits: Limits, *, batch: bool = False) -> Refusal | None:
         """Admit one request (the caller must `leave` it) or say why it is refused."""
         with self._lock:
             now = self._clock()
@@ -102,14 +101,12 @@ class Traffic:
             window.seen.append(now)
             _trim(window.seen, now, 60)
             observed.max_per_minute = max(observed.max_per_minute, len(window.seen))
-            observed.max_per_second = max(observed.max_per_second,
-                                          _last_second(window.seen, now)[0])
+            observed.max_per_second = max(observed.max_per_second, _last_second(window.seen, now)[0])
             observed.max_in_flight = max(observed.max_in_flight, window.in_flight + 1)
             if batch:
                 window.seen_batch.append(now)
                 _trim(window.seen_batch, now, 60)
-                observed.max_batch_per_minute = max(observed.max_batch_per_minute,
-                                                    len(window.seen_batch))
+                observed.max_batch_per_minute = max(observed.max_batch_per_minute, len(window.seen_batch))
             refusal = self._check(window, limits, now, batch)
             if refusal is not None:
                 observed.throttled[refusal.reason] += 1
@@ -134,8 +131,7 @@ class Traffic:
         if limits.per_minute and len(window.admitted) >= limits.per_minute:
             return Refusal("per_minute", max(1, math.ceil(window.admitted[0] + 60 - now)))
         if batch and limits.batch_per_minute and len(window.admitted_batch) >= limits.batch_per_minute:
-            return Refusal("batch_per_minute",
-                           max(1, math.ceil(window.admitted_batch[0] + 60 - now)))
+            return Refusal("batch_per_minute", max(1, math.ceil(window.admitted_batch[0] + 60 - now)))
         return None
 
     def leave(self, realm_id: str, client_id: str) -> None:
@@ -160,19 +156,22 @@ class Traffic:
             in_flight: Counter[str] = Counter()
             for (realm_id, _client), window in self._windows.items():
                 in_flight[realm_id] += window.in_flight
-            return {realm_id: {
-                "requests": o.requests,
-                "in_flight": in_flight[realm_id],
-                "max_in_flight": o.max_in_flight,
-                "max_per_second": o.max_per_second,
-                "max_per_minute": o.max_per_minute,
-                "max_batch_per_minute": o.max_batch_per_minute,
-                "throttled": sum(o.throttled.values()),
-                "throttled_by": dict(o.throttled),
-                "core": o.metering["core"],
-                "coreplus": o.metering["coreplus"],
-                "operations": dict(o.operations),
-            } for realm_id, o in self._observed.items()}
+            return {
+                realm_id: {
+                    "requests": o.requests,
+                    "in_flight": in_flight[realm_id],
+                    "max_in_flight": o.max_in_flight,
+                    "max_per_second": o.max_per_second,
+                    "max_per_minute": o.max_per_minute,
+                    "max_batch_per_minute": o.max_batch_per_minute,
+                    "throttled": sum(o.throttled.values()),
+                    "throttled_by": dict(o.throttled),
+                    "core": o.metering["core"],
+                    "coreplus": o.metering["coreplus"],
+                    "operations": dict(o.operations),
+                }
+                for realm_id, o in self._observed.items()
+            }
 
 
 @dataclass
@@ -192,8 +191,9 @@ class _Remembered:
 
 
 class RequestIds:
-    def __init__(self, clock: Callable[[], float], *, ttl: float = REQUEST_ID_TTL_S,
-                 maximum: int = REQUEST_IDS_MAX) -> None:
+    def __init__(
+        self, clock: Callable[[], float], *, ttl: float = REQUEST_ID_TTL_S, maximum: int = REQUEST_IDS_MAX
+    ) -> None:
         self._clock = clock
         self._ttl = ttl
         self._max = maximum

@@ -32,8 +32,14 @@ from .books import Change
 log = logging.getLogger(__name__)
 
 Format = Literal["legacy", "cloudevents", "both"]
-_VERBS = {"Create": "created", "Update": "updated", "Delete": "deleted", "Merge": "merged",
-          "Void": "voided", "Emailed": "emailed"}
+_VERBS = {
+    "Create": "created",
+    "Update": "updated",
+    "Delete": "deleted",
+    "Merge": "merged",
+    "Void": "voided",
+    "Emailed": "emailed",
+}
 _DELIVERIES_KEPT = 1000
 
 
@@ -63,12 +69,22 @@ def legacy_body(changes: list[Change]) -> bytes:
     by_realm: dict[str, list[dict[str, Any]]] = {}
     for change in changes:
         stamp = _utc(change.time)
-        by_realm.setdefault(change.realm_id, []).append({
-            "name": change.entity, "id": change.entity_id, "operation": change.operation,
-            "lastUpdated": stamp.strftime("%Y-%m-%dT%H:%M:%S.") + f"{stamp.microsecond // 1000:03d}Z"})
-    return json.dumps({"eventNotifications": [
-        {"realmId": realm, "dataChangeEvent": {"entities": entities}}
-        for realm, entities in by_realm.items()]}).encode()
+        by_realm.setdefault(change.realm_id, []).append(
+            {
+                "name": change.entity,
+                "id": change.entity_id,
+                "operation": change.operation,
+                "lastUpdated": stamp.strftime("%Y-%m-%dT%H:%M:%S.") + f"{stamp.microsecond // 1000:03d}Z",
+            }
+        )
+    return json.dumps(
+        {
+            "eventNotifications": [
+                {"realmId": realm, "dataChangeEvent": {"entities": entities}}
+                for realm, entities in by_realm.items()
+            ]
+        }
+    ).encode()
 
 
 def cloudevents_body(changes: list[Change], source: str) -> bytes:
@@ -77,12 +93,19 @@ def cloudevents_body(changes: list[Change], source: str) -> bytes:
     for change in changes:
         stamp = _utc(change.time)
         verb = _VERBS.get(change.operation, change.operation.lower())
-        events.append({
-            "specversion": "1.0", "id": str(uuid.uuid4()), "source": source,
-            "type": f"qbo.{change.entity.lower()}.{verb}.v1",
-            "datacontenttype": "application/json",
-            "time": stamp.strftime("%Y-%m-%dT%H:%M:%S.") + f"{stamp.microsecond:06d}000Z",
-            "intuitentityid": change.entity_id, "intuitaccountid": change.realm_id, "data": {}})
+        events.append(
+            {
+                "specversion": "1.0",
+                "id": str(uuid.uuid4()),
+                "source": source,
+                "type": f"qbo.{change.entity.lower()}.{verb}.v1",
+                "datacontenttype": "application/json",
+                "time": stamp.strftime("%Y-%m-%dT%H:%M:%S.") + f"{stamp.microsecond:06d}000Z",
+                "intuitentityid": change.entity_id,
+                "intuitaccountid": change.realm_id,
+                "data": {},
+            }
+        )
     return json.dumps(events).encode()
 
 
@@ -92,8 +115,7 @@ class WebhookSender:
     def __init__(self, initial: WebhookConfig, client_id: str) -> None:
         self._initial = initial
         self.config = replace(initial)
-        self._source = "intuit." + base64.b64encode(
-            hashlib.sha256(client_id.encode()).digest()).decode()
+        self._source = "intuit." + base64.b64encode(hashlib.sha256(client_id.encode()).digest()).decode()
         self._lock = threading.Lock()
         self._pending: list[Change] = []
         self._flush_due = False
@@ -166,19 +188,26 @@ class WebhookSender:
 
     # -- delivering ---------------------------------------------------------------------------
 
-    async def _deliver(self, config: WebhookConfig, kind: str, body: bytes, changes: int, *,
-                       repeat: bool) -> None:
+    async def _deliver(
+        self, config: WebhookConfig, kind: str, body: bytes, changes: int, *, repeat: bool
+    ) -> None:
         assert self._http is not None and config.url and config.verifier_token
-        headers = {"content-type": "application/json",
-                   "intuit-signature": sign(config.verifier_token, body)}
+        headers = {"content-type": "application/json", "intuit-signature": sign(config.verifier_token, body)}
         for attempt in range(1, config.max_attempts + 1):
             started = time.monotonic()
-            record: dict[str, Any] = {"at": _utc(time.time()).isoformat(), "url": config.url,
-                                      "format": kind, "changes": changes, "attempt": attempt,
-                                      "repeat": repeat, "bytes": len(body)}
+            record: dict[str, Any] = {
+                "at": _utc(time.time()).isoformat(),
+                "url": config.url,
+                "format": kind,
+                "changes": changes,
+                "attempt": attempt,
+                "repeat": repeat,
+                "bytes": len(body),
+            }
             try:
-                response = await self._http.post(config.url, content=body, headers=headers,
-                                                 timeout=config.timeout_s)
+                response = await self._http.post(
+                    config.url, content=body, headers=headers, timeout=config.timeout_s
+                )
                 record["status"] = response.status_code
             except httpx.HTTPError as exc:
                 record["error"] = type(exc).__name__

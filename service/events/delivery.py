@@ -54,20 +54,32 @@ def body_of(row: Any) -> bytes:
     """The Standard Webhooks body: type, timestamp and data (tenant, connection, the event's)."""
     data = json.loads(row["data"]) if isinstance(row["data"], str) else dict(row["data"])
     connection_id = row["connection_id"]
-    return json.dumps({
-        "type": row["type"],
-        "timestamp": row["occurred_at"].astimezone(UTC).isoformat().replace("+00:00", "Z"),
-        "data": {"tenant_id": row["tenant_id"],
-                 "connection_id": None if connection_id is None else str(connection_id),
-                 **data},
-    }, separators=(",", ":")).encode()
+    return json.dumps(
+        {
+            "type": row["type"],
+            "timestamp": row["occurred_at"].astimezone(UTC).isoformat().replace("+00:00", "Z"),
+            "data": {
+                "tenant_id": row["tenant_id"],
+                "connection_id": None if connection_id is None else str(connection_id),
+                **data,
+            },
+        },
+        separators=(",", ":"),
+    ).encode()
 
 
 class WebhookSender:
-    def __init__(self, settings: Settings, pool: asyncpg.Pool, box: SecretBox, *,
-                 dsn: str | None = None, clock: Callable[[], datetime | None] = lambda: None,
-                 schedule: Sequence[float] = RETRY_SCHEDULE,
-                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        pool: asyncpg.Pool,
+        box: SecretBox,
+        *,
+        dsn: str | None = None,
+        clock: Callable[[], datetime | None] = lambda: None,
+        schedule: Sequence[float] = RETRY_SCHEDULE,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
         self._settings = settings
         self._pool = pool
         self._box = box
@@ -111,8 +123,7 @@ class WebhookSender:
             for channel in (CHANNEL, repo.DELIVERIES_CHANNEL):
                 await self._listener.add_listener(channel, lambda *_: self._wake.set())
         except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
-            log.warning("webhook sender cannot listen for events (%s); polling",
-                        type(exc).__name__)
+            log.warning("webhook sender cannot listen for events (%s); polling", type(exc).__name__)
             self._listener = None
 
     async def _run(self) -> None:
@@ -152,19 +163,23 @@ class WebhookSender:
                 claimed = 0
                 if free > 0:
                     token, rows = await repo.claim(
-                        self._pool, now=self._clock(), lease=LEASE, limit=free,
-                        per_endpoint=self._settings.webhook_concurrency_per_endpoint)
+                        self._pool,
+                        now=self._clock(),
+                        lease=LEASE,
+                        limit=free,
+                        per_endpoint=self._settings.webhook_concurrency_per_endpoint,
+                    )
                     claimed = len(rows)
                     attempts += claimed
-                    inflight.update(asyncio.create_task(self._send_logged(token, row))
-                                    for row in rows)
+                    inflight.update(asyncio.create_task(self._send_logged(token, row)) for row in rows)
                 if claimed and claimed == free:
                     continue
                 if not inflight:
                     return attempts
                 woken = asyncio.create_task(self._wake.wait())
-                done, _ = await asyncio.wait({*inflight, woken}, timeout=1.0,
-                                             return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait(
+                    {*inflight, woken}, timeout=1.0, return_when=asyncio.FIRST_COMPLETED
+                )
                 woken.cancel()
                 finished = {task for task in inflight if task in done}
                 if finished and inflight - finished:
@@ -184,8 +199,9 @@ class WebhookSender:
         now = self._clock() or datetime.now(UTC)
         await repo.record_outcomes(self._pool, recorded, now=now)
         for endpoint_id in {o.endpoint_id for o in recorded if o.status_code == 410}:
-            await repo.disable_endpoint(self._pool, endpoint_id, now=now,
-                                        reason="the endpoint answered 410 Gone")
+            await repo.disable_endpoint(
+                self._pool, endpoint_id, now=now, reason="the endpoint answered 410 Gone"
+            )
             log.warning("webhook endpoint %s answered 410 Gone and was disabled", endpoint_id)
 
     def _secrets(self, row: Any) -> list[str]:
@@ -193,8 +209,11 @@ class WebhookSender:
         current = [self._box.decrypt(row["secret"], secret_associated_data(endpoint_id, "secret"))]
         expires = row["previous_secret_expires_at"]
         if row["previous_secret"] is not None and expires is not None and expires > datetime.now(UTC):
-            current.append(self._box.decrypt(row["previous_secret"],
-                                             secret_associated_data(endpoint_id, "previous_secret")))
+            current.append(
+                self._box.decrypt(
+                    row["previous_secret"], secret_associated_data(endpoint_id, "previous_secret")
+                )
+            )
         return current
 
     def _client(self, target: destinations.Destination) -> httpx.AsyncClient:
@@ -204,9 +223,12 @@ class WebhookSender:
         client = self._clients.get(key)
         if client is None:
             client = self._clients[key] = httpx.AsyncClient(
-                timeout=self._settings.webhook_timeout_seconds, follow_redirects=False,
-                transport=self._transport, trust_env=False,
-                limits=httpx.Limits(max_connections=self._settings.webhook_concurrency_per_endpoint))
+                timeout=self._settings.webhook_timeout_seconds,
+                follow_redirects=False,
+                transport=self._transport,
+                trust_env=False,
+                limits=httpx.Limits(max_connections=self._settings.webhook_concurrency_per_endpoint),
+            )
         return client
 
     def _retry_at(self, attempts: int) -> datetime | None:
@@ -230,18 +252,21 @@ class WebhookSender:
         error: str
         try:
             body = body_of(row)
-            headers = signing.headers(self._secrets(row), msg_id=str(row["event_id"]),
-                                      timestamp=int(time.time()), body=body)
+            headers = signing.headers(
+                self._secrets(row), msg_id=str(row["event_id"]), timestamp=int(time.time()), body=body
+            )
             headers["user-agent"] = USER_AGENT
             target = await destinations.resolve(
-                row["url"], allow_private=self._settings.webhook_allow_private)
+                row["url"], allow_private=self._settings.webhook_allow_private
+            )
             url, extensions = httpx.URL(target.url), {}
             if target.address is not None:  # send to the address that was checked
                 headers["host"] = url.netloc.decode("ascii")
                 extensions["sni_hostname"] = target.host
                 url = url.copy_with(host=str(target.address))
-            async with self._client(target).stream("POST", url, content=body, headers=headers,
-                                                    extensions=extensions) as response:
+            async with self._client(target).stream(
+                "POST", url, content=body, headers=headers, extensions=extensions
+            ) as response:
                 status = response.status_code
                 # Read a short answer to its end, so the connection is kept for the next
                 # delivery; a longer one is not read on (the connection is closed instead).
@@ -251,8 +276,14 @@ class WebhookSender:
                     if read > MAX_ANSWER_BYTES:
                         break
             if 200 <= status < 300:
-                return Outcome(row["id"], token, row["endpoint_id"], succeeded=True,
-                               status_code=status, duration_ms=_ms_since(started))
+                return Outcome(
+                    row["id"],
+                    token,
+                    row["endpoint_id"],
+                    succeeded=True,
+                    status_code=status,
+                    duration_ms=_ms_since(started),
+                )
             error = f"the endpoint answered {status}"
         except destinations.DestinationRefused as exc:
             error = f"destination refused: {exc}"
@@ -262,9 +293,16 @@ class WebhookSender:
             error = "timed out"
         except httpx.HTTPError as exc:
             error = f"request failed ({type(exc).__name__})"
-        return Outcome(row["id"], token, row["endpoint_id"], succeeded=False, status_code=status,
-                       duration_ms=_ms_since(started), error=error,
-                       retry_at=None if status == 410 else self._retry_at(row["attempts"]))
+        return Outcome(
+            row["id"],
+            token,
+            row["endpoint_id"],
+            succeeded=False,
+            status_code=status,
+            duration_ms=_ms_since(started),
+            error=error,
+            retry_at=None if status == 410 else self._retry_at(row["attempts"]),
+        )
 
 
 def _ms_since(started: float) -> int:

@@ -74,13 +74,16 @@ async def resolve(url: str, *, allow_private: bool) -> Destination:
     else:
         try:
             infos = await asyncio.get_running_loop().getaddrinfo(
-                host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+                host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
+            )
         except (OSError, UnicodeError):
             raise DestinationRefused("The URL's host does not resolve.") from None
         addresses = [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
         if not addresses:
             raise DestinationRefused("The URL's host does not resolve.")
     if not all(_public(a) for a in addresses):
-        raise DestinationRefused("The URL's host is a private, loopback, link-local or reserved "
-                                 "address; webhooks go to public addresses only.")
+        raise DestinationRefused(
+            "The URL's host is a private, loopback, link-local or reserved "
+            "address; webhooks go to public addresses only."
+        )
     return Destination(url, host, port, addresses[0])

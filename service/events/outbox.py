@@ -84,13 +84,24 @@ def _plain(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON")
 
 
-async def emit(session: AsyncSession, type_: str, *, tenant_id: str,
-               connection_id: uuid.UUID | None, data: dict[str, Any]) -> uuid.UUID:
+async def emit(
+    session: AsyncSession,
+    type_: str,
+    *,
+    tenant_id: str,
+    connection_id: uuid.UUID | None,
+    data: dict[str, Any],
+) -> uuid.UUID:
     """Write one event in the session's transaction (it commits or rolls back with the change);
     returns its id. `data` must hold no secret; datetimes and UUIDs become strings."""
-    event = Event(id=uuid.uuid4(), type=EventType(type_).value, occurred_at=datetime.now(UTC),
-                  tenant_id=tenant_id, connection_id=connection_id,
-                  data=json.loads(json.dumps(data, default=_plain)))
+    event = Event(
+        id=uuid.uuid4(),
+        type=EventType(type_).value,
+        occurred_at=datetime.now(UTC),
+        tenant_id=tenant_id,
+        connection_id=connection_id,
+        data=json.loads(json.dumps(data, default=_plain)),
+    )
     session.add(event)
     return event.id
 
@@ -100,14 +111,15 @@ def connection_state(conn: Any) -> dict[str, Any]:
     needs no read to show it. Mirrored in SQL by CONNECTION_STATE_SQL."""
     return {
         "status": str(conn.status),
-        "accounting_link": ("enabled" if conn.status == "connected"
-                            and (conn.module_ar or conn.module_ap) else "disabled"),
+        "accounting_link": (
+            "enabled" if conn.status == "connected" and (conn.module_ar or conn.module_ap) else "disabled"
+        ),
         "realm_id": conn.realm_id,
         "company_name": conn.company_name,
         "modules": {"accounts_receivable": conn.module_ar, "accounts_payable": conn.module_ap},
-        "last_error": None if conn.last_error_code is None else {
-            "code": conn.last_error_code, "message": conn.last_error_message,
-            "at": conn.last_error_at},
+        "last_error": None
+        if conn.last_error_code is None
+        else {"code": conn.last_error_code, "message": conn.last_error_message, "at": conn.last_error_at},
     }
 
 
@@ -125,8 +137,9 @@ CONNECTION_STATE_SQL = """jsonb_build_object(
     'at', to_char(c.last_error_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"+00:00"')) END)"""
 
 
-def public_event(audit_type: str, conn: Any,
-                 details: dict[str, Any]) -> tuple[EventType, dict[str, Any]] | None:
+def public_event(
+    audit_type: str, conn: Any, details: dict[str, Any]
+) -> tuple[EventType, dict[str, Any]] | None:
     """The public event of an audit event (its type and data), or None for the broker's own."""
     public = _PUBLIC_OF_AUDIT.get(audit_type)
     if public is None:
@@ -134,9 +147,11 @@ def public_event(audit_type: str, conn: Any,
     shown = {k: v for k, v in details.items() if k not in _PRIVATE_DETAILS}
     fields: dict[str, Any]
     if audit_type == "linked":
-        fields = {"owner": {"user_id": shown.get("user_id"),
-                            "quickbooks_user": shown.get("quickbooks_user")},
-                  "forced": shown.get("forced", False), "confirmed": shown.get("confirmed", False)}
+        fields = {
+            "owner": {"user_id": shown.get("user_id"), "quickbooks_user": shown.get("quickbooks_user")},
+            "forced": shown.get("forced", False),
+            "confirmed": shown.get("confirmed", False),
+        }
     elif audit_type == "link_refused":
         fields = {"error": {"code": shown.get("code"), "message": shown.get("message")}}
     elif audit_type in ("link_pending", "pending_link_declined", "pending_link_expired"):
@@ -148,8 +163,12 @@ def public_event(audit_type: str, conn: Any,
     return public, {**fields, **connection_state(conn)}
 
 
-async def emit_for_connection(session: AsyncSession, type_: str, conn: Any,
-                              **fields: Any) -> uuid.UUID:
+async def emit_for_connection(session: AsyncSession, type_: str, conn: Any, **fields: Any) -> uuid.UUID:
     """An event about `conn`, carrying its public state and `fields`."""
-    return await emit(session, type_, tenant_id=conn.tenant_id, connection_id=conn.id,
-                      data={**fields, **connection_state(conn)})
+    return await emit(
+        session,
+        type_,
+        tenant_id=conn.tenant_id,
+        connection_id=conn.id,
+        data={**fields, **connection_state(conn)},
+    )

@@ -97,30 +97,39 @@ class Outcome:
     retry_at: datetime | None = None  # None for a failure: no more attempts
 
 
-async def claim(pool: asyncpg.Pool, *, now: datetime | None, per_endpoint: int, limit: int,
-                lease: timedelta) -> tuple[uuid.UUID, list[asyncpg.Record]]:
+async def claim(
+    pool: asyncpg.Pool, *, now: datetime | None, per_endpoint: int, limit: int, lease: timedelta
+) -> tuple[uuid.UUID, list[asyncpg.Record]]:
     """Lease due deliveries for sending (one short transaction); the lease token and the rows.
     Claims take turns on an advisory lock, so two replicas never count the same free places."""
     token = uuid.uuid4()
     async with pool.acquire() as conn, conn.transaction():
         # The database's clock unless one is given (tests), so new deliveries (stamped by the
         # database) are due at once whatever this host's clock says.
-        at = await conn.fetchval("SELECT coalesce($2::timestamptz, clock_timestamp()) "
-                                 "FROM pg_advisory_xact_lock($1, 0)", CLAIM_LOCK_NAMESPACE, now)
+        at = await conn.fetchval(
+            "SELECT coalesce($2::timestamptz, clock_timestamp()) FROM pg_advisory_xact_lock($1, 0)",
+            CLAIM_LOCK_NAMESPACE,
+            now,
+        )
         rows = await conn.fetch(_CLAIM, at, token, per_endpoint, limit, lease)
     return token, rows
 
 
-async def record_outcomes(pool: asyncpg.Pool, outcomes: Sequence[Outcome], *,
-                          now: datetime) -> None:
-    await pool.execute(_RECORD, [o.delivery_id for o in outcomes], [o.token for o in outcomes],
-                       [o.succeeded for o in outcomes], [o.status_code for o in outcomes],
-                       [o.duration_ms for o in outcomes], [o.error for o in outcomes],
-                       [o.retry_at for o in outcomes], now)
+async def record_outcomes(pool: asyncpg.Pool, outcomes: Sequence[Outcome], *, now: datetime) -> None:
+    await pool.execute(
+        _RECORD,
+        [o.delivery_id for o in outcomes],
+        [o.token for o in outcomes],
+        [o.succeeded for o in outcomes],
+        [o.status_code for o in outcomes],
+        [o.duration_ms for o in outcomes],
+        [o.error for o in outcomes],
+        [o.retry_at for o in outcomes],
+        now,
+    )
 
 
-async def disable_endpoint(pool: asyncpg.Pool, endpoint_id: uuid.UUID, *, now: datetime,
-                           reason: str) -> None:
+async def disable_endpoint(pool: asyncpg.Pool, endpoint_id: uuid.UUID, *, now: datetime, reason: str) -> None:
     async with pool.acquire() as conn, conn.transaction():
         await conn.execute(_DISABLE, endpoint_id, now, reason)
 

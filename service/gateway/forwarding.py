@@ -12,16 +12,40 @@ from service.core.errors import ProblemError, ValidationFailed
 
 # Hop-by-hop headers (RFC 9110 7.6.1) and what only concerns the hop to the broker: its own
 # credentials, cookies and idempotency key, and where the request came from.
-_HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"proxy-authenticate",
-                         b"proxy-authorization", b"te", b"trailer", b"transfer-encoding",
-                         b"upgrade"})
-_NOT_FORWARDED = _HOP_BY_HOP | frozenset({
-    b"host", b"authorization", b"x-api-key", b"cookie", b"idempotency-key", b"content-length",
-    b"expect", b"forwarded", b"x-forwarded-for", b"x-forwarded-host", b"x-forwarded-proto",
-    b"x-real-ip", b"accept-encoding"})
+_HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+_NOT_FORWARDED = _HOP_BY_HOP | frozenset(
+    {
+        b"host",
+        b"authorization",
+        b"x-api-key",
+        b"cookie",
+        b"idempotency-key",
+        b"content-length",
+        b"expect",
+        b"forwarded",
+        b"x-forwarded-for",
+        b"x-forwarded-host",
+        b"x-forwarded-proto",
+        b"x-real-ip",
+        b"accept-encoding",
+    }
+)
 # The broker's server sets its own; Intuit's cookies are for Intuit.
-_NOT_RETURNED = _HOP_BY_HOP | frozenset({b"date", b"server", b"set-cookie", b"www-authenticate",
-                                         b"x-request-id"})
+_NOT_RETURNED = _HOP_BY_HOP | frozenset(
+    {b"date", b"server", b"set-cookie", b"www-authenticate", b"x-request-id"}
+)
 # RFC 3986 pchar plus "/": anything else (spaces, quotes, backslashes, controls) must come
 # percent-encoded.
 _PATH_BYTES = re.compile(rb"^[A-Za-z0-9\-._~!$&'()*+,;=:@%/]+$")
@@ -38,14 +62,21 @@ def company_path(raw: bytes) -> str:
     """The path under `/v3/company/{realm}/` as the caller encoded it, refused unless it stays
     there: no empty, `.` or `..` segment, no encoded `/` or `\\` in one, no scheme tricks."""
     if not raw or not _PATH_BYTES.match(raw) or _PERCENT.search(raw):
-        raise InvalidQuickBooksPath("The path must be a relative QuickBooks API path, e.g. "
-                                    "`customer/1` or `query`, with reserved characters encoded.")
+        raise InvalidQuickBooksPath(
+            "The path must be a relative QuickBooks API path, e.g. "
+            "`customer/1` or `query`, with reserved characters encoded."
+        )
     for segment in raw.split(b"/"):
         decoded = unquote_to_bytes(segment)
-        if decoded in (b"", b".", b"..") or any(c in decoded for c in b"/\\?#") or any(
-                c < 0x20 or c == 0x7F for c in decoded):
-            raise InvalidQuickBooksPath("The path must stay under the company: no empty, `.` "
-                                        "or `..` segments and no encoded `/` or `\\`.")
+        if (
+            decoded in (b"", b".", b"..")
+            or any(c in decoded for c in b"/\\?#")
+            or any(c < 0x20 or c == 0x7F for c in decoded)
+        ):
+            raise InvalidQuickBooksPath(
+                "The path must stay under the company: no empty, `.` "
+                "or `..` segments and no encoded `/` or `\\`."
+            )
     return raw.decode("ascii")
 
 
@@ -63,13 +94,17 @@ def query_value(query: bytes, name: str) -> str | None:
 def with_params(query: bytes, **params: str | None) -> bytes:
     """The caller's query string byte for byte, with each param appended that it lacks."""
     present = _names(query)
-    extra = [f"{name}={value}".encode() for name, value in params.items()
-             if value is not None and name not in present]
+    extra = [
+        f"{name}={value}".encode()
+        for name, value in params.items()
+        if value is not None and name not in present
+    ]
     return b"&".join([query, *extra] if query else extra)
 
 
-def request_id_for(*, connection_id: uuid.UUID, query: bytes,
-                   idempotency_key: str | None) -> tuple[str, bool]:
+def request_id_for(
+    *, connection_id: uuid.UUID, query: bytes, idempotency_key: str | None
+) -> tuple[str, bool]:
     """A write's `requestid`: the caller's own, else one derived from its Idempotency-Key
     (the same key on the same connection gives the same id; on another connection, another
     one), else a new one. Second: whether it must be added to the query string."""
@@ -78,10 +113,12 @@ def request_id_for(*, connection_id: uuid.UUID, query: bytes,
         return own, False
     if idempotency_key is not None:
         if not idempotency_key or len(idempotency_key) > IDEMPOTENCY_KEY_MAX:
-            raise ValidationFailed(f"Idempotency-Key must be 1 to {IDEMPOTENCY_KEY_MAX} "
-                                   "characters.", errors=[{"loc": ["header", "Idempotency-Key"],
-                                                           "msg": "invalid length",
-                                                           "type": "value_error"}])
+            raise ValidationFailed(
+                f"Idempotency-Key must be 1 to {IDEMPOTENCY_KEY_MAX} characters.",
+                errors=[
+                    {"loc": ["header", "Idempotency-Key"], "msg": "invalid length", "type": "value_error"}
+                ],
+            )
         digest = hashlib.sha256(f"{connection_id}\n{idempotency_key}".encode()).hexdigest()
         return digest[:32], True  # 128 bits; Intuit takes at most 50 characters
     return uuid.uuid4().hex, True
@@ -89,9 +126,11 @@ def request_id_for(*, connection_id: uuid.UUID, query: bytes,
 
 def request_headers(raw: list[tuple[bytes, bytes]], access_token: str) -> list[tuple[bytes, bytes]]:
     """The caller's end-to-end headers, with the broker's Authorization and JSON by default."""
-    named_by_connection = {name.strip().lower() for value in
-                           (v for k, v in raw if k.lower() == b"connection")
-                           for name in value.split(b",")}
+    named_by_connection = {
+        name.strip().lower()
+        for value in (v for k, v in raw if k.lower() == b"connection")
+        for name in value.split(b",")
+    }
     headers: list[tuple[bytes, bytes]] = []
     accept = encoding = False
     for name, value in raw:
@@ -119,8 +158,13 @@ def request_headers(raw: list[tuple[bytes, bytes]], access_token: str) -> list[t
 def response_headers(raw: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
     """Intuit's headers as they came (Content-Type, Content-Length, intuit_tid, …), without
     hop-by-hop ones and those the broker sets itself."""
-    named_by_connection = {name.strip().lower() for value in
-                           (v for k, v in raw if k.lower() == b"connection")
-                           for name in value.split(b",")}
-    return [(name.lower(), value) for name, value in raw
-            if name.lower() not in _NOT_RETURNED and name.lower() not in named_by_connection]
+    named_by_connection = {
+        name.strip().lower()
+        for value in (v for k, v in raw if k.lower() == b"connection")
+        for name in value.split(b",")
+    }
+    return [
+        (name.lower(), value)
+        for name, value in raw
+        if name.lower() not in _NOT_RETURNED and name.lower() not in named_by_connection
+    ]

@@ -17,8 +17,7 @@ Classify = Callable[[str, str, bytes | None], CallClass]
 class Meter(Protocol):
     async def admit(self, tenant_id: str, realm_id: str, call_class: CallClass) -> None: ...
 
-    async def record(self, tenant_id: str, realm_id: str, call_class: CallClass,
-                     outcome: str) -> None: ...
+    async def record(self, tenant_id: str, realm_id: str, call_class: CallClass, outcome: str) -> None: ...
 
 
 class NoMeter:
@@ -27,8 +26,7 @@ class NoMeter:
     async def admit(self, tenant_id: str, realm_id: str, call_class: CallClass) -> None:
         return None
 
-    async def record(self, tenant_id: str, realm_id: str, call_class: CallClass,
-                     outcome: str) -> None:
+    async def record(self, tenant_id: str, realm_id: str, call_class: CallClass, outcome: str) -> None:
         return None
 
 

@@ -116,8 +116,14 @@ class _Relay(Response):
     """Intuit's answer, relayed as it arrives; the in-flight slot is given back after its last
     byte (and renewed while a long one streams)."""
 
-    def __init__(self, upstream: httpx.Response, headers: list[tuple[bytes, bytes]],
-                 lease: Lease, throttle: RealmThrottle, renew_every: float) -> None:
+    def __init__(
+        self,
+        upstream: httpx.Response,
+        headers: list[tuple[bytes, bytes]],
+        lease: Lease,
+        throttle: RealmThrottle,
+        renew_every: float,
+    ) -> None:
         self.status_code = upstream.status_code
         self.raw_headers = headers
         self.background = None
@@ -130,8 +136,9 @@ class _Relay(Response):
         loop = asyncio.get_running_loop()
         renew_at = loop.time() + self._renew_every
         try:
-            await send({"type": "http.response.start", "status": self.status_code,
-                        "headers": self.raw_headers})
+            await send(
+                {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+            )
             try:
                 async for chunk in self._upstream.aiter_raw():
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
@@ -150,9 +157,16 @@ class _Relay(Response):
 
 
 class Gateway:
-    def __init__(self, settings: Settings, refresher: TokenRefresher, throttle: RealmThrottle, *,
-                 meter: Meter | None = None, classify: Classify = classify_by_method,
-                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        refresher: TokenRefresher,
+        throttle: RealmThrottle,
+        *,
+        meter: Meter | None = None,
+        classify: Classify = classify_by_method,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
         self._settings = settings
         self._refresher = refresher
         self._throttle = throttle
@@ -160,9 +174,11 @@ class Gateway:
         self._classify = classify
         self._base = settings.intuit_api_base_url
         self._http = httpx.AsyncClient(
-            transport=transport, follow_redirects=False,
+            transport=transport,
+            follow_redirects=False,
             timeout=httpx.Timeout(settings.intuit_timeout_seconds, connect=5.0, pool=5.0),
-            limits=httpx.Limits(max_connections=200, max_keepalive_connections=50))
+            limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),
+        )
 
     async def aclose(self) -> None:
         await self._throttle.aclose()
@@ -170,8 +186,7 @@ class Gateway:
 
     async def forward(self, request: Request, connection_id: uuid.UUID, caller: Caller) -> Response:
         method = request.method
-        caller.require_scope(CallerScope.QUICKBOOKS_READ if method == "GET"
-                             else CallerScope.QUICKBOOKS_WRITE)
+        caller.require_scope(CallerScope.QUICKBOOKS_READ if method == "GET" else CallerScope.QUICKBOOKS_WRITE)
         raw_path: bytes = request.scope.get("raw_path") or request.scope["path"].encode()
         parts = raw_path.split(b"/", 4)
         path = forwarding.company_path(parts[4] if len(parts) == 5 else b"")
@@ -183,27 +198,48 @@ class Gateway:
             raise NotFound("No such connection.", connection_id=str(connection_id))
         s = self._settings
         batch = path == "batch"
-        body = await _read_body(request, limit=s.quickbooks_max_body_bytes,
-                                buffer=max(s.quickbooks_retry_body_bytes, BATCH_BUFFER_BYTES)
-                                if batch else s.quickbooks_retry_body_bytes)
+        body = await _read_body(
+            request,
+            limit=s.quickbooks_max_body_bytes,
+            buffer=max(s.quickbooks_retry_body_bytes, BATCH_BUFFER_BYTES)
+            if batch
+            else s.quickbooks_retry_body_bytes,
+        )
         if batch and body.buffered is None:
-            raise PayloadTooLarge("A batch request is limited to "
-                                  f"{max(s.quickbooks_retry_body_bytes, BATCH_BUFFER_BYTES)} bytes.")
+            raise PayloadTooLarge(
+                "A batch request is limited to "
+                f"{max(s.quickbooks_retry_body_bytes, BATCH_BUFFER_BYTES)} bytes."
+            )
         query: bytes = request.scope["query_string"]
         request_id: str | None = None
         added_id = None
         if method != "GET":
             request_id, add = forwarding.request_id_for(
-                connection_id=connection_id, query=query,
-                idempotency_key=request.headers.get("idempotency-key"))
+                connection_id=connection_id,
+                query=query,
+                idempotency_key=request.headers.get("idempotency-key"),
+            )
             added_id = request_id if add else None
-        query = forwarding.with_params(query, minorversion=str(s.quickbooks_minor_version),
-                                       requestid=added_id)
-        url = httpx.URL(f"{self._base}/v3/company/{token.realm_id}/{path}"
-                        + (f"?{query.decode('latin-1')}" if query else ""))
-        call = _Call(self, view.id, view.tenant_id, token, method, url, batch, body,
-                     self._classify(method, path, body.buffered),
-                     list(request.headers.raw), request_id)
+        query = forwarding.with_params(
+            query, minorversion=str(s.quickbooks_minor_version), requestid=added_id
+        )
+        url = httpx.URL(
+            f"{self._base}/v3/company/{token.realm_id}/{path}"
+            + (f"?{query.decode('latin-1')}" if query else "")
+        )
+        call = _Call(
+            self,
+            view.id,
+            view.tenant_id,
+            token,
+            method,
+            url,
+            batch,
+            body,
+            self._classify(method, path, body.buffered),
+            list(request.headers.raw),
+            request_id,
+        )
         try:
             await self._meter.admit(view.tenant_id, token.realm_id, call.call_class)
             return await call.run()
@@ -227,10 +263,20 @@ class Gateway:
 class _Call:
     """The attempts of one forwarded call."""
 
-    def __init__(self, gateway: Gateway, connection_id: uuid.UUID, tenant_id: str,
-                 token: AccessToken, method: str, url: httpx.URL, batch: bool, body: _Body,
-                 call_class: CallClass, headers: list[tuple[bytes, bytes]],
-                 request_id: str | None) -> None:
+    def __init__(
+        self,
+        gateway: Gateway,
+        connection_id: uuid.UUID,
+        tenant_id: str,
+        token: AccessToken,
+        method: str,
+        url: httpx.URL,
+        batch: bool,
+        body: _Body,
+        call_class: CallClass,
+        headers: list[tuple[bytes, bytes]],
+        request_id: str | None,
+    ) -> None:
         self.g = gateway
         self.connection_id = connection_id
         self.tenant_id = tenant_id
@@ -245,7 +291,7 @@ class _Call:
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
         s = self.g._settings
-        ceiling = min(s.intuit_backoff_max_seconds, s.intuit_backoff_seconds * 2 ** attempt)
+        ceiling = min(s.intuit_backoff_max_seconds, s.intuit_backoff_seconds * 2**attempt)
         delay = random.uniform(0, ceiling)  # noqa: S311 (jitter, not cryptography)
         if retry_after is not None:
             delay = max(delay, min(retry_after, s.intuit_backoff_max_seconds))
@@ -255,8 +301,9 @@ class _Call:
         headers = forwarding.request_headers(self.caller_headers, self.token.access_token)
         if self.body.buffered is None and self.body.length is not None:
             headers.append((b"content-length", str(self.body.length).encode()))
-        request = self.g._http.build_request(self.method, self.url, headers=headers,
-                                             content=self.body.content())
+        request = self.g._http.build_request(
+            self.method, self.url, headers=headers, content=self.body.content()
+        )
         return await self.g._http.send(request, stream=True)
 
     def _unavailable(self) -> IntuitUnavailableProblem:
@@ -264,7 +311,8 @@ class _Call:
             "QuickBooks did not answer; the call may be repeated"
             + (f" with the same requestid ({REQUEST_ID_HEADER})." if self.request_id else "."),
             retry_after=max(1, math.ceil(self.g._settings.intuit_backoff_max_seconds)),
-            connection_id=str(self.connection_id))
+            connection_id=str(self.connection_id),
+        )
 
     async def _record(self, outcome: str) -> None:
         await self.g._meter.record(self.tenant_id, self.token.realm_id, self.call_class, outcome)
@@ -279,15 +327,19 @@ class _Call:
         attempt = 0
         refreshed = False
         while True:
-            wait = (s.quickbooks_queue_seconds if attempt == 0 and not refreshed
-                    else max(0.0, deadline - loop.time()))
+            wait = (
+                s.quickbooks_queue_seconds
+                if attempt == 0 and not refreshed
+                else max(0.0, deadline - loop.time())
+            )
             lease = await throttle.admit(realm, batch=self.batch, wait_seconds=wait)
             try:
                 upstream = await self._send()
             except _BodyTooLarge:
                 throttle.release_soon(lease)
-                raise PayloadTooLarge("Request bodies to QuickBooks are limited to "
-                                      f"{s.quickbooks_max_body_bytes} bytes.") from None
+                raise PayloadTooLarge(
+                    f"Request bodies to QuickBooks are limited to {s.quickbooks_max_body_bytes} bytes."
+                ) from None
             except httpx.TransportError as exc:
                 throttle.release_soon(lease)
                 sent = not isinstance(exc, _NOT_SENT)
@@ -295,8 +347,7 @@ class _Call:
                     await self._record("no_answer")
                 can_retry = replayable or not self.body.started
                 delay = self._backoff(attempt, None)
-                if can_retry and attempt + 1 < s.intuit_max_attempts and \
-                        loop.time() + delay < deadline:
+                if can_retry and attempt + 1 < s.intuit_max_attempts and loop.time() + delay < deadline:
                     log.warning("QuickBooks call failed (%s), retrying", type(exc).__name__)
                     attempt += 1
                     await asyncio.sleep(delay)
@@ -323,8 +374,7 @@ class _Call:
                     await throttle.pause(realm, min(MAX_PAUSE_SECONDS, max(1.0, retry_after or 1.0)))
                 if status == 429 or status >= 500:
                     delay = self._backoff(attempt, retry_after)
-                    if replayable and attempt + 1 < s.intuit_max_attempts and \
-                            loop.time() + delay < deadline:
+                    if replayable and attempt + 1 < s.intuit_max_attempts and loop.time() + delay < deadline:
                         await upstream.aclose()
                         throttle.release_soon(lease)
                         attempt += 1
@@ -344,8 +394,7 @@ class _Call:
                 except httpx.TransportError as exc:
                     throttle.release_soon(lease)
                     delay = self._backoff(attempt, None)
-                    if replayable and attempt + 1 < s.intuit_max_attempts and \
-                            loop.time() + delay < deadline:
+                    if replayable and attempt + 1 < s.intuit_max_attempts and loop.time() + delay < deadline:
                         log.warning("QuickBooks answer cut off (%s), retrying", type(exc).__name__)
                         attempt += 1
                         await asyncio.sleep(delay)

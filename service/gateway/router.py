@@ -25,9 +25,13 @@ async def get_gateway(request: Request) -> Gateway:
 
 GatewayDep = Annotated[Gateway, Depends(get_gateway)]
 ConnectionID = Annotated[uuid.UUID, Path(description="The connection's id.")]
-CompanyPath = Annotated[str, Path(
-    description="The Accounting API path under `/v3/company/{realmId}/`, e.g. `customer/1`, "
-                "`query`, `reports/ProfitAndLoss`, `batch`, `upload`.")]
+CompanyPath = Annotated[
+    str,
+    Path(
+        description="The Accounting API path under `/v3/company/{realmId}/`, e.g. `customer/1`, "
+        "`query`, `reports/ProfitAndLoss`, `batch`, `upload`."
+    ),
+]
 
 DESCRIPTION = """
 Forwards the call to `{INTUIT_API_BASE_URL}/v3/company/{realm_id}/{path}` with the caller's
@@ -47,39 +51,55 @@ room within Intuit's limits for the company, shared by every replica, else answe
 
 _INTUIT_CONTENT: dict[str, Any] = {"application/json": {}, "application/xml": {}, "*/*": {}}
 _HEADERS: dict[str, Any] = {
-    "intuit_tid": {"description": "Intuit's transaction id, for support.",
-                   "schema": {"type": "string"}},
-    REQUEST_ID_HEADER: {"description": "The call's requestid (not on GET).",
-                        "schema": {"type": "string"}}}
-_INTUIT: dict[str, Any] = {"description": "Intuit's answer, relayed unchanged (any status, JSON "
-                                          "or XML).", "content": _INTUIT_CONTENT,
-                           "headers": _HEADERS}
+    "intuit_tid": {"description": "Intuit's transaction id, for support.", "schema": {"type": "string"}},
+    REQUEST_ID_HEADER: {"description": "The call's requestid (not on GET).", "schema": {"type": "string"}},
+}
+_INTUIT: dict[str, Any] = {
+    "description": "Intuit's answer, relayed unchanged (any status, JSON or XML).",
+    "content": _INTUIT_CONTENT,
+    "headers": _HEADERS,
+}
 
 
 def _problem_or_intuit(problem: dict[str, Any]) -> dict[str, Any]:
     """The broker's problem for this status, or Intuit's own answer with it."""
-    return {"description": "A problem (application/problem+json) from the broker, or Intuit's "
-                           "own answer relayed unchanged.",
-            "content": {**problem["content"], **_INTUIT_CONTENT}, "headers": _HEADERS}
+    return {
+        "description": "A problem (application/problem+json) from the broker, or Intuit's "
+        "own answer relayed unchanged.",
+        "content": {**problem["content"], **_INTUIT_CONTENT},
+        "headers": _HEADERS,
+    }
 
 
 RESPONSES: dict[int | str, dict[str, Any]] = {
     200: _INTUIT,
-    **{status: _problem_or_intuit(problem) for status, problem in
-       problem_responses(400, 401, 403, 404, 409, 413, 422, 429, 503).items()},
+    **{
+        status: _problem_or_intuit(problem)
+        for status, problem in problem_responses(400, 401, 403, 404, 409, 413, 422, 429, 503).items()
+    },
     "default": _INTUIT,
 }
 
 
-async def quickbooks(connection_id: ConnectionID, path: CompanyPath, request: Request,
-                     caller: CurrentCaller, gateway: GatewayDep) -> Response:
+async def quickbooks(
+    connection_id: ConnectionID,
+    path: CompanyPath,
+    request: Request,
+    caller: CurrentCaller,
+    gateway: GatewayDep,
+) -> Response:
     return await gateway.forward(request, connection_id, caller)
 
 
 for _method in METHODS:
     router.add_api_route(
-        PATH, quickbooks, methods=[_method], name=f"quickbooks_{_method.lower()}",
-        responses=RESPONSES, response_class=Response,
+        PATH,
+        quickbooks,
+        methods=[_method],
+        name=f"quickbooks_{_method.lower()}",
+        responses=RESPONSES,
+        response_class=Response,
         summary=f"{_method} on the connection's QuickBooks company (scope "
-                f"quickbooks:{'read' if _method == 'GET' else 'write'})",
-        description=DESCRIPTION.strip())
+        f"quickbooks:{'read' if _method == 'GET' else 'write'})",
+        description=DESCRIPTION.strip(),
+    )

@@ -31,15 +31,18 @@ from service.core.errors import ProblemError
 BUSY_POLL_SECONDS = 0.02
 
 _ADMIT = "SELECT * FROM qbo_broker_gateway_admit($1, $2, $3, $4, $5, $6, $7, $8, $9)"
-_RELEASE = ("UPDATE quickbooks_realm_throttles SET leases[$2] = NULL "
-            "WHERE realm_id = $1 AND leases[$2] = $3")
-_RENEW = ("UPDATE quickbooks_realm_throttles "
-          "SET leases[$2] = clock_timestamp() + make_interval(secs => $4) "
-          "WHERE realm_id = $1 AND leases[$2] = $3 RETURNING leases[$2]")
-_PAUSE = ("INSERT INTO quickbooks_realm_throttles AS t (realm_id, paused_until) "
-          "VALUES ($1, clock_timestamp() + make_interval(secs => $2)) "
-          "ON CONFLICT (realm_id) DO UPDATE SET paused_until = greatest("
-          "coalesce(t.paused_until, '-infinity'), excluded.paused_until)")
+_RELEASE = "UPDATE quickbooks_realm_throttles SET leases[$2] = NULL WHERE realm_id = $1 AND leases[$2] = $3"
+_RENEW = (
+    "UPDATE quickbooks_realm_throttles "
+    "SET leases[$2] = clock_timestamp() + make_interval(secs => $4) "
+    "WHERE realm_id = $1 AND leases[$2] = $3 RETURNING leases[$2]"
+)
+_PAUSE = (
+    "INSERT INTO quickbooks_realm_throttles AS t (realm_id, paused_until) "
+    "VALUES ($1, clock_timestamp() + make_interval(secs => $2)) "
+    "ON CONFLICT (realm_id) DO UPDATE SET paused_until = greatest("
+    "coalesce(t.paused_until, '-infinity'), excluded.paused_until)"
+)
 
 
 class QuickBooksThrottled(ProblemError):
@@ -125,10 +128,20 @@ class RealmThrottle:
     async def _admit_once(self, realm_id: str, batch: bool) -> asyncpg.Record:
         s = self._settings
         # Shielded: a caller that goes away mid-statement must not leave a slot it never uses.
-        statement = asyncio.ensure_future(self._pool.fetchrow(
-            _ADMIT, realm_id, batch, s.quickbooks_max_in_flight, s.quickbooks_per_second,
-            s.quickbooks_per_minute, s.quickbooks_batch_per_minute,
-            s.quickbooks_window_margin_seconds, s.quickbooks_lease_seconds, self._interval))
+        statement = asyncio.ensure_future(
+            self._pool.fetchrow(
+                _ADMIT,
+                realm_id,
+                batch,
+                s.quickbooks_max_in_flight,
+                s.quickbooks_per_second,
+                s.quickbooks_per_minute,
+                s.quickbooks_batch_per_minute,
+                s.quickbooks_window_margin_seconds,
+                s.quickbooks_lease_seconds,
+                self._interval,
+            )
+        )
         try:
             return await asyncio.shield(statement)
         except asyncio.CancelledError:
@@ -142,12 +155,15 @@ class RealmThrottle:
             row = statement.result()
             if row["admitted"]:
                 self.release_soon(Lease(realm_id, row["slot"], row["lease"]))
+
         return done
 
     def _throttled(self, realm_id: str, wait: float) -> QuickBooksThrottled:
         return QuickBooksThrottled(
             "QuickBooks' limits for this company are reached; retry after the delay given.",
-            retry_after=max(1, math.ceil(wait)), realm_id=realm_id)
+            retry_after=max(1, math.ceil(wait)),
+            realm_id=realm_id,
+        )
 
     async def release(self, lease: Lease) -> None:
         if lease.released:
@@ -170,8 +186,9 @@ class RealmThrottle:
         """Push a long call's slot expiry out again (a long answer still streaming)."""
         if lease.slot is None or lease.released:
             return
-        expires = await self._pool.fetchval(_RENEW, lease.realm_id, lease.slot, lease.expires_at,
-                                            self._settings.quickbooks_lease_seconds)
+        expires = await self._pool.fetchval(
+            _RENEW, lease.realm_id, lease.slot, lease.expires_at, self._settings.quickbooks_lease_seconds
+        )
         if expires is not None:
             lease.expires_at = expires
 

@@ -21,23 +21,27 @@ PAGE_PATH = "/dev/integration"
 USER_PATTERN = r"^[A-Za-z0-9._@-]{1,64}$"
 
 
-def install_integration_page(app: FastAPI, issue_token: Callable[[str], str], *,
-                             default_user: str) -> None:
+def install_integration_page(app: FastAPI, issue_token: Callable[[str], str], *, default_user: str) -> None:
     """Serve the page at PAGE_PATH; `issue_token(user)` gives that user's JWT (`?user=` picks
     another user of the dev tenant, to act as a colleague)."""
     template = resources.files(__package__).joinpath("integration.html").read_text()
 
     @app.get(PAGE_PATH, include_in_schema=False)
     async def integration_page(
-            user: Annotated[str, Query(pattern=USER_PATTERN)] = default_user) -> HTMLResponse:
+        user: Annotated[str, Query(pattern=USER_PATTERN)] = default_user,
+    ) -> HTMLResponse:
         nonce = secrets.token_urlsafe(16)
         # In a <script type="application/json">: "<" escaped, so nothing in it ends the element.
         config = json.dumps({"token": issue_token(user), "user": user}).replace("<", "\\u003c")
         page = template.replace("__CONFIG__", config).replace("__NONCE__", nonce)
-        return HTMLResponse(page, headers={
-            "Content-Security-Policy": (
-                f"default-src 'none'; script-src 'nonce-{nonce}'; style-src 'unsafe-inline'; "
-                "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"),
-            "Referrer-Policy": "no-referrer",
-            "Cache-Control": "no-store",
-        })
+        return HTMLResponse(
+            page,
+            headers={
+                "Content-Security-Policy": (
+                    f"default-src 'none'; script-src 'nonce-{nonce}'; style-src 'unsafe-inline'; "
+                    "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+                ),
+                "Referrer-Policy": "no-referrer",
+                "Cache-Control": "no-store",
+            },
+        )

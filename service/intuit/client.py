@@ -87,11 +87,14 @@ class _UnstoredTokenClient(AsyncOAuth2Client):  # type: ignore[misc]
         try:
             token = resp.json()
         except ValueError:
-            raise IntuitProtocolError(f"token endpoint answered {resp.status_code} without JSON",
-                                      intuit_tid=resp.headers.get("intuit_tid")) from None
+            raise IntuitProtocolError(
+                f"token endpoint answered {resp.status_code} without JSON",
+                intuit_tid=resp.headers.get("intuit_tid"),
+            ) from None
         if not isinstance(token, dict):
-            raise IntuitProtocolError("token endpoint answered a non-object",
-                                      intuit_tid=resp.headers.get("intuit_tid"))
+            raise IntuitProtocolError(
+                "token endpoint answered a non-object", intuit_tid=resp.headers.get("intuit_tid")
+            )
         if "error" in token:
             error = OAuthError(error=token["error"], description=token.get("error_description"))
             error.intuit_tid = resp.headers.get("intuit_tid")
@@ -127,8 +130,13 @@ def _raise_for_unavailable(response: httpx.Response) -> httpx.Response:
 
 
 class IntuitClient:
-    def __init__(self, settings: Settings, *, transport: httpx.AsyncBaseTransport | None = None,
-                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
         self._settings = settings
         self._sleep = sleep
         self._discovery: Discovery | None = None
@@ -149,8 +157,10 @@ class IntuitClient:
             # As many idle connections kept as refreshes may run at once: a storm of refreshes
             # then reuses connections instead of opening (in production, TLS-handshaking) new
             # ones for all but the first 20.
-            limits=httpx.Limits(max_connections=max(100, settings.refresh_concurrency),
-                                max_keepalive_connections=settings.refresh_concurrency),
+            limits=httpx.Limits(
+                max_connections=max(100, settings.refresh_concurrency),
+                max_keepalive_connections=settings.refresh_concurrency,
+            ),
             event_hooks={"response": [self._log_response]},
         )
         for hook in ("access_token_response", "refresh_token_response"):
@@ -165,9 +175,14 @@ class IntuitClient:
 
     async def _log_response(self, response: httpx.Response) -> None:
         # Only the path: query strings may carry codes or tokens.
-        log.info("intuit answered", extra={
-            "intuit_path": response.request.url.path, "intuit_status": response.status_code,
-            "intuit_tid": response.headers.get("intuit_tid")})
+        log.info(
+            "intuit answered",
+            extra={
+                "intuit_path": response.request.url.path,
+                "intuit_status": response.status_code,
+                "intuit_tid": response.headers.get("intuit_tid"),
+            },
+        )
 
     # -- discovery ---------------------------------------------------------------------------
 
@@ -178,9 +193,15 @@ class IntuitClient:
         async with self._discovery_lock:
             if self._discovery and time.monotonic() - self._discovery_at < _DISCOVERY_TTL_SECONDS:
                 return self._discovery
-            response = await self._call("discovery", lambda: self._oauth.request("GET", 
-                self._settings.intuit_discovery_url, headers={"Accept": "application/json"},
-                withhold_token=True))
+            response = await self._call(
+                "discovery",
+                lambda: self._oauth.request(
+                    "GET",
+                    self._settings.intuit_discovery_url,
+                    headers={"Accept": "application/json"},
+                    withhold_token=True,
+                ),
+            )
             if response.status_code != 200:
                 raise IntuitUnavailable(f"discovery document answered {response.status_code}")
             try:
@@ -200,23 +221,33 @@ class IntuitClient:
 
     # -- authorization -------------------------------------------------------------------------
 
-    async def authorization_url(self, state: str, *, code_verifier: str | None = None,
-                                nonce: str | None = None) -> str:
+    async def authorization_url(
+        self, state: str, *, code_verifier: str | None = None, nonce: str | None = None
+    ) -> str:
         """Intuit's authorization URL; with PKCE (S256) and an OpenID nonce when given."""
         endpoint = (await self.discovery()).authorization_endpoint
         extra = {"nonce": nonce} if nonce else {}
-        url, _ = self._oauth.create_authorization_url(endpoint, state=state,
-                                                      code_verifier=code_verifier, **extra)
+        url, _ = self._oauth.create_authorization_url(
+            endpoint, state=state, code_verifier=code_verifier, **extra
+        )
         return str(url)
 
     async def exchange_code(self, code: str, *, code_verifier: str | None = None) -> TokenSet:
         endpoint = (await self.discovery()).token_endpoint
         extra = {"code_verifier": code_verifier} if code_verifier else {}
         # A code is single-use: retry only when the request cannot have reached Intuit.
-        return await self._token_request("token.authorization_code", lambda: self._oauth.fetch_token(
-            endpoint, grant_type="authorization_code", code=code,
-            redirect_uri=self._settings.redirect_uri, headers=self._token_headers(), **extra),
-            retry_after_send=False)
+        return await self._token_request(
+            "token.authorization_code",
+            lambda: self._oauth.fetch_token(
+                endpoint,
+                grant_type="authorization_code",
+                code=code,
+                redirect_uri=self._settings.redirect_uri,
+                headers=self._token_headers(),
+                **extra,
+            ),
+            retry_after_send=False,
+        )
 
     async def verify_id_token(self, id_token: str, *, nonce: str | None) -> dict[str, Any]:
         """The id_token's claims, after checking its RS256 signature against the discovery
@@ -232,9 +263,14 @@ class IntuitClient:
         key = await self._signing_key(str(header.get("kid") or ""))
         try:
             claims: dict[str, Any] = jwt.decode(
-                id_token, key=key, algorithms=["RS256"], audience=self._settings.intuit_client_id,
-                issuer=discovery.issuer, leeway=_ID_TOKEN_LEEWAY_SECONDS,
-                options={"require": ["iss", "aud", "exp", "sub"]})
+                id_token,
+                key=key,
+                algorithms=["RS256"],
+                audience=self._settings.intuit_client_id,
+                issuer=discovery.issuer,
+                leeway=_ID_TOKEN_LEEWAY_SECONDS,
+                options={"require": ["iss", "aud", "exp", "sub"]},
+            )
         except jwt.PyJWTError as exc:
             raise InvalidIdToken(f"the id_token did not verify ({type(exc).__name__})") from None
         if nonce is not None and not _same(claims.get("nonce"), nonce):
@@ -260,9 +296,13 @@ class IntuitClient:
             uri = (await self.discovery()).jwks_uri
             if not uri:
                 raise InvalidIdToken("Intuit's discovery document names no jwks_uri")
-            response = await self._with_retries("jwks", lambda: self._oauth.request(
-                "GET", uri, headers={"Accept": "application/json"}, withhold_token=True),
-                retry_after_send=True)
+            response = await self._with_retries(
+                "jwks",
+                lambda: self._oauth.request(
+                    "GET", uri, headers={"Accept": "application/json"}, withhold_token=True
+                ),
+                retry_after_send=True,
+            )
             data = self._json_or_raise(response, "jwks")
             try:
                 self._jwks = jwt.PyJWKSet.from_dict(data)
@@ -275,44 +315,73 @@ class IntuitClient:
         endpoint = (await self.discovery()).token_endpoint
         # Retrying a refresh whose answer was lost is safe: if Intuit rotated, the retry gets
         # invalid_grant, which is the truth about that token.
-        return await self._token_request("token.refresh_token", lambda: self._oauth.fetch_token(
-            endpoint, grant_type="refresh_token", refresh_token=refresh_token,
-            headers=self._token_headers()), retry_after_send=True)
+        return await self._token_request(
+            "token.refresh_token",
+            lambda: self._oauth.fetch_token(
+                endpoint,
+                grant_type="refresh_token",
+                refresh_token=refresh_token,
+                headers=self._token_headers(),
+            ),
+            retry_after_send=True,
+        )
 
     async def revoke(self, token: str) -> None:
         endpoint = (await self.discovery()).revocation_endpoint
-        response = await self._with_retries("revoke", lambda: self._oauth.post(
-            endpoint, json={"token": token}, auth=self._basic_auth(),
-            headers={"Accept": "application/json"}), retry_after_send=True)
+        response = await self._with_retries(
+            "revoke",
+            lambda: self._oauth.post(
+                endpoint,
+                json={"token": token},
+                auth=self._basic_auth(),
+                headers={"Accept": "application/json"},
+            ),
+            retry_after_send=True,
+        )
         if response.status_code == 401:
-            raise InvalidClient("Intuit refused the client credentials",
-                                intuit_tid=response.headers.get("intuit_tid"))
+            raise InvalidClient(
+                "Intuit refused the client credentials", intuit_tid=response.headers.get("intuit_tid")
+            )
         if response.status_code not in (200, 204):
             # 400 for a token Intuit no longer knows: it is as revoked as it can be.
-            log.warning("revocation answered %s", response.status_code,
-                        extra={"intuit_tid": response.headers.get("intuit_tid")})
+            log.warning(
+                "revocation answered %s",
+                response.status_code,
+                extra={"intuit_tid": response.headers.get("intuit_tid")},
+            )
 
     # -- identity and company -----------------------------------------------------------------
 
     async def userinfo(self, access_token: str) -> QuickBooksUser:
         endpoint = (await self.discovery()).userinfo_endpoint
-        response = await self._with_retries("userinfo", lambda: self._oauth.request("GET", 
-            endpoint, headers={"Authorization": f"Bearer {access_token}",
-                               "Accept": "application/json"}, withhold_token=True),
-            retry_after_send=True)
+        response = await self._with_retries(
+            "userinfo",
+            lambda: self._oauth.request(
+                "GET",
+                endpoint,
+                headers={"Authorization": f"Bearer {access_token}", "Accept": "application/json"},
+                withhold_token=True,
+            ),
+            retry_after_send=True,
+        )
         data = self._json_or_raise(response, "userinfo")
         sub = data.get("sub")
         if not isinstance(sub, str) or not sub:
-            raise IntuitProtocolError("userinfo has no sub",
-                                      intuit_tid=response.headers.get("intuit_tid"))
-        name = " ".join(p for p in (data.get("givenName"), data.get("familyName"))
-                        if isinstance(p, str) and p) or None
+            raise IntuitProtocolError("userinfo has no sub", intuit_tid=response.headers.get("intuit_tid"))
+        name = (
+            " ".join(p for p in (data.get("givenName"), data.get("familyName")) if isinstance(p, str) and p)
+            or None
+        )
         email = data.get("email") if isinstance(data.get("email"), str) else None
         return QuickBooksUser(sub=sub, email=email, name=name)
 
-    async def company_name(self, realm_id: str, access_token: str, *,
-                           on_sent: Callable[[int | None], Awaitable[None]] | None = None
-                           ) -> str | None:
+    async def company_name(
+        self,
+        realm_id: str,
+        access_token: str,
+        *,
+        on_sent: Callable[[int | None], Awaitable[None]] | None = None,
+    ) -> str | None:
         """The company's name. `on_sent` hears of every attempt that reached Intuit (an
         Accounting API call Intuit meters): its status, or None when its answer was lost."""
         url = f"{self.api_base_url}/v3/company/{realm_id}/companyinfo/{realm_id}"
@@ -320,9 +389,12 @@ class IntuitClient:
         async def attempt() -> httpx.Response:
             try:
                 response: httpx.Response = await self._oauth.request(
-                    "GET", url, params={"minorversion": _MINOR_VERSION},
-                    headers={"Authorization": f"Bearer {access_token}",
-                             "Accept": "application/json"}, withhold_token=True)
+                    "GET",
+                    url,
+                    params={"minorversion": _MINOR_VERSION},
+                    headers={"Authorization": f"Bearer {access_token}", "Accept": "application/json"},
+                    withhold_token=True,
+                )
             except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout):
                 raise  # never sent
             except httpx.TransportError:
@@ -337,29 +409,30 @@ class IntuitClient:
         data = self._json_or_raise(response, "companyinfo")
         info = data.get("CompanyInfo")
         if not isinstance(info, dict):
-            raise IntuitProtocolError("CompanyInfo missing",
-                                      intuit_tid=response.headers.get("intuit_tid"))
+            raise IntuitProtocolError("CompanyInfo missing", intuit_tid=response.headers.get("intuit_tid"))
         name = info.get("CompanyName") or info.get("LegalName")
         return name if isinstance(name, str) else None
 
     # -- plumbing ------------------------------------------------------------------------------
 
     def _basic_auth(self) -> httpx.BasicAuth:
-        return httpx.BasicAuth(self._settings.intuit_client_id or "",
-                               self._settings.intuit_client_secret or "")
+        return httpx.BasicAuth(
+            self._settings.intuit_client_id or "", self._settings.intuit_client_secret or ""
+        )
 
     @staticmethod
     def _token_headers() -> dict[str, str]:
-        return {"Accept": "application/json",
-                "Content-Type": "application/x-www-form-urlencoded;charset=UTF-8",
-                "x-include-refresh-token-hard-expires-in": "true"}
+        return {
+            "Accept": "application/json",
+            "Content-Type": "application/x-www-form-urlencoded;charset=UTF-8",
+            "x-include-refresh-token-hard-expires-in": "true",
+        }
 
     @staticmethod
     def _json_or_raise(response: httpx.Response, what: str) -> dict[str, Any]:
         tid = response.headers.get("intuit_tid")
         if response.status_code in (401, 403):
-            raise InvalidToken(f"{what} refused the access token ({response.status_code})",
-                               intuit_tid=tid)
+            raise InvalidToken(f"{what} refused the access token ({response.status_code})", intuit_tid=tid)
         if response.status_code != 200:
             raise IntuitProtocolError(f"{what} answered {response.status_code}", intuit_tid=tid)
         try:
@@ -370,16 +443,19 @@ class IntuitClient:
             raise IntuitProtocolError(f"{what} answered a non-object", intuit_tid=tid)
         return data
 
-    async def _token_request(self, endpoint: str, call: Callable[[], Awaitable[dict[str, Any]]],
-                             *, retry_after_send: bool) -> TokenSet:
+    async def _token_request(
+        self, endpoint: str, call: Callable[[], Awaitable[dict[str, Any]]], *, retry_after_send: bool
+    ) -> TokenSet:
         try:
             raw = await self._with_retries(endpoint, call, retry_after_send=retry_after_send)
         except OAuthError as exc:
             tid = getattr(exc, "intuit_tid", None)
             if exc.error == "invalid_grant":
-                raise InvalidGrant(exc.description or "invalid_grant", intuit_tid=tid,
-                                   after_lost_response=getattr(exc, "after_lost_response", False)
-                                   ) from None
+                raise InvalidGrant(
+                    exc.description or "invalid_grant",
+                    intuit_tid=tid,
+                    after_lost_response=getattr(exc, "after_lost_response", False),
+                ) from None
             if exc.error == "invalid_client":
                 raise InvalidClient("Intuit refused the client credentials", intuit_tid=tid) from None
             raise IntuitProtocolError(f"token endpoint error: {exc.error}", intuit_tid=tid) from None
@@ -389,9 +465,11 @@ class IntuitClient:
                 refresh_token=str(raw["refresh_token"]),
                 expires_in=int(raw.get("expires_in", 3600)),
                 refresh_token_expires_in=int(raw.get("x_refresh_token_expires_in", 8726400)),
-                refresh_token_hard_expires_in=(int(raw["x_refresh_token_hard_expires_in"])
-                                               if "x_refresh_token_hard_expires_in" in raw
-                                               else None),
+                refresh_token_hard_expires_in=(
+                    int(raw["x_refresh_token_hard_expires_in"])
+                    if "x_refresh_token_hard_expires_in" in raw
+                    else None
+                ),
                 id_token=str(raw["id_token"]) if raw.get("id_token") else None,
             )
         except (KeyError, ValueError, TypeError):
@@ -421,8 +499,9 @@ class IntuitClient:
             INTUIT_CALLS.labels(endpoint, outcome).inc()
             INTUIT_LATENCY.labels(endpoint).observe(time.perf_counter() - started)
 
-    async def _with_retries(self, endpoint: str, call: Callable[[], Awaitable[T]], *,
-                            retry_after_send: bool) -> T:
+    async def _with_retries(
+        self, endpoint: str, call: Callable[[], Awaitable[T]], *, retry_after_send: bool
+    ) -> T:
         """Run call, retrying transient failures a bounded number of times.
 
         `retry_after_send` says whether a request that may already have reached Intuit can be
@@ -446,8 +525,9 @@ class IntuitClient:
             except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
                 last = IntuitUnavailable(f"cannot reach Intuit ({type(exc).__name__})")
             except (httpx.TimeoutException, httpx.TransportError) as exc:
-                last = IntuitUnavailable(f"Intuit's answer was lost ({type(exc).__name__})",
-                                         maybe_processed=True)
+                last = IntuitUnavailable(
+                    f"Intuit's answer was lost ({type(exc).__name__})", maybe_processed=True
+                )
                 if not retry_after_send:
                     raise last from None
             maybe_processed = maybe_processed or last.maybe_processed
@@ -455,8 +535,13 @@ class IntuitClient:
                 await self._sleep(self._backoff(attempt, last.retry_after))
         assert last is not None
         last.maybe_processed = maybe_processed
-        log.warning("intuit %s unavailable after %d attempts: %s", endpoint, attempts, last,
-                    extra={"intuit_tid": last.intuit_tid})
+        log.warning(
+            "intuit %s unavailable after %d attempts: %s",
+            endpoint,
+            attempts,
+            last,
+            extra={"intuit_tid": last.intuit_tid},
+        )
         raise last
 
     def _backoff(self, attempt: int, retry_after: int | None) -> float:

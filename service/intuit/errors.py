@@ -18,8 +18,9 @@ class InvalidGrant(IntuitError):
     Intuit probably rotated the token then, and the new one is gone.
     """
 
-    def __init__(self, message: str, *, intuit_tid: str | None = None,
-                 after_lost_response: bool = False) -> None:
+    def __init__(
+        self, message: str, *, intuit_tid: str | None = None, after_lost_response: bool = False
+    ) -> None:
         super().__init__(message, intuit_tid=intuit_tid)
         self.after_lost_response = after_lost_response
 
@@ -38,8 +39,14 @@ class IntuitUnavailable(IntuitError):
     `maybe_processed` is true when the request may have reached Intuit before the answer was lost.
     """
 
-    def __init__(self, message: str, *, intuit_tid: str | None = None,
-                 retry_after: int | None = None, maybe_processed: bool = False) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        intuit_tid: str | None = None,
+        retry_after: int | None = None,
+        maybe_processed: bool = False,
+    ) -> None:
         super().__init__(message, intuit_tid=intuit_tid)
         self.retry_after = retry_after
         self.maybe_processed = maybe_processed

@@ -17,22 +17,25 @@ class IntuitNotification(SQLModel, table=True):
     __tablename__ = "intuit_notifications"
     __table_args__ = (
         # What the processor claims; stays small, since rows leave it once processed.
-        sa.Index("ix_intuit_notifications_unprocessed", "id",
-                 postgresql_where=sa.text("processed_at IS NULL")),
-        sa.Index("ix_intuit_notifications_processed", "processed_at",
-                 postgresql_where=sa.text("processed_at IS NOT NULL")),
+        sa.Index(
+            "ix_intuit_notifications_unprocessed", "id", postgresql_where=sa.text("processed_at IS NULL")
+        ),
+        sa.Index(
+            "ix_intuit_notifications_processed",
+            "processed_at",
+            postgresql_where=sa.text("processed_at IS NOT NULL"),
+        ),
     )
 
-    id: int | None = Field(default=None, sa_column=sa.Column(sa.BigInteger, sa.Identity(),
-                                                              primary_key=True))
-    received_at: datetime = Field(default_factory=lambda: datetime.now(UTC),
-                                  sa_column=sa.Column(TZ, nullable=False,
-                                                      server_default=sa.func.now()))
+    id: int | None = Field(default=None, sa_column=sa.Column(sa.BigInteger, sa.Identity(), primary_key=True))
+    received_at: datetime = Field(
+        default_factory=lambda: datetime.now(UTC),
+        sa_column=sa.Column(TZ, nullable=False, server_default=sa.func.now()),
+    )
     body: bytes = Field(sa_column=sa.Column(sa.LargeBinary, nullable=False))
     processed_at: datetime | None = Field(default=None, sa_column=sa.Column(TZ))
     # Failed processing attempts; a notification that keeps failing is set aside (last_error).
-    attempts: int = Field(default=0, sa_column=sa.Column(sa.Integer, nullable=False,
-                                                         server_default="0"))
+    attempts: int = Field(default=0, sa_column=sa.Column(sa.Integer, nullable=False, server_default="0"))
     last_error: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
     # What processing found, by outcome (emitted, duplicate, unknown_realm, ...).
     outcomes: dict[str, int] | None = Field(default=None, sa_column=sa.Column(pg.JSONB))
@@ -53,6 +56,7 @@ class IntuitEntityChange(SQLModel, table=True):
     occurred_second: datetime = Field(sa_column=sa.Column(TZ, primary_key=True))
     notification_id: int = Field(sa_column=sa.Column(sa.BigInteger, nullable=False))
     outcome: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
-    recorded_at: datetime = Field(default_factory=lambda: datetime.now(UTC),
-                                  sa_column=sa.Column(TZ, nullable=False,
-                                                      server_default=sa.func.now()))
+    recorded_at: datetime = Field(
+        default_factory=lambda: datetime.now(UTC),
+        sa_column=sa.Column(TZ, nullable=False, server_default=sa.func.now()),
+    )

@@ -19,15 +19,50 @@ from datetime import UTC, datetime
 from typing import Any
 
 # Intuit's entity names, by the lower-case form CloudEvents types carry (qbo.<entity>.<verb>.v1).
-ENTITIES: dict[str, str] = {name.lower(): name for name in (
-    "Account", "Attachable", "Bill", "BillPayment", "Budget", "Class", "CreditMemo",
-    "Currency", "Customer", "Department", "Deposit", "Employee", "Estimate", "Invoice", "Item",
-    "JournalCode", "JournalEntry", "Payment", "PaymentMethod", "Preferences", "Purchase",
-    "PurchaseOrder", "RefundReceipt", "SalesReceipt", "TaxAgency", "Term", "TimeActivity",
-    "Transfer", "Vendor", "VendorCredit")}
+ENTITIES: dict[str, str] = {
+    name.lower(): name
+    for name in (
+        "Account",
+        "Attachable",
+        "Bill",
+        "BillPayment",
+        "Budget",
+        "Class",
+        "CreditMemo",
+        "Currency",
+        "Customer",
+        "Department",
+        "Deposit",
+        "Employee",
+        "Estimate",
+        "Invoice",
+        "Item",
+        "JournalCode",
+        "JournalEntry",
+        "Payment",
+        "PaymentMethod",
+        "Preferences",
+        "Purchase",
+        "PurchaseOrder",
+        "RefundReceipt",
+        "SalesReceipt",
+        "TaxAgency",
+        "Term",
+        "TimeActivity",
+        "Transfer",
+        "Vendor",
+        "VendorCredit",
+    )
+}
 # CloudEvents verbs and the legacy format's operations, which the events carry.
-OPERATIONS: dict[str, str] = {"created": "Create", "updated": "Update", "deleted": "Delete",
-                              "merged": "Merge", "voided": "Void", "emailed": "Emailed"}
+OPERATIONS: dict[str, str] = {
+    "created": "Create",
+    "updated": "Update",
+    "deleted": "Delete",
+    "merged": "Merge",
+    "voided": "Void",
+    "emailed": "Emailed",
+}
 _LEGACY_OPERATIONS = frozenset(OPERATIONS.values())
 _REALM = re.compile(r"^\d{1,32}$")
 _ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
@@ -132,8 +167,7 @@ def _legacy_change(realm: str, raw: Any) -> EntityChange | None:
     entity_id = _text(raw.get("id"), _ID)
     operation = raw.get("operation")
     occurred = parse_time(raw.get("lastUpdated"))
-    if entity is None or entity_id is None or operation not in _LEGACY_OPERATIONS \
-            or occurred is None:
+    if entity is None or entity_id is None or operation not in _LEGACY_OPERATIONS or occurred is None:
         return None
     deleted = _text(raw.get("deletedId"), _ID)
     return EntityChange(realm, entity, entity_id, str(operation), occurred, deleted)

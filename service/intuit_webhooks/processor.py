@@ -48,8 +48,9 @@ GATHER_SECONDS = 0.02
 _PRUNE_EVERY = timedelta(hours=1)
 
 
-async def process_pending(sessionmaker: async_sessionmaker[AsyncSession], *,
-                          batch: int = BATCH) -> Counter[str]:
+async def process_pending(
+    sessionmaker: async_sessionmaker[AsyncSession], *, batch: int = BATCH
+) -> Counter[str]:
     """Process unprocessed notifications until none is left (that no other replica holds);
     the entity changes by outcome."""
     total: Counter[str] = Counter()
@@ -70,8 +71,9 @@ async def process_pending(sessionmaker: async_sessionmaker[AsyncSession], *,
             return total
 
 
-async def _process_batch(sessionmaker: async_sessionmaker[AsyncSession], *,
-                         limit: int) -> tuple[int, Counter[str]]:
+async def _process_batch(
+    sessionmaker: async_sessionmaker[AsyncSession], *, limit: int
+) -> tuple[int, Counter[str]]:
     async with sessionmaker() as session, session.begin():
         rows = await repo.claim(session, limit=limit)
         outcomes = await _process(session, rows)
@@ -79,8 +81,9 @@ async def _process_batch(sessionmaker: async_sessionmaker[AsyncSession], *,
     return len(rows), outcomes
 
 
-async def _process_singly(sessionmaker: async_sessionmaker[AsyncSession], *,
-                          limit: int) -> tuple[int, Counter[str]]:
+async def _process_singly(
+    sessionmaker: async_sessionmaker[AsyncSession], *, limit: int
+) -> tuple[int, Counter[str]]:
     total: Counter[str] = Counter()
     for claimed in range(limit):
         rows: list[repo.Claimed] = []
@@ -103,11 +106,15 @@ async def _process_singly(sessionmaker: async_sessionmaker[AsyncSession], *,
     return limit, total
 
 
-async def _failed(sessionmaker: async_sessionmaker[AsyncSession], row: repo.Claimed,
-                  exc: Exception) -> None:
+async def _failed(sessionmaker: async_sessionmaker[AsyncSession], row: repo.Claimed, exc: Exception) -> None:
     set_aside = row.attempts + 1 >= MAX_ATTEMPTS
-    log.error("Intuit notification %s failed to process (%s)%s", row.id, type(exc).__name__,
-              "; set aside" if set_aside else "; retried later", exc_info=exc)
+    log.error(
+        "Intuit notification %s failed to process (%s)%s",
+        row.id,
+        type(exc).__name__,
+        "; set aside" if set_aside else "; retried later",
+        exc_info=exc,
+    )
     async with sessionmaker() as session, session.begin():
         await repo.record_failure(session, row.id, type(exc).__name__, set_aside=set_aside)
     if set_aside:
@@ -130,8 +137,7 @@ async def _process(session: AsyncSession, rows: list[repo.Claimed]) -> Counter[s
     outcome_of = {c: "emitted" if c.realm_id in holders else "unknown_realm" for _, c in found}
     new = await repo.first_seen(session, found, outcome_of)
     for notification_id, change in found:
-        key = (change.realm_id, change.entity, change.entity_id, change.operation,
-               change.occurred_second)
+        key = (change.realm_id, change.entity, change.entity_id, change.operation, change.occurred_second)
         if key not in new:
             per_row[notification_id]["duplicate"] += 1
             continue
@@ -140,8 +146,13 @@ async def _process(session: AsyncSession, rows: list[repo.Claimed]) -> Counter[s
         per_row[notification_id][outcome] += 1
         if outcome == "emitted":
             connection_id, tenant_id = holders[change.realm_id]
-            await emit(session, QUICKBOOKS_ENTITY_CHANGED, tenant_id=tenant_id,
-                       connection_id=connection_id, data=_event_data(change))
+            await emit(
+                session,
+                QUICKBOOKS_ENTITY_CHANGED,
+                tenant_id=tenant_id,
+                connection_id=connection_id,
+                data=_event_data(change),
+            )
     await repo.mark_processed(session, {row.id: dict(per_row[row.id]) for row, _ in parsed})
     total: Counter[str] = Counter()
     for counts in per_row.values():
@@ -150,9 +161,13 @@ async def _process(session: AsyncSession, rows: list[repo.Claimed]) -> Counter[s
 
 
 def _event_data(change: EntityChange) -> dict[str, str]:
-    data = {"realm_id": change.realm_id, "entity": change.entity, "entity_id": change.entity_id,
-            "operation": change.operation,
-            "occurred_at": change.occurred_at.isoformat().replace("+00:00", "Z")}
+    data = {
+        "realm_id": change.realm_id,
+        "entity": change.entity,
+        "entity_id": change.entity_id,
+        "operation": change.operation,
+        "occurred_at": change.occurred_at.isoformat().replace("+00:00", "Z"),
+    }
     if change.deleted_id is not None:
         data["deleted_id"] = change.deleted_id
     return data
@@ -170,8 +185,14 @@ def _observe(rows: list[repo.Claimed], outcomes: Counter[str]) -> None:
 class NotificationProcessor:
     """Processes notifications as they are stored (NOTIFY) and every `poll_seconds` anyway."""
 
-    def __init__(self, dsn: str, sessionmaker: async_sessionmaker[AsyncSession], *,
-                 poll_seconds: float, retry_seconds: float = 2.0) -> None:
+    def __init__(
+        self,
+        dsn: str,
+        sessionmaker: async_sessionmaker[AsyncSession],
+        *,
+        poll_seconds: float,
+        retry_seconds: float = 2.0,
+    ) -> None:
         self._dsn = dsn  # asyncpg's form (service.core.db.engine.asyncpg_dsn)
         self._sessionmaker = sessionmaker
         self._poll = poll_seconds
@@ -181,8 +202,10 @@ class NotificationProcessor:
         self._pruned_at: datetime | None = None
 
     def start(self) -> None:
-        self._tasks = [asyncio.create_task(self._listen(), name="qbo-broker-intuit-listen"),
-                       asyncio.create_task(self._work(), name="qbo-broker-intuit-process")]
+        self._tasks = [
+            asyncio.create_task(self._listen(), name="qbo-broker-intuit-listen"),
+            asyncio.create_task(self._work(), name="qbo-broker-intuit-process"),
+        ]
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -198,8 +221,7 @@ class NotificationProcessor:
                 raise
             except Exception as exc:
                 if database_unreachable(exc):
-                    log.warning("Intuit notifications wait: database unreachable (%s)",
-                                type(exc).__name__)
+                    log.warning("Intuit notifications wait: database unreachable (%s)", type(exc).__name__)
                 else:
                     log.exception("processing Intuit notifications failed")
                 await asyncio.sleep(self._retry)
@@ -217,13 +239,20 @@ class NotificationProcessor:
         self._pruned_at = now
         async with self._sessionmaker() as session, session.begin():
             # Keys a day past the window: a change that old is dropped as stale anyway.
-            await repo.prune(session, changes_before=DEDUPE_WINDOW + timedelta(days=1),
-                             notifications_before=NOTIFICATION_RETENTION)
+            await repo.prune(
+                session,
+                changes_before=DEDUPE_WINDOW + timedelta(days=1),
+                notifications_before=NOTIFICATION_RETENTION,
+            )
 
     async def _listen(self) -> None:
         async def listening(_conn: asyncpg.Connection) -> None:
             self._wake.set()  # anything stored while not listening
 
-        await listen_forever(self._dsn, {CHANNEL: lambda *_: self._wake.set()},
-                             name="the Intuit notification processor",
-                             retry_seconds=self._retry, on_listening=listening)
+        await listen_forever(
+            self._dsn,
+            {CHANNEL: lambda *_: self._wake.set()},
+            name="the Intuit notification processor",
+            retry_seconds=self._retry,
+            on_listening=listening,
+        )

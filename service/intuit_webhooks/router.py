@@ -38,8 +38,11 @@ class WebhooksNotConfigured(ProblemError):
 
     def __init__(self) -> None:
         # Intuit retries a 503: what it sends before the token is set is not lost at once.
-        super().__init__("INTUIT_WEBHOOK_VERIFIER_TOKENS is not set: no notification can be "
-                         "verified, so none is accepted.", headers={"Retry-After": "300"})
+        super().__init__(
+            "INTUIT_WEBHOOK_VERIFIER_TOKENS is not set: no notification can be "
+            "verified, so none is accepted.",
+            headers={"Retry-After": "300"},
+        )
 
 
 def _too_large() -> PayloadTooLarge:
@@ -75,9 +78,12 @@ def _waker(request: Request) -> Waker:
 _REQUEST_BODY: dict[str, Any] = {
     "required": True,
     "description": "Intuit's notification, byte for byte as signed: the legacy format "
-                   "(`{\"eventNotifications\": [...]}`) or a JSON array of CloudEvents.",
-    "content": {"application/json": {"schema": {
-        "oneOf": [{"type": "object"}, {"type": "array", "items": {"type": "object"}}]}}},
+    '(`{"eventNotifications": [...]}`) or a JSON array of CloudEvents.',
+    "content": {
+        "application/json": {
+            "schema": {"oneOf": [{"type": "object"}, {"type": "array", "items": {"type": "object"}}]}
+        }
+    },
 }
 
 
@@ -85,14 +91,19 @@ _REQUEST_BODY: dict[str, Any] = {
     PATH,
     summary="Intuit's webhook notifications (Intuit calls this)",
     description="Verified with `intuit-signature` (base64 HMAC-SHA256 of the raw body under a "
-                "verifier token in `INTUIT_WEBHOOK_VERIFIER_TOKENS`), stored and answered at "
-                "once; each entity change becomes a `quickbooks.entity_changed` event for the "
-                "tenant whose connection holds the company. Duplicates are dropped.",
-    responses={200: {"description": "Stored; processed after this answer"},
-               **problem_responses(401, 413, 503)},
-    openapi_extra={"requestBody": _REQUEST_BODY,
-                   "parameters": [{"name": "intuit-signature", "in": "header", "required": True,
-                                   "schema": {"type": "string"}}]},
+    "verifier token in `INTUIT_WEBHOOK_VERIFIER_TOKENS`), stored and answered at "
+    "once; each entity change becomes a `quickbooks.entity_changed` event for the "
+    "tenant whose connection holds the company. Duplicates are dropped.",
+    responses={
+        200: {"description": "Stored; processed after this answer"},
+        **problem_responses(401, 413, 503),
+    },
+    openapi_extra={
+        "requestBody": _REQUEST_BODY,
+        "parameters": [
+            {"name": "intuit-signature", "in": "header", "required": True, "schema": {"type": "string"}}
+        ],
+    },
 )
 async def receive_notification(request: Request, runtime: RuntimeDep) -> dict[str, str]:
     tokens = runtime.settings.intuit_webhook_verifier_tokens
@@ -106,8 +117,9 @@ async def receive_notification(request: Request, runtime: RuntimeDep) -> dict[st
     body = await _read_body(request)
     if not verify(signature, body, tokens):
         NOTIFICATIONS_RECEIVED.labels("bad_signature").inc()
-        raise InvalidSignature("The intuit-signature does not match the body under any "
-                               "configured verifier token.")
+        raise InvalidSignature(
+            "The intuit-signature does not match the body under any configured verifier token."
+        )
     await repo.store(runtime.reads, body)
     _waker(request).wake(runtime.reads)
     NOTIFICATIONS_RECEIVED.labels("accepted").inc()

@@ -25,6 +25,8 @@ def verify(header: str | None, body: bytes, tokens: Sequence[str]) -> bool:
         given = base64.b64decode(header.strip(), validate=True)
     except (binascii.Error, ValueError):
         return False
-    matches = [hmac.compare_digest(given, hmac.new(token.encode(), body, hashlib.sha256).digest())
-               for token in tokens]
+    matches = [
+        hmac.compare_digest(given, hmac.new(token.encode(), body, hashlib.sha256).digest())
+        for token in tokens
+    ]
     return any(matches)

@@ -94,10 +94,12 @@ def _batch_only_writes(body: bytes | None) -> bool:
     items = document.get("BatchItemRequest") if isinstance(document, dict) else None
     if not isinstance(items, list) or not items:
         return False
-    return all(isinstance(item, dict)
-               and str(item.get("operation", "")).lower() in _WRITE_OPERATIONS
-               and not any(key.endswith("Query") for key in item)
-               for item in items)
+    return all(
+        isinstance(item, dict)
+        and str(item.get("operation", "")).lower() in _WRITE_OPERATIONS
+        and not any(key.endswith("Query") for key in item)
+        for item in items
+    )
 
 
 def outcome_for_status(status: int) -> str:
@@ -112,6 +114,7 @@ def outcome_for_status(status: int) -> str:
 
 
 # -- months -----------------------------------------------------------------------------------
+
 
 def month_of(moment: datetime) -> date:
     return date(moment.year, moment.month, 1)
@@ -150,9 +153,14 @@ class Meter:
     """Counts the calls that reached Intuit and guards the tenants' CorePlus caps. One per
     process; `record` and an `admit` of known tenants never wait for the database."""
 
-    def __init__(self, pool: asyncpg.Pool, settings: Settings, *,
-                 flush_interval: float = FLUSH_INTERVAL_SECONDS,
-                 now: Callable[[], datetime] = _utcnow) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        settings: Settings,
+        *,
+        flush_interval: float = FLUSH_INTERVAL_SECONDS,
+        now: Callable[[], datetime] = _utcnow,
+    ) -> None:
         self._pool = pool
         self._budget = settings.coreplus_monthly_budget
         self._default_cap = settings.coreplus_tenant_monthly_cap
@@ -186,10 +194,10 @@ class Meter:
         month = month_of(self._now())
         figures = self._figures.get(tenant_id)
         clock = time.monotonic()
-        if (figures is None or figures.month != month
-                or clock - figures.read_at > SNAPSHOT_STALE_SECONDS):
-            figures = await shared(self._reading, tenant_id,
-                                   lambda: self._read_tenant(tenant_id, month, figures))
+        if figures is None or figures.month != month or clock - figures.read_at > SNAPSHOT_STALE_SECONDS:
+            figures = await shared(
+                self._reading, tenant_id, lambda: self._read_tenant(tenant_id, month, figures)
+            )
         figures.used_at = clock
         if figures.cap is None:
             return
@@ -202,20 +210,29 @@ class Meter:
             return
         COREPLUS_BUDGET_REFUSALS.inc()
         if used >= figures.cap:
-            retry_after = math.ceil((datetime.combine(next_month(month), datetime.min.time(), UTC)
-                                     - self._now()).total_seconds())
-            detail = (f"This tenant has used its {figures.cap} QuickBooks reads (CorePlus calls) "
-                      f"for {month:%Y-%m}; reads resume next month, writes still pass.")
+            retry_after = math.ceil(
+                (datetime.combine(next_month(month), datetime.min.time(), UTC) - self._now()).total_seconds()
+            )
+            detail = (
+                f"This tenant has used its {figures.cap} QuickBooks reads (CorePlus calls) "
+                f"for {month:%Y-%m}; reads resume next month, writes still pass."
+            )
         else:
             retry_after = IN_FLIGHT_RETRY_SECONDS
-            detail = (f"The last of this tenant's {figures.cap} QuickBooks reads (CorePlus calls) "
-                      f"for {month:%Y-%m} are under way; retry shortly, writes still pass.")
+            detail = (
+                f"The last of this tenant's {figures.cap} QuickBooks reads (CorePlus calls) "
+                f"for {month:%Y-%m} are under way; retry shortly, writes still pass."
+            )
         raise QuickBooksBudgetExhausted(
-            detail, headers={"Retry-After": str(max(1, retry_after))}, tenant_id=tenant_id,
-            month=f"{month:%Y-%m}", coreplus_cap=figures.cap, coreplus=used)
+            detail,
+            headers={"Retry-After": str(max(1, retry_after))},
+            tenant_id=tenant_id,
+            month=f"{month:%Y-%m}",
+            coreplus_cap=figures.cap,
+            coreplus=used,
+        )
 
-    async def record(self, tenant_id: str, realm_id: str, call_class: CallClass,
-                     outcome: str) -> None:
+    async def record(self, tenant_id: str, realm_id: str, call_class: CallClass, outcome: str) -> None:
         """Count one request that reached Intuit (every retry is one)."""
         if call_class not in CALL_CLASSES:
             raise ValueError(f"unknown call class {call_class!r}")
@@ -246,8 +263,11 @@ class Meter:
                 return
             except Exception as exc:  # noqa: BLE001 (the database: try again, then report)
                 if attempt == SHUTDOWN_FLUSH_ATTEMPTS:
-                    log.error("usage: %d counted calls not written at shutdown (%s)",
-                              sum(self._pending.values()), type(exc).__name__)
+                    log.error(
+                        "usage: %d counted calls not written at shutdown (%s)",
+                        sum(self._pending.values()),
+                        type(exc).__name__,
+                    )
                 else:
                     await asyncio.sleep(0.2 * attempt)
 
@@ -278,12 +298,12 @@ class Meter:
         async with self._lock:
             batch, self._pending = self._pending, Counter()
             clock = time.monotonic()
-            for tenant_id in [t for t, f in self._figures.items()
-                              if clock - f.used_at > SNAPSHOT_IDLE_SECONDS]:
+            for tenant_id in [
+                t for t, f in self._figures.items() if clock - f.used_at > SNAPSHOT_IDLE_SECONDS
+            ]:
                 del self._figures[tenant_id]
             current = month_of(self._now())
-            for key in [k for k, admitted in self._admitted.items()
-                        if not admitted or k[1] != current]:
+            for key in [k for k, admitted in self._admitted.items() if not admitted or k[1] != current]:
                 del self._admitted[key]
             if batch:
                 try:
@@ -317,8 +337,7 @@ class Meter:
                 await self.flush()
             except Exception as exc:  # noqa: BLE001 (kept in memory; the next flush retries)
                 USAGE_FLUSH_FAILURES.inc()
-                log.warning("usage: counts not written yet (%s); kept for the next flush",
-                            type(exc).__name__)
+                log.warning("usage: counts not written yet (%s); kept for the next flush", type(exc).__name__)
             if time.monotonic() - self._budget_checked_at >= BUDGET_CHECK_SECONDS:
                 try:
                     await self.check_budget()
@@ -342,12 +361,20 @@ class Meter:
             claimed = await repo.claim_thresholds(conn, month, fresh, used, self._budget)
         self._announced.update((month, t) for t in fresh)
         for threshold in claimed:
-            log.log(logging.ERROR if threshold >= 100 else logging.WARNING,
-                    "QuickBooks CorePlus budget: %d%% reached for %s (%d of %d calls)%s",
-                    threshold, f"{month:%Y-%m}", used, self._budget,
-                    "; Intuit blocks the app's reads past it" if threshold >= 100 else "",
-                    extra={"coreplus_threshold": threshold, "coreplus_calls": used,
-                           "coreplus_budget": self._budget})
+            log.log(
+                logging.ERROR if threshold >= 100 else logging.WARNING,
+                "QuickBooks CorePlus budget: %d%% reached for %s (%d of %d calls)%s",
+                threshold,
+                f"{month:%Y-%m}",
+                used,
+                self._budget,
+                "; Intuit blocks the app's reads past it" if threshold >= 100 else "",
+                extra={
+                    "coreplus_threshold": threshold,
+                    "coreplus_calls": used,
+                    "coreplus_budget": self._budget,
+                },
+            )
 
     def _applied(self, batch: Counter[_Key]) -> None:
         """A batch is in the database: move its CorePlus part from unflushed to the figures."""
@@ -369,8 +396,9 @@ class Meter:
             figures.month, figures.coreplus, figures.read_at = month, row.coreplus, clock
             figures.cap = row.cap if row.cap is not None else self._default_cap
 
-    async def _read_tenant(self, tenant_id: str, month: date,
-                           previous: _TenantFigures | None) -> _TenantFigures:
+    async def _read_tenant(
+        self, tenant_id: str, month: date, previous: _TenantFigures | None
+    ) -> _TenantFigures:
         try:
             async with self._lock, self._pool.acquire() as conn:
                 (row,) = await repo.tenant_figures(conn, [tenant_id], month)
@@ -379,12 +407,20 @@ class Meter:
                 raise
             # The flushes cannot reach the database either: go on with the last figures (they
             # still grow with this replica's own calls), rather than refuse every read.
-            log.warning("usage: tenant figures not read (%s); using those of %.0f s ago",
-                        type(exc).__name__, time.monotonic() - previous.read_at)
+            log.warning(
+                "usage: tenant figures not read (%s); using those of %.0f s ago",
+                type(exc).__name__,
+                time.monotonic() - previous.read_at,
+            )
             previous.read_at = time.monotonic()  # not every call waits on the outage
             return previous
         clock = time.monotonic()
-        figures = _TenantFigures(month=month, coreplus=row.coreplus, read_at=clock, used_at=clock,
-                                 cap=row.cap if row.cap is not None else self._default_cap)
+        figures = _TenantFigures(
+            month=month,
+            coreplus=row.coreplus,
+            read_at=clock,
+            used_at=clock,
+            cap=row.cap if row.cap is not None else self._default_cap,
+        )
         self._figures[tenant_id] = figures
         return figures

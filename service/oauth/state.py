@@ -58,12 +58,18 @@ def check_return_url(return_url: str, allowlist: list[str]) -> str:
     fragments. Returns the normalised URL (lower-case host, no default port): what is stored."""
     split = _split(return_url)
     allowed = {o for o in (_origin(entry) for entry in allowlist) if o}
-    if (split is None or f"{split[0]}://{split[1]}:{split[2]}" not in allowed
-            or "#" in return_url or "\\" in return_url):
+    if (
+        split is None
+        or f"{split[0]}://{split[1]}:{split[2]}" not in allowed
+        or "#" in return_url
+        or "\\" in return_url
+    ):
         raise ReturnUrlNotAllowed(
             "The return_url's origin is not in BROKER_RETURN_URL_ALLOWLIST, or it carries "
             "credentials or a fragment."
-            if allowlist else "No return_url is accepted: BROKER_RETURN_URL_ALLOWLIST is empty.")
+            if allowlist
+            else "No return_url is accepted: BROKER_RETURN_URL_ALLOWLIST is empty."
+        )
     scheme, host, port, path, query = split
     default = {"http": 80, "https": 443}[scheme]
     netloc = host if port == default else f"{host}:{port}"
@@ -84,24 +90,44 @@ class StartedAuthorization:
     expires_at: datetime
 
 
-async def create_state(session: AsyncSession, box: SecretBox, *, connection_id: uuid.UUID,
-                       tenant_id: str, user_id: str, return_url: str | None, force: bool,
-                       bind_browser: bool) -> StartedAuthorization:
+async def create_state(
+    session: AsyncSession,
+    box: SecretBox,
+    *,
+    connection_id: uuid.UUID,
+    tenant_id: str,
+    user_id: str,
+    return_url: str | None,
+    force: bool,
+    bind_browser: bool,
+) -> StartedAuthorization:
     state = secrets.token_urlsafe(32)
     state_hash = digest(state)
     started = StartedAuthorization(
-        state=state, code_verifier=secrets.token_urlsafe(48), nonce=secrets.token_urlsafe(24),
+        state=state,
+        code_verifier=secrets.token_urlsafe(48),
+        nonce=secrets.token_urlsafe(24),
         browser_binding=secrets.token_urlsafe(32) if bind_browser else None,
-        expires_at=datetime.now(UTC) + STATE_TTL)
-    session.add(AuthorizationState(
-        state_hash=state_hash, connection_id=connection_id, tenant_id=tenant_id,
-        user_id=user_id, return_url=return_url, force=force, expires_at=started.expires_at,
-        code_verifier=box.encrypt(started.code_verifier, _verifier_aad(state_hash)),
-        nonce_hash=digest(started.nonce),
-        browser_binding_hash=digest(started.browser_binding) if started.browser_binding else None))
+        expires_at=datetime.now(UTC) + STATE_TTL,
+    )
+    session.add(
+        AuthorizationState(
+            state_hash=state_hash,
+            connection_id=connection_id,
+            tenant_id=tenant_id,
+            user_id=user_id,
+            return_url=return_url,
+            force=force,
+            expires_at=started.expires_at,
+            code_verifier=box.encrypt(started.code_verifier, _verifier_aad(state_hash)),
+            nonce_hash=digest(started.nonce),
+            browser_binding_hash=digest(started.browser_binding) if started.browser_binding else None,
+        )
+    )
     # Old, finished states are of no use to anyone.
-    await session.execute(sa.delete(AuthorizationState).where(
-        S.expires_at < sa.func.now() - sa.text("interval '1 day'")))
+    await session.execute(
+        sa.delete(AuthorizationState).where(S.expires_at < sa.func.now() - sa.text("interval '1 day'"))
+    )
     return started
 
 
@@ -130,8 +156,12 @@ def _bound_to(record: AuthorizationState, cookies: Mapping[str, str]) -> bool:
     return binding is not None and hmac.compare_digest(digest(binding), record.browser_binding_hash)
 
 
-async def consume_state(session: AsyncSession, state: str, *, cookies: Mapping[str, str],
-                        ) -> tuple[AuthorizationState | None, bool]:
+async def consume_state(
+    session: AsyncSession,
+    state: str,
+    *,
+    cookies: Mapping[str, str],
+) -> tuple[AuthorizationState | None, bool]:
     """Mark the state used. Returns (record, usable): the record is returned even when the state
     was already used or has expired, so the caller knows where to send the browser back.
 
@@ -139,9 +169,11 @@ async def consume_state(session: AsyncSession, state: str, *, cookies: Mapping[s
     usable and not consumed: a forwarded authorization URL cannot spend it."""
     if not state or len(state) > 200:
         return None, False
-    record = (await session.execute(
-        sa.select(AuthorizationState).where(S.state_hash == digest(state)).with_for_update()
-    )).scalar_one_or_none()
+    record = (
+        await session.execute(
+            sa.select(AuthorizationState).where(S.state_hash == digest(state)).with_for_update()
+        )
+    ).scalar_one_or_none()
     if record is None:
         return None, False
     if not _bound_to(record, cookies):

@@ -53,10 +53,14 @@ def render(row: asyncpg.Record) -> StreamEvent:
     connection_id = row["connection_id"]
     payload = body_of(row).decode()
     message = f"id: {row['id']}\nevent: {row['type']}\ndata: {payload}\n\n".encode()
-    return StreamEvent(seq=int(row["seq"]), id=str(row["id"]), type=row["type"],
-                       tenant_id=row["tenant_id"],
-                       connection_id=None if connection_id is None else str(connection_id),
-                       message=message)
+    return StreamEvent(
+        seq=int(row["seq"]),
+        id=str(row["id"]),
+        type=row["type"],
+        tenant_id=row["tenant_id"],
+        connection_id=None if connection_id is None else str(connection_id),
+        message=message,
+    )
 
 
 def streamed(event_type: str) -> bool:
@@ -107,9 +111,17 @@ class Subscription:
 
 
 class StreamHub:
-    def __init__(self, dsn: str, pool: asyncpg.Pool, *, channel: str, queue_size: int,
-                 max_streams: int, max_streams_per_tenant: int,
-                 retry_seconds: float = 2.0) -> None:
+    def __init__(
+        self,
+        dsn: str,
+        pool: asyncpg.Pool,
+        *,
+        channel: str,
+        queue_size: int,
+        max_streams: int,
+        max_streams_per_tenant: int,
+        retry_seconds: float = 2.0,
+    ) -> None:
         self._dsn = dsn
         self._pool = pool
         self._channel = channel
@@ -137,8 +149,10 @@ class StreamHub:
         return self._count
 
     async def start(self, wait_seconds: float = 5.0) -> None:
-        self._tasks = [asyncio.create_task(self._listen(), name="qbo-broker-stream-listener"),
-                       asyncio.create_task(self._read_loop(), name="qbo-broker-stream-reader")]
+        self._tasks = [
+            asyncio.create_task(self._listen(), name="qbo-broker-stream-listener"),
+            asyncio.create_task(self._read_loop(), name="qbo-broker-stream-reader"),
+        ]
         try:
             async with asyncio.timeout(wait_seconds):
                 await self._listening.wait()
@@ -177,8 +191,9 @@ class StreamHub:
         if not tenant:
             del self._subscriptions[subscription.tenant_id]
 
-    async def backlog(self, *, tenant_id: str, connection_id: uuid.UUID | None,
-                      after_id: uuid.UUID, limit: int) -> list[StreamEvent] | None:
+    async def backlog(
+        self, *, tenant_id: str, connection_id: uuid.UUID | None, after_id: uuid.UUID, limit: int
+    ) -> list[StreamEvent] | None:
         """The tenant's streamed events after `after_id`, in seq order; None when that id is not
         one of the tenant's events (unknown, or another tenant's) or more than
         `limit` follow it: the caller starts from now instead."""
@@ -187,8 +202,13 @@ class StreamHub:
             if after is None:
                 return None
             rows = await repository.tenant_events_after(
-                conn, tenant_id=tenant_id, after=after, connection_id=connection_id,
-                type_prefix=STREAMED_TYPE_PREFIX, limit=limit + 1)
+                conn,
+                tenant_id=tenant_id,
+                after=after,
+                connection_id=connection_id,
+                type_prefix=STREAMED_TYPE_PREFIX,
+                limit=limit + 1,
+            )
         if len(rows) > limit:
             return None
         return [render(row) for row in rows]
@@ -199,10 +219,15 @@ class StreamHub:
         self._wake.set()
 
     async def _listen(self) -> None:
-        await listen_forever(self._dsn, {self._channel: self._on_notify}, name="event streams",
-                             retry_seconds=self._retry, on_listening=self._on_listening,
-                             on_stopped=self._listening.clear,
-                             application_name="qbo-broker-streams")
+        await listen_forever(
+            self._dsn,
+            {self._channel: self._on_notify},
+            name="event streams",
+            retry_seconds=self._retry,
+            on_listening=self._on_listening,
+            on_stopped=self._listening.clear,
+            application_name="qbo-broker-streams",
+        )
 
     async def _on_listening(self, conn: asyncpg.Connection) -> None:
         if self._cursor is None:  # the first time: streams begin now
@@ -239,8 +264,7 @@ class StreamHub:
         while True:
             watched = [*self._missing, *self._late]
             async with self._pool.acquire() as conn:
-                rows = await repository.read_after(conn, after=self._read_upto, watched=watched,
-                                                   limit=BATCH)
+                rows = await repository.read_after(conn, after=self._read_upto, watched=watched, limit=BATCH)
             fresh = self._take(rows)
             self._advance()
             if fresh < BATCH:

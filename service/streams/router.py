@@ -57,16 +57,17 @@ _STREAM_DOC = (
     "comment every 15 s. Send `Last-Event-ID` to resume after that event (an id the tenant "
     "does not have, or one too far behind, starts from now and answers "
     "`X-Stream-Resumed: false`). 429 `too_many_streams` / 503 `streams_unavailable` with "
-    "`Retry-After` when the tenant or the server has as many streams open as allowed.")
+    "`Retry-After` when the tenant or the server has as many streams open as allowed."
+)
 _RESPONSES: dict[int | str, dict[str, Any]] = {
-    200: {"description": "The event stream",
-          "content": {EVENT_STREAM: {"schema": {"type": "string"}}}},
+    200: {"description": "The event stream", "content": {EVENT_STREAM: {"schema": {"type": "string"}}}},
     **problem_responses(401, 403, 404, 422, 429, 503),
 }
 
 ConnectionID = Annotated[uuid.UUID, Path(description="The connection's id.")]
-LastEventID = Annotated[str | None, Header(alias="Last-Event-ID", max_length=100,
-                                           description="Resume after this event id.")]
+LastEventID = Annotated[
+    str | None, Header(alias="Last-Event-ID", max_length=100, description="Resume after this event id.")
+]
 TenantQuery = Annotated[TenantId | None, Query(description="Services only: the tenant to follow.")]
 
 
@@ -80,9 +81,17 @@ class EventStreamResponse(EventStream):
     """An SSE response fed by a hub subscription (a plain ASGI response, so no middleware
     buffers it)."""
 
-    def __init__(self, hub: StreamHub, subscription: Subscription, backlog: list[StreamEvent],
-                 *, heartbeat_seconds: float, ends_at: float, resumed: bool | None,
-                 ends_on_delete: bool) -> None:
+    def __init__(
+        self,
+        hub: StreamHub,
+        subscription: Subscription,
+        backlog: list[StreamEvent],
+        *,
+        heartbeat_seconds: float,
+        ends_at: float,
+        resumed: bool | None,
+        ends_on_delete: bool,
+    ) -> None:
         headers = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
         if resumed is not None:
             headers["X-Stream-Resumed"] = "true" if resumed else "false"
@@ -109,14 +118,14 @@ class EventStreamResponse(EventStream):
 
         watcher = asyncio.create_task(watch_disconnect())
         try:
-            await send({"type": "http.response.start", "status": self.status_code,
-                        "headers": self.raw_headers})
+            await send(
+                {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+            )
             opening = [f"retry: {RETRY_MILLISECONDS}\n\n".encode()]
             for event in self._backlog:
                 subscription.seen.add(event.id)
                 opening.append(event.message)
-            await send({"type": "http.response.body", "body": b"".join(opening),
-                        "more_body": True})
+            await send({"type": "http.response.body", "body": b"".join(opening), "more_body": True})
             await self._relay(send)
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
@@ -161,35 +170,53 @@ def _token_expiry(request: Request) -> float | None:
     return float(exp) if isinstance(exp, int | float) else None
 
 
-async def _open(request: Request, rt: RuntimeDep, *, tenant_id: str,
-                connection_id: uuid.UUID | None, last_event_id: str | None) -> EventStreamResponse:
+async def _open(
+    request: Request,
+    rt: RuntimeDep,
+    *,
+    tenant_id: str,
+    connection_id: uuid.UUID | None,
+    last_event_id: str | None,
+) -> EventStreamResponse:
     hub: StreamHub = request.app.state.streams
     try:
         subscription = hub.subscribe(tenant_id, str(connection_id) if connection_id else None)
     except StreamLimitReached as exc:
         if exc.scope == "tenant":
-            raise TooManyStreams("This tenant has as many streams open on this server as it may "
-                                 "(BROKER_STREAMS_PER_TENANT); close one or try again later.") from None
-        raise StreamsUnavailable("This server has as many streams open as it may "
-                                 "(BROKER_STREAMS_MAX), or is shutting down.") from None
+            raise TooManyStreams(
+                "This tenant has as many streams open on this server as it may "
+                "(BROKER_STREAMS_PER_TENANT); close one or try again later."
+            ) from None
+        raise StreamsUnavailable(
+            "This server has as many streams open as it may (BROKER_STREAMS_MAX), or is shutting down."
+        ) from None
     try:
         backlog: list[StreamEvent] | None = []
         resumed: bool | None = None
         if last_event_id is not None:
             after = _parse_event_id(last_event_id)
-            backlog = None if after is None else await hub.backlog(
-                tenant_id=tenant_id, connection_id=connection_id, after_id=after,
-                limit=BACKLOG_LIMIT)
+            backlog = (
+                None
+                if after is None
+                else await hub.backlog(
+                    tenant_id=tenant_id, connection_id=connection_id, after_id=after, limit=BACKLOG_LIMIT
+                )
+            )
             resumed = backlog is not None
         settings = rt.settings
         ends_at = time.time() + settings.stream_max_seconds
         expiry = _token_expiry(request)
         if expiry is not None:
             ends_at = min(ends_at, expiry)
-        return EventStreamResponse(hub, subscription, backlog or [],
-                                   heartbeat_seconds=settings.stream_heartbeat_seconds,
-                                   ends_at=ends_at, resumed=resumed,
-                                   ends_on_delete=connection_id is not None)
+        return EventStreamResponse(
+            hub,
+            subscription,
+            backlog or [],
+            heartbeat_seconds=settings.stream_heartbeat_seconds,
+            ends_at=ends_at,
+            resumed=resumed,
+            ends_on_delete=connection_id is not None,
+        )
     except BaseException:
         hub.unsubscribe(subscription)
         raise
@@ -202,23 +229,41 @@ def _parse_event_id(value: str) -> uuid.UUID | None:
         return None
 
 
-@router.get("/connections/{connection_id}/stream", response_class=EventStream,
-            responses=_RESPONSES, summary="Live events of one connection (server-sent events)",
-            description=_STREAM_DOC)
-async def connection_stream(request: Request, session: SessionDep, rt: RuntimeDep,
-                            caller: CurrentCaller, connection_id: ConnectionID,
-                            last_event_id: LastEventID = None) -> EventStreamResponse:
+@router.get(
+    "/connections/{connection_id}/stream",
+    response_class=EventStream,
+    responses=_RESPONSES,
+    summary="Live events of one connection (server-sent events)",
+    description=_STREAM_DOC,
+)
+async def connection_stream(
+    request: Request,
+    session: SessionDep,
+    rt: RuntimeDep,
+    caller: CurrentCaller,
+    connection_id: ConnectionID,
+    last_event_id: LastEventID = None,
+) -> EventStreamResponse:
     conn = await connections.load_for_read(session, caller, connection_id)
-    return await _open(request, rt, tenant_id=conn.tenant_id, connection_id=connection_id,
-                       last_event_id=last_event_id)
+    return await _open(
+        request, rt, tenant_id=conn.tenant_id, connection_id=connection_id, last_event_id=last_event_id
+    )
 
 
-@router.get("/status/stream", response_class=EventStream, responses=_RESPONSES,
-            tags=["status"], summary="Live events of every connection of the tenant "
-                                     "(server-sent events)", description=_STREAM_DOC)
-async def status_stream(request: Request, rt: RuntimeDep, caller: CurrentCaller,
-                        tenant_id: TenantQuery = None,
-                        last_event_id: LastEventID = None) -> EventStreamResponse:
+@router.get(
+    "/status/stream",
+    response_class=EventStream,
+    responses=_RESPONSES,
+    tags=["status"],
+    summary="Live events of every connection of the tenant (server-sent events)",
+    description=_STREAM_DOC,
+)
+async def status_stream(
+    request: Request,
+    rt: RuntimeDep,
+    caller: CurrentCaller,
+    tenant_id: TenantQuery = None,
+    last_event_id: LastEventID = None,
+) -> EventStreamResponse:
     tenant = caller.tenant_for_read(tenant_id)
-    return await _open(request, rt, tenant_id=tenant, connection_id=None,
-                       last_event_id=last_event_id)
+    return await _open(request, rt, tenant_id=tenant, connection_id=None, last_event_id=last_event_id)

@@ -16,8 +16,9 @@ REFRESH_EXPIRY_MARGIN = timedelta(days=7)
 
 def _aad(connection: Any, purpose: Sealed) -> str:
     """`connection` is a Connection, a PendingLink, a HeldGrant or a row of one."""
-    connection_id = (connection.connection_id if isinstance(connection, PendingLink | HeldGrant)
-                     else connection.id)
+    connection_id = (
+        connection.connection_id if isinstance(connection, PendingLink | HeldGrant) else connection.id
+    )
     return sealed_aad(connection_id, purpose)
 
 
@@ -28,8 +29,9 @@ def refresh_token_expiry(tokens: TokenSet, now: datetime) -> datetime:
     return rolling
 
 
-def sealed_tokens(conn: Any, tokens: TokenSet, box: SecretBox, *, now: datetime,
-                  keepalive_age: timedelta) -> dict[str, Any]:
+def sealed_tokens(
+    conn: Any, tokens: TokenSet, box: SecretBox, *, now: datetime, keepalive_age: timedelta
+) -> dict[str, Any]:
     """The connection's token columns for a new token set (conn: anything with an `id`)."""
     refresh_expires = refresh_token_expiry(tokens, now)
     return {
@@ -43,10 +45,10 @@ def sealed_tokens(conn: Any, tokens: TokenSet, box: SecretBox, *, now: datetime,
     }
 
 
-def store_tokens(conn: Connection, tokens: TokenSet, box: SecretBox, *, now: datetime,
-                 keepalive_age: timedelta) -> None:
-    for column, value in sealed_tokens(conn, tokens, box, now=now,
-                                       keepalive_age=keepalive_age).items():
+def store_tokens(
+    conn: Connection, tokens: TokenSet, box: SecretBox, *, now: datetime, keepalive_age: timedelta
+) -> None:
+    for column, value in sealed_tokens(conn, tokens, box, now=now, keepalive_age=keepalive_age).items():
         setattr(conn, column, value)
 
 
@@ -87,16 +89,22 @@ def open_held(held: HeldGrant, box: SecretBox) -> TokenSet:
     return _open(held, box, Sealed.HELD_ACCESS, Sealed.HELD_REFRESH)
 
 
-def _seal(grant: PendingLink | HeldGrant, tokens: TokenSet, box: SecretBox, access: Sealed,
-          refresh: Sealed, *, now: datetime) -> None:
+def _seal(
+    grant: PendingLink | HeldGrant,
+    tokens: TokenSet,
+    box: SecretBox,
+    access: Sealed,
+    refresh: Sealed,
+    *,
+    now: datetime,
+) -> None:
     grant.access_token = box.encrypt(tokens.access_token, _aad(grant, access))
     grant.refresh_token = box.encrypt(tokens.refresh_token, _aad(grant, refresh))
     grant.access_token_expires_at = now + timedelta(seconds=tokens.expires_in)
     grant.refresh_token_expires_at = refresh_token_expiry(tokens, now)
 
 
-def _open(grant: PendingLink | HeldGrant, box: SecretBox, access: Sealed,
-          refresh: Sealed) -> TokenSet:
+def _open(grant: PendingLink | HeldGrant, box: SecretBox, access: Sealed, refresh: Sealed) -> TokenSet:
     now = datetime.now(grant.expires_at.tzinfo)
     return TokenSet(
         access_token=box.decrypt(grant.access_token, _aad(grant, access)),

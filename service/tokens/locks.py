@@ -54,12 +54,10 @@ SELECT ARRAY(SELECT k FROM unnest($1::bigint[]) AS k WHERE pg_try_advisory_lock(
                  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
                  AND ((l.classid::bigint << 32) | l.objid::bigint) = k)) AS free,
        (SELECT count(*) FROM unnest($3::bigint[]) AS k WHERE pg_advisory_unlock(k)) AS freed"""
-_SESSION_LOST = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
-                 asyncpg.AdminShutdownError)
+_SESSION_LOST = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError, asyncpg.AdminShutdownError)
 _ROUND_SECONDS = 10.0  # a round that takes longer: the session is treated as lost
 # The server probes an idle session after 30 s, every 10 s, and ends it after 3 silent probes.
-_KEEPALIVES = {"tcp_keepalives_idle": "30", "tcp_keepalives_interval": "10",
-               "tcp_keepalives_count": "3"}
+_KEEPALIVES = {"tcp_keepalives_idle": "30", "tcp_keepalives_interval": "10", "tcp_keepalives_count": "3"}
 
 
 def lock_key(connection_id: uuid.UUID) -> int:
@@ -97,8 +95,9 @@ class RefreshLocks:
         self._freed: set[int] = set()  # to unlock in the next round
         self._rounds: asyncio.Task[None] | None = None
 
-    async def acquire(self, connection_id: uuid.UUID, *,
-                      on_sent: Callable[[], None] | None = None) -> Hold | None:
+    async def acquire(
+        self, connection_id: uuid.UUID, *, on_sent: Callable[[], None] | None = None
+    ) -> Hold | None:
         """The connection's lock if no process (this one included) holds it; None otherwise.
         `on_sent` is called when the request leaves for the server (for timings)."""
         key = lock_key(connection_id)
@@ -178,8 +177,9 @@ class RefreshLocks:
             except BaseException as exc:
                 for future in (*asked.values(), *probed.values()):
                     if not future.done():
-                        future.set_exception(exc if isinstance(exc, Exception)
-                                             else RuntimeError("refresh locks closed"))
+                        future.set_exception(
+                            exc if isinstance(exc, Exception) else RuntimeError("refresh locks closed")
+                        )
                 if not isinstance(exc, Exception):
                     raise
                 log.warning("refresh lock session failed: %s", type(exc).__name__)
@@ -198,8 +198,9 @@ class RefreshLocks:
                 elif key in taken:  # asked, then given up on: give it back
                     self._freed.add(key)
 
-    async def _round(self, asked: dict[int, asyncio.Future[bool]], probed: list[int],
-                     freed: list[int]) -> tuple[set[int], set[int]]:
+    async def _round(
+        self, asked: dict[int, asyncio.Future[bool]], probed: list[int], freed: list[int]
+    ) -> tuple[set[int], set[int]]:
         """Unlock `freed`, take what is free of `asked`, tell what is free of `probed`; on a
         session found dead, once more on a new one (the dead session's locks are gone with it,
         including those to unlock)."""
@@ -234,10 +235,13 @@ class RefreshLocks:
                 # until the keepalives end it: end it now.
                 await session.execute(
                     "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                    "WHERE pid = $1 AND backend_start = $2", *self._lost)
+                    "WHERE pid = $1 AND backend_start = $2",
+                    *self._lost,
+                )
                 self._lost = None
             started = await session.fetchval(
-                "SELECT backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()")
+                "SELECT backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()"
+            )
             self._backend = (session.get_server_pid(), started)
             session.add_termination_listener(self._on_lost)
             self._session = session

@@ -78,8 +78,13 @@ MAX_ROUNDS = 3
 # Writing an outcome again after the database connection failed under it (the statement is
 # conditional, so a write that did land the first time is not applied twice).
 STORE_RETRY_DELAYS = (0.1, 0.3, 1.0)
-_RETRIABLE = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
-              asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
+_RETRIABLE = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.DeadlockDetectedError,
+    asyncpg.SerializationError,
+)
 
 
 @dataclass(frozen=True)
@@ -93,14 +98,20 @@ class _Due:
 
     def __call__(self, conn: Any) -> bool:
         if self.valid_until is not None and (
-                conn.access_token is None or conn.access_token_expires_at is None
-                or conn.access_token_expires_at < self.valid_until):
+            conn.access_token is None
+            or conn.access_token_expires_at is None
+            or conn.access_token_expires_at < self.valid_until
+        ):
             return True
         if self.refreshed_after is not None and (
-                conn.last_refreshed_at is None or conn.last_refreshed_at < self.refreshed_after):
+            conn.last_refreshed_at is None or conn.last_refreshed_at < self.refreshed_after
+        ):
             return True
-        return (self.keepalive_by is not None and conn.keepalive_due_at is not None
-                and conn.keepalive_due_at <= self.keepalive_by)
+        return (
+            self.keepalive_by is not None
+            and conn.keepalive_due_at is not None
+            and conn.keepalive_due_at <= self.keepalive_by
+        )
 
     def args(self) -> tuple[datetime | None, datetime | None, datetime | None]:
         return self.valid_until, self.refreshed_after, self.keepalive_by
@@ -153,9 +164,17 @@ class AccessToken:
 
     def body(self, api_base_url: str) -> bytes:
         """The token endpoint's JSON answer."""
-        return AccessTokenOut(access_token=self.access_token, token_type="bearer",  # noqa: S106
-                              expires_at=self.expires_at, realm_id=self.realm_id,
-                              api_base_url=api_base_url).model_dump_json().encode()
+        return (
+            AccessTokenOut(
+                access_token=self.access_token,
+                token_type="bearer",  # noqa: S106
+                expires_at=self.expires_at,
+                realm_id=self.realm_id,
+                api_base_url=api_base_url,
+            )
+            .model_dump_json()
+            .encode()
+        )
 
 
 @dataclass(frozen=True)
@@ -174,29 +193,46 @@ class ConnectionView:
     @classmethod
     def of(cls, conn: Any, box: SecretBox) -> ConnectionView:
         """From a Connection or a row of the connections table."""
-        opened = (credentials.open_access_token(conn, box)
-                  if conn.access_token is not None and conn.status == Status.CONNECTED else None)
-        return cls(id=conn.id, tenant_id=conn.tenant_id, status=conn.status, realm_id=conn.realm_id,
-                   refresh_token=conn.refresh_token is not None, access_token=opened,
-                   access_token_expires_at=conn.access_token_expires_at)
+        opened = (
+            credentials.open_access_token(conn, box)
+            if conn.access_token is not None and conn.status == Status.CONNECTED
+            else None
+        )
+        return cls(
+            id=conn.id,
+            tenant_id=conn.tenant_id,
+            status=conn.status,
+            realm_id=conn.realm_id,
+            refresh_token=conn.refresh_token is not None,
+            access_token=opened,
+            access_token_expires_at=conn.access_token_expires_at,
+        )
 
     def __repr__(self) -> str:
         return f"ConnectionView(id={self.id}, status={self.status!r})"
 
 
 def _fresh_enough(conn: Any, now: datetime) -> bool:
-    return (conn.access_token is not None and conn.access_token_expires_at is not None
-            and conn.access_token_expires_at - now >= MIN_VALIDITY)
+    return (
+        conn.access_token is not None
+        and conn.access_token_expires_at is not None
+        and conn.access_token_expires_at - now >= MIN_VALIDITY
+    )
 
 
 def _usable_or_raise(conn: Any) -> None:
     if conn.status == Status.REAUTHORIZATION_REQUIRED:
         raise ReauthorizationRequired(
             "QuickBooks refused this connection's credentials; a user must Connect again.",
-            connection_id=str(conn.id), connection_status=conn.status)
+            connection_id=str(conn.id),
+            connection_status=conn.status,
+        )
     if conn.status != Status.CONNECTED or not conn.refresh_token:
-        raise NotConnected("The connection is not connected to QuickBooks.",
-                           connection_id=str(conn.id), connection_status=conn.status)
+        raise NotConnected(
+            "The connection is not connected to QuickBooks.",
+            connection_id=str(conn.id),
+            connection_status=conn.status,
+        )
 
 
 # The refresher's statements: plain SQL on the asyncpg pool, few round trips, and every write
@@ -205,6 +241,8 @@ _READ = """
 SELECT id, tenant_id, status, realm_id, access_token, refresh_token, access_token_expires_at,
        refresh_token_issued_at, keepalive_due_at, last_refreshed_at
 FROM connections WHERE id = ANY($1::uuid[])"""
+
+
 def _due(valid_until: str, refreshed_after: str, keepalive_by: str) -> str:
     """_Due in SQL over a row `c`, its thresholds given as SQL expressions."""
     return f"""(
@@ -259,10 +297,14 @@ def _outcome_statement(assignments: str, event: str, public_event: str | None = 
     refresh_token_issued_at), then drops every refresh_attempt record (the token's fate is
     known), logs `event` ($3 actor, $4 details) and, if given, publishes `public_event` with the
     connection's new state (service.events.outbox). It returns the tenant id if it applied."""
-    published = "" if public_event is None else f""",
+    published = (
+        ""
+        if public_event is None
+        else f""",
 published AS (INSERT INTO events (id, type, tenant_id, connection_id, data)
               SELECT gen_random_uuid(), '{public_event}', c.tenant_id, c.id,
                      {outbox.CONNECTION_STATE_SQL} FROM changed c)"""  # noqa: S608
+    )
     return f"""
 WITH changed AS (
   UPDATE connections SET {assignments}
@@ -279,17 +321,25 @@ SELECT tenant_id FROM changed"""  # noqa: S608 (built from this module's literal
 _STORE_TOKENS = _outcome_statement(
     "access_token = $5, refresh_token = $6, access_token_expires_at = $7, "
     "refresh_token_expires_at = $8, refresh_token_issued_at = $9, last_refreshed_at = $9, "
-    "keepalive_due_at = $10, updated_at = $9", "refreshed")
+    "keepalive_due_at = $10, updated_at = $9",
+    "refreshed",
+)
 _MARK_REFUSED = _outcome_statement(
     "status = 'reauthorization_required', last_error_code = $5, last_error_message = $6, "
-    "last_error_at = $7, updated_at = $7", "refresh_failed",
-    outbox.CONNECTION_REAUTHORIZATION_REQUIRED)
+    "last_error_at = $7, updated_at = $7",
+    "refresh_failed",
+    outbox.CONNECTION_REAUTHORIZATION_REQUIRED,
+)
 _SETTLE_ONE = "DELETE FROM connection_events WHERE id = $1"
 
-_LOST_MESSAGE = ("Intuit's answer to a refresh was lost after it may have issued a new refresh "
-                 "token; a user must Connect again.")
-_REFUSED_MESSAGE = ("Intuit refused the refresh token (the app was disconnected in QuickBooks, "
-                    "the token expired, or it was replaced); a user must Connect again.")
+_LOST_MESSAGE = (
+    "Intuit's answer to a refresh was lost after it may have issued a new refresh "
+    "token; a user must Connect again."
+)
+_REFUSED_MESSAGE = (
+    "Intuit refused the refresh token (the app was disconnected in QuickBooks, "
+    "the token expired, or it was replaced); a user must Connect again."
+)
 
 
 def _row(record: asyncpg.Record) -> SimpleNamespace:
@@ -313,8 +363,7 @@ class _Gathered:
     def __init__(self, run: Callable[[_Batch], Awaitable[list[asyncpg.Record]]], name: str) -> None:
         self._run = run
         self._name = name
-        self._asked: dict[tuple[uuid.UUID, tuple[Any, ...]],
-                          asyncio.Future[asyncpg.Record | None]] = {}
+        self._asked: dict[tuple[uuid.UUID, tuple[Any, ...]], asyncio.Future[asyncpg.Record | None]] = {}
         self._running: asyncio.Task[None] | None = None
 
     async def __call__(self, connection_id: uuid.UUID, *args: Any) -> asyncpg.Record | None:
@@ -334,8 +383,9 @@ class _Gathered:
             except BaseException as exc:
                 for future in asked.values():
                     if not future.done():
-                        future.set_exception(exc if isinstance(exc, Exception)
-                                             else RuntimeError(f"{self._name} stopped"))
+                        future.set_exception(
+                            exc if isinstance(exc, Exception) else RuntimeError(f"{self._name} stopped")
+                        )
                 if not isinstance(exc, Exception):
                     raise
                 continue
@@ -346,14 +396,21 @@ class _Gathered:
 
 def _columns(batch: _Batch) -> list[list[Any]]:
     """A batch of decisions as the arrays _DECIDE takes: ids, then each argument's column."""
-    return [[cid for cid, _ in batch], *(list(column) for column in zip(*(a for _, a in batch),
-                                                                          strict=True))]
+    return [[cid for cid, _ in batch], *(list(column) for column in zip(*(a for _, a in batch), strict=True))]
 
 
 class TokenRefresher:
-    def __init__(self, settings: Settings, pool: asyncpg.Pool, intuit: IntuitClient,
-                 box: SecretBox, locks: RefreshLocks, caches: Caches, *,
-                 watch: Watching | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        pool: asyncpg.Pool,
+        intuit: IntuitClient,
+        box: SecretBox,
+        locks: RefreshLocks,
+        caches: Caches,
+        *,
+        watch: Watching | None = None,
+    ) -> None:
         self._settings = settings
         self._pool = pool
         self._intuit = intuit
@@ -361,12 +418,11 @@ class TokenRefresher:
         self._locks = locks
         self._caches = caches
         self._watch = watch or _no_watch
-        self._read = _Gathered(lambda batch: pool.fetch(_READ, [cid for cid, _ in batch]),
-                               "qbo-broker-reads")
-        self._decide = _Gathered(lambda batch: pool.fetch(_DECIDE, *_columns(batch)),
-                                 "qbo-broker-decisions")
+        self._read = _Gathered(lambda batch: pool.fetch(_READ, [cid for cid, _ in batch]), "qbo-broker-reads")
+        self._decide = _Gathered(lambda batch: pool.fetch(_DECIDE, *_columns(batch)), "qbo-broker-decisions")
         self._decide_or_skip = _Gathered(
-            lambda batch: pool.fetch(_DECIDE_OR_SKIP, *_columns(batch)), "qbo-broker-decisions")
+            lambda batch: pool.fetch(_DECIDE_OR_SKIP, *_columns(batch)), "qbo-broker-decisions"
+        )
         # One refresh task per connection and purpose ("request", "forced", "keepalive"): callers
         # join the one that decides by their own rule.
         self._inflight: dict[tuple[uuid.UUID, str], asyncio.Task[tuple[AccessToken | None, bool]]] = {}
@@ -375,9 +431,11 @@ class TokenRefresher:
         # Refreshes this process runs at once (each one call to Intuit at a time).
         self._slots = asyncio.Semaphore(settings.refresh_concurrency)
         # How long to wait for another process's refresh: as long as one may take at Intuit.
-        self._wait_limit = (settings.intuit_timeout_seconds * settings.intuit_max_attempts
-                            + settings.intuit_backoff_max_seconds * settings.intuit_max_attempts
-                            + 5.0)
+        self._wait_limit = (
+            settings.intuit_timeout_seconds * settings.intuit_max_attempts
+            + settings.intuit_backoff_max_seconds * settings.intuit_max_attempts
+            + 5.0
+        )
         self._closing = False
 
     async def aclose(self, grace_seconds: float = 30.0) -> None:
@@ -388,8 +446,7 @@ class TokenRefresher:
         if running:
             _, late = await asyncio.wait(running, timeout=grace_seconds)
             if late:
-                log.error("shutdown: %d refreshes still running after %.0f s", len(late),
-                          grace_seconds)
+                log.error("shutdown: %d refreshes still running after %.0f s", len(late), grace_seconds)
 
     async def view(self, connection_id: uuid.UUID) -> ConnectionView | None:
         """The connection as the token endpoint needs it (cached; None: no such connection)."""
@@ -404,19 +461,26 @@ class TokenRefresher:
 
     def _token_of(self, conn: Any) -> AccessToken:
         assert conn.access_token_expires_at is not None and conn.realm_id is not None
-        return AccessToken(access_token=credentials.open_access_token(conn, self._box),
-                           expires_at=conn.access_token_expires_at, realm_id=conn.realm_id)
+        return AccessToken(
+            access_token=credentials.open_access_token(conn, self._box),
+            expires_at=conn.access_token_expires_at,
+            realm_id=conn.realm_id,
+        )
 
     @staticmethod
     def fresh_token(conn: ConnectionView) -> AccessToken | None:
         """The view's own token if the connection is usable and the token fresh enough; None
         when access_token() would have to refresh (or refuse)."""
-        if (conn.status != Status.CONNECTED or not conn.refresh_token
-                or not _fresh_enough(conn, datetime.now(UTC))):
+        if (
+            conn.status != Status.CONNECTED
+            or not conn.refresh_token
+            or not _fresh_enough(conn, datetime.now(UTC))
+        ):
             return None
         assert conn.access_token and conn.access_token_expires_at and conn.realm_id
-        return AccessToken(access_token=conn.access_token,
-                           expires_at=conn.access_token_expires_at, realm_id=conn.realm_id)
+        return AccessToken(
+            access_token=conn.access_token, expires_at=conn.access_token_expires_at, realm_id=conn.realm_id
+        )
 
     async def access_token(self, conn: ConnectionView, *, force: bool = False) -> AccessToken:
         """A token valid for at least five minutes (a new one when force is set)."""
@@ -430,8 +494,9 @@ class TokenRefresher:
             # A forced refresh is satisfied by any refresh that happened after it was asked for.
             return _Due(valid_until=now + MIN_VALIDITY, refreshed_after=asked_at if force else None)
 
-        token, _ = await self._single_flight(conn.id, needed, trigger="request",
-                                             purpose="forced" if force else "request")
+        token, _ = await self._single_flight(
+            conn.id, needed, trigger="request", purpose="forced" if force else "request"
+        )
         assert token is not None  # only keep-alive passes skip
         return token
 
@@ -441,54 +506,93 @@ class TokenRefresher:
 
         def needed(now: datetime) -> _Due:
             # With access tokens: one that would not be fresh enough five minutes from now.
-            return _Due(keepalive_by=now, valid_until=(now + timedelta(minutes=5) + MIN_VALIDITY
-                                                       if include_access else None))
+            return _Due(
+                keepalive_by=now,
+                valid_until=(now + timedelta(minutes=5) + MIN_VALIDITY if include_access else None),
+            )
 
         # A connection another replica is refreshing (or changing) right now is theirs.
-        _, refreshed = await self._single_flight(connection_id, needed, trigger="keepalive",
-                                                 purpose="keepalive", skip_locked=True)
+        _, refreshed = await self._single_flight(
+            connection_id, needed, trigger="keepalive", purpose="keepalive", skip_locked=True
+        )
         return refreshed
 
-    async def _single_flight(self, connection_id: uuid.UUID, needed: _Needed, *, trigger: str,
-                             purpose: str, skip_locked: bool = False) -> tuple[AccessToken | None, bool]:
+    async def _single_flight(
+        self,
+        connection_id: uuid.UUID,
+        needed: _Needed,
+        *,
+        trigger: str,
+        purpose: str,
+        skip_locked: bool = False,
+    ) -> tuple[AccessToken | None, bool]:
         """Coalesce concurrent refreshes of one connection inside this process.
 
         The refresh runs as a task of its own: a caller that goes away (a client hanging up)
         cannot cut it short between Intuit's answer and the commit of the new tokens.
         """
         if self._closing:
-            raise IntuitUnavailableProblem("The broker is shutting down; retry.", retry_after=1,
-                                    connection_id=str(connection_id))
+            raise IntuitUnavailableProblem(
+                "The broker is shutting down; retry.", retry_after=1, connection_id=str(connection_id)
+            )
         key = (connection_id, purpose)
         if not timeline_log.isEnabledFor(logging.DEBUG):
-            return await shared(self._inflight, key,
-                                lambda: self._refresh(connection_id, needed, trigger=trigger,
-                                                      skip_locked=skip_locked, timeline=_OFF),
-                                name=f"qbo-broker-refresh-{connection_id}")
+            return await shared(
+                self._inflight,
+                key,
+                lambda: self._refresh(
+                    connection_id, needed, trigger=trigger, skip_locked=skip_locked, timeline=_OFF
+                ),
+                name=f"qbo-broker-refresh-{connection_id}",
+            )
         entered = time.monotonic()
         timeline = self._timelines.get(key) if key in self._inflight else None
         if timeline is None:
             timeline = self._timelines[key] = Timeline()
         outcome = "ok"
         try:
-            return await shared(self._inflight, key,
-                                lambda: self._refresh(connection_id, needed, trigger=trigger,
-                                                      skip_locked=skip_locked, timeline=timeline),
-                                name=f"qbo-broker-refresh-{connection_id}")
+            return await shared(
+                self._inflight,
+                key,
+                lambda: self._refresh(
+                    connection_id, needed, trigger=trigger, skip_locked=skip_locked, timeline=timeline
+                ),
+                name=f"qbo-broker-refresh-{connection_id}",
+            )
         except BaseException as exc:
             outcome = type(exc).__name__
             raise
         finally:
             if self._timelines.get(key) is timeline and key not in self._inflight:
                 del self._timelines[key]
-            timeline_log.debug("refresh timeline", extra={"timeline": json.dumps({
-                "request_id": request_id_var.get(), "connection_id": str(connection_id),
-                "trigger": trigger, "refresh": id(timeline), "view": _view_began.get(),
-                "entered": entered, "left": time.monotonic(), "outcome": outcome,
-                "marks": timeline.marks})})
+            timeline_log.debug(
+                "refresh timeline",
+                extra={
+                    "timeline": json.dumps(
+                        {
+                            "request_id": request_id_var.get(),
+                            "connection_id": str(connection_id),
+                            "trigger": trigger,
+                            "refresh": id(timeline),
+                            "view": _view_began.get(),
+                            "entered": entered,
+                            "left": time.monotonic(),
+                            "outcome": outcome,
+                            "marks": timeline.marks,
+                        }
+                    )
+                },
+            )
 
-    async def _refresh(self, connection_id: uuid.UUID, needed: _Needed, *, trigger: str,
-                       skip_locked: bool, timeline: Timeline) -> tuple[AccessToken | None, bool]:
+    async def _refresh(
+        self,
+        connection_id: uuid.UUID,
+        needed: _Needed,
+        *,
+        trigger: str,
+        skip_locked: bool,
+        timeline: Timeline,
+    ) -> tuple[AccessToken | None, bool]:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._wait_limit
 
@@ -510,8 +614,10 @@ class TokenRefresher:
                 if loop.time() > deadline:
                     raise IntuitUnavailableProblem(
                         "Another replica's refresh of this connection is taking too long; the "
-                        "stored credentials are unchanged. Retry later.", retry_after=5,
-                        connection_id=str(connection_id))
+                        "stored credentials are unchanged. Retry later.",
+                        retry_after=5,
+                        connection_id=str(connection_id),
+                    )
                 # A refresh slot, then the lock: a process holds a lock only while it refreshes.
                 # With every slot busy, it first asks whether another process holds the lock
                 # (taking nothing): if one does, it waits for that one's commit without queueing
@@ -524,14 +630,20 @@ class TokenRefresher:
                     async with self._slots:
                         timeline.mark("slot")
                         hold = await self._locks.acquire(
-                            connection_id, on_sent=None if timeline.marks is None
-                            else lambda: timeline.mark("lock_sent"))
+                            connection_id,
+                            on_sent=None if timeline.marks is None else lambda: timeline.mark("lock_sent"),
+                        )
                         timeline.mark("lock_taken" if hold is not None else "lock_busy")
                         if hold is not None:
                             try:
                                 return await self._refresh_holding_lock(
-                                    connection_id, hold, needed, trigger=trigger,
-                                    skip_locked=skip_locked, timeline=timeline)
+                                    connection_id,
+                                    hold,
+                                    needed,
+                                    trigger=trigger,
+                                    skip_locked=skip_locked,
+                                    timeline=timeline,
+                                )
                             except _LockLost:
                                 continue
                             finally:
@@ -550,8 +662,7 @@ class TokenRefresher:
                 # word). Whatever wakes the wait, look at the row, and ask for the lock again
                 # only if it still needs a refresh.
                 try:
-                    async with asyncio.timeout(SAFETY_POLL_SECONDS if watch.notified
-                                               else WAIT_POLL_SECONDS):
+                    async with asyncio.timeout(SAFETY_POLL_SECONDS if watch.notified else WAIT_POLL_SECONDS):
                         await watch.changed.wait()
                     timeline.mark("notified")
                 except TimeoutError:
@@ -562,9 +673,16 @@ class TokenRefresher:
                     return self._token_of(conn), False
                 looked = True
 
-    async def _refresh_holding_lock(self, connection_id: uuid.UUID, hold: Hold, needed: _Needed,
-                                    *, trigger: str, skip_locked: bool,
-                                    timeline: Timeline) -> tuple[AccessToken | None, bool]:
+    async def _refresh_holding_lock(
+        self,
+        connection_id: uuid.UUID,
+        hold: Hold,
+        needed: _Needed,
+        *,
+        trigger: str,
+        skip_locked: bool,
+        timeline: Timeline,
+    ) -> tuple[AccessToken | None, bool]:
         for _ in range(MAX_ROUNDS):
             # 1. Re-read under the row lock (a writer of the row, such as a disconnect, finishes
             # first), decide, and record the attempt.
@@ -598,46 +716,74 @@ class TokenRefresher:
                 outcome = exc
             timeline.mark("intuit")
             # 3. The outcome, committed before anyone hears of it.
-            result = await self._commit_outcome(conn, outcome, attempt=attempt,
-                                                unresolved=conn.unresolved, trigger=trigger)
+            result = await self._commit_outcome(
+                conn, outcome, attempt=attempt, unresolved=conn.unresolved, trigger=trigger
+            )
             timeline.mark("stored")
             if result is not None:
                 return result, True
             # The row changed under the refresh (disconnected, linked anew): look again.
-        raise IntuitUnavailableProblem("The connection kept changing during its refresh; retry.",
-                                retry_after=1, connection_id=str(connection_id))
+        raise IntuitUnavailableProblem(
+            "The connection kept changing during its refresh; retry.",
+            retry_after=1,
+            connection_id=str(connection_id),
+        )
 
-    async def _commit_outcome(self, conn: Any, outcome: TokenSet | IntuitError, *, attempt: int,
-                              unresolved: bool, trigger: str) -> AccessToken | None:
+    async def _commit_outcome(
+        self, conn: Any, outcome: TokenSet | IntuitError, *, attempt: int, unresolved: bool, trigger: str
+    ) -> AccessToken | None:
         """Store what Intuit said, if the row still holds the token that was sent: the new
         tokens (returned), or the refusal (raised as the caller's error). None: the row changed
         meanwhile, its new state stands, and what Intuit said about the old token is moot."""
         sent = conn.refresh_token_issued_at
         if isinstance(outcome, TokenSet):
             now = datetime.now(UTC)
-            columns = credentials.sealed_tokens(conn, outcome, self._box, now=now, keepalive_age=(
-                timedelta(seconds=self._settings.keepalive_refresh_age_seconds)))
+            columns = credentials.sealed_tokens(
+                conn,
+                outcome,
+                self._box,
+                now=now,
+                keepalive_age=(timedelta(seconds=self._settings.keepalive_refresh_age_seconds)),
+            )
             # Persist the new refresh token before anything else can happen.
             tenant = await self._write(
-                _STORE_TOKENS, conn.id, sent, trigger, "{}", columns["access_token"],
-                columns["refresh_token"], columns["access_token_expires_at"],
-                columns["refresh_token_expires_at"], now, columns["keepalive_due_at"])
+                _STORE_TOKENS,
+                conn.id,
+                sent,
+                trigger,
+                "{}",
+                columns["access_token"],
+                columns["refresh_token"],
+                columns["access_token_expires_at"],
+                columns["refresh_token_expires_at"],
+                now,
+                columns["keepalive_due_at"],
+            )
             if tenant is None:
                 await self._superseded(conn, outcome, attempt, trigger)
                 return None
             self._caches.connection_changed(str(conn.id), tenant)  # this replica reads it back
             REFRESHES.labels("ok", trigger).inc()
-            return AccessToken(access_token=outcome.access_token,
-                               expires_at=columns["access_token_expires_at"], realm_id=conn.realm_id)
+            return AccessToken(
+                access_token=outcome.access_token,
+                expires_at=columns["access_token_expires_at"],
+                realm_id=conn.realm_id,
+            )
         if isinstance(outcome, intuit_errors.InvalidGrant):
             lost = outcome.after_lost_response or unresolved
             now = datetime.now(UTC)
             code = "refresh_token_lost" if lost else "invalid_grant"
-            details = {"code": code, **({"intuit_tid": outcome.intuit_tid}
-                                        if outcome.intuit_tid else {})}
+            details = {"code": code, **({"intuit_tid": outcome.intuit_tid} if outcome.intuit_tid else {})}
             tenant = await self._write(
-                _MARK_REFUSED, conn.id, sent, trigger, json.dumps(details), code,
-                _LOST_MESSAGE if lost else _REFUSED_MESSAGE, now)
+                _MARK_REFUSED,
+                conn.id,
+                sent,
+                trigger,
+                json.dumps(details),
+                code,
+                _LOST_MESSAGE if lost else _REFUSED_MESSAGE,
+                now,
+            )
             if tenant is None:
                 await self._superseded(conn, outcome, attempt, trigger)
                 return None
@@ -645,28 +791,39 @@ class TokenRefresher:
             REFRESHES.labels("invalid_grant", trigger).inc()
             if lost:
                 REFRESH_TOKENS_LOST.inc()
-                log.error("refresh token lost: an answer to a refresh was lost and Intuit has "
-                          "since refused the token", extra={"connection_id": str(conn.id),
-                                                            "intuit_tid": outcome.intuit_tid})
+                log.error(
+                    "refresh token lost: an answer to a refresh was lost and Intuit has "
+                    "since refused the token",
+                    extra={"connection_id": str(conn.id), "intuit_tid": outcome.intuit_tid},
+                )
             raise ReauthorizationRequired(
                 "QuickBooks refused the refresh token (revoked in QuickBooks, expired, "
                 "or replaced); a user must Connect again.",
-                connection_id=str(conn.id), connection_status=Status.REAUTHORIZATION_REQUIRED)
+                connection_id=str(conn.id),
+                connection_status=Status.REAUTHORIZATION_REQUIRED,
+            )
         # Nothing to store: the stored credentials stay as they are.
         if isinstance(outcome, intuit_errors.IntuitUnavailable):
             REFRESHES.labels("unavailable", trigger).inc()
             if not outcome.maybe_processed:  # Intuit never carried it out
                 await self._pool.execute(_SETTLE_ONE, attempt)
             raise IntuitUnavailableProblem(
-                "Intuit is not reachable right now; the stored credentials are unchanged. "
-                "Retry later.", retry_after=outcome.retry_after or 30, connection_id=str(conn.id))
+                "Intuit is not reachable right now; the stored credentials are unchanged. Retry later.",
+                retry_after=outcome.retry_after or 30,
+                connection_id=str(conn.id),
+            )
         REFRESHES.labels("error", trigger).inc()
-        log.error("refresh failed: %s", type(outcome).__name__,
-                  extra={"connection_id": str(conn.id), "intuit_tid": outcome.intuit_tid})
+        log.error(
+            "refresh failed: %s",
+            type(outcome).__name__,
+            extra={"connection_id": str(conn.id), "intuit_tid": outcome.intuit_tid},
+        )
         if isinstance(outcome, intuit_errors.InvalidClient):  # refused before the token
             await self._pool.execute(_SETTLE_ONE, attempt)
-        raise IntuitRejected("Intuit refused the refresh request; the stored credentials are "
-                             "unchanged.", connection_id=str(conn.id))
+        raise IntuitRejected(
+            "Intuit refused the refresh request; the stored credentials are unchanged.",
+            connection_id=str(conn.id),
+        )
 
     async def _write(self, statement: str, *args: Any) -> Any:
         """Run a conditional write, again if the connection to the database fails under it."""
@@ -676,14 +833,20 @@ class TokenRefresher:
             except _RETRIABLE as exc:
                 if delay is None:
                     raise
-                log.warning("storing a refresh outcome failed (%s); trying again",
-                            type(exc).__name__, extra={"connection_id": str(args[0])})
+                log.warning(
+                    "storing a refresh outcome failed (%s); trying again",
+                    type(exc).__name__,
+                    extra={"connection_id": str(args[0])},
+                )
                 await asyncio.sleep(delay)
         raise AssertionError("unreachable")
 
-    async def _superseded(self, conn: Any, outcome: TokenSet | IntuitError, attempt: int,
-                          trigger: str) -> None:
-        log.warning("refresh outcome set aside: the connection changed meanwhile",
-                    extra={"connection_id": str(conn.id), "outcome": type(outcome).__name__})
+    async def _superseded(
+        self, conn: Any, outcome: TokenSet | IntuitError, attempt: int, trigger: str
+    ) -> None:
+        log.warning(
+            "refresh outcome set aside: the connection changed meanwhile",
+            extra={"connection_id": str(conn.id), "outcome": type(outcome).__name__},
+        )
         REFRESHES.labels("superseded", trigger).inc()
         await self._pool.execute(_SETTLE_ONE, attempt)

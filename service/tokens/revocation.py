@@ -32,28 +32,47 @@ def _aad(row: PendingRevocation) -> str:
     return revocation_aad(row.connection_id, row.id)
 
 
-def queue_revocation(session: AsyncSession, box: SecretBox, *, connection_id: uuid.UUID,
-                     token: str, reason: str, error: str | None = None) -> uuid.UUID:
+def queue_revocation(
+    session: AsyncSession,
+    box: SecretBox,
+    *,
+    connection_id: uuid.UUID,
+    token: str,
+    reason: str,
+    error: str | None = None,
+) -> uuid.UUID:
     """Queue a revocation in the caller's transaction (the outbox); returns its id."""
-    row = PendingRevocation(id=uuid.uuid4(), connection_id=connection_id, token="",
-                            reason=reason, last_error=error,
-                            next_attempt_at=datetime.now(UTC) + timedelta(seconds=30))
+    row = PendingRevocation(
+        id=uuid.uuid4(),
+        connection_id=connection_id,
+        token="",
+        reason=reason,
+        last_error=error,
+        next_attempt_at=datetime.now(UTC) + timedelta(seconds=30),
+    )
     row.token = box.encrypt(token, _aad(row))
     session.add(row)
     return row.id
 
 
-def revoke_after_commit(session: AsyncSession, sessionmaker: async_sessionmaker[AsyncSession],
-                        intuit: IntuitClient, box: SecretBox, *, connection_id: uuid.UUID,
-                        token: str, reason: str) -> None:
+def revoke_after_commit(
+    session: AsyncSession,
+    sessionmaker: async_sessionmaker[AsyncSession],
+    intuit: IntuitClient,
+    box: SecretBox,
+    *,
+    connection_id: uuid.UUID,
+    token: str,
+    reason: str,
+) -> None:
     """Queue the revocation in the session's transaction, and send it once that has committed."""
-    queued = queue_revocation(session, box, connection_id=connection_id, token=token,
-                              reason=reason)
+    queued = queue_revocation(session, box, connection_id=connection_id, token=token, reason=reason)
     after_commit(session, lambda: revoke_queued(sessionmaker, intuit, box, [queued]))
 
 
-async def revoke_queued(sessionmaker: async_sessionmaker[AsyncSession], intuit: IntuitClient,
-                        box: SecretBox, ids: list[uuid.UUID]) -> None:
+async def revoke_queued(
+    sessionmaker: async_sessionmaker[AsyncSession], intuit: IntuitClient, box: SecretBox, ids: list[uuid.UUID]
+) -> None:
     """Revoke queued revocations now, after the transaction that queued them has committed.
     Nothing is locked while Intuit answers; one that fails stays queued for the background
     worker (revoking twice is harmless: Intuit answers a dead token with 400). A revocation
@@ -68,9 +87,11 @@ async def revoke_queued(sessionmaker: async_sessionmaker[AsyncSession], intuit: 
         except DecryptionError:
             continue  # stays queued for a replica that holds the key
         except IntuitError as exc:
-            log.warning("revocation deferred: %s", type(exc).__name__,
-                        extra={"connection_id": str(row.connection_id),
-                               "intuit_tid": exc.intuit_tid})
+            log.warning(
+                "revocation deferred: %s",
+                type(exc).__name__,
+                extra={"connection_id": str(row.connection_id), "intuit_tid": exc.intuit_tid},
+            )
             continue
         async with sessionmaker() as session, session.begin():
             await _settle(session, row)
@@ -80,29 +101,38 @@ async def revoke_queued(sessionmaker: async_sessionmaker[AsyncSession], intuit: 
 async def _settle(session: AsyncSession, row: PendingRevocation) -> None:
     """Drop a revocation Intuit confirmed, with a `revoked` event on its connection, if that
     still exists."""
-    deleted = (await session.execute(
-        sa.delete(PendingRevocation).where(R.id == row.id).returning(R.id))).first()
+    deleted = (
+        await session.execute(sa.delete(PendingRevocation).where(R.id == row.id).returning(R.id))
+    ).first()
     if deleted is None:
         return  # another replica settled it first
     C = Connection.__table__.c  # type: ignore[attr-defined]
     E = ConnectionEvent.__table__.c  # type: ignore[attr-defined]
-    await session.execute(sa.insert(ConnectionEvent).from_select(
-        [E.connection_id, E.tenant_id, E.type, E.actor, E.details],
-        sa.select(C.id, C.tenant_id, sa.literal("revoked"), sa.literal("broker"),
-                  sa.func.jsonb_build_object("reason", row.reason))
-        .where(C.id == row.connection_id)))
+    await session.execute(
+        sa.insert(ConnectionEvent).from_select(
+            [E.connection_id, E.tenant_id, E.type, E.actor, E.details],
+            sa.select(
+                C.id,
+                C.tenant_id,
+                sa.literal("revoked"),
+                sa.literal("broker"),
+                sa.func.jsonb_build_object("reason", row.reason),
+            ).where(C.id == row.connection_id),
+        )
+    )
 
 
 def _back_off(row: PendingRevocation, error: str) -> None:
     row.attempts += 1
     row.last_error = error
     row.next_attempt_at = datetime.now(UTC) + min(
-        timedelta(seconds=30 * 2 ** min(row.attempts, 10)), _MAX_BACKOFF)
+        timedelta(seconds=30 * 2 ** min(row.attempts, 10)), _MAX_BACKOFF
+    )
 
 
-async def retry_pending_revocations(sessionmaker: async_sessionmaker[AsyncSession],
-                                    intuit: IntuitClient, box: SecretBox, *,
-                                    batch: int = 20) -> int:
+async def retry_pending_revocations(
+    sessionmaker: async_sessionmaker[AsyncSession], intuit: IntuitClient, box: SecretBox, *, batch: int = 20
+) -> int:
     """One pass over due revocations. Replicas share the work: a short transaction claims due
     rows (SKIP LOCKED) by moving their next attempt past a lease, and commits; Intuit is then
     called with nothing locked, and each outcome is written in a transaction of its own. A
@@ -113,12 +143,20 @@ async def retry_pending_revocations(sessionmaker: async_sessionmaker[AsyncSessio
     retried later, and the failure is logged and counted (qbo_broker_background_row_errors_total).
     """
     async with sessionmaker() as session, session.begin():
-        rows = list((await session.execute(
-            sa.select(PendingRevocation).where(
-                R.next_attempt_at <= sa.func.now(),
-                sa.func.split_part(R.token, ".", 1).in_(box.key_ids))
-            .order_by(R.next_attempt_at).limit(batch).with_for_update(skip_locked=True)
-        )).scalars())
+        rows = list(
+            (
+                await session.execute(
+                    sa.select(PendingRevocation)
+                    .where(
+                        R.next_attempt_at <= sa.func.now(),
+                        sa.func.split_part(R.token, ".", 1).in_(box.key_ids),
+                    )
+                    .order_by(R.next_attempt_at)
+                    .limit(batch)
+                    .with_for_update(skip_locked=True)
+                )
+            ).scalars()
+        )
         for row in rows:
             row.next_attempt_at = datetime.now(UTC) + _CLAIM_LEASE
     done = 0
@@ -141,8 +179,12 @@ async def _revoke_one(intuit: IntuitClient, box: SecretBox, row: PendingRevocati
     try:
         token = box.decrypt(row.token, _aad(row))
     except DecryptionError as exc:
-        log.error("pending revocation %s does not open (%s); kept queued", row.id, exc,
-                  extra={"connection_id": str(row.connection_id)})
+        log.error(
+            "pending revocation %s does not open (%s); kept queued",
+            row.id,
+            exc,
+            extra={"connection_id": str(row.connection_id)},
+        )
         BACKGROUND_ROW_ERRORS.labels("revocation", "undecryptable").inc()
         return "DecryptionError"
     try:
@@ -151,8 +193,12 @@ async def _revoke_one(intuit: IntuitClient, box: SecretBox, row: PendingRevocati
         BACKGROUND_RUNS.labels("revocation", "deferred").inc()
         return type(exc).__name__
     except Exception as exc:  # one row's surprise is not the others' problem
-        log.error("pending revocation %s failed: %s; kept queued", row.id,
-                  type(exc).__name__, extra={"connection_id": str(row.connection_id)})
+        log.error(
+            "pending revocation %s failed: %s; kept queued",
+            row.id,
+            type(exc).__name__,
+            extra={"connection_id": str(row.connection_id)},
+        )
         BACKGROUND_ROW_ERRORS.labels("revocation", "error").inc()
         return type(exc).__name__
     return None

@@ -18,13 +18,19 @@ WebhookUrl = Annotated[str, StringConstraints(min_length=1, max_length=MAX_URL_C
 
 
 class WebhookEndpointCreate(Strict):
-    url: WebhookUrl = Field(description="https URL of a public host (http and private hosts only "
-                                        "with BROKER_WEBHOOK_ALLOW_PRIVATE=true).")
+    url: WebhookUrl = Field(
+        description="https URL of a public host (http and private hosts only "
+        "with BROKER_WEBHOOK_ALLOW_PRIVATE=true)."
+    )
     event_types: list[EventType] | None = Field(
-        default=None, min_length=1, max_length=len(EventType),
-        description="Only these event types; all when left out.")
-    tenant_id: TenantId | None = Field(default=None,
-                                       description="Only this tenant's events; all when left out.")
+        default=None,
+        min_length=1,
+        max_length=len(EventType),
+        description="Only these event types; all when left out.",
+    )
+    tenant_id: TenantId | None = Field(
+        default=None, description="Only this tenant's events; all when left out."
+    )
 
 
 class EndpointStatus(StrEnum):
@@ -41,7 +47,8 @@ class WebhookEndpointOut(BaseModel):
     disabled_at: datetime | None
     disabled_reason: str | None
     previous_secret_expires_at: datetime | None = Field(
-        description="While a rotated-out secret still signs deliveries: until when.")
+        description="While a rotated-out secret still signs deliveries: until when."
+    )
     created_at: datetime
     updated_at: datetime
 
@@ -49,15 +56,19 @@ class WebhookEndpointOut(BaseModel):
     def of(cls, endpoint: WebhookEndpoint, *, now: datetime) -> WebhookEndpointOut:
         expires = endpoint.previous_secret_expires_at
         return cls(
-            id=endpoint.id, url=endpoint.url,
-            event_types=None if endpoint.event_types is None
+            id=endpoint.id,
+            url=endpoint.url,
+            event_types=None
+            if endpoint.event_types is None
             else [EventType(t) for t in endpoint.event_types],
             tenant_id=endpoint.tenant_id,
-            status=EndpointStatus.ENABLED if endpoint.disabled_at is None
-            else EndpointStatus.DISABLED,
-            disabled_at=endpoint.disabled_at, disabled_reason=endpoint.disabled_reason,
+            status=EndpointStatus.ENABLED if endpoint.disabled_at is None else EndpointStatus.DISABLED,
+            disabled_at=endpoint.disabled_at,
+            disabled_reason=endpoint.disabled_reason,
             previous_secret_expires_at=expires if expires is not None and expires > now else None,
-            created_at=endpoint.created_at, updated_at=endpoint.updated_at)
+            created_at=endpoint.created_at,
+            updated_at=endpoint.updated_at,
+        )
 
 
 class WebhookEndpointCreated(WebhookEndpointOut):
@@ -67,7 +78,8 @@ class WebhookEndpointCreated(WebhookEndpointOut):
 class SecretRotated(BaseModel):
     secret: str = Field(description="The new signing secret (`whsec_…`), shown only now.")
     previous_secret_expires_at: datetime = Field(
-        description="Until then deliveries carry a signature with the previous secret too.")
+        description="Until then deliveries carry a signature with the previous secret too."
+    )
 
 
 class DeliveryStatus(StrEnum):
@@ -94,13 +106,21 @@ class DeliveryOut(BaseModel):
 
     @classmethod
     def of(cls, delivery: WebhookDelivery, event_type: str) -> DeliveryOut:
-        return cls(id=delivery.id, endpoint_id=delivery.endpoint_id, event_id=delivery.event_id,
-                   event_type=event_type, status=DeliveryStatus(delivery.status),
-                   attempts=delivery.attempts, last_attempt_at=delivery.last_attempt_at,
-                   last_status_code=delivery.last_status_code,
-                   last_duration_ms=delivery.last_duration_ms, last_error=delivery.last_error,
-                   next_attempt_at=delivery.next_attempt_at, delivered_at=delivery.delivered_at,
-                   created_at=delivery.created_at)
+        return cls(
+            id=delivery.id,
+            endpoint_id=delivery.endpoint_id,
+            event_id=delivery.event_id,
+            event_type=event_type,
+            status=DeliveryStatus(delivery.status),
+            attempts=delivery.attempts,
+            last_attempt_at=delivery.last_attempt_at,
+            last_status_code=delivery.last_status_code,
+            last_duration_ms=delivery.last_duration_ms,
+            last_error=delivery.last_error,
+            next_attempt_at=delivery.next_attempt_at,
+            delivered_at=delivery.delivered_at,
+            created_at=delivery.created_at,
+        )
 
 
 class Redelivered(BaseModel):

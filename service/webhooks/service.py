@@ -36,12 +36,14 @@ async def check_url(url: str, settings: Settings) -> None:
     try:
         await destinations.resolve(url, allow_private=settings.webhook_allow_private)
     except destinations.DestinationRefused as exc:
-        raise ValidationFailed(str(exc), errors=[
-            {"loc": ["body", "url"], "msg": str(exc), "type": "value_error"}]) from None
+        raise ValidationFailed(
+            str(exc), errors=[{"loc": ["body", "url"], "msg": str(exc), "type": "value_error"}]
+        ) from None
 
 
-async def create(session: AsyncSession, settings: Settings, box: SecretBox,
-                 body: WebhookEndpointCreate, *, caller: Caller) -> tuple[WebhookEndpoint, str]:
+async def create(
+    session: AsyncSession, settings: Settings, box: SecretBox, body: WebhookEndpointCreate, *, caller: Caller
+) -> tuple[WebhookEndpoint, str]:
     """A new endpoint and its secret (in clear, for the caller to keep; stored sealed)."""
     await check_url(body.url, settings)
     # Endpoints without a tenant count as one more "tenant"; the lock makes creates count in turn.
@@ -50,10 +52,13 @@ async def create(session: AsyncSession, settings: Settings, box: SecretBox,
     if await repo.count_endpoints(session, tenant_id=body.tenant_id) >= limit:
         raise WebhookEndpointLimitReached(
             f"At most {limit} webhook endpoints per tenant (and {limit} for all tenants); "
-            "delete one that is no longer used.", limit=limit)
+            "delete one that is no longer used.",
+            limit=limit,
+        )
     event_types = None if body.event_types is None else sorted({t.value for t in body.event_types})
-    endpoint = WebhookEndpoint(url=body.url, tenant_id=body.tenant_id, event_types=event_types,
-                               secret="", created_by=caller.actor)
+    endpoint = WebhookEndpoint(
+        url=body.url, tenant_id=body.tenant_id, event_types=event_types, secret="", created_by=caller.actor
+    )
     secret = signing.new_secret()
     endpoint.secret = box.encrypt(secret, secret_associated_data(endpoint.id, "secret"))
     session.add(endpoint)
@@ -61,24 +66,23 @@ async def create(session: AsyncSession, settings: Settings, box: SecretBox,
     return endpoint, secret
 
 
-async def load(session: AsyncSession, endpoint_id: uuid.UUID, *,
-               for_update: bool = False) -> WebhookEndpoint:
+async def load(session: AsyncSession, endpoint_id: uuid.UUID, *, for_update: bool = False) -> WebhookEndpoint:
     endpoint = await repo.get_endpoint(session, endpoint_id, for_update=for_update)
     if endpoint is None:
         raise NotFound("No such webhook endpoint.")
     return endpoint
 
 
-async def rotate_secret(session: AsyncSession, box: SecretBox,
-                        endpoint: WebhookEndpoint) -> tuple[str, datetime]:
+async def rotate_secret(
+    session: AsyncSession, box: SecretBox, endpoint: WebhookEndpoint
+) -> tuple[str, datetime]:
     """A new secret; the current one keeps signing (beside it) for ROTATION_OVERLAP. A rotation
     during another one's overlap retires the oldest secret at once."""
     now = datetime.now(UTC)
     current = box.decrypt(endpoint.secret, secret_associated_data(endpoint.id, "secret"))
     secret = signing.new_secret()
     expires = now + ROTATION_OVERLAP
-    endpoint.previous_secret = box.encrypt(
-        current, secret_associated_data(endpoint.id, "previous_secret"))
+    endpoint.previous_secret = box.encrypt(current, secret_associated_data(endpoint.id, "previous_secret"))
     endpoint.previous_secret_expires_at = expires
     endpoint.secret = box.encrypt(secret, secret_associated_data(endpoint.id, "secret"))
     endpoint.updated_at = now
@@ -91,8 +95,9 @@ async def delete(session: AsyncSession, endpoint: WebhookEndpoint) -> None:
     await session.flush()
 
 
-async def redeliver(session: AsyncSession, *, event_id: uuid.UUID,
-                    endpoint_id: uuid.UUID | None) -> list[tuple[WebhookDelivery, str]]:
+async def redeliver(
+    session: AsyncSession, *, event_id: uuid.UUID, endpoint_id: uuid.UUID | None
+) -> list[tuple[WebhookDelivery, str]]:
     if not await repo.event_exists(session, event_id):
         raise NotFound("No such event.")
     if endpoint_id is not None:

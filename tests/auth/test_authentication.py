@@ -23,24 +23,33 @@ from tests.conftest import JWT_SECRET, RETURN_URL, user_headers
 from tests.support.servers import ThreadedServer, free_port
 
 
-def _token(claims: dict[str, Any], key: Any = JWT_SECRET, alg: str = "HS256",
-           headers: dict[str, Any] | None = None) -> str:
+def _token(
+    claims: dict[str, Any], key: Any = JWT_SECRET, alg: str = "HS256", headers: dict[str, Any] | None = None
+) -> str:
     base = {"sub": "user-1", "tenant_id": "tenant-a", "exp": int(time.time()) + 600}
     return jwt.encode({**base, **claims}, key, algorithm=alg, headers=headers)
 
 
-@pytest.mark.parametrize("headers,why", [
-    ({}, "no credentials"),
-    ({"Authorization": "Bearer not-a-jwt"}, "garbage"),
-    ({"Authorization": "Basic dXNlcjpwYXNz"}, "wrong scheme"),
-    ({"Authorization": f"Bearer {_token({}, key='another-secret-of-sufficient-length!!')}"}, "forged"),
-    ({"Authorization": f"Bearer {_token({'exp': int(time.time()) - 3600})}"}, "expired"),
-    ({"Authorization": f"Bearer {jwt.encode({'sub': 'u', 'tenant_id': 't'}, JWT_SECRET)}"}, "no exp"),
-    ({"Authorization": f"Bearer {_token({'tenant_id': None})}"}, "no tenant"),
-    ({"Authorization": "Bearer " + jwt.encode({"sub": "u", "tenant_id": "t", "exp": 9999999999},
-                                              None, algorithm="none")}, "alg none"),
-    ({"X-API-Key": "qbk_00000000_unknown"}, "unknown key"),
-])
+@pytest.mark.parametrize(
+    "headers,why",
+    [
+        ({}, "no credentials"),
+        ({"Authorization": "Bearer not-a-jwt"}, "garbage"),
+        ({"Authorization": "Basic dXNlcjpwYXNz"}, "wrong scheme"),
+        ({"Authorization": f"Bearer {_token({}, key='another-secret-of-sufficient-length!!')}"}, "forged"),
+        ({"Authorization": f"Bearer {_token({'exp': int(time.time()) - 3600})}"}, "expired"),
+        ({"Authorization": f"Bearer {jwt.encode({'sub': 'u', 'tenant_id': 't'}, JWT_SECRET)}"}, "no exp"),
+        ({"Authorization": f"Bearer {_token({'tenant_id': None})}"}, "no tenant"),
+        (
+            {
+                "Authorization": "Bearer "
+                + jwt.encode({"sub": "u", "tenant_id": "t", "exp": 9999999999}, None, algorithm="none")
+            },
+            "alg none",
+        ),
+        ({"X-API-Key": "qbk_00000000_unknown"}, "unknown key"),
+    ],
+)
 async def test_bad_credentials_are_401_problems(client: httpx.AsyncClient, headers, why) -> None:
     response = await client.get("/connections", headers=headers)
     assert response.status_code == 401, why
@@ -87,26 +96,34 @@ async def test_service_scopes_are_enforced(client, service_headers, new_connecti
     assert missing_tenant.status_code == 422
     no_user = await client.post(f"/connections/{conn['id']}/authorize", json={}, headers=writer)
     assert no_user.status_code == 422
-    with_user = await client.post(f"/connections/{conn['id']}/authorize",
-                                  json={"user_id": "user-9", "return_url": RETURN_URL},
-                                  headers=writer)
+    with_user = await client.post(
+        f"/connections/{conn['id']}/authorize",
+        json={"user_id": "user-9", "return_url": RETURN_URL},
+        headers=writer,
+    )
     assert with_user.status_code == 200
 
 
 async def test_return_url_must_be_on_the_allowlist(client, new_connection) -> None:
     conn = await new_connection()
     url = f"/connections/{conn['id']}/authorize"
-    for bad in ("https://evil.test/x", "https://app.cietrade.test.evil.test/",
-                "http://app.cietrade.test/", "https://app.cietrade.test:8443/"):
+    for bad in (
+        "https://evil.test/x",
+        "https://app.cietrade.test.evil.test/",
+        "http://app.cietrade.test/",
+        "https://app.cietrade.test:8443/",
+    ):
         response = await client.post(url, json={"return_url": bad}, headers=user_headers())
         assert response.status_code == 400, bad
         assert response.json()["code"] == "return_url_not_allowed"
-    ok = await client.post(url, json={"return_url": "https://app.cietrade.test/a?b=c"},
-                           headers=user_headers())
+    ok = await client.post(
+        url, json={"return_url": "https://app.cietrade.test/a?b=c"}, headers=user_headers()
+    )
     assert ok.status_code == 200
 
 
 # -- RS256 and JWKS, against the verifier directly ---------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def rsa_key() -> rsa.RSAPrivateKey:
@@ -128,14 +145,25 @@ def _settings(**values: Any) -> Settings:
 
 
 async def test_rs256_with_public_key_and_issuer_audience(rsa_key) -> None:
-    pem = rsa_key.public_key().public_bytes(serialization.Encoding.PEM,
-                                            serialization.PublicFormat.SubjectPublicKeyInfo).decode()
-    verifier = JWTVerifier(_settings(BROKER_JWT_PUBLIC_KEY=pem, BROKER_JWT_ISSUER="https://id.cietrade",
-                                     BROKER_JWT_AUDIENCE="qbo-broker"))
+    pem = (
+        rsa_key.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+    verifier = JWTVerifier(
+        _settings(
+            BROKER_JWT_PUBLIC_KEY=pem,
+            BROKER_JWT_ISSUER="https://id.cietrade",
+            BROKER_JWT_AUDIENCE="qbo-broker",
+        )
+    )
     good = _token({"iss": "https://id.cietrade", "aud": "qbo-broker"}, key=rsa_key, alg="RS256")
     assert (await verifier.verify(good))["sub"] == "user-1"
-    for claims in ({"iss": "https://other", "aud": "qbo-broker"},
-                   {"iss": "https://id.cietrade", "aud": "someone-else"}, {}):
+    for claims in (
+        {"iss": "https://other", "aud": "qbo-broker"},
+        {"iss": "https://id.cietrade", "aud": "someone-else"},
+        {},
+    ):
         with pytest.raises(Unauthorized):
             await verifier.verify(_token(claims, key=rsa_key, alg="RS256"))
     # An HS256 token signed with the public key as secret (key confusion) is refused.

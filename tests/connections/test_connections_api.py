@@ -28,14 +28,12 @@ async def test_create_without_body_works_for_users(client: httpx.AsyncClient) ->
 
 
 async def test_user_cannot_create_for_another_tenant(client: httpx.AsyncClient) -> None:
-    response = await client.post("/connections", json={"tenant_id": "tenant-b"},
-                                 headers=user_headers())
+    response = await client.post("/connections", json={"tenant_id": "tenant-b"}, headers=user_headers())
     assert response.status_code == 403
     assert response.json()["code"] == "forbidden"
 
 
-async def test_another_tenants_connection_is_not_found_everywhere(client, new_connection,
-                                                                  connect) -> None:
+async def test_another_tenants_connection_is_not_found_everywhere(client, new_connection, connect) -> None:
     conn = await new_connection(tenant="tenant-b", user="b-user")
     await connect(conn["id"], tenant="tenant-b", user="b-user")
     intruder = user_headers("tenant-a", "user-1")
@@ -58,9 +56,10 @@ async def test_another_tenants_connection_is_not_found_everywhere(client, new_co
     assert listed["items"] == []
     status = (await client.get("/status", headers=intruder)).json()
     assert status["connections"] == []
-    assert (await client.get("/status", params={"tenant_id": "tenant-b"},
-                             headers=intruder)).status_code == 404
-    still = (await client.get(f"/connections/{cid}", headers=user_headers("tenant-b", "b-user")))
+    assert (
+        await client.get("/status", params={"tenant_id": "tenant-b"}, headers=intruder)
+    ).status_code == 404
+    still = await client.get(f"/connections/{cid}", headers=user_headers("tenant-b", "b-user"))
     assert still.json()["status"] == "connected"
 
 
@@ -78,22 +77,21 @@ async def test_list_paginates_newest_first_and_filters(client, new_connection, c
         if cursor is None:
             break
     assert seen == [c["id"] for c in reversed(made)]
-    connected = (await client.get("/connections", params={"status": "connected"},
-                                  headers=user_headers())).json()
+    connected = (
+        await client.get("/connections", params={"status": "connected"}, headers=user_headers())
+    ).json()
     assert [c["id"] for c in connected["items"]] == [made[0]["id"]]
 
 
 async def test_bad_cursor_and_limit_are_validation_errors(client) -> None:
-    for params in ({"cursor": "not-a-cursor"}, {"limit": 0}, {"limit": 101},
-                   {"status": "sleeping"}):
+    for params in ({"cursor": "not-a-cursor"}, {"limit": 0}, {"limit": 101}, {"status": "sleeping"}):
         response = await client.get("/connections", params=params, headers=user_headers())
         assert response.status_code == 422, params
         assert response.json()["code"] == "validation_error"
         assert response.headers["content-type"].startswith("application/problem+json")
 
 
-async def test_patch_modules_keeps_omitted_keys_and_enables_the_link(client, new_connection,
-                                                                     connect) -> None:
+async def test_patch_modules_keeps_omitted_keys_and_enables_the_link(client, new_connection, connect) -> None:
     conn = await new_connection()
     url = f"/connections/{conn['id']}"
     on = await client.patch(url, json={"modules": {"accounts_receivable": True}}, headers=user_headers())
@@ -106,14 +104,25 @@ async def test_patch_modules_keeps_omitted_keys_and_enables_the_link(client, new
     status = (await client.get("/status", headers=user_headers())).json()
     assert status["accounting_link"] == "enabled"
     assert status["connections"][0]["modules"]["accounts_payable"] is True
-    off = await client.patch(url, json={"modules": {"accounts_receivable": False,
-                                                    "accounts_payable": False}},
-                             headers=user_headers())
+    off = await client.patch(
+        url,
+        json={"modules": {"accounts_receivable": False, "accounts_payable": False}},
+        headers=user_headers(),
+    )
     assert off.json()["accounting_link"] == "disabled"
 
 
-@pytest.mark.parametrize("body", [{"modules": {"accounts_receivable": "yes"}}, {"modules": {}},
-                                  {"modules": {"payroll": True}}, {}, [], "text"])
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"modules": {"accounts_receivable": "yes"}},
+        {"modules": {}},
+        {"modules": {"payroll": True}},
+        {},
+        [],
+        "text",
+    ],
+)
 async def test_patch_rejects_bad_bodies(client, new_connection, body) -> None:
     conn = await new_connection()
     response = await client.patch(f"/connections/{conn['id']}", json=body, headers=user_headers())
@@ -126,8 +135,11 @@ async def test_patch_rejects_bad_bodies(client, new_connection, body) -> None:
 
 async def test_malformed_json_is_a_validation_error(client, new_connection) -> None:
     conn = await new_connection()
-    response = await client.patch(f"/connections/{conn['id']}", content=b"{not json",
-                                  headers={**user_headers(), "Content-Type": "application/json"})
+    response = await client.patch(
+        f"/connections/{conn['id']}",
+        content=b"{not json",
+        headers={**user_headers(), "Content-Type": "application/json"},
+    )
     assert response.status_code == 422
     assert response.json()["code"] == "validation_error"
 
@@ -135,8 +147,11 @@ async def test_malformed_json_is_a_validation_error(client, new_connection) -> N
 async def test_oversized_body_is_refused(client, new_connection) -> None:
     conn = await new_connection()
     big = b'{"modules": {"accounts_receivable": true}, "pad": "' + b"x" * 200_000 + b'"}'
-    response = await client.patch(f"/connections/{conn['id']}", content=big,
-                                  headers={**user_headers(), "Content-Type": "application/json"})
+    response = await client.patch(
+        f"/connections/{conn['id']}",
+        content=big,
+        headers={**user_headers(), "Content-Type": "application/json"},
+    )
     assert response.status_code == 413
     assert response.json()["code"] == "payload_too_large"
 
@@ -146,8 +161,11 @@ async def test_oversized_body_is_refused(client, new_connection) -> None:
             yield b"x" * 10_000
         yield b'"}'
 
-    streamed = await client.patch(f"/connections/{conn['id']}", content=chunks(),
-                                  headers={**user_headers(), "Content-Type": "application/json"})
+    streamed = await client.patch(
+        f"/connections/{conn['id']}",
+        content=chunks(),
+        headers={**user_headers(), "Content-Type": "application/json"},
+    )
     assert streamed.status_code == 413
 
 
@@ -169,12 +187,14 @@ async def test_delete_disconnects_then_removes(client, new_connection, connect, 
     assert gone.status_code == 404
 
 
-async def test_status_lists_every_connection_of_the_tenant(client, new_connection, connect,
-                                                           service_headers) -> None:
+async def test_status_lists_every_connection_of_the_tenant(
+    client, new_connection, connect, service_headers
+) -> None:
     a, b = await new_connection(), await new_connection()
     await connect(a["id"])
-    await client.patch(f"/connections/{a['id']}", json={"modules": {"accounts_receivable": True}},
-                       headers=user_headers())
+    await client.patch(
+        f"/connections/{a['id']}", json={"modules": {"accounts_receivable": True}}, headers=user_headers()
+    )
     status = (await client.get("/status", headers=user_headers())).json()
     assert status["tenant_id"] == TENANT
     assert status["accounting_link"] == "enabled"

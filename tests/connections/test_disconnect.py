@@ -18,8 +18,9 @@ from tests.support.db_helpers import execute, fetchrow
 from tests.support.waiting import until
 
 
-async def test_disconnect_revokes_wipes_and_remembers_owner(client, new_connection, connect,
-                                                            emulator, stack) -> None:
+async def test_disconnect_revokes_wipes_and_remembers_owner(
+    client, new_connection, connect, emulator, stack
+) -> None:
     conn = await new_connection()
     await connect(conn["id"])
     assert len((await emulator.get("/grants")).json()) == 1
@@ -31,8 +32,9 @@ async def test_disconnect_revokes_wipes_and_remembers_owner(client, new_connecti
     assert body["owner"]["quickbooks_user"]["email"] == ALICE  # the last owner is remembered
     assert body["access_token_expires_at"] is None and body["accounting_link"] == "disabled"
     assert (await emulator.get("/grants")).json() == []  # revoked at Intuit
-    row = await fetchrow(stack.database_url, "SELECT access_token, refresh_token FROM connections "
-                         "WHERE id=$1", conn["id"])
+    row = await fetchrow(
+        stack.database_url, "SELECT access_token, refresh_token FROM connections WHERE id=$1", conn["id"]
+    )
     assert row["access_token"] is None and row["refresh_token"] is None
     again = await client.post(f"/connections/{conn['id']}/disconnect", headers=user_headers())
     assert again.status_code == 200 and again.json()["status"] == "disconnected"
@@ -53,12 +55,12 @@ async def test_disconnecting_a_never_linked_connection_is_not_connected(client, 
     assert response.status_code == 409 and response.json()["code"] == "not_connected"
 
 
-async def test_revocation_is_queued_when_intuit_is_down_and_retried(client, new_connection, connect,
-                                                                    emulator, stack) -> None:
+async def test_revocation_is_queued_when_intuit_is_down_and_retried(
+    client, new_connection, connect, emulator, stack
+) -> None:
     conn = await new_connection()
     await connect(conn["id"])
-    await emulator.post("/faults", json={"endpoint": "revoke", "kind": "status", "status": 503,
-                                         "count": 50})
+    await emulator.post("/faults", json={"endpoint": "revoke", "kind": "status", "status": 503, "count": 50})
     response = await client.post(f"/connections/{conn['id']}/disconnect", headers=user_headers())
     assert response.status_code == 200 and response.json()["status"] == "disconnected"
     queued = await fetchrow(stack.database_url, "SELECT * FROM pending_revocations")
@@ -72,8 +74,9 @@ async def test_revocation_is_queued_when_intuit_is_down_and_retried(client, new_
     engine = build_engine(stack.database_url, pool_size=2)
     intuit = IntuitClient(settings)
     try:
-        done = await retry_pending_revocations(build_sessionmaker(engine), intuit,
-                                               SecretBox(settings.parsed_encryption_keys))
+        done = await retry_pending_revocations(
+            build_sessionmaker(engine), intuit, SecretBox(settings.parsed_encryption_keys)
+        )
     finally:
         await intuit.aclose()
         await engine.dispose()
@@ -86,14 +89,20 @@ async def test_events_paginate_newest_first(client, new_connection, connect) -> 
     conn = await new_connection()
     await connect(conn["id"])
     for flag in (True, False, True):
-        await client.patch(f"/connections/{conn['id']}", json={"modules": {"accounts_payable": flag}},
-                           headers=user_headers())
-    first = (await client.get(f"/connections/{conn['id']}/events", params={"limit": 2},
-                              headers=user_headers())).json()
+        await client.patch(
+            f"/connections/{conn['id']}", json={"modules": {"accounts_payable": flag}}, headers=user_headers()
+        )
+    first = (
+        await client.get(f"/connections/{conn['id']}/events", params={"limit": 2}, headers=user_headers())
+    ).json()
     assert [e["type"] for e in first["items"]] == ["modules_changed", "modules_changed"]
-    rest = (await client.get(f"/connections/{conn['id']}/events",
-                             params={"limit": 10, "cursor": first["next_cursor"]},
-                             headers=user_headers())).json()
+    rest = (
+        await client.get(
+            f"/connections/{conn['id']}/events",
+            params={"limit": 10, "cursor": first["next_cursor"]},
+            headers=user_headers(),
+        )
+    ).json()
     types = [e["type"] for e in rest["items"]]
     assert types == ["modules_changed", "linked", "created"]
     assert rest["next_cursor"] is None
@@ -125,24 +134,26 @@ def response_has_request_id(response: httpx.Response) -> bool:
     return bool(response.headers.get("x-request-id"))
 
 
-async def test_a_slow_revocation_at_intuit_holds_no_lock(client, new_connection, connect, emulator,
-                                                         stack) -> None:
+async def test_a_slow_revocation_at_intuit_holds_no_lock(
+    client, new_connection, connect, emulator, stack
+) -> None:
     # The disconnect commits first and revokes after: while Intuit takes 4 s to answer, the
     # connection's row is free, and a PATCH of it answers at once.
     conn = await new_connection()
     await connect(conn["id"])
     # The same PATCH once beforehand, so the one measured below is not the first of its kind
     # (statements compiled and cached, pool warm): what is left is any wait on a lock.
-    warm = await client.patch(f"/connections/{conn['id']}", headers=user_headers(),
-                              json={"modules": {"accounts_payable": True}})
+    warm = await client.patch(
+        f"/connections/{conn['id']}", headers=user_headers(), json={"modules": {"accounts_payable": True}}
+    )
     assert warm.status_code == 200, warm.text
     await emulator.post("/faults", json={"endpoint": "revoke", "kind": "timeout", "delay_s": 4})
     disconnecting = asyncio.create_task(
-        client.post(f"/connections/{conn['id']}/disconnect", headers=user_headers()))
+        client.post(f"/connections/{conn['id']}/disconnect", headers=user_headers())
+    )
 
     async def revoking() -> bool:
-        row = await fetchrow(stack.database_url, "SELECT status FROM connections WHERE id = $1",
-                             conn["id"])
+        row = await fetchrow(stack.database_url, "SELECT status FROM connections WHERE id = $1", conn["id"])
         return row["status"] == "disconnected"
 
     await until(revoking, "the disconnect to commit", within=3.0)
@@ -154,21 +165,24 @@ async def test_a_slow_revocation_at_intuit_holds_no_lock(client, new_connection,
     assert (await emulator.get("/grants")).json() == []
 
 
-async def test_a_slow_refresh_at_intuit_holds_no_lock(client, new_connection, connect, emulator,
-                                                      service_headers) -> None:
+async def test_a_slow_refresh_at_intuit_holds_no_lock(
+    client, new_connection, connect, emulator, service_headers
+) -> None:
     # A forced refresh records its attempt in one statement, then waits on Intuit with nothing
     # locked and no transaction open: while Intuit takes 4 s to answer, a PATCH of the same
     # connection answers at once, and the refresh's outcome is stored after it.
     conn = await new_connection()
     await connect(conn["id"])
     tokens = await service_headers("tokens:read", name="token-reader")
-    warm = await client.patch(f"/connections/{conn['id']}", headers=user_headers(),
-                              json={"modules": {"accounts_payable": True}})
+    warm = await client.patch(
+        f"/connections/{conn['id']}", headers=user_headers(), json={"modules": {"accounts_payable": True}}
+    )
     assert warm.status_code == 200, warm.text
     before = (await client.get(f"/connections/{conn['id']}/token", headers=tokens)).json()
     await emulator.post("/faults", json={"endpoint": "token", "kind": "timeout", "delay_s": 4})
-    refreshing = asyncio.create_task(client.get(
-        f"/connections/{conn['id']}/token?force_refresh=true", headers=tokens))
+    refreshing = asyncio.create_task(
+        client.get(f"/connections/{conn['id']}/token?force_refresh=true", headers=tokens)
+    )
 
     await asyncio.sleep(0.5)  # the refresh is at Intuit, waiting out the delay
     assert not refreshing.done()
@@ -184,8 +198,9 @@ async def test_a_slow_refresh_at_intuit_holds_no_lock(client, new_connection, co
     assert after["modules"] == {"accounts_receivable": True, "accounts_payable": True}
 
 
-async def _timed_patch(client: httpx.AsyncClient, connection_id: str,
-                       modules: dict[str, bool]) -> tuple[httpx.Response, float]:
+async def _timed_patch(
+    client: httpx.AsyncClient, connection_id: str, modules: dict[str, bool]
+) -> tuple[httpx.Response, float]:
     """A PATCH of the connection's modules, three times in a row, and the shortest time one took:
     a PATCH waiting on a lock held while Intuit answers would wait seconds each time, while the
     machine being busy for a moment delays only one of them. The broker runs in this process: a
@@ -197,8 +212,9 @@ async def _timed_patch(client: httpx.AsyncClient, connection_id: str,
         times = []
         for _ in range(3):
             started = time.monotonic()
-            patched = await client.patch(f"/connections/{connection_id}", headers=user_headers(),
-                                         json={"modules": modules})
+            patched = await client.patch(
+                f"/connections/{connection_id}", headers=user_headers(), json={"modules": modules}
+            )
             times.append(time.monotonic() - started)
             assert patched.status_code == 200, patched.text
         return patched, min(times)

@@ -24,8 +24,16 @@ from tests.conftest import CLIENT_ID, CLIENT_SECRET, JWT_SECRET, TENANT, Stack, 
 from tests.support.servers import ThreadedServer, free_port
 
 CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SCREENSHOTS = REPO_ROOT / "test-artifacts" / "screenshots"
 # Short enough that a page which never comes fails the test quickly, long enough for 2 cores.
@@ -48,11 +56,12 @@ def broker_with_page(settings_port: int, database_url: str, emulator_api_url: st
     """A broker serving the reference page as `qbo-broker dev` does, its JWTs for TENANT's
     users; the page's own origin is its return-URL allowlist (and so its CORS origin)."""
     origin = f"http://127.0.0.1:{settings_port}"
-    app = create_app(broker_settings(database_url, settings_port, emulator_api_url,
-                                     BROKER_RETURN_URL_ALLOWLIST=origin))
+    app = create_app(
+        broker_settings(database_url, settings_port, emulator_api_url, BROKER_RETURN_URL_ALLOWLIST=origin)
+    )
     install_integration_page(
-        app, lambda user: issue_dev_token(JWT_SECRET, tenant_id=TENANT, user_id=user),
-        default_user="user-1")
+        app, lambda user: issue_dev_token(JWT_SECRET, tenant_id=TENANT, user_id=user), default_user="user-1"
+    )
     return app
 
 
@@ -65,14 +74,24 @@ def browser_stack(stack: Stack) -> Iterator[BrowserStack]:
     # The browser reaches Intuit under another host name, so Intuit's session cookie stays
     # Intuit's, as it would across real sites.
     emulator_public_url = f"http://localhost:{emulator_port}"
-    emulator = ThreadedServer(create_emulator(EmulatorSettings(
-        public_url=emulator_public_url, internal_url=emulator_api_url, client_id=CLIENT_ID,
-        client_secret=CLIENT_SECRET, redirect_uris=[f"http://127.0.0.1:{broker_port}/callback"])),
-        emulator_port).start()
-    broker = ThreadedServer(broker_with_page(broker_port, stack.database_url, emulator_api_url),
-                            broker_port).start()
-    replica = ThreadedServer(broker_with_page(replica_port, stack.database_url, emulator_api_url),
-                             replica_port).start()
+    emulator = ThreadedServer(
+        create_emulator(
+            EmulatorSettings(
+                public_url=emulator_public_url,
+                internal_url=emulator_api_url,
+                client_id=CLIENT_ID,
+                client_secret=CLIENT_SECRET,
+                redirect_uris=[f"http://127.0.0.1:{broker_port}/callback"],
+            )
+        ),
+        emulator_port,
+    ).start()
+    broker = ThreadedServer(
+        broker_with_page(broker_port, stack.database_url, emulator_api_url), broker_port
+    ).start()
+    replica = ThreadedServer(
+        broker_with_page(replica_port, stack.database_url, emulator_api_url), replica_port
+    ).start()
     yield BrowserStack(broker.url, replica.url, emulator_public_url, emulator_api_url)
     replica.stop()
     broker.stop()
@@ -92,16 +111,17 @@ async def broker(browser_stack: BrowserStack, stack: Stack) -> AsyncIterator[htt
 def chromium() -> Path:
     # Never a skip: a missing browser must fail CI loudly rather than pass it untested.
     if not CHROMIUM.exists():
-        pytest.fail(f"The browser tests need Debian's Chromium at {CHROMIUM}: "
-                    "apt-get install -y chromium (.ci/run installs it when missing).")
+        pytest.fail(
+            f"The browser tests need Debian's Chromium at {CHROMIUM}: "
+            "apt-get install -y chromium (.ci/run installs it when missing)."
+        )
     return CHROMIUM
 
 
 @pytest.fixture(scope="module")
 async def browser(chromium: Path) -> AsyncIterator[Browser]:
     async with async_playwright() as playwright:
-        launched = await playwright.chromium.launch(executable_path=str(chromium),
-                                                    args=CHROMIUM_ARGS)
+        launched = await playwright.chromium.launch(executable_path=str(chromium), args=CHROMIUM_ARGS)
         yield launched
         await launched.close()
 

@@ -28,8 +28,7 @@ async def the_connection(broker: httpx.AsyncClient) -> dict[str, Any]:
     return dict(items[0])
 
 
-async def open_page(page: Page, stack: BrowserStack, user: str = "user-1", *,
-                    on: str | None = None) -> None:
+async def open_page(page: Page, stack: BrowserStack, user: str = "user-1", *, on: str | None = None) -> None:
     """The Integration page, once its status stream is live."""
     await page.goto(stack.integration_page(user, on=on))
     await expect(page.locator("#stream")).to_have_attribute("data-state", "live")
@@ -58,8 +57,9 @@ async def choose_company_and_connect(page: Page, camera: Camera, realm_id: str =
     await page.click("#connect")
 
 
-async def back_on_the_page(page: Page, camera: Camera, stack: BrowserStack, step: str,
-                           on: str | None = None) -> None:
+async def back_on_the_page(
+    page: Page, camera: Camera, stack: BrowserStack, step: str, on: str | None = None
+) -> None:
     """Back on the Integration page, which has taken the completion ticket out of the address."""
     await page.wait_for_url(f"{on or stack.broker_url}/dev/integration?user=*")
     await expect(page.locator("#message")).not_to_be_empty()
@@ -79,7 +79,8 @@ async def connect_as_alice(page: Page, camera: Camera, stack: BrowserStack) -> N
 
 
 async def test_connect_from_the_page_links_alice_and_lights_the_icon(
-        page: Page, camera: Camera, browser_stack: BrowserStack, broker: httpx.AsyncClient) -> None:
+    page: Page, camera: Camera, browser_stack: BrowserStack, broker: httpx.AsyncClient
+) -> None:
     # No connection yet: the page creates one when the user clicks Connect.
     await connect_as_alice(page, camera, browser_stack)
     await expect(page.locator("#company")).to_have_text("Sandbox Company_US_1")
@@ -108,7 +109,8 @@ async def test_connect_from_the_page_links_alice_and_lights_the_icon(
 
 
 async def test_the_icon_follows_a_connect_finished_in_another_tab_without_polling(
-        page: Page, camera: Camera, browser_stack: BrowserStack, broker: httpx.AsyncClient) -> None:
+    page: Page, camera: Camera, browser_stack: BrowserStack, broker: httpx.AsyncClient
+) -> None:
     """One tab shows the page; the user connects in a second tab. The first tab learns it from
     the stream: it asks the broker nothing until an event arrives."""
     await open_page(page, browser_stack)
@@ -136,7 +138,8 @@ async def test_the_icon_follows_a_connect_finished_in_another_tab_without_pollin
 
 
 async def test_a_page_on_one_replica_sees_changes_made_through_the_other(
-        page: Page, camera: Camera, browser_stack: BrowserStack, broker: httpx.AsyncClient) -> None:
+    page: Page, camera: Camera, browser_stack: BrowserStack, broker: httpx.AsyncClient
+) -> None:
     """The page's stream is on replica B; Connect, Save and Disconnect go through replica A."""
     await open_page(page, browser_stack, on=browser_stack.replica_url)
     await expect(page.locator("#link-icon")).to_have_attribute("data-state", "off")
@@ -158,8 +161,7 @@ async def test_a_page_on_one_replica_sees_changes_made_through_the_other(
     await camera.shot("replica-b-disconnected-live")
 
 
-async def colleague_connects_anyway_as_bob(page: Page, camera: Camera,
-                                           stack: BrowserStack) -> None:
+async def colleague_connects_anyway_as_bob(page: Page, camera: Camera, stack: BrowserStack) -> None:
     """A colleague reconnects in the same browser, where Intuit still remembers Alice; as Bob,
     on Intuit's Switch Admin page, Connect anyway: back on the page, a pending link."""
     await open_page(page, stack, user="user-2")
@@ -180,7 +182,8 @@ async def colleague_connects_anyway_as_bob(page: Page, camera: Camera,
 
 
 async def test_second_admin_connects_anyway_then_confirms_on_the_page(
-        page: Page, camera: Camera, browser_stack: BrowserStack, broker: httpx.AsyncClient) -> None:
+    page: Page, camera: Camera, browser_stack: BrowserStack, broker: httpx.AsyncClient
+) -> None:
     await connect_as_alice(page, camera, browser_stack)
     await colleague_connects_anyway_as_bob(page, camera, browser_stack)
 
@@ -201,7 +204,8 @@ async def test_second_admin_connects_anyway_then_confirms_on_the_page(
 
 
 async def test_second_admin_connects_anyway_then_declines_on_the_page(
-        page: Page, camera: Camera, browser_stack: BrowserStack, broker: httpx.AsyncClient) -> None:
+    page: Page, camera: Camera, browser_stack: BrowserStack, broker: httpx.AsyncClient
+) -> None:
     await connect_as_alice(page, camera, browser_stack)
     await colleague_connects_anyway_as_bob(page, camera, browser_stack)
 
@@ -220,7 +224,8 @@ async def test_second_admin_connects_anyway_then_declines_on_the_page(
 
 
 async def test_not_you_switches_to_another_quickbooks_user(
-        page: Page, camera: Camera, browser_stack: BrowserStack, broker: httpx.AsyncClient) -> None:
+    page: Page, camera: Camera, browser_stack: BrowserStack, broker: httpx.AsyncClient
+) -> None:
     await open_page(page, browser_stack)
     await click_connect(page, camera, browser_stack)
     await sign_in(page, camera, CAROL)
@@ -247,7 +252,8 @@ async def test_not_you_switches_to_another_quickbooks_user(
 
 
 async def test_non_admin_is_refused_and_returns_with_access_denied(
-        page: Page, camera: Camera, browser_stack: BrowserStack, broker: httpx.AsyncClient) -> None:
+    page: Page, camera: Camera, browser_stack: BrowserStack, broker: httpx.AsyncClient
+) -> None:
     await open_page(page, browser_stack)
     await click_connect(page, camera, browser_stack)
     await sign_in(page, camera, CAROL)

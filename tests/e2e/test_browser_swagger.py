@@ -50,12 +50,14 @@ async def authorize(page: Page, camera: Camera, scheme: str, value: str) -> None
 
 def operation(page: Page, method: str, path: str) -> Locator:
     # /status is listed under two tags; either copy will do.
-    return page.locator(f".opblock-{method.lower()}",
-                        has=page.locator(f'.opblock-summary-path[data-path="{path}"]')).first
+    return page.locator(
+        f".opblock-{method.lower()}", has=page.locator(f'.opblock-summary-path[data-path="{path}"]')
+    ).first
 
 
-async def try_it_out(page: Page, camera: Camera, method: str, path: str,
-                     parameters: dict[str, str] | None = None) -> tuple[int, Any]:
+async def try_it_out(
+    page: Page, camera: Camera, method: str, path: str, parameters: dict[str, str] | None = None
+) -> tuple[int, Any]:
     """Open the operation, Try it out, fill the parameters, Execute; returns the status code and
     the JSON body the page shows."""
     block = operation(page, method, path)
@@ -76,8 +78,12 @@ async def try_it_out(page: Page, camera: Camera, method: str, path: str,
 
 
 async def test_developer_uses_swagger_ui_offline(
-        page: Page, camera: Camera, stack: Stack, linked: Callable[..., Awaitable[str]],
-        service_headers: Callable[..., Awaitable[dict[str, str]]]) -> None:
+    page: Page,
+    camera: Camera,
+    stack: Stack,
+    linked: Callable[..., Awaitable[str]],
+    service_headers: Callable[..., Awaitable[dict[str, str]]],
+) -> None:
     connected_id = await linked()  # through the emulator, as in the Connect tests
     api_key = (await service_headers("tokens:read", name="swagger"))["X-API-Key"]
     jwt = user_headers(TENANT, "user-1")["Authorization"].removeprefix("Bearer ")
@@ -114,8 +120,9 @@ async def test_developer_uses_swagger_ui_offline(
     # What was pasted into Authorize survives a reload (persistAuthorization).
     await page.reload()
     await expect(page.locator("button.authorize.locked").first).to_be_visible()
-    status, token = await try_it_out(page, camera, "GET", "/connections/{connection_id}/token",
-                                     {"connection_id": connected_id})
+    status, token = await try_it_out(
+        page, camera, "GET", "/connections/{connection_id}/token", {"connection_id": connected_id}
+    )
     assert status == 200, token  # the API key was sent: a user's JWT alone gets 403 here
     assert token["access_token"]
     assert token["token_type"] == "bearer"

@@ -40,11 +40,19 @@ class Emu:
     def basic(client_id: str = CLIENT_ID, secret: str = CLIENT_SECRET) -> dict[str, str]:
         return basic(client_id, secret)
 
-    async def start(self, scope: str = SCOPES, state: str = "state-123",
-                    redirect_uri: str = REDIRECT_URI) -> str:
-        response = await self.client.get("/connect/oauth2", params={
-            "client_id": CLIENT_ID, "response_type": "code", "scope": scope,
-            "redirect_uri": redirect_uri, "state": state})
+    async def start(
+        self, scope: str = SCOPES, state: str = "state-123", redirect_uri: str = REDIRECT_URI
+    ) -> str:
+        response = await self.client.get(
+            "/connect/oauth2",
+            params={
+                "client_id": CLIENT_ID,
+                "response_type": "code",
+                "scope": scope,
+                "redirect_uri": redirect_uri,
+                "state": state,
+            },
+        )
         assert response.status_code == 302, response.text
         return response.headers["location"]
 
@@ -53,12 +61,18 @@ class Emu:
         assert response.status_code == 303, response.text
         return await self.client.get(flow)
 
-    async def consent(self, flow: str, decision: str = "allow",
-                      **extra: str) -> httpx.Response:
+    async def consent(self, flow: str, decision: str = "allow", **extra: str) -> httpx.Response:
         return await self.client.post(f"{flow}/consent", data={"decision": decision, **extra})
 
-    async def connect(self, email: str, realm: str | None = None, *, scope: str = SCOPES,
-                      connect_anyway: bool = False, state: str = "state-123") -> dict[str, str]:
+    async def connect(
+        self,
+        email: str,
+        realm: str | None = None,
+        *,
+        scope: str = SCOPES,
+        connect_anyway: bool = False,
+        state: str = "state-123",
+    ) -> dict[str, str]:
         """Sign in fresh as `email`, pick `realm` if asked, allow; the callback's parameters."""
         self.client.cookies.clear()
         flow = await self.start(scope=scope, state=state)
@@ -72,18 +86,19 @@ class Emu:
         assert response.status_code == 303, response.text
         return callback_params(response)
 
-    async def exchange(self, code: str, redirect_uri: str = REDIRECT_URI,
-                       **headers: str) -> httpx.Response:
+    async def exchange(self, code: str, redirect_uri: str = REDIRECT_URI, **headers: str) -> httpx.Response:
         return await self.client.post(
             "/oauth2/v1/tokens/bearer",
             data={"grant_type": "authorization_code", "code": code, "redirect_uri": redirect_uri},
-            headers={**basic(), "Accept": "application/json", **headers})
+            headers={**basic(), "Accept": "application/json", **headers},
+        )
 
     async def refresh(self, refresh_token: str) -> httpx.Response:
         return await self.client.post(
             "/oauth2/v1/tokens/bearer",
             data={"grant_type": "refresh_token", "refresh_token": refresh_token},
-            headers={**basic(), "Accept": "application/json"})
+            headers={**basic(), "Accept": "application/json"},
+        )
 
     async def tokens(self, email: str, realm: str | None = None, **kw: Any) -> dict[str, Any]:
         params = await self.connect(email, realm, **kw)
@@ -92,17 +107,19 @@ class Emu:
         return response.json()
 
     async def revoke(self, token: str) -> httpx.Response:
-        return await self.client.post("/v2/oauth2/tokens/revoke", json={"token": token},
-                                      headers=basic())
+        return await self.client.post("/v2/oauth2/tokens/revoke", json={"token": token}, headers=basic())
 
     async def userinfo(self, access_token: str) -> httpx.Response:
-        return await self.client.get("/v1/openid_connect/userinfo",
-                                     headers={"Authorization": f"Bearer {access_token}"})
+        return await self.client.get(
+            "/v1/openid_connect/userinfo", headers={"Authorization": f"Bearer {access_token}"}
+        )
 
     async def companyinfo(self, access_token: str, realm: str = SANDBOX) -> httpx.Response:
         return await self.client.get(
-            f"/v3/company/{realm}/companyinfo/{realm}", params={"minorversion": "75"},
-            headers={"Authorization": f"Bearer {access_token}", "Accept": "application/json"})
+            f"/v3/company/{realm}/companyinfo/{realm}",
+            params={"minorversion": "75"},
+            headers={"Authorization": f"Bearer {access_token}", "Accept": "application/json"},
+        )
 
     async def grants(self) -> list[dict[str, Any]]:
         return (await self.client.get("/_emulator/grants")).json()
@@ -115,8 +132,12 @@ def callback_params(response: httpx.Response) -> dict[str, str]:
 
 
 def make_settings(**overrides: Any) -> EmulatorSettings:
-    values: dict[str, Any] = {"public_url": PUBLIC_URL, "client_id": CLIENT_ID,
-                              "client_secret": CLIENT_SECRET, "redirect_uris": [REDIRECT_URI]}
+    values: dict[str, Any] = {
+        "public_url": PUBLIC_URL,
+        "client_id": CLIENT_ID,
+        "client_secret": CLIENT_SECRET,
+        "redirect_uris": [REDIRECT_URI],
+    }
     return EmulatorSettings(**{**values, **overrides})
 
 
@@ -148,8 +169,9 @@ def live_server(settings: EmulatorSettings) -> Iterator[str]:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=port,
-                            log_level="critical", lifespan="off")
+    config = uvicorn.Config(
+        create_app(settings), host="127.0.0.1", port=port, log_level="critical", lifespan="off"
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -32,25 +32,32 @@ async def test_discovery_documents_point_at_the_emulator(client: httpx.AsyncClie
         assert doc["token_endpoint_auth_methods_supported"] == ["client_secret_basic"]
 
 
-@pytest.mark.parametrize("override, code", [
-    ({"client_id": "someone-else"}, "invalid_client"),
-    ({"redirect_uri": REDIRECT_URI + "/"}, "invalid_redirect_uri"),
-    ({"redirect_uri": "http://localhost:8000/CALLBACK"}, "invalid_redirect_uri"),
-    ({"redirect_uri": None}, "invalid_redirect_uri"),
-    ({"response_type": "token"}, "unsupported_response_type"),
-    ({"response_type": None}, "invalid_request"),
-    ({"scope": "com.intuit.quickbooks.accounting admin"}, "invalid_scope"),
-    ({"scope": ""}, "invalid_scope"),
-    ({"state": None}, "invalid_request"),
-])
+@pytest.mark.parametrize(
+    "override, code",
+    [
+        ({"client_id": "someone-else"}, "invalid_client"),
+        ({"redirect_uri": REDIRECT_URI + "/"}, "invalid_redirect_uri"),
+        ({"redirect_uri": "http://localhost:8000/CALLBACK"}, "invalid_redirect_uri"),
+        ({"redirect_uri": None}, "invalid_redirect_uri"),
+        ({"response_type": "token"}, "unsupported_response_type"),
+        ({"response_type": None}, "invalid_request"),
+        ({"scope": "com.intuit.quickbooks.accounting admin"}, "invalid_scope"),
+        ({"scope": ""}, "invalid_scope"),
+        ({"state": None}, "invalid_request"),
+    ],
+)
 async def test_bad_authorize_requests_get_an_error_page_never_a_redirect(
     client: httpx.AsyncClient, override: dict[str, Any], code: str
 ) -> None:
-    params = {"client_id": CLIENT_ID, "response_type": "code", "redirect_uri": REDIRECT_URI,
-              "scope": "com.intuit.quickbooks.accounting", "state": "s"}
+    params = {
+        "client_id": CLIENT_ID,
+        "response_type": "code",
+        "redirect_uri": REDIRECT_URI,
+        "scope": "com.intuit.quickbooks.accounting",
+        "state": "s",
+    }
     params.update(override)
-    response = await client.get("/connect/oauth2",
-                                params={k: v for k, v in params.items() if v is not None})
+    response = await client.get("/connect/oauth2", params={k: v for k, v in params.items() if v is not None})
     assert response.status_code == 400
     assert "location" not in response.headers
     assert f'<code id="error-code">{code}</code>' in response.text
@@ -89,8 +96,7 @@ async def test_full_code_flow(emu: Any) -> None:
     assert "x_refresh_token_hard_expires_in" not in body
 
     grants = await emu.grants()
-    assert [(g["realm_id"], g["sub"], g["live_refresh_tokens"]) for g in grants] == [
-        (SANDBOX, BOB_SUB, 1)]
+    assert [(g["realm_id"], g["sub"], g["live_refresh_tokens"]) for g in grants] == [(SANDBOX, BOB_SUB, 1)]
     # The flow is finished: it cannot be replayed.
     again = await emu.consent(flow, "allow")
     assert again.status_code == 400 and "location" not in again.headers
@@ -216,29 +222,40 @@ async def test_access_and_refresh_tokens_expire(emu: Any) -> None:
 
 async def test_hard_expiry_header(emu: Any) -> None:
     params = await emu.connect("bob@example.com")
-    response = await emu.exchange(params["code"],
-                                  **{"x-include-refresh-token-hard-expires-in": "true"})
+    response = await emu.exchange(params["code"], **{"x-include-refresh-token-hard-expires-in": "true"})
     assert 0 < response.json()["x_refresh_token_hard_expires_in"] <= 5 * 365 * 24 * 3600
 
 
-@pytest.mark.parametrize("headers", [
-    {},
-    {"Authorization": "Basic " + "dGVzdC1jbGllbnQ6d3Jvbmc="},  # test-client:wrong
-    {"Authorization": "Bearer abc"},
-    {"Authorization": "Basic !!!"},
-])
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"Authorization": "Basic " + "dGVzdC1jbGllbnQ6d3Jvbmc="},  # test-client:wrong
+        {"Authorization": "Bearer abc"},
+        {"Authorization": "Basic !!!"},
+    ],
+)
 async def test_invalid_client(client: httpx.AsyncClient, headers: dict[str, str]) -> None:
-    response = await client.post("/oauth2/v1/tokens/bearer", headers=headers,
-                                 data={"grant_type": "refresh_token", "refresh_token": "x"})
+    response = await client.post(
+        "/oauth2/v1/tokens/bearer",
+        headers=headers,
+        data={"grant_type": "refresh_token", "refresh_token": "x"},
+    )
     assert response.status_code == 401
     assert response.json() == {"error": "invalid_client"}
     assert response.headers["intuit_tid"]
 
 
 async def test_client_secret_post_is_not_accepted(client: httpx.AsyncClient) -> None:
-    response = await client.post("/oauth2/v1/tokens/bearer", data={
-        "grant_type": "refresh_token", "refresh_token": "x", "client_id": CLIENT_ID,
-        "client_secret": "test-secret"})
+    response = await client.post(
+        "/oauth2/v1/tokens/bearer",
+        data={
+            "grant_type": "refresh_token",
+            "refresh_token": "x",
+            "client_id": CLIENT_ID,
+            "client_secret": "test-secret",
+        },
+    )
     assert response.status_code == 401
 
 
@@ -251,8 +268,11 @@ async def test_grant_type_and_parameter_errors(emu: Any) -> None:
     assert (await post({"grant_type": "refresh_token"})).json()["error"] == "invalid_request"
     missing = await post({"grant_type": "authorization_code", "code": "x"})
     assert missing.status_code == 400 and missing.json()["error"] == "invalid_request"
-    as_json = await emu.client.post("/oauth2/v1/tokens/bearer", headers=emu.basic(),
-                                    json={"grant_type": "refresh_token", "refresh_token": "x"})
+    as_json = await emu.client.post(
+        "/oauth2/v1/tokens/bearer",
+        headers=emu.basic(),
+        json={"grant_type": "refresh_token", "refresh_token": "x"},
+    )
     assert as_json.json()["error"] == "invalid_request"
 
 
@@ -275,7 +295,7 @@ async def test_switch_admin_replaces_the_grant_and_kills_old_tokens(emu: Any) ->
     plain = await emu.consent(flow, "allow")
     assert plain.status_code == 200 and 'id="connect-anyway"' in plain.text
     response = await emu.consent(flow, "allow", connect_anyway="true")
-    alice = (await emu.exchange(dict(httpx.URL(response.headers["location"]).params)["code"]))
+    alice = await emu.exchange(dict(httpx.URL(response.headers["location"]).params)["code"])
     assert alice.status_code == 200
 
     assert (await emu.refresh(old_refresh["refresh_token"])).json()["error"] == "invalid_grant"
@@ -317,11 +337,11 @@ async def test_revoke_kills_the_whole_grant(emu: Any, which: str) -> None:
 
 
 async def test_revoke_errors(emu: Any) -> None:
-    bad_client = await emu.client.post("/v2/oauth2/tokens/revoke", json={"token": "x"},
-                                       headers=emu.basic(secret="nope"))
+    bad_client = await emu.client.post(
+        "/v2/oauth2/tokens/revoke", json={"token": "x"}, headers=emu.basic(secret="nope")
+    )
     assert bad_client.status_code == 401 and bad_client.json() == {"error": "invalid_client"}
-    form = await emu.client.post("/v2/oauth2/tokens/revoke", data={"token": "x"},
-                                 headers=emu.basic())
+    form = await emu.client.post("/v2/oauth2/tokens/revoke", data={"token": "x"}, headers=emu.basic())
     assert form.status_code == 400
     empty = await emu.client.post("/v2/oauth2/tokens/revoke", json={}, headers=emu.basic())
     assert empty.status_code == 400
@@ -339,16 +359,20 @@ async def test_userinfo_shape_and_errors(emu: Any) -> None:
     tokens = await emu.tokens("alice@example.com", GREENFIELD)
     info = await emu.userinfo(tokens["access_token"])
     assert info.status_code == 200 and info.headers["intuit_tid"]
-    assert info.json() == {"sub": ALICE_SUB, "email": "alice@example.com",
-                           "emailVerified": True, "givenName": "Alice", "familyName": "Admin"}
+    assert info.json() == {
+        "sub": ALICE_SUB,
+        "email": "alice@example.com",
+        "emailVerified": True,
+        "givenName": "Alice",
+        "familyName": "Admin",
+    }
     bad = await emu.userinfo("eyJ-not-a-token")
     assert bad.status_code == 401
     assert bad.headers["www-authenticate"] == 'Bearer error="invalid_token"'
     missing = await emu.client.get("/v1/openid_connect/userinfo")
     assert missing.status_code == 401
 
-    no_email = await emu.tokens("bob@example.com", scope="com.intuit.quickbooks.accounting "
-                                "openid profile")
+    no_email = await emu.tokens("bob@example.com", scope="com.intuit.quickbooks.accounting openid profile")
     info = (await emu.userinfo(no_email["access_token"])).json()
     assert set(info) == {"sub", "givenName", "familyName"}
 
@@ -367,8 +391,7 @@ async def test_companyinfo_shape_and_faults(emu: Any) -> None:
     fault = other_realm.json()["Fault"]
     assert fault["type"] == "AUTHENTICATION"
     assert fault["Error"][0]["code"] == "3200"
-    assert fault["Error"][0]["Message"] == (
-        "message=AuthenticationFailed; errorCode=003200; statusCode=401")
+    assert fault["Error"][0]["Message"] == ("message=AuthenticationFailed; errorCode=003200; statusCode=401")
     assert (await emu.companyinfo("garbage", GREENFIELD)).status_code == 401
 
 
@@ -382,8 +405,13 @@ async def test_id_token_verifies_with_the_jwks(emu: Any) -> None:
     header = jwt.get_unverified_header(tokens["id_token"])
     assert header["alg"] == "RS256"
     [key] = [k for k in jwks["keys"] if k["kid"] == header["kid"]]
-    claims = jwt.decode(tokens["id_token"], jwt.PyJWK(key).key, algorithms=["RS256"],
-                        audience=CLIENT_ID, issuer=discovery["issuer"])
+    claims = jwt.decode(
+        tokens["id_token"],
+        jwt.PyJWK(key).key,
+        algorithms=["RS256"],
+        audience=CLIENT_ID,
+        issuer=discovery["issuer"],
+    )
     assert claims["aud"] == [CLIENT_ID]
     assert claims["realmid"] == GREENFIELD
     assert claims["sub"] == "5d0b8c3e-7a19-4f2d-a6e4-9b3c1d7e5f34"

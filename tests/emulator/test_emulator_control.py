@@ -79,8 +79,9 @@ async def test_drop_after_rotate_waits_for_a_refresh(emu: Any) -> None:
 
 
 async def test_fault_validation_and_clearing(emu: Any) -> None:
-    bad = await emu.client.post("/_emulator/faults",
-                                json={"endpoint": "userinfo", "kind": "drop_after_rotate"})
+    bad = await emu.client.post(
+        "/_emulator/faults", json={"endpoint": "userinfo", "kind": "drop_after_rotate"}
+    )
     assert bad.status_code == 422
     await fault(emu, endpoint="userinfo", kind="status", count=3)
     assert (await emu.client.delete("/_emulator/faults")).status_code == 204
@@ -99,15 +100,17 @@ async def test_drop_after_rotate_cuts_a_real_connection(live_server: str, emu_fo
         assert dead.status_code == 400 and dead.json()["error"] == "invalid_grant"
         assert "rotated" in dead.json()["error_description"]
         counts = (await http.get("/_emulator/stats")).json()
-        assert counts["refresh_by_realm"][SANDBOX] == {"dropped_after_rotate": 1,
-                                                       "invalid_grant": 1}
+        assert counts["refresh_by_realm"][SANDBOX] == {"dropped_after_rotate": 1, "invalid_grant": 1}
         [grant] = await emu.grants()
         assert grant["refresh_count"] == 1 and grant["live_refresh_tokens"] == 1
 
         await fault(emu, endpoint="userinfo", kind="timeout", delay_s=1)
         with pytest.raises(httpx.ReadTimeout):
-            await http.get("/v1/openid_connect/userinfo", timeout=0.2,
-                           headers={"Authorization": f"Bearer {tokens['access_token']}"})
+            await http.get(
+                "/v1/openid_connect/userinfo",
+                timeout=0.2,
+                headers={"Authorization": f"Bearer {tokens['access_token']}"},
+            )
 
 
 # -- concurrency and stats ---------------------------------------------------------------------
@@ -144,19 +147,32 @@ async def test_new_users_and_companies_can_connect(emu: Any) -> None:
     assert company.status_code == 201
     realm = company.json()["realm_id"]
     assert realm.isdigit() and len(realm) == 16
-    user = await emu.client.post("/_emulator/users", json={
-        "email": "erin@example.com", "given_name": "Erin", "family_name": "Example",
-        "companies": {realm: "company_admin"}})
+    user = await emu.client.post(
+        "/_emulator/users",
+        json={
+            "email": "erin@example.com",
+            "given_name": "Erin",
+            "family_name": "Example",
+            "companies": {realm: "company_admin"},
+        },
+    )
     assert user.status_code == 201 and user.json()["sub"]
     params = await emu.connect("erin@example.com")
     assert params["realmId"] == realm
 
-    duplicate = await emu.client.post("/_emulator/users", json={
-        "email": "ERIN@example.com", "given_name": "E", "family_name": "E"})
+    duplicate = await emu.client.post(
+        "/_emulator/users", json={"email": "ERIN@example.com", "given_name": "E", "family_name": "E"}
+    )
     assert duplicate.status_code == 409
-    unknown_realm = await emu.client.post("/_emulator/users", json={
-        "email": "x@example.com", "given_name": "X", "family_name": "Y",
-        "companies": {"1234567890": "standard"}})
+    unknown_realm = await emu.client.post(
+        "/_emulator/users",
+        json={
+            "email": "x@example.com",
+            "given_name": "X",
+            "family_name": "Y",
+            "companies": {"1234567890": "standard"},
+        },
+    )
     assert unknown_realm.status_code == 422
 
 
@@ -170,8 +186,7 @@ async def test_roles_can_change(emu: Any) -> None:
 
 
 async def test_session_signin_shortcut(emu: Any) -> None:
-    response = await emu.client.post("/_emulator/sessions/signin",
-                                     json={"email": "bob@example.com"})
+    response = await emu.client.post("/_emulator/sessions/signin", json={"email": "bob@example.com"})
     assert response.status_code == 200
     flow = await emu.start()
     page = await emu.client.get(flow)
@@ -181,8 +196,9 @@ async def test_session_signin_shortcut(emu: Any) -> None:
 async def test_reset_restores_the_seed(emu: Any) -> None:
     await emu.tokens("bob@example.com")
     await emu.client.post("/_emulator/config", json={"access_token_ttl": 5, "latency_ms": 3})
-    await emu.client.post("/_emulator/users", json={
-        "email": "temp@example.com", "given_name": "T", "family_name": "T"})
+    await emu.client.post(
+        "/_emulator/users", json={"email": "temp@example.com", "given_name": "T", "family_name": "T"}
+    )
     await fault(emu, endpoint="token", kind="status")
     await emu.client.post("/_emulator/reset")
     assert await emu.grants() == []
@@ -197,8 +213,7 @@ async def test_reset_restores_the_seed(emu: Any) -> None:
 
 
 async def test_config_changes_token_lifetimes(emu: Any) -> None:
-    await emu.client.post("/_emulator/config", json={"access_token_ttl": 60,
-                                                     "refresh_token_ttl": 120})
+    await emu.client.post("/_emulator/config", json={"access_token_ttl": 60, "refresh_token_ttl": 120})
     tokens = await emu.tokens("bob@example.com")
     assert tokens["expires_in"] == 60 and tokens["x_refresh_token_expires_in"] == 120
 
@@ -210,14 +225,19 @@ async def test_state_file_round_trip(state_file: Any, emu_for: Any, settings_for
     settings = settings_for(state_file=str(state_file))
 
     def client_for(app: Any) -> httpx.AsyncClient:
-        return httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
-                                 base_url="http://127.0.0.1:9100")
+        return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1:9100")
 
     async with client_for(create_app(settings)) as http:
         emu = emu_for(http)
-        await http.post("/_emulator/users", json={
-            "email": "pat@example.com", "given_name": "Pat", "family_name": "Persist",
-            "companies": {SANDBOX: "company_admin"}})
+        await http.post(
+            "/_emulator/users",
+            json={
+                "email": "pat@example.com",
+                "given_name": "Pat",
+                "family_name": "Persist",
+                "companies": {SANDBOX: "company_admin"},
+            },
+        )
         tokens = await emu.tokens("pat@example.com")
         kid = (await http.get("/op/v1/jwks")).json()["keys"][0]["kid"]
     saved = json.loads(state_file.read_text())
@@ -244,15 +264,15 @@ def test_settings_defaults() -> None:
     assert settings.client_id == "dev-client-id"
     assert settings.client_secret == "dev-client-secret"
     assert settings.redirect_uris == ["http://localhost:8000/callback"]
-    assert (settings.access_token_ttl, settings.refresh_token_ttl, settings.code_ttl) == (
-        3600, 8726400, 600)
+    assert (settings.access_token_ttl, settings.refresh_token_ttl, settings.code_ttl) == (3600, 8726400, 600)
     assert settings.latency_ms == 0 and settings.seed is True and settings.state_file is None
 
 
 async def test_unseeded_emulator_is_empty(settings_for: Any) -> None:
     app = create_app(settings_for(seed=False))
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
-                                 base_url="http://127.0.0.1:9100") as http:
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1:9100"
+    ) as http:
         assert (await http.get("/_emulator/users")).json() == []
 
 
@@ -262,12 +282,32 @@ def test_module_runs_with_uvicorn(tmp_path: Any) -> None:
         port = probe.getsockname()[1]
     state = tmp_path / "state.json"
     process = subprocess.Popen(
-        [sys.executable, "-m", "service.emulator", "--host", "127.0.0.1", "--port", str(port),
-         "--public-url", "http://emulator.test:1234", "--internal-url", "http://emu:9100/",
-         "--client-id", "cid",
-         "--client-secret", "csecret", "--redirect-uri", REDIRECT_URI,
-         "--redirect-uri", "http://localhost:9999/cb", "--state-file", str(state),
-         "--log-level", "warning"])
+        [
+            sys.executable,
+            "-m",
+            "service.emulator",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--public-url",
+            "http://emulator.test:1234",
+            "--internal-url",
+            "http://emu:9100/",
+            "--client-id",
+            "cid",
+            "--client-secret",
+            "csecret",
+            "--redirect-uri",
+            REDIRECT_URI,
+            "--redirect-uri",
+            "http://localhost:9999/cb",
+            "--state-file",
+            str(state),
+            "--log-level",
+            "warning",
+        ]
+    )
     try:
         deadline = time.monotonic() + 20
         while True:
@@ -281,9 +321,16 @@ def test_module_runs_with_uvicorn(tmp_path: Any) -> None:
         assert doc.json()["token_endpoint"] == "http://emu:9100/oauth2/v1/tokens/bearer"
         assert doc.json()["jwks_uri"] == "http://emu:9100/op/v1/jwks"
         assert doc.json()["authorization_endpoint"] == "http://emulator.test:1234/connect/oauth2"
-        authorize = httpx.get(f"http://127.0.0.1:{port}/connect/oauth2", params={
-            "client_id": "cid", "response_type": "code", "scope": "openid",
-            "redirect_uri": "http://localhost:9999/cb", "state": "s"})
+        authorize = httpx.get(
+            f"http://127.0.0.1:{port}/connect/oauth2",
+            params={
+                "client_id": "cid",
+                "response_type": "code",
+                "scope": "openid",
+                "redirect_uri": "http://localhost:9999/cb",
+                "state": "s",
+            },
+        )
         assert authorize.status_code == 302
         assert state.exists()
     finally:

@@ -55,8 +55,7 @@ def receiver() -> Iterator[Receiver]:
         return Response(status_code=state.statuses.pop(0) if state.statuses else 200)
 
     port = free_port()
-    server = ThreadedServer(Starlette(routes=[Route("/hook", endpoint, methods=["POST"])]),
-                            port).start()
+    server = ThreadedServer(Starlette(routes=[Route("/hook", endpoint, methods=["POST"])]), port).start()
     state.url = f"{server.url}/hook"
     yield state
     state.gate.set()
@@ -67,8 +66,11 @@ def receiver() -> Iterator[Receiver]:
 def emulator_url(settings_for: Any) -> Iterator[str]:
     port = free_port()
     settings: EmulatorSettings = settings_for(
-        public_url=f"http://127.0.0.1:{port}", throttle_concurrent=0, throttle_per_second=0,
-        throttle_per_minute=0)
+        public_url=f"http://127.0.0.1:{port}",
+        throttle_concurrent=0,
+        throttle_per_second=0,
+        throttle_per_minute=0,
+    )
     server = ThreadedServer(create_app(settings), port).start()
     yield server.url
     server.stop()
@@ -93,9 +95,11 @@ async def hook(http: httpx.AsyncClient, **values: Any) -> dict[str, Any]:
 
 
 async def create_customer(http: httpx.AsyncClient, token: str, name: str) -> str:
-    response = await http.post(f"/v3/company/{SANDBOX}/customer", json={"DisplayName": name},
-                               headers={"Authorization": f"Bearer {token}",
-                                        "Accept": "application/json"})
+    response = await http.post(
+        f"/v3/company/{SANDBOX}/customer",
+        json={"DisplayName": name},
+        headers={"Authorization": f"Bearer {token}", "Accept": "application/json"},
+    )
     assert response.status_code == 200, response.text
     return str(response.json()["Customer"]["Id"])
 
@@ -106,9 +110,9 @@ def signed_by(token: str, headers: dict[str, str], body: bytes) -> bool:
 
 
 async def test_changes_of_one_window_arrive_in_one_signed_legacy_notification(
-        http: httpx.AsyncClient, token: str, receiver: Receiver) -> None:
-    view = await hook(http, url=receiver.url, verifier_token=TOKEN, format="legacy",
-                      batch_window_s=0.3)
+    http: httpx.AsyncClient, token: str, receiver: Receiver
+) -> None:
+    view = await hook(http, url=receiver.url, verifier_token=TOKEN, format="legacy", batch_window_s=0.3)
     assert view["verifier_token_set"] is True and "verifier_token" not in view
     first = await create_customer(http, token, "Metro Scrap")
     second = await create_customer(http, token, "Harbor Metals")
@@ -121,14 +125,16 @@ async def test_changes_of_one_window_arrive_in_one_signed_legacy_notification(
     assert [n["realmId"] for n in notification] == [SANDBOX]
     entities = notification[0]["dataChangeEvent"]["entities"]
     assert [(e["name"], e["id"], e["operation"]) for e in entities] == [
-        ("Customer", first, "Create"), ("Customer", second, "Create")]
+        ("Customer", first, "Create"),
+        ("Customer", second, "Create"),
+    ]
     assert all(e["lastUpdated"].endswith("Z") for e in entities)
 
 
-async def test_cloudevents_carry_one_event_per_change(http: httpx.AsyncClient, token: str,
-                                                      receiver: Receiver) -> None:
-    await hook(http, url=receiver.url, verifier_token=TOKEN, format="cloudevents",
-               batch_window_s=0.05)
+async def test_cloudevents_carry_one_event_per_change(
+    http: httpx.AsyncClient, token: str, receiver: Receiver
+) -> None:
+    await hook(http, url=receiver.url, verifier_token=TOKEN, format="cloudevents", batch_window_s=0.05)
     created = await create_customer(http, token, "Metro Scrap")
     await until(lambda: _received(receiver, 1), "the notification")
     headers, body = receiver.received[0]
@@ -139,10 +145,15 @@ async def test_cloudevents_carry_one_event_per_change(http: httpx.AsyncClient, t
     assert event["id"] and event["source"].startswith("intuit.") and event["time"].endswith("Z")
 
 
-async def test_both_formats_and_repeats(http: httpx.AsyncClient, token: str,
-                                        receiver: Receiver) -> None:
-    await hook(http, url=receiver.url, verifier_token=TOKEN, format="both",
-               batch_window_s=0.05, duplicate_probability=1)
+async def test_both_formats_and_repeats(http: httpx.AsyncClient, token: str, receiver: Receiver) -> None:
+    await hook(
+        http,
+        url=receiver.url,
+        verifier_token=TOKEN,
+        format="both",
+        batch_window_s=0.05,
+        duplicate_probability=1,
+    )
     await create_customer(http, token, "Metro Scrap")
     await until(lambda: _received(receiver, 4), "two formats, each twice")
     bodies = [body for _, body in receiver.received]
@@ -151,15 +162,16 @@ async def test_both_formats_and_repeats(http: httpx.AsyncClient, token: str,
     assert isinstance(json.loads(bodies[2]), list)
     deliveries = (await http.get("/_emulator/webhooks/deliveries")).json()
     assert [(d["format"], d["repeat"], d["status"]) for d in deliveries] == [
-        ("legacy", False, 200), ("legacy", True, 200),
-        ("cloudevents", False, 200), ("cloudevents", True, 200)]
+        ("legacy", False, 200),
+        ("legacy", True, 200),
+        ("cloudevents", False, 200),
+        ("cloudevents", True, 200),
+    ]
 
 
-async def test_a_failed_delivery_is_retried(http: httpx.AsyncClient, token: str,
-                                            receiver: Receiver) -> None:
+async def test_a_failed_delivery_is_retried(http: httpx.AsyncClient, token: str, receiver: Receiver) -> None:
     receiver.statuses = [503]
-    await hook(http, url=receiver.url, verifier_token=TOKEN, batch_window_s=0.05,
-               retry_delay_s=0.05)
+    await hook(http, url=receiver.url, verifier_token=TOKEN, batch_window_s=0.05, retry_delay_s=0.05)
     await create_customer(http, token, "Metro Scrap")
     await until(lambda: _received(receiver, 2), "the retry")
     assert receiver.received[0][1] == receiver.received[1][1]
@@ -168,7 +180,8 @@ async def test_a_failed_delivery_is_retried(http: httpx.AsyncClient, token: str,
 
 
 async def test_the_api_answers_while_the_endpoint_is_still_busy(
-        http: httpx.AsyncClient, token: str, receiver: Receiver) -> None:
+    http: httpx.AsyncClient, token: str, receiver: Receiver
+) -> None:
     receiver.gate.clear()  # the endpoint holds every delivery until released
     await hook(http, url=receiver.url, verifier_token=TOKEN, batch_window_s=0)
     await create_customer(http, token, "Metro Scrap")
@@ -179,7 +192,8 @@ async def test_the_api_answers_while_the_endpoint_is_still_busy(
 
 
 async def test_no_url_sends_nothing_and_reset_forgets_the_endpoint(
-        http: httpx.AsyncClient, token: str, receiver: Receiver) -> None:
+    http: httpx.AsyncClient, token: str, receiver: Receiver
+) -> None:
     await hook(http, url=receiver.url, verifier_token=TOKEN, batch_window_s=0)
     assert (await hook(http, url=None))["url"] is None
     await create_customer(http, token, "Metro Scrap")

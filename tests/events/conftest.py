@@ -39,9 +39,13 @@ def local_broker(stack: Stack) -> Iterator[tuple[str, Settings]]:
     """A broker on the stack's database that may send webhooks to local http receivers (as
     `qbo-broker dev` does); it sends nothing itself (its background work is off)."""
     port = free_port()
-    settings = broker_settings(stack.database_url, port, stack.emulator_url,
-                               BROKER_WEBHOOK_ALLOW_PRIVATE=True,
-                               BROKER_WEBHOOK_CONCURRENCY_PER_ENDPOINT=3)
+    settings = broker_settings(
+        stack.database_url,
+        port,
+        stack.emulator_url,
+        BROKER_WEBHOOK_ALLOW_PRIVATE=True,
+        BROKER_WEBHOOK_CONCURRENCY_PER_ENDPOINT=3,
+    )
     server = ThreadedServer(create_app(settings), port).start()
     yield server.url, settings
     server.stop()
@@ -74,8 +78,9 @@ def clock() -> Clock:
 
 
 @pytest.fixture
-async def senders(stack: Stack, local_broker: tuple[str, Settings], runtime: Any,
-                  clock: Clock) -> AsyncIterator[Callable[..., WebhookSender]]:
+async def senders(
+    stack: Stack, local_broker: tuple[str, Settings], runtime: Any, clock: Clock
+) -> AsyncIterator[Callable[..., WebhookSender]]:
     """Senders as replicas run them, each on a pool of its own, on the test's clock."""
     made: list[tuple[WebhookSender, asyncpg.Pool]] = []
 

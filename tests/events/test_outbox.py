@@ -21,30 +21,36 @@ from tests.support.db_helpers import execute
 async def events_of(database_url: str, connection_id: str) -> list[dict[str, Any]]:
     conn = await asyncpg.connect(asyncpg_dsn(database_url))
     try:
-        rows = await conn.fetch("SELECT id, seq, type, tenant_id, connection_id, data, occurred_at "
-                                "FROM events WHERE connection_id = $1 ORDER BY seq",
-                                uuid.UUID(connection_id))
+        rows = await conn.fetch(
+            "SELECT id, seq, type, tenant_id, connection_id, data, occurred_at "
+            "FROM events WHERE connection_id = $1 ORDER BY seq",
+            uuid.UUID(connection_id),
+        )
     finally:
         await conn.close()
     return [{**dict(r), "data": json.loads(r["data"])} for r in rows]
 
 
-async def test_the_life_of_a_connection_is_published(client, new_connection, connect,
-                                                     stack) -> None:
+async def test_the_life_of_a_connection_is_published(client, new_connection, connect, stack) -> None:
     conn = await new_connection()
     assert (await connect(conn["id"])).params["result"] == "connected"
-    patched = await client.patch(f"/connections/{conn['id']}", headers=user_headers(),
-                                 json={"modules": {"accounts_receivable": True}})
+    patched = await client.patch(
+        f"/connections/{conn['id']}", headers=user_headers(), json={"modules": {"accounts_receivable": True}}
+    )
     assert patched.status_code == 200, patched.text
-    assert (await client.post(f"/connections/{conn['id']}/disconnect",
-                              headers=user_headers())).status_code == 200
-    assert (await client.delete(f"/connections/{conn['id']}",
-                                headers=user_headers())).status_code == 204
+    assert (
+        await client.post(f"/connections/{conn['id']}/disconnect", headers=user_headers())
+    ).status_code == 200
+    assert (await client.delete(f"/connections/{conn['id']}", headers=user_headers())).status_code == 204
 
     events = await events_of(stack.database_url, conn["id"])
     assert [e["type"] for e in events] == [
-        "connection.created", "connection.connected", "connection.modules_changed",
-        "connection.disconnected", "connection.deleted"]
+        "connection.created",
+        "connection.connected",
+        "connection.modules_changed",
+        "connection.disconnected",
+        "connection.deleted",
+    ]
     assert all(e["tenant_id"] == "tenant-a" for e in events)
     assert len({e["id"] for e in events}) == len(events)
     created, connected, modules, disconnected, deleted = (e["data"] for e in events)
@@ -80,8 +86,9 @@ async def test_a_rolled_back_change_emits_nothing(runtime, new_connection, stack
                 row = await repo.get_connection(session, uuid.UUID(conn["id"]), for_update=True)
                 assert row is not None
                 row.module_ap = True
-                await repo.add_event(session, row, "modules_changed", actor="user:user-1",
-                                     accounts_payable=True)
+                await repo.add_event(
+                    session, row, "modules_changed", actor="user:user-1", accounts_payable=True
+                )
                 await session.flush()  # the event row is written, then taken back
                 raise RuntimeError("the change fails after its event was written")
         async with transaction(runtime.sessionmaker) as session:
@@ -104,12 +111,14 @@ async def test_a_rolled_back_change_emits_nothing(runtime, new_connection, stack
 
 
 async def test_a_refused_refresh_publishes_reauthorization_required(
-        new_connection, connect, emulator, runtime, stack) -> None:
+    new_connection, connect, emulator, runtime, stack
+) -> None:
     conn = await new_connection()
     await connect(conn["id"])
     await emulator.post(f"/companies/{COMPANY_1}/disconnect")
-    await execute(stack.database_url, "UPDATE connections SET keepalive_due_at = now() WHERE id=$1",
-                  conn["id"])
+    await execute(
+        stack.database_url, "UPDATE connections SET keepalive_due_at = now() WHERE id=$1", conn["id"]
+    )
     assert await keep_alive(runtime) == 0
     last = (await events_of(stack.database_url, conn["id"]))[-1]
     assert last["type"] == "connection.reauthorization_required"
@@ -119,8 +128,7 @@ async def test_a_refused_refresh_publishes_reauthorization_required(
     assert last["data"]["accounting_link"] == "disabled"
 
 
-async def test_pending_links_publish_created_and_expired(new_connection, connect, runtime,
-                                                         stack) -> None:
+async def test_pending_links_publish_created_and_expired(new_connection, connect, runtime, stack) -> None:
     conn = await new_connection()
     await connect(conn["id"], email=DAVE, realm_id=COMPANY_1)
     result = await connect(conn["id"], email=DAVE, realm_id=COMPANY_2)
@@ -129,8 +137,11 @@ async def test_pending_links_publish_created_and_expired(new_connection, connect
     assert await expire_pending_links(runtime) == 1
     events = await events_of(stack.database_url, conn["id"])
     assert [e["type"] for e in events] == [
-        "connection.created", "connection.connected", "connection.pending_link_created",
-        "connection.pending_link_expired"]
+        "connection.created",
+        "connection.connected",
+        "connection.pending_link_created",
+        "connection.pending_link_expired",
+    ]
     created, expired = events[2]["data"], events[3]["data"]
     assert created["pending_link"]["reasons"] == ["different_quickbooks_company"]
     assert created["pending_link"]["realm_id"] == COMPANY_2 and created["realm_id"] == COMPANY_1
@@ -138,17 +149,19 @@ async def test_pending_links_publish_created_and_expired(new_connection, connect
 
 
 async def test_a_declined_takeover_publishes_reauthorization_required(
-        client, new_connection, connect, stack) -> None:
+    client, new_connection, connect, stack
+) -> None:
     conn = await new_connection()
     await connect(conn["id"], email="alice@example.com", realm_id=COMPANY_1)
     result = await connect(conn["id"], email=DAVE, realm_id=COMPANY_1, connect_anyway=True)
     assert result.params["result"] == "confirmation_required", result.params
-    declined = await client.delete(f"/connections/{conn['id']}/pending-link",
-                                   headers=user_headers())
+    declined = await client.delete(f"/connections/{conn['id']}/pending-link", headers=user_headers())
     assert declined.status_code == 204
     events = await events_of(stack.database_url, conn["id"])
     assert [e["type"] for e in events][-2:] == [
-        "connection.pending_link_declined", "connection.reauthorization_required"]
+        "connection.pending_link_declined",
+        "connection.reauthorization_required",
+    ]
     assert events[-1]["data"]["last_error"]["code"] == "quickbooks_connection_revoked"
     assert events[-2]["data"]["status"] == "reauthorization_required"
 
@@ -156,8 +169,7 @@ async def test_a_declined_takeover_publishes_reauthorization_required(
 async def test_emit_refuses_an_unknown_type(runtime) -> None:
     async with runtime.sessionmaker() as session:
         with pytest.raises(ValueError, match="not a valid EventType"):
-            await outbox.emit(session, "connection.renamed", tenant_id="t", connection_id=None,
-                              data={})
+            await outbox.emit(session, "connection.renamed", tenant_id="t", connection_id=None, data={})
 
 
 async def test_a_refused_link_is_published(new_connection, connect, stack) -> None:

@@ -9,11 +9,13 @@ from tests.test_cli import run
 
 
 async def test_create_list_rotate_delete(stack, client, receivers, senders) -> None:
-    env = {"DATABASE_URL": stack.database_url, "BROKER_ENCRYPTION_KEYS": ENCRYPTION_KEY,
-           "BROKER_WEBHOOK_ALLOW_PRIVATE": "true"}
+    env = {
+        "DATABASE_URL": stack.database_url,
+        "BROKER_ENCRYPTION_KEYS": ENCRYPTION_KEY,
+        "BROKER_WEBHOOK_ALLOW_PRIVATE": "true",
+    }
     receiver, url = receivers()
-    created = run("webhook-endpoint", "create", "--url", url, "--event-type",
-                  "connection.created", env=env)
+    created = run("webhook-endpoint", "create", "--url", url, "--event-type", "connection.created", env=env)
     assert created.returncode == 0, created.stderr
     secret = created.stdout.strip().splitlines()[-1]
     assert secret.startswith("whsec_") and " " not in secret
@@ -27,8 +29,7 @@ async def test_create_list_rotate_delete(stack, client, receivers, senders) -> N
     new_secret = rotated.stdout.strip().splitlines()[-1]
     assert new_secret.startswith("whsec_") and new_secret != secret
 
-    assert (await client.post("/connections", json={},
-                              headers=user_headers())).status_code == 201
+    assert (await client.post("/connections", json={}, headers=user_headers())).status_code == 201
     await (await senders()).drain()
     (got,) = receiver.received
     Webhook(secret).verify(got.body, got.headers)
@@ -45,6 +46,13 @@ def test_create_refuses_what_the_api_refuses(stack) -> None:
     env = {"DATABASE_URL": stack.database_url, "BROKER_ENCRYPTION_KEYS": ENCRYPTION_KEY}
     private = run("webhook-endpoint", "create", "--url", "https://127.0.0.1/hooks", env=env)
     assert private.returncode == 2 and "public addresses" in private.stderr
-    unknown = run("webhook-endpoint", "create", "--url", "https://93.184.216.34/",
-                  "--event-type", "connection.renamed", env=env)
+    unknown = run(
+        "webhook-endpoint",
+        "create",
+        "--url",
+        "https://93.184.216.34/",
+        "--event-type",
+        "connection.renamed",
+        env=env,
+    )
     assert unknown.returncode == 2 and "event_types" in unknown.stderr

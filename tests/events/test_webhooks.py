@@ -49,15 +49,15 @@ async def event_ids(database_url: str) -> dict[str, str]:
 
     conn = await asyncpg.connect(asyncpg_dsn(database_url))
     try:
-        rows = await conn.fetch("SELECT id, connection_id FROM events WHERE type = "
-                                "'connection.created'")
+        rows = await conn.fetch("SELECT id, connection_id FROM events WHERE type = 'connection.created'")
     finally:
         await conn.close()
     return {str(r["connection_id"]): str(r["id"]) for r in rows}
 
 
 async def test_a_delivery_verifies_with_the_standard_library(
-        local, client, hooks_key, receivers, senders, stack) -> None:
+    local, client, hooks_key, receivers, senders, stack
+) -> None:
     receiver, url = receivers()
     endpoint = await register(local, hooks_key, url)
     secret = endpoint["secret"]
@@ -78,8 +78,9 @@ async def test_a_delivery_verifies_with_the_standard_library(
     with pytest.raises(WebhookVerificationError):
         Webhook("whsec_" + "A" * 43 + "=").verify(got.body, got.headers)
 
-    deliveries = (await local.get(f"/webhook-endpoints/{endpoint['id']}/deliveries",
-                                  headers=hooks_key)).json()["items"]
+    deliveries = (
+        await local.get(f"/webhook-endpoints/{endpoint['id']}/deliveries", headers=hooks_key)
+    ).json()["items"]
     assert len(deliveries) == 1
     d = deliveries[0]
     assert d["status"] == "succeeded" and d["attempts"] == 1 and d["last_status_code"] == 200
@@ -89,8 +90,9 @@ async def test_a_delivery_verifies_with_the_standard_library(
     # The secret is shown once: stored sealed, never listed.
     listed = (await local.get("/webhook-endpoints", headers=hooks_key)).json()["items"]
     assert "secret" not in listed[0]
-    row = await fetchrow(stack.database_url, "SELECT secret FROM webhook_endpoints WHERE id=$1",
-                         uuid.UUID(endpoint["id"]))
+    row = await fetchrow(
+        stack.database_url, "SELECT secret FROM webhook_endpoints WHERE id=$1", uuid.UUID(endpoint["id"])
+    )
     assert row is not None and secret not in row["secret"] and secret[6:] not in row["secret"]
 
 
@@ -108,7 +110,8 @@ async def test_filters_by_tenant_and_type(local, client, hooks_key, receivers, s
 
 
 async def test_a_receiver_down_for_a_while_gets_everything_afterwards(
-        local, client, hooks_key, receivers, senders, clock, stack) -> None:
+    local, client, hooks_key, receivers, senders, clock, stack
+) -> None:
     receiver, url = receivers(status=503)
     endpoint = await register(local, hooks_key, url)
     connections = await make_events(client, 5)
@@ -121,10 +124,10 @@ async def test_a_receiver_down_for_a_while_gets_everything_afterwards(
         assert await sender.drain() == 0
         clock.advance(1)
         assert await sender.drain() == 5
-    pending = (await local.get(f"/webhook-endpoints/{endpoint['id']}/deliveries",
-                               headers=hooks_key)).json()["items"]
-    assert {(d["status"], d["attempts"], d["last_status_code"]) for d in pending} == {
-        ("pending", 5, 503)}
+    pending = (await local.get(f"/webhook-endpoints/{endpoint['id']}/deliveries", headers=hooks_key)).json()[
+        "items"
+    ]
+    assert {(d["status"], d["attempts"], d["last_status_code"]) for d in pending} == {("pending", 5, 503)}
     assert all(d["next_attempt_at"] is not None for d in pending)
     receiver.status = 200
     clock.advance(RETRY_SCHEDULE[5])
@@ -134,13 +137,15 @@ async def test_a_receiver_down_for_a_while_gets_everything_afterwards(
     # Every attempt of an event carried its id; the last ones were taken.
     assert {r.headers["webhook-id"] for r in receiver.received} == expected
     assert len(receiver.received) == 30
-    done = (await local.get(f"/webhook-endpoints/{endpoint['id']}/deliveries",
-                            headers=hooks_key)).json()["items"]
+    done = (await local.get(f"/webhook-endpoints/{endpoint['id']}/deliveries", headers=hooks_key)).json()[
+        "items"
+    ]
     assert {(d["status"], d["attempts"]) for d in done} == {("succeeded", 6)}
 
 
 async def test_a_delivery_fails_after_the_last_attempt(
-        local, client, hooks_key, receivers, senders, clock) -> None:
+    local, client, hooks_key, receivers, senders, clock
+) -> None:
     receiver, url = receivers(status=500)
     endpoint = await register(local, hooks_key, url)
     await make_events(client, 1)
@@ -150,8 +155,9 @@ async def test_a_delivery_fails_after_the_last_attempt(
         assert await sender.drain() == 1
     clock.advance(10 * 24 * 3600)
     assert await sender.drain() == 0
-    (d,) = (await local.get(f"/webhook-endpoints/{endpoint['id']}/deliveries",
-                            headers=hooks_key)).json()["items"]
+    (d,) = (await local.get(f"/webhook-endpoints/{endpoint['id']}/deliveries", headers=hooks_key)).json()[
+        "items"
+    ]
     assert d["status"] == "failed" and d["attempts"] == len(RETRY_SCHEDULE) == 8
     assert d["next_attempt_at"] is None and d["last_status_code"] == 500
     assert len(receiver.received) == 8
@@ -165,21 +171,20 @@ async def test_410_disables_the_endpoint(local, client, hooks_key, receivers, se
     await make_events(client, 1)
     sender = await senders()
     await sender.drain()
-    listed = {e["id"]: e for e in (await local.get("/webhook-endpoints",
-                                                   headers=hooks_key)).json()["items"]}
+    listed = {e["id"]: e for e in (await local.get("/webhook-endpoints", headers=hooks_key)).json()["items"]}
     assert listed[gone["id"]]["status"] == "disabled"
     assert "410" in listed[gone["id"]]["disabled_reason"]
     await make_events(client, 2)
     await sender.drain()
     assert len(receiver.received) == 1  # nothing more to a disabled endpoint
     assert len(other.received) == 3
-    (d,) = (await local.get(f"/webhook-endpoints/{gone['id']}/deliveries",
-                            headers=hooks_key)).json()["items"]
+    (d,) = (await local.get(f"/webhook-endpoints/{gone['id']}/deliveries", headers=hooks_key)).json()["items"]
     assert d["status"] == "failed" and d["last_status_code"] == 410
 
 
 async def test_two_replicas_never_send_one_delivery_twice_at_once(
-        local, client, hooks_key, receivers, senders) -> None:
+    local, client, hooks_key, receivers, senders
+) -> None:
     receiver, url = receivers(delay=0.02)
     await register(local, hooks_key, url)
     await make_events(client, 30)
@@ -194,33 +199,46 @@ async def test_two_replicas_never_send_one_delivery_twice_at_once(
 
 
 async def test_urls_that_could_reach_inside_are_refused(client, hooks_key) -> None:
-    refused = ["http://example.com/hooks", "https://127.0.0.1/hooks", "https://localhost/hooks",
-               "https://169.254.169.254/latest/meta-data", "https://[::1]/hooks",
-               "https://10.1.2.3/hooks", "https://192.168.1.1/hooks", "https://100.64.0.1/",
-               "https://0.0.0.0/hooks", "https://[::ffff:127.0.0.1]/hooks",
-               "https://user:pw@93.184.216.34/hooks", "ftp://93.184.216.34/hooks",
-               "https://240.0.0.1/hooks", "https://93.184.216.34/" + "a" * 2100]
+    refused = [
+        "http://example.com/hooks",
+        "https://127.0.0.1/hooks",
+        "https://localhost/hooks",
+        "https://169.254.169.254/latest/meta-data",
+        "https://[::1]/hooks",
+        "https://10.1.2.3/hooks",
+        "https://192.168.1.1/hooks",
+        "https://100.64.0.1/",
+        "https://0.0.0.0/hooks",
+        "https://[::ffff:127.0.0.1]/hooks",
+        "https://user:pw@93.184.216.34/hooks",
+        "ftp://93.184.216.34/hooks",
+        "https://240.0.0.1/hooks",
+        "https://93.184.216.34/" + "a" * 2100,
+    ]
     for url in refused:
         answer = await client.post("/webhook-endpoints", json={"url": url}, headers=hooks_key)
         assert answer.status_code == 422, (url, answer.text)
         assert answer.headers["content-type"] == "application/problem+json"
         assert answer.json()["code"] == "validation_error"
         assert "127.0.0.1" not in answer.json()["detail"]
-    accepted = await client.post("/webhook-endpoints", json={"url": "https://93.184.216.34/hooks"},
-                                 headers=hooks_key)
+    accepted = await client.post(
+        "/webhook-endpoints", json={"url": "https://93.184.216.34/hooks"}, headers=hooks_key
+    )
     assert accepted.status_code == 201, accepted.text
 
 
 async def test_a_private_destination_is_refused_again_at_delivery(
-        local, client, hooks_key, receivers, senders, local_broker) -> None:
+    local, client, hooks_key, receivers, senders, local_broker
+) -> None:
     receiver, url = receivers()
     endpoint = await register(local, hooks_key, url)
     await make_events(client, 1)
     strict = local_broker[1].model_copy(update={"webhook_allow_private": False})
     assert await (await senders(strict)).drain() == 1
     assert receiver.received == []
-    (d,) = (await local.get(f"/webhook-endpoints/{endpoint['id']}/deliveries",
-                            headers=hooks_key)).json()["items"]
+    (d,) = (await local.get(f"/webhook-endpoints/{endpoint['id']}/deliveries", headers=hooks_key)).json()[
+        "items"
+    ]
     assert d["status"] == "pending" and d["last_status_code"] is None
     assert d["last_error"].startswith("destination refused")
 
@@ -229,35 +247,48 @@ async def test_only_services_with_the_scope_manage_endpoints(client, service_hea
     as_user = await client.get("/webhook-endpoints", headers=user_headers())
     assert as_user.status_code == 403 and as_user.json()["code"] == "forbidden"
     reader = await service_headers("status:read")
-    for method, path in [("GET", "/webhook-endpoints"), ("POST", "/webhook-endpoints"),
-                         ("DELETE", f"/webhook-endpoints/{uuid.uuid4()}"),
-                         ("POST", f"/events/{uuid.uuid4()}/redeliver")]:
-        answer = await client.request(method, path, headers=reader,
-                                      json={"url": "https://93.184.216.34/"} if method == "POST"
-                                      else None)
+    for method, path in [
+        ("GET", "/webhook-endpoints"),
+        ("POST", "/webhook-endpoints"),
+        ("DELETE", f"/webhook-endpoints/{uuid.uuid4()}"),
+        ("POST", f"/events/{uuid.uuid4()}/redeliver"),
+    ]:
+        answer = await client.request(
+            method, path, headers=reader, json={"url": "https://93.184.216.34/"} if method == "POST" else None
+        )
         assert answer.status_code == 403, (method, path, answer.text)
 
 
 async def test_caps_on_endpoints_and_event_types(client, hooks_key, stack) -> None:
     too_many_types = [t.value for t in outbox.EventType] + ["connection.created"]
-    answer = await client.post("/webhook-endpoints", headers=hooks_key, json={
-        "url": "https://93.184.216.34/", "event_types": too_many_types})
+    answer = await client.post(
+        "/webhook-endpoints",
+        headers=hooks_key,
+        json={"url": "https://93.184.216.34/", "event_types": too_many_types},
+    )
     assert answer.status_code == 422
-    unknown = await client.post("/webhook-endpoints", headers=hooks_key, json={
-        "url": "https://93.184.216.34/", "event_types": ["connection.renamed"]})
+    unknown = await client.post(
+        "/webhook-endpoints",
+        headers=hooks_key,
+        json={"url": "https://93.184.216.34/", "event_types": ["connection.renamed"]},
+    )
     assert unknown.status_code == 422
     limit = stack.settings.webhook_max_endpoints_per_tenant
     for _ in range(limit):
         await register(client, hooks_key, "https://93.184.216.34/", tenant_id="tenant-z")
-    over = await client.post("/webhook-endpoints", headers=hooks_key, json={
-        "url": "https://93.184.216.34/", "tenant_id": "tenant-z"})
+    over = await client.post(
+        "/webhook-endpoints",
+        headers=hooks_key,
+        json={"url": "https://93.184.216.34/", "tenant_id": "tenant-z"},
+    )
     assert over.status_code == 409 and over.json()["code"] == "webhook_endpoint_limit_reached"
     # Another tenant's allowance is its own.
     await register(client, hooks_key, "https://93.184.216.34/", tenant_id="tenant-y")
 
 
 async def test_redeliver_sends_the_same_event_again(
-        local, client, hooks_key, receivers, senders, stack) -> None:
+    local, client, hooks_key, receivers, senders, stack
+) -> None:
     receiver, url = receivers()
     other, other_url = receivers()
     endpoint = await register(local, hooks_key, url)
@@ -268,14 +299,14 @@ async def test_redeliver_sends_the_same_event_again(
     event_id = (await event_ids(stack.database_url))[connection_id]
     again = await local.post(f"/events/{event_id}/redeliver", headers=hooks_key)
     assert again.status_code == 202, again.text
-    assert sorted((d["endpoint_id"], d["status"], d["event_type"])
-                  for d in again.json()["items"]) == sorted(
-        [(endpoint["id"], "pending", "connection.created"),
-         (second["id"], "pending", "connection.created")])
+    assert sorted((d["endpoint_id"], d["status"], d["event_type"]) for d in again.json()["items"]) == sorted(
+        [(endpoint["id"], "pending", "connection.created"), (second["id"], "pending", "connection.created")]
+    )
     assert await sender.drain() == 2
     assert receiver.ids() == [event_id, event_id] and other.ids() == [event_id, event_id]
-    one = await local.post(f"/events/{event_id}/redeliver", headers=hooks_key,
-                           params={"endpoint_id": second["id"]})
+    one = await local.post(
+        f"/events/{event_id}/redeliver", headers=hooks_key, params={"endpoint_id": second["id"]}
+    )
     assert [d["endpoint_id"] for d in one.json()["items"]] == [second["id"]]
     assert await sender.drain() == 1
     assert len(other.ids()) == 3 and len(receiver.ids()) == 2
@@ -285,11 +316,11 @@ async def test_redeliver_sends_the_same_event_again(
 
 
 async def test_rotation_signs_with_both_secrets_for_a_day(
-        local, client, hooks_key, receivers, senders) -> None:
+    local, client, hooks_key, receivers, senders
+) -> None:
     receiver, url = receivers()
     endpoint = await register(local, hooks_key, url)
-    rotated = await local.post(f"/webhook-endpoints/{endpoint['id']}/rotate-secret",
-                               headers=hooks_key)
+    rotated = await local.post(f"/webhook-endpoints/{endpoint['id']}/rotate-secret", headers=hooks_key)
     assert rotated.status_code == 200, rotated.text
     new_secret = rotated.json()["secret"]
     assert new_secret.startswith("whsec_") and new_secret != endpoint["secret"]
@@ -305,13 +336,19 @@ async def test_rotation_signs_with_both_secrets_for_a_day(
 
 
 async def test_a_rolled_back_change_delivers_nothing(
-        local, client, hooks_key, receivers, senders, runtime) -> None:
+    local, client, hooks_key, receivers, senders, runtime
+) -> None:
     receiver, url = receivers()
     await register(local, hooks_key, url)
     with pytest.raises(RuntimeError):
         async with transaction(runtime.sessionmaker) as session:
-            await outbox.emit(session, outbox.CONNECTION_CREATED, tenant_id="tenant-a",
-                              connection_id=uuid.uuid4(), data={"status": "pending"})
+            await outbox.emit(
+                session,
+                outbox.CONNECTION_CREATED,
+                tenant_id="tenant-a",
+                connection_id=uuid.uuid4(),
+                data={"status": "pending"},
+            )
             await session.flush()
             raise RuntimeError("rolled back")
     assert await (await senders()).drain() == 0
@@ -321,16 +358,17 @@ async def test_a_rolled_back_change_delivers_nothing(
 async def test_delete_endpoint(local, hooks_key, receivers) -> None:
     _, url = receivers()
     endpoint = await register(local, hooks_key, url)
-    assert (await local.delete(f"/webhook-endpoints/{endpoint['id']}",
-                               headers=hooks_key)).status_code == 204
+    assert (await local.delete(f"/webhook-endpoints/{endpoint['id']}", headers=hooks_key)).status_code == 204
     again = await local.delete(f"/webhook-endpoints/{endpoint['id']}", headers=hooks_key)
     assert again.status_code == 404
-    assert (await local.get(f"/webhook-endpoints/{endpoint['id']}/deliveries",
-                            headers=hooks_key)).status_code == 404
+    assert (
+        await local.get(f"/webhook-endpoints/{endpoint['id']}/deliveries", headers=hooks_key)
+    ).status_code == 404
 
 
 async def test_a_lease_left_by_a_killed_replica_is_taken_over(
-        local, client, hooks_key, receivers, senders, clock, stack) -> None:
+    local, client, hooks_key, receivers, senders, clock, stack
+) -> None:
     import asyncpg
 
     from service.core.db.engine import asyncpg_dsn

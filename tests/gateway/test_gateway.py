@@ -20,9 +20,16 @@ QB_SCOPES = ("quickbooks:read", "quickbooks:write")
 
 
 def invoice_body(customer: str = "3") -> dict[str, Any]:
-    return {"CustomerRef": {"value": customer}, "Line": [{
-        "Amount": 225.0, "DetailType": "SalesItemLineDetail",
-        "SalesItemLineDetail": {"ItemRef": {"value": "2"}, "Qty": 3, "UnitPrice": 75}}]}
+    return {
+        "CustomerRef": {"value": customer},
+        "Line": [
+            {
+                "Amount": 225.0,
+                "DetailType": "SalesItemLineDetail",
+                "SalesItemLineDetail": {"ItemRef": {"value": "2"}, "Qty": 3, "UnitPrice": 75},
+            }
+        ],
+    }
 
 
 class QuickBooks:
@@ -50,8 +57,11 @@ class QuickBooks:
 
 
 @pytest.fixture
-async def qb(client: httpx.AsyncClient, linked: Callable[..., Awaitable[str]],
-             service_headers: Callable[..., Awaitable[dict[str, str]]]) -> QuickBooks:
+async def qb(
+    client: httpx.AsyncClient,
+    linked: Callable[..., Awaitable[str]],
+    service_headers: Callable[..., Awaitable[dict[str, str]]],
+) -> QuickBooks:
     return QuickBooks(client, await linked(), await service_headers(*QB_SCOPES))
 
 
@@ -92,8 +102,7 @@ async def raw_request(stack: Stack, head: str) -> bytes:
 # -- pass-through ------------------------------------------------------------------------------
 
 
-async def test_a_read_comes_back_as_intuit_sent_it(qb: QuickBooks,
-                                                   emulator: httpx.AsyncClient) -> None:
+async def test_a_read_comes_back_as_intuit_sent_it(qb: QuickBooks, emulator: httpx.AsyncClient) -> None:
     response = await qb.get("customer/1")
     assert response.status_code == 200, response.text
     assert response.headers["content-type"] == "application/json;charset=UTF-8"
@@ -116,8 +125,15 @@ async def test_each_method_is_forwarded_with_its_body(qb: QuickBooks) -> None:
     assert created.status_code == 200, created.text
     assert created.headers["quickbooks-request-id"]
     customer = created.json()["Customer"]
-    update = await qb.post("customer", {"Id": customer["Id"], "SyncToken": customer["SyncToken"],
-                                        "sparse": True, "CompanyName": "Metro Scrap LLC"})
+    update = await qb.post(
+        "customer",
+        {
+            "Id": customer["Id"],
+            "SyncToken": customer["SyncToken"],
+            "sparse": True,
+            "CompanyName": "Metro Scrap LLC",
+        },
+    )
     assert update.status_code == 200 and update.json()["Customer"]["CompanyName"] == "Metro Scrap LLC"
     # Intuit has no PUT, PATCH or DELETE: its answer to them is what the caller gets.
     for method in ("PUT", "PATCH", "DELETE"):
@@ -157,27 +173,37 @@ async def test_idempotency_key_makes_a_repeated_write_do_the_work_once(qb: Quick
 
 
 async def test_the_same_idempotency_key_on_two_connections_gives_two_requestids(
-        client: httpx.AsyncClient, linked_company: Callable[[int], Awaitable[tuple[str, str]]],
-        service_headers: Callable[..., Awaitable[dict[str, str]]]) -> None:
+    client: httpx.AsyncClient,
+    linked_company: Callable[[int], Awaitable[tuple[str, str]]],
+    service_headers: Callable[..., Awaitable[dict[str, str]]],
+) -> None:
     headers = await service_headers(*QB_SCOPES)
     ids = []
     for index in (1, 2):
         connection_id, _ = await linked_company(index)
         answer = await QuickBooks(client, connection_id, headers).post(
-            "customer", {"DisplayName": "Same Key"}, headers={"Idempotency-Key": "k-1"})
+            "customer", {"DisplayName": "Same Key"}, headers={"Idempotency-Key": "k-1"}
+        )
         assert answer.status_code == 200, answer.text
         ids.append(answer.headers["quickbooks-request-id"])
     assert ids[0] != ids[1]
 
 
-async def test_a_multipart_upload_larger_than_the_retry_buffer_streams_through(
-        qb: QuickBooks) -> None:
+async def test_a_multipart_upload_larger_than_the_retry_buffer_streams_through(qb: QuickBooks) -> None:
     content = b"%PDF-1.4 " + b"x" * (3 * 1024 * 1024)  # over the 1 MiB read ahead of sending
-    metadata = {"AttachableRef": [{"EntityRef": {"type": "Invoice", "value": "1"}}],
-                "FileName": "weighbridge-ticket.pdf", "ContentType": "application/pdf"}
-    response = await qb.request("POST", "upload", files={
-        "file_metadata_01": (None, json.dumps(metadata), "application/json"),
-        "file_content_01": ("weighbridge-ticket.pdf", content, "application/pdf")})
+    metadata = {
+        "AttachableRef": [{"EntityRef": {"type": "Invoice", "value": "1"}}],
+        "FileName": "weighbridge-ticket.pdf",
+        "ContentType": "application/pdf",
+    }
+    response = await qb.request(
+        "POST",
+        "upload",
+        files={
+            "file_metadata_01": (None, json.dumps(metadata), "application/json"),
+            "file_content_01": ("weighbridge-ticket.pdf", content, "application/pdf"),
+        },
+    )
     assert response.status_code == 200, response.text
     attachable = response.json()["AttachableResponse"][0]["Attachable"]
     assert attachable["Size"] == len(content)
@@ -185,21 +211,26 @@ async def test_a_multipart_upload_larger_than_the_retry_buffer_streams_through(
 
 
 async def test_bodies_over_the_gateways_limit_are_refused(
-        stack: Stack, qb: QuickBooks, emulator: httpx.AsyncClient) -> None:
+    stack: Stack, qb: QuickBooks, emulator: httpx.AsyncClient
+) -> None:
     limit = stack.settings.quickbooks_max_body_bytes
     before = (await accounting(emulator)).get("requests", 0)
     # Announced: refused before a byte of it is read.
-    over = await raw_request(stack, f"POST {qb.base}/upload HTTP/1.1\r\nHost: x\r\n"
-                             f"X-API-Key: {qb.headers['X-API-Key']}\r\n"
-                             f"Content-Length: {limit + 1}\r\nConnection: close\r\n\r\n")
+    over = await raw_request(
+        stack,
+        f"POST {qb.base}/upload HTTP/1.1\r\nHost: x\r\n"
+        f"X-API-Key: {qb.headers['X-API-Key']}\r\n"
+        f"Content-Length: {limit + 1}\r\nConnection: close\r\n\r\n",
+    )
     assert over.startswith(b"HTTP/1.1 413") and b"payload_too_large" in over
 
     async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: counted as it streams
         for _ in range(limit // (1024 * 1024) + 1):
             yield b"y" * (1024 * 1024)
 
-    streamed = await qb.request("POST", "upload", content=chunks(), headers={
-        "Content-Type": "multipart/form-data; boundary=x"})
+    streamed = await qb.request(
+        "POST", "upload", content=chunks(), headers={"Content-Type": "multipart/form-data; boundary=x"}
+    )
     assert streamed.status_code == 413 and streamed.json()["code"] == "payload_too_large"
     assert (await accounting(emulator)).get("operations", {}).get("upload", 0) == 0
     assert (await accounting(emulator)).get("requests", 0) <= before + 1
@@ -210,8 +241,12 @@ async def test_bodies_over_the_gateways_limit_are_refused(
 async def test_a_large_report_streams_back(qb: QuickBooks, emulator: httpx.AsyncClient) -> None:
     await config(emulator, report_rows=12_000)
     received: list[bytes] = []
-    async with qb.http.stream("GET", f"{qb.base}/reports/GeneralLedger", headers=qb.headers,
-                              params={"start_date": "2025-01-01", "end_date": "2025-12-31"}) as rsp:
+    async with qb.http.stream(
+        "GET",
+        f"{qb.base}/reports/GeneralLedger",
+        headers=qb.headers,
+        params={"start_date": "2025-01-01", "end_date": "2025-12-31"},
+    ) as rsp:
         assert rsp.status_code == 200 and rsp.headers["intuit_tid"]
         assert rsp.headers["transfer-encoding"] == "chunked"
         async for chunk in rsp.aiter_raw():
@@ -225,8 +260,7 @@ async def test_a_large_report_streams_back(qb: QuickBooks, emulator: httpx.Async
 # -- tokens ------------------------------------------------------------------------------------
 
 
-async def test_a_401_refreshes_once_and_repeats_the_call(qb: QuickBooks,
-                                                         emulator: httpx.AsyncClient) -> None:
+async def test_a_401_refreshes_once_and_repeats_the_call(qb: QuickBooks, emulator: httpx.AsyncClient) -> None:
     await emulator.post("/clock", json={"advance_s": 3700})  # Intuit now sees the token expired
     response = await qb.get("customer/1")
     assert response.status_code == 200, response.text
@@ -234,8 +268,7 @@ async def test_a_401_refreshes_once_and_repeats_the_call(qb: QuickBooks,
     assert (await accounting(emulator))["operations"]["read"] == 1  # the 401 is not an operation
 
 
-async def test_concurrent_401s_share_one_refresh(qb: QuickBooks,
-                                                 emulator: httpx.AsyncClient) -> None:
+async def test_concurrent_401s_share_one_refresh(qb: QuickBooks, emulator: httpx.AsyncClient) -> None:
     await config(emulator, latency_ms=50)
     await emulator.post("/clock", json={"advance_s": 3700})
     answers = await asyncio.gather(*(qb.get("customer/1") for _ in range(5)))
@@ -244,7 +277,8 @@ async def test_concurrent_401s_share_one_refresh(qb: QuickBooks,
 
 
 async def test_invalid_grant_answers_reauthorization_required(
-        qb: QuickBooks, emulator: httpx.AsyncClient) -> None:
+    qb: QuickBooks, emulator: httpx.AsyncClient
+) -> None:
     await emulator.post(f"/companies/{COMPANY_1}/disconnect")  # "disconnected in QuickBooks"
     response = await qb.get("customer/1")
     assert response.status_code == 409, response.text
@@ -255,8 +289,10 @@ async def test_invalid_grant_answers_reauthorization_required(
 
 
 async def test_a_connection_not_connected_answers_not_connected(
-        client: httpx.AsyncClient, new_connection: Callable[..., Awaitable[dict[str, Any]]],
-        service_headers: Callable[..., Awaitable[dict[str, str]]]) -> None:
+    client: httpx.AsyncClient,
+    new_connection: Callable[..., Awaitable[dict[str, Any]]],
+    service_headers: Callable[..., Awaitable[dict[str, str]]],
+) -> None:
     pending = await new_connection()
     qb = QuickBooks(client, pending["id"], await service_headers(*QB_SCOPES))
     response = await qb.get("customer/1")
@@ -267,7 +303,8 @@ async def test_a_connection_not_connected_answers_not_connected(
 
 
 async def test_a_write_whose_answer_is_lost_is_retried_and_done_once(
-        qb: QuickBooks, emulator: httpx.AsyncClient) -> None:
+    qb: QuickBooks, emulator: httpx.AsyncClient
+) -> None:
     await fault(emulator, endpoint="accounting", kind="drop_after_commit")
     response = await qb.post("invoice", invoice_body())
     assert response.status_code == 200, response.text
@@ -276,8 +313,7 @@ async def test_a_write_whose_answer_is_lost_is_retried_and_done_once(
     assert (await accounting(emulator))["operations"]["create"] == 2  # sent twice, done once
 
 
-async def test_reads_and_writes_are_retried_after_5xx(qb: QuickBooks,
-                                                      emulator: httpx.AsyncClient) -> None:
+async def test_reads_and_writes_are_retried_after_5xx(qb: QuickBooks, emulator: httpx.AsyncClient) -> None:
     await fault(emulator, endpoint="accounting", kind="status", status=503)
     assert (await qb.get("customer/1")).status_code == 200
     await fault(emulator, endpoint="accounting", kind="status", status=502)
@@ -289,22 +325,29 @@ async def test_reads_and_writes_are_retried_after_5xx(qb: QuickBooks,
     assert failed.status_code == 500 and failed.json()["Fault"]["type"] == "SystemFault"
 
 
-async def test_an_intuit_429_pauses_the_realm(stack: Stack, qb: QuickBooks,
-                                              emulator: httpx.AsyncClient) -> None:
+async def test_an_intuit_429_pauses_the_realm(
+    stack: Stack, qb: QuickBooks, emulator: httpx.AsyncClient
+) -> None:
     await fault(emulator, endpoint="accounting", kind="status", status=429, delay_s=1)
     response = await qb.get("customer/1")
     assert response.status_code == 200, response.text
-    row = await fetchrow(stack.database_url, "SELECT paused_until, clock_timestamp() AS now "
-                         "FROM quickbooks_realm_throttles WHERE realm_id = $1", COMPANY_1)
+    row = await fetchrow(
+        stack.database_url,
+        "SELECT paused_until, clock_timestamp() AS now FROM quickbooks_realm_throttles WHERE realm_id = $1",
+        COMPANY_1,
+    )
     assert row["paused_until"] is not None and row["paused_until"] <= row["now"]
 
 
 # -- who may call, and where -------------------------------------------------------------------
 
 
-async def test_scopes_and_callers(client: httpx.AsyncClient, qb: QuickBooks,
-                                  service_headers: Callable[..., Awaitable[dict[str, str]]],
-                                  emulator: httpx.AsyncClient) -> None:
+async def test_scopes_and_callers(
+    client: httpx.AsyncClient,
+    qb: QuickBooks,
+    service_headers: Callable[..., Awaitable[dict[str, str]]],
+    emulator: httpx.AsyncClient,
+) -> None:
     read_only = await service_headers("quickbooks:read")
     assert (await qb.get("customer/1", headers=read_only)).status_code == 200
     refused = await qb.post("customer", {"DisplayName": "x"}, headers=read_only)
@@ -327,18 +370,28 @@ async def test_scopes_and_callers(client: httpx.AsyncClient, qb: QuickBooks,
 
 
 async def test_an_unknown_connection_is_404(client: httpx.AsyncClient, qb: QuickBooks) -> None:
-    response = await client.get("/connections/00000000-0000-4000-8000-000000000000/quickbooks/"
-                                "customer/1", headers=qb.headers)
+    response = await client.get(
+        "/connections/00000000-0000-4000-8000-000000000000/quickbooks/customer/1", headers=qb.headers
+    )
     assert response.status_code == 404 and response.json()["code"] == "not_found"
 
 
-@pytest.mark.parametrize("path", ["%2e%2e/%2e%2e/other/customer", "customer%2F1", "customer%5C1",
-                                  "a//b", "customer/%2e", "customer/%00", "customer/%zz", "x?y"])
-async def test_paths_cannot_leave_the_company(qb: QuickBooks, emulator: httpx.AsyncClient,
-                                              path: str) -> None:
+@pytest.mark.parametrize(
+    "path",
+    [
+        "%2e%2e/%2e%2e/other/customer",
+        "customer%2F1",
+        "customer%5C1",
+        "a//b",
+        "customer/%2e",
+        "customer/%00",
+        "customer/%zz",
+        "x?y",
+    ],
+)
+async def test_paths_cannot_leave_the_company(qb: QuickBooks, emulator: httpx.AsyncClient, path: str) -> None:
     before = (await accounting(emulator)).get("requests", 0)
-    url = httpx.URL(f"{qb.http.base_url}{qb.base}/").copy_with(
-        raw_path=f"{qb.base}/{path}".encode())
+    url = httpx.URL(f"{qb.http.base_url}{qb.base}/").copy_with(raw_path=f"{qb.base}/{path}".encode())
     response = await qb.http.get(url, headers=qb.headers)
     if path == "x?y":  # the query string is the caller's, and Intuit judges the path
         assert response.status_code == 400 and "Fault" in response.json()
@@ -350,23 +403,30 @@ async def test_paths_cannot_leave_the_company(qb: QuickBooks, emulator: httpx.As
 
 async def test_a_literal_dot_dot_is_refused(stack: Stack, qb: QuickBooks) -> None:
     # Sent byte for byte (an HTTP client would resolve the dots before sending).
-    answer = await raw_request(stack, f"GET {qb.base}/../../../v3/company/1/customer/1 HTTP/1.1"
-                               f"\r\nHost: x\r\nX-API-Key: {qb.headers['X-API-Key']}\r\n"
-                               "Connection: close\r\n\r\n")
+    answer = await raw_request(
+        stack,
+        f"GET {qb.base}/../../../v3/company/1/customer/1 HTTP/1.1"
+        f"\r\nHost: x\r\nX-API-Key: {qb.headers['X-API-Key']}\r\n"
+        "Connection: close\r\n\r\n",
+    )
     assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
     assert b"invalid_quickbooks_path" in answer
 
 
 # -- throttles shared by replicas --------------------------------------------------------------
 
-LIMITS = {"BROKER_QUICKBOOKS_MAX_IN_FLIGHT": 4, "BROKER_QUICKBOOKS_PER_SECOND": 10,
-          "BROKER_QUICKBOOKS_PER_MINUTE": 30, "BROKER_QUICKBOOKS_QUEUE_SECONDS": 20,
-          # Not the 2 s that spreads 30 calls over a minute: the test would take one.
-          "BROKER_QUICKBOOKS_MIN_INTERVAL_SECONDS": 0.02,
-          # Room for a busy machine's delay between a call's admission and its arrival at the
-          # emulator, which counts arrivals (the default 0.1 s is for a server that is not
-          # running a test-suite beside the broker).
-          "BROKER_QUICKBOOKS_WINDOW_MARGIN_SECONDS": 0.5}
+LIMITS = {
+    "BROKER_QUICKBOOKS_MAX_IN_FLIGHT": 4,
+    "BROKER_QUICKBOOKS_PER_SECOND": 10,
+    "BROKER_QUICKBOOKS_PER_MINUTE": 30,
+    "BROKER_QUICKBOOKS_QUEUE_SECONDS": 20,
+    # Not the 2 s that spreads 30 calls over a minute: the test would take one.
+    "BROKER_QUICKBOOKS_MIN_INTERVAL_SECONDS": 0.02,
+    # Room for a busy machine's delay between a call's admission and its arrival at the
+    # emulator, which counts arrivals (the default 0.1 s is for a server that is not
+    # running a test-suite beside the broker).
+    "BROKER_QUICKBOOKS_WINDOW_MARGIN_SECONDS": 0.5,
+}
 
 
 @pytest.fixture
@@ -383,11 +443,17 @@ def two_brokers(stack: Stack) -> Iterator[list[str]]:
 
 
 async def test_two_brokers_keep_one_company_within_its_limits(
-        qb: QuickBooks, two_brokers: list[str], emulator: httpx.AsyncClient) -> None:
+    qb: QuickBooks, two_brokers: list[str], emulator: httpx.AsyncClient
+) -> None:
     # Intuit's per-minute limit counts the broker's own CompanyInfo read when it linked.
     before = (await accounting(emulator))["requests"]
-    await config(emulator, latency_ms=150, throttle_concurrent=4, throttle_per_second=10,
-                 throttle_per_minute=30 + before)
+    await config(
+        emulator,
+        latency_ms=150,
+        throttle_concurrent=4,
+        throttle_per_second=10,
+        throttle_per_minute=30 + before,
+    )
     clients = [httpx.AsyncClient(base_url=url, timeout=60) for url in two_brokers]
     try:
         callers = [QuickBooks(http, qb.base.split("/")[2], qb.headers) for http in clients]
@@ -408,8 +474,10 @@ async def test_two_brokers_keep_one_company_within_its_limits(
 
 async def test_slots_of_a_replica_that_died_come_back(stack: Stack, qb: QuickBooks) -> None:
     # Every slot taken, by leases that have lapsed: a crashed replica's.
-    await fetchrow(stack.database_url,
-                   "INSERT INTO quickbooks_realm_throttles (realm_id, leases) VALUES ($1, "
-                   "array_fill(clock_timestamp() - interval '1 second', ARRAY[10])) RETURNING 1",
-                   COMPANY_1)
+    await fetchrow(
+        stack.database_url,
+        "INSERT INTO quickbooks_realm_throttles (realm_id, leases) VALUES ($1, "
+        "array_fill(clock_timestamp() - interval '1 second', ARRAY[10])) RETURNING 1",
+        COMPANY_1,
+    )
     assert (await qb.get("customer/1")).status_code == 200

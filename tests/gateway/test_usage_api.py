@@ -20,11 +20,19 @@ from tests.support.waiting import until
 DEC = date(2026, 12, 1)
 
 
-async def add_usage(database_url: str, month: date, call_class: str, tenant: str, realm: str,
-                    calls: int) -> None:
-    await execute(database_url, "INSERT INTO quickbooks_usage (month, call_class, tenant_id, "
-                  "realm_id, calls) VALUES ($1, $2, $3, $4, $5)",
-                  month, call_class, tenant, realm, calls)
+async def add_usage(
+    database_url: str, month: date, call_class: str, tenant: str, realm: str, calls: int
+) -> None:
+    await execute(
+        database_url,
+        "INSERT INTO quickbooks_usage (month, call_class, tenant_id, "
+        "realm_id, calls) VALUES ($1, $2, $3, $4, $5)",
+        month,
+        call_class,
+        tenant,
+        realm,
+        calls,
+    )
 
 
 @pytest.fixture
@@ -43,8 +51,7 @@ async def test_usage_for_the_app_and_every_tenant(client, service_headers, figur
     assert response.status_code == 200, response.text
     assert response.json() == {
         "month": "2026-12",
-        "app": {"core": 5, "coreplus": 21, "coreplus_budget": 500000,
-                "coreplus_remaining": 500000 - 21},
+        "app": {"core": 5, "coreplus": 21, "coreplus_budget": 500000, "coreplus_remaining": 500000 - 21},
         "tenants": [
             {"tenant_id": "tenant-a", "core": 5, "coreplus": 10, "coreplus_cap": None},
             {"tenant_id": "tenant-b", "core": 0, "coreplus": 11, "coreplus_cap": None},
@@ -57,34 +64,34 @@ async def test_usage_for_the_app_and_every_tenant(client, service_headers, figur
 
 async def test_one_tenant_and_the_current_month(client, service_headers, figures) -> None:
     headers = await service_headers("status:read")
-    one = (await client.get("/usage", params={"month": "2026-12", "tenant_id": "tenant-b"},
-                            headers=headers)).json()
-    assert one["tenants"] == [{"tenant_id": "tenant-b", "core": 0, "coreplus": 11,
-                               "coreplus_cap": None}]
+    one = (
+        await client.get("/usage", params={"month": "2026-12", "tenant_id": "tenant-b"}, headers=headers)
+    ).json()
+    assert one["tenants"] == [{"tenant_id": "tenant-b", "core": 0, "coreplus": 11, "coreplus_cap": None}]
     assert one["app"]["coreplus"] == 21  # the app's figures stay the app's
     # A tenant without calls is listed, with zeros.
-    none = (await client.get("/usage", params={"month": "2026-12", "tenant_id": "tenant-z"},
-                             headers=headers)).json()
-    assert none["tenants"] == [{"tenant_id": "tenant-z", "core": 0, "coreplus": 0,
-                                "coreplus_cap": None}]
+    none = (
+        await client.get("/usage", params={"month": "2026-12", "tenant_id": "tenant-z"}, headers=headers)
+    ).json()
+    assert none["tenants"] == [{"tenant_id": "tenant-z", "core": 0, "coreplus": 0, "coreplus_cap": None}]
     current = month_of(datetime.now(UTC))
     default = (await client.get("/usage", headers=headers)).json()
     assert default["month"] == f"{current:%Y-%m}"
-    named = (await client.get("/usage", params={"month": f"{current:%Y-%m}"},
-                              headers=headers)).json()
+    named = (await client.get("/usage", params={"month": f"{current:%Y-%m}"}, headers=headers)).json()
     assert default == named
 
 
 async def test_a_user_sees_their_own_tenant_only(client, figures) -> None:
-    own = await client.get("/usage", params={"month": "2026-12"},
-                           headers=user_headers("tenant-a"))
+    own = await client.get("/usage", params={"month": "2026-12"}, headers=user_headers("tenant-a"))
     assert own.status_code == 200, own.text
     assert [t["tenant_id"] for t in own.json()["tenants"]] == ["tenant-a"]
-    named = await client.get("/usage", params={"month": "2026-12", "tenant_id": "tenant-a"},
-                             headers=user_headers("tenant-a"))
+    named = await client.get(
+        "/usage", params={"month": "2026-12", "tenant_id": "tenant-a"}, headers=user_headers("tenant-a")
+    )
     assert named.json() == own.json()
-    other = await client.get("/usage", params={"month": "2026-12", "tenant_id": "tenant-b"},
-                             headers=user_headers("tenant-a"))
+    other = await client.get(
+        "/usage", params={"month": "2026-12", "tenant_id": "tenant-b"}, headers=user_headers("tenant-a")
+    )
     assert other.status_code == 404
     assert other.json()["code"] == "not_found"
     assert "tenant-b" not in other.text
@@ -104,27 +111,33 @@ async def test_usage_needs_a_caller(client) -> None:
     assert response.json()["code"] == "unauthorized"
 
 
-@pytest.mark.parametrize("month", ["2026-13", "2026-00", "2026-1", "26-12", "0999-01",
-                                   "2026-12-01", "abcd-ef", "", "2026-12\n", "२०२६-१२"])
+@pytest.mark.parametrize(
+    "month",
+    ["2026-13", "2026-00", "2026-1", "26-12", "0999-01", "2026-12-01", "abcd-ef", "", "2026-12\n", "२०२६-१२"],
+)
 async def test_a_bad_month_is_a_validation_problem(client, service_headers, month) -> None:
-    response = await client.get("/usage", params={"month": month},
-                                headers=await service_headers("status:read"))
+    response = await client.get(
+        "/usage", params={"month": month}, headers=await service_headers("status:read")
+    )
     assert response.status_code == 422, (month, response.text)
     assert response.headers["content-type"] == "application/problem+json"
     assert response.json()["code"] == "validation_error"
 
 
 async def test_a_bad_tenant_id_is_a_validation_problem(client, service_headers) -> None:
-    response = await client.get("/usage", params={"tenant_id": "x" * 129},
-                                headers=await service_headers("status:read"))
+    response = await client.get(
+        "/usage", params={"tenant_id": "x" * 129}, headers=await service_headers("status:read")
+    )
     assert response.status_code == 422
     assert response.json()["code"] == "validation_error"
 
 
 # -- caps ------------------------------------------------------------------------------------
 
-async def put_cap(client: httpx.AsyncClient, tenant: str, body: Any,
-                  headers: dict[str, str]) -> httpx.Response:
+
+async def put_cap(
+    client: httpx.AsyncClient, tenant: str, body: Any, headers: dict[str, str]
+) -> httpx.Response:
     return await client.put(f"/tenants/{tenant}/quickbooks-budget", json=body, headers=headers)
 
 
@@ -145,14 +158,12 @@ async def meter_on(stack) -> AsyncIterator[Any]:
         await pool.close()
 
 
-async def test_a_service_sets_and_clears_a_tenants_cap(client, service_headers, stack,
-                                                      meter_on) -> None:
+async def test_a_service_sets_and_clears_a_tenants_cap(client, service_headers, stack, meter_on) -> None:
     writer = await service_headers("connections:write")
     reader = await service_headers("status:read")
     response = await put_cap(client, "tenant-a", {"coreplus_monthly_cap": 2.0}, writer)
     assert response.status_code == 200, response.text
-    assert response.json() == {"tenant_id": "tenant-a", "coreplus_monthly_cap": 2,
-                               "coreplus_cap": 2}
+    assert response.json() == {"tenant_id": "tenant-a", "coreplus_monthly_cap": 2, "coreplus_cap": 2}
     listed = (await client.get("/usage", headers=reader)).json()["tenants"]
     assert {"tenant_id": "tenant-a", "core": 0, "coreplus": 0, "coreplus_cap": 2} in listed
 
@@ -166,8 +177,7 @@ async def test_a_service_sets_and_clears_a_tenants_cap(client, service_headers, 
     await meter.admit("tenant-a", "r1", "core")
 
     cleared = await put_cap(client, "tenant-a", {"coreplus_monthly_cap": None}, writer)
-    assert cleared.json() == {"tenant_id": "tenant-a", "coreplus_monthly_cap": None,
-                              "coreplus_cap": None}
+    assert cleared.json() == {"tenant_id": "tenant-a", "coreplus_monthly_cap": None, "coreplus_cap": None}
     await meter.flush()  # the replica reads the tenant's figures again
     await meter.admit("tenant-a", "r1", "coreplus")
 
@@ -178,19 +188,24 @@ async def test_without_its_own_cap_a_tenant_has_the_default(stack, meter_on) -> 
     from tests.support.servers import ThreadedServer, free_port
 
     port = free_port()
-    settings = broker_settings(stack.database_url, port, stack.emulator_url,
-                               BROKER_COREPLUS_TENANT_MONTHLY_CAP=1,
-                               BROKER_COREPLUS_MONTHLY_BUDGET=1000)
+    settings = broker_settings(
+        stack.database_url,
+        port,
+        stack.emulator_url,
+        BROKER_COREPLUS_TENANT_MONTHLY_CAP=1,
+        BROKER_COREPLUS_MONTHLY_BUDGET=1000,
+    )
     broker = ThreadedServer(create_app(settings), port).start()
     try:
         async with httpx.AsyncClient(base_url=broker.url) as http:
-            body = (await http.get("/usage", params={"tenant_id": TENANT},
-                                   headers=user_headers())).json()
+            body = (await http.get("/usage", params={"tenant_id": TENANT}, headers=user_headers())).json()
             assert body["app"]["coreplus_budget"] == 1000
             assert body["tenants"][0]["coreplus_cap"] == 1
-            own = await http.put(f"/tenants/{TENANT}/quickbooks-budget",
-                                 json={"coreplus_monthly_cap": 5},
-                                 headers=user_headers())
+            own = await http.put(
+                f"/tenants/{TENANT}/quickbooks-budget",
+                json={"coreplus_monthly_cap": 5},
+                headers=user_headers(),
+            )
             assert own.status_code == 403  # a tenant's users cannot raise their own cap
     finally:
         broker.stop()
@@ -201,12 +216,23 @@ async def test_without_its_own_cap_a_tenant_has_the_default(stack, meter_on) -> 
         await meter.admit(TENANT, "r1", "coreplus")
 
 
-@pytest.mark.parametrize("body", [
-    {"coreplus_monthly_cap": -1}, {"coreplus_monthly_cap": 10**9 + 1},
-    {"coreplus_monthly_cap": "many"}, {"coreplus_monthly_cap": 1.5}, {},
-    {"coreplus_monthly_cap": False}, {"coreplus_monthly_cap": "3"}, {"coreplus_monthly_cap": 1e30},
-    {"coreplus_monthly_cap": 1, "coreplus_monthly_budget": 2}, [], "5",
-    {"coreplus_monthly_cap": 10**30}])
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"coreplus_monthly_cap": -1},
+        {"coreplus_monthly_cap": 10**9 + 1},
+        {"coreplus_monthly_cap": "many"},
+        {"coreplus_monthly_cap": 1.5},
+        {},
+        {"coreplus_monthly_cap": False},
+        {"coreplus_monthly_cap": "3"},
+        {"coreplus_monthly_cap": 1e30},
+        {"coreplus_monthly_cap": 1, "coreplus_monthly_budget": 2},
+        [],
+        "5",
+        {"coreplus_monthly_cap": 10**30},
+    ],
+)
 async def test_a_bad_cap_is_a_validation_problem(client, service_headers, body) -> None:
     response = await put_cap(client, "tenant-a", body, await service_headers("connections:write"))
     assert response.status_code == 422, (body, response.text)
@@ -215,8 +241,11 @@ async def test_a_bad_cap_is_a_validation_problem(client, service_headers, body) 
 
 async def test_who_may_set_a_cap(client, service_headers) -> None:
     body = {"coreplus_monthly_cap": 100}
-    for headers in (user_headers("tenant-a"), await service_headers("status:read"),
-                    await service_headers("tokens:read")):
+    for headers in (
+        user_headers("tenant-a"),
+        await service_headers("status:read"),
+        await service_headers("tokens:read"),
+    ):
         response = await put_cap(client, "tenant-a", body, headers)
         assert response.status_code == 403
         assert response.json()["code"] == "forbidden"
@@ -227,8 +256,10 @@ async def test_who_may_set_a_cap(client, service_headers) -> None:
 
 # -- the broker's own calls ----------------------------------------------------------------------
 
-async def test_the_companyinfo_read_of_a_connect_is_counted(client, service_headers, stack,
-                                                            new_connection, connect) -> None:
+
+async def test_the_companyinfo_read_of_a_connect_is_counted(
+    client, service_headers, stack, new_connection, connect
+) -> None:
     conn = await new_connection()
     result = await connect(conn["id"])
     assert result.params["result"] == "connected"
@@ -240,9 +271,9 @@ async def test_the_companyinfo_read_of_a_connect_is_counted(client, service_head
 
     await until(counted, "the CompanyInfo read to be counted")
     body = (await client.get("/usage", params={"tenant_id": TENANT}, headers=headers)).json()
-    assert body["tenants"] == [{"tenant_id": TENANT, "core": 0, "coreplus": 1,
-                                "coreplus_cap": None}]
+    assert body["tenants"] == [{"tenant_id": TENANT, "core": 0, "coreplus": 1, "coreplus_cap": None}]
     from tests.support.db_helpers import fetchrow
+
     row = await fetchrow(stack.database_url, "SELECT realm_id, call_class FROM quickbooks_usage")
     assert row is not None and (row["realm_id"], row["call_class"]) == (COMPANY_1, "coreplus")
     metrics = (await client.get("/metrics")).text

@@ -47,8 +47,7 @@ async def test_a_token_at_the_limit_is_accepted_one_past_it_refused(client: http
     assert "too long" in response.json()["detail"]
 
 
-async def test_the_direct_route_refuses_it_as_the_documented_route_does(
-        client: httpx.AsyncClient) -> None:
+async def test_the_direct_route_refuses_it_as_the_documented_route_does(client: httpx.AsyncClient) -> None:
     headers = _bearer(_jwt_of_length(MAX_BEARER_TOKEN_CHARS + 100))
     by_app, direct = await get_counted(client, STATUS, "/status?via=app", headers=headers)
     assert (by_app.status_code, direct) == (401, False)
@@ -60,8 +59,9 @@ async def test_the_direct_route_refuses_it_as_the_documented_route_does(
 
 @pytest.mark.parametrize("path", ["/status", "/connections", "/connections/{id}/token"])
 @pytest.mark.parametrize("header", ["Authorization", "X-API-Key"])
-async def test_megabytes_of_credentials_are_refused_at_once(client: httpx.AsyncClient, new_connection,
-                                                           path: str, header: str) -> None:
+async def test_megabytes_of_credentials_are_refused_at_once(
+    client: httpx.AsyncClient, new_connection, path: str, header: str
+) -> None:
     conn = await new_connection()
     url = path.replace("{id}", conn["id"])
     # Shaped like a JWT, so that a parser would go to work on it.
@@ -84,9 +84,14 @@ async def test_the_verifier_refuses_before_parsing() -> None:
 
 # -- the lifetime cap ------------------------------------------------------------------------
 
+
 async def test_token_lifetime_cap() -> None:
-    verifier = JWTVerifier(Settings(BROKER_JWT_SECRET=JWT_SECRET,  # type: ignore[call-arg]
-                                    BROKER_JWT_MAX_LIFETIME_SECONDS=3600))
+    verifier = JWTVerifier(
+        Settings(
+            BROKER_JWT_SECRET=JWT_SECRET,  # type: ignore[call-arg]
+            BROKER_JWT_MAX_LIFETIME_SECONDS=3600,
+        )
+    )
     now = int(time.time())
 
     def token(**claims: Any) -> str:
@@ -94,8 +99,11 @@ async def test_token_lifetime_cap() -> None:
 
     assert await verifier.verify(token(iat=now, exp=now + 3600))
     assert await verifier.verify(token(exp=now + 3000))  # no iat: counted from now
-    for too_long in (token(iat=now, exp=now + 3601), token(iat=now - 7200, exp=now + 60),
-                     token(exp=now + 4000)):
+    for too_long in (
+        token(iat=now, exp=now + 3601),
+        token(iat=now - 7200, exp=now + 60),
+        token(exp=now + 4000),
+    ):
         with pytest.raises(Unauthorized, match="lifetime"):
             await verifier.verify(too_long)
     uncapped = JWTVerifier(Settings(BROKER_JWT_SECRET=JWT_SECRET))  # type: ignore[call-arg]

@@ -51,8 +51,9 @@ CURSORS = [
 
 
 @pytest.mark.parametrize("cursor", CURSORS)
-async def test_bad_cursors_are_validation_errors(client: httpx.AsyncClient, new_connection,
-                                                 cursor: str) -> None:
+async def test_bad_cursors_are_validation_errors(
+    client: httpx.AsyncClient, new_connection, cursor: str
+) -> None:
     conn = await new_connection()
     for url in ("/connections", f"/connections/{conn['id']}/events"):
         response = await client.get(url, params={"cursor": cursor}, headers=user_headers())

@@ -23,16 +23,18 @@ from tests.support.servers import free_port
 
 async def _echo(request: Request) -> JSONResponse:
     body = await request.body()
-    return JSONResponse({"authorization": len(request.headers.get("authorization", "")),
-                         "body": len(body)})
+    return JSONResponse({"authorization": len(request.headers.get("authorization", "")), "body": len(body)})
 
 
 @contextmanager
 def _running(options: dict[str, Any]) -> Iterator[int]:
     port = free_port()
     app = Starlette(routes=[Route("/echo", _echo, methods=["GET", "POST"])])
-    instance = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None,
-                                             access_log=False, lifespan="off", **options))
+    instance = uvicorn.Server(
+        uvicorn.Config(
+            app, host="127.0.0.1", port=port, log_config=None, access_log=False, lifespan="off", **options
+        )
+    )
     thread = threading.Thread(target=instance.run, daemon=True)
     thread.start()
     while not instance.started:
@@ -70,7 +72,7 @@ def _exchange(port: int, head: bytes, body: bytes = b"", *, chunk: int = 65536) 
         data = head + body
         try:
             for start in range(0, len(data), chunk):
-                sock.sendall(data[start:start + chunk])
+                sock.sendall(data[start : start + chunk])
         except (BrokenPipeError, ConnectionResetError):
             pass
         answer = b""
@@ -90,9 +92,13 @@ def _exchange(port: int, head: bytes, body: bytes = b"", *, chunk: int = 65536) 
 
 
 def _request(token_bytes: int, *, method: str = "GET", body: bytes = b"") -> bytes:
-    return (f"{method} /echo HTTP/1.1\r\nHost: broker\r\nAuthorization: Bearer ".encode()
-            + b"a" * token_bytes + b"\r\ncontent-length: " + str(len(body)).encode()
-            + b"\r\n\r\n")
+    return (
+        f"{method} /echo HTTP/1.1\r\nHost: broker\r\nAuthorization: Bearer ".encode()
+        + b"a" * token_bytes
+        + b"\r\ncontent-length: "
+        + str(len(body)).encode()
+        + b"\r\n\r\n"
+    )
 
 
 def test_an_ordinary_head_and_an_8_kb_token_pass(server: int) -> None:
@@ -103,8 +109,7 @@ def test_an_ordinary_head_and_an_8_kb_token_pass(server: int) -> None:
 
 def test_a_large_body_after_a_small_head_is_not_counted_as_head(server: int) -> None:
     body = b"x" * (3 * MAX_REQUEST_HEAD_BYTES)
-    answer = _exchange(server, _request(100, method="POST", body=body), body,
-                       chunk=len(body) + 1000)
+    answer = _exchange(server, _request(100, method="POST", body=body), body, chunk=len(body) + 1000)
     assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
     assert f'"body":{len(body)}'.encode() in answer
 

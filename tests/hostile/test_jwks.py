@@ -36,9 +36,17 @@ class KeySet:
     hang: threading.Event = field(default_factory=threading.Event)
 
     def document(self) -> dict[str, Any]:
-        return {"keys": [{**jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key(), as_dict=True),
-                          "kid": kid, "use": "sig", "alg": "RS256"}
-                         for kid, key in self.keys.items()]}
+        return {
+            "keys": [
+                {
+                    **jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key(), as_dict=True),
+                    "kid": kid,
+                    "use": "sig",
+                    "alg": "RS256",
+                }
+                for kid, key in self.keys.items()
+            ]
+        }
 
 
 @pytest.fixture(scope="module")
@@ -63,14 +71,25 @@ def jwks() -> Iterator[tuple[str, KeySet]]:
 
 
 def _token(key: rsa.RSAPrivateKey, kid: str, **claims: Any) -> str:
-    base = {"sub": "user-1", "tenant_id": "tenant-a", "iss": ISSUER, "aud": AUDIENCE,
-            "exp": int(time.time()) + 600}
+    base = {
+        "sub": "user-1",
+        "tenant_id": "tenant-a",
+        "iss": ISSUER,
+        "aud": AUDIENCE,
+        "exp": int(time.time()) + 600,
+    }
     return jwt.encode({**base, **claims}, key, algorithm="RS256", headers={"kid": kid})
 
 
 def _verifier(url: str, **options: float) -> JWTVerifier:
-    return JWTVerifier(Settings(BROKER_JWT_JWKS_URL=url, BROKER_JWT_ISSUER=ISSUER,  # type: ignore[call-arg]
-                                BROKER_JWT_AUDIENCE=AUDIENCE), **options)
+    return JWTVerifier(
+        Settings(
+            BROKER_JWT_JWKS_URL=url,
+            BROKER_JWT_ISSUER=ISSUER,  # type: ignore[call-arg]
+            BROKER_JWT_AUDIENCE=AUDIENCE,
+        ),
+        **options,
+    )
 
 
 async def test_a_removed_key_stops_working_at_the_next_fetch(jwks, rsa_keys) -> None:

@@ -40,8 +40,9 @@ PENDING = 'qbo_broker_connections{status="pending"}'
 
 def _server(stack: Stack, **overrides: Any) -> ThreadedServer:
     port = free_port()
-    return ThreadedServer(create_app(broker_settings(stack.database_url, port, stack.emulator_url,
-                                                     **overrides)), port).start()
+    return ThreadedServer(
+        create_app(broker_settings(stack.database_url, port, stack.emulator_url, **overrides)), port
+    ).start()
 
 
 @pytest.fixture
@@ -52,8 +53,9 @@ def fresh(stack: Stack) -> Iterator[str]:
     server.stop()
 
 
-async def test_scrapes_within_the_window_read_the_database_once(fresh: str, stack: Stack,
-                                                                client: httpx.AsyncClient) -> None:
+async def test_scrapes_within_the_window_read_the_database_once(
+    fresh: str, stack: Stack, client: httpx.AsyncClient
+) -> None:
     assert DATABASE_FIGURES_MAX_AGE == 30
     await client.post("/connections", json={}, headers=user_headers())
     before = _reads()
@@ -77,8 +79,10 @@ async def test_figures_are_read_again_once_stale(runtime, stack: Stack) -> None:
     await figures.refresh(runtime)
     await asyncio.gather(*(figures.refresh(runtime) for _ in range(5)))
     assert _reads() == before + 1
-    await execute(stack.database_url, "INSERT INTO connections (id, tenant_id, status) VALUES "
-                  "(gen_random_uuid(), 'tenant-m', 'pending')")
+    await execute(
+        stack.database_url,
+        "INSERT INTO connections (id, tenant_id, status) VALUES (gen_random_uuid(), 'tenant-m', 'pending')",
+    )
     await asyncio.sleep(0.35)
     await asyncio.gather(*(figures.refresh(runtime) for _ in range(5)))
     assert _reads() == before + 2
@@ -118,8 +122,12 @@ class _Served(BrokerProcess):
         with self.stdout_path.open("wb") as out, self.stderr_path.open("wb") as err:
             self._process = subprocess.Popen(  # noqa: S603 (a fixed command line)
                 [sys.executable, "-m", "service", "serve", "--port", str(self.port)],
-                cwd=REPO_ROOT, env=process_env(self.env), stdout=out, stderr=err,
-                stdin=subprocess.DEVNULL)
+                cwd=REPO_ROOT,
+                env=process_env(self.env),
+                stdout=out,
+                stderr=err,
+                stdin=subprocess.DEVNULL,
+            )
 
 
 async def test_serve_exposes_metrics_on_the_metrics_port(stack: Stack, tmp_path: Path) -> None:
@@ -144,9 +152,14 @@ async def test_serve_exposes_metrics_on_the_metrics_port(stack: Stack, tmp_path:
 def test_serve_refuses_a_metrics_port_with_several_workers(tmp_path: Path) -> None:
     from tests.test_cli import run
 
-    env = {"INTUIT_CLIENT_ID": "a", "INTUIT_CLIENT_SECRET": "b", "BROKER_DATA_DIR": str(tmp_path),
-           "BROKER_ENCRYPTION_KEYS": "k1:" + "A" * 43 + "=",
-           "BROKER_JWT_SECRET": "s" * 40, "BROKER_METRICS_PORT": "9464"}
+    env = {
+        "INTUIT_CLIENT_ID": "a",
+        "INTUIT_CLIENT_SECRET": "b",
+        "BROKER_DATA_DIR": str(tmp_path),
+        "BROKER_ENCRYPTION_KEYS": "k1:" + "A" * 43 + "=",
+        "BROKER_JWT_SECRET": "s" * 40,
+        "BROKER_METRICS_PORT": "9464",
+    }
     out = run("serve", "--workers", "2", env=env)
     assert out.returncode == 2 and "BROKER_METRICS_PORT needs --workers 1" in out.stderr
     same = run("serve", "--port", "9464", env=env)

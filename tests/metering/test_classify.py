@@ -64,15 +64,28 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize(("method", "path", "body", "expected"), CASES,
-                         ids=[f"{m} {p} {i}" for i, (m, p, _, _) in enumerate(CASES)])
+@pytest.mark.parametrize(
+    ("method", "path", "body", "expected"),
+    CASES,
+    ids=[f"{m} {p} {i}" for i, (m, p, _, _) in enumerate(CASES)],
+)
 def test_classify(method: str, path: str, body: bytes | None, expected: str) -> None:
     assert classify(method, path, body) == expected
 
 
-@pytest.mark.parametrize(("status", "outcome"), [
-    (200, "ok"), (204, "ok"), (400, "client_error"), (404, "client_error"),
-    (401, "unauthorized"), (403, "unauthorized"), (429, "throttled"), (500, "server_error"),
-    (503, "server_error")])
+@pytest.mark.parametrize(
+    ("status", "outcome"),
+    [
+        (200, "ok"),
+        (204, "ok"),
+        (400, "client_error"),
+        (404, "client_error"),
+        (401, "unauthorized"),
+        (403, "unauthorized"),
+        (429, "throttled"),
+        (500, "server_error"),
+        (503, "server_error"),
+    ],
+)
 def test_outcome_for_status(status: int, outcome: str) -> None:
     assert outcome_for_status(status) == outcome

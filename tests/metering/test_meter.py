@@ -57,18 +57,23 @@ async def meters(database_url: str) -> AsyncIterator[Callable[..., Any]]:
 
 
 async def stored(conn: asyncpg.Connection) -> Counter[tuple[str, str, str, str]]:
-    rows = await conn.fetch("SELECT month, call_class, tenant_id, realm_id, calls "
-                            "FROM quickbooks_usage")
-    return Counter({(f"{r['month']:%Y-%m}", r["call_class"], r["tenant_id"], r["realm_id"]):
-                    r["calls"] for r in rows})
+    rows = await conn.fetch("SELECT month, call_class, tenant_id, realm_id, calls FROM quickbooks_usage")
+    return Counter(
+        {(f"{r['month']:%Y-%m}", r["call_class"], r["tenant_id"], r["realm_id"]): r["calls"] for r in rows}
+    )
 
 
 def mixed_calls(seed: int, count: int) -> list[tuple[str, str, str, str]]:
     rng = random.Random(seed)
-    return [(f"tenant-{rng.randrange(5)}", f"realm-{rng.randrange(3)}",
-             rng.choice(["core", "coreplus"]),
-             rng.choice(["ok", "ok", "ok", "client_error", "throttled", "network_error"]))
-            for _ in range(count)]
+    return [
+        (
+            f"tenant-{rng.randrange(5)}",
+            f"realm-{rng.randrange(3)}",
+            rng.choice(["core", "coreplus"]),
+            rng.choice(["ok", "ok", "ok", "client_error", "throttled", "network_error"]),
+        )
+        for _ in range(count)
+    ]
 
 
 async def test_counts_are_exact_after_concurrent_calls_on_two_replicas(db, meters) -> None:
@@ -96,10 +101,21 @@ async def test_counts_are_exact_after_concurrent_calls_on_two_replicas(db, meter
 
 
 async def test_counts_are_exact_from_two_processes(db, database_url: str) -> None:
-    processes = [await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "tests.support.meter_process", database_url, str(seed), "1000",
-        cwd=REPO_ROOT, env=process_env({}), stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE) for seed in (11, 12)]
+    processes = [
+        await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "tests.support.meter_process",
+            database_url,
+            str(seed),
+            "1000",
+            cwd=REPO_ROOT,
+            env=process_env({}),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        for seed in (11, 12)
+    ]
     outputs = await asyncio.wait_for(asyncio.gather(*(p.communicate() for p in processes)), 120)
     for process, (_, err) in zip(processes, outputs, strict=True):
         assert process.returncode == 0, err.decode()
@@ -158,8 +174,10 @@ async def test_a_replica_sees_the_calls_of_another(db, meters) -> None:
 
 async def test_a_tenants_own_cap_overrides_the_default(db, meters) -> None:
     meter = await meters(settings(BROKER_COREPLUS_TENANT_MONTHLY_CAP="100"))
-    await db.execute("INSERT INTO quickbooks_budgets (tenant_id, coreplus_monthly_cap, "
-                     "updated_by) VALUES ('tenant-a', 0, 'test')")
+    await db.execute(
+        "INSERT INTO quickbooks_budgets (tenant_id, coreplus_monthly_cap, "
+        "updated_by) VALUES ('tenant-a', 0, 'test')"
+    )
     with pytest.raises(QuickBooksBudgetExhausted):
         await meter.admit("tenant-a", "r1", "coreplus")
     await meter.admit("tenant-b", "r1", "coreplus")  # the default
@@ -177,13 +195,16 @@ async def test_calls_are_counted_in_their_utc_month(db, meters) -> None:
     await meter.record("tenant-a", "r1", "coreplus", "ok")
     await meter.record("tenant-a", "r1", "core", "ok")
     await meter.flush()
-    assert await stored(db) == Counter({("2026-11", "coreplus", "tenant-a", "r1"): 1,
-                                        ("2026-12", "coreplus", "tenant-a", "r1"): 1,
-                                        ("2026-12", "core", "tenant-a", "r1"): 1})
+    assert await stored(db) == Counter(
+        {
+            ("2026-11", "coreplus", "tenant-a", "r1"): 1,
+            ("2026-12", "coreplus", "tenant-a", "r1"): 1,
+            ("2026-12", "core", "tenant-a", "r1"): 1,
+        }
+    )
 
 
-async def test_counts_kept_when_a_flush_fails_are_written_by_the_next(db, meters,
-                                                                      database_url: str) -> None:
+async def test_counts_kept_when_a_flush_fails_are_written_by_the_next(db, meters, database_url: str) -> None:
     meter = await meters(flush_interval=3600)  # flushed by the test alone
     for _ in range(7):
         await meter.record("tenant-a", "r1", "core", "ok")
@@ -226,8 +247,10 @@ async def test_each_budget_threshold_is_logged_once_across_replicas(db, meters) 
     month = month_of(datetime.now(UTC))
     assert [(r["month"], r["threshold"]) for r in rows] == [(month, 80), (month, 95), (month, 100)]
     # Each published once, for the whole app, in the statement that claimed it.
-    events = await db.fetch("SELECT tenant_id, connection_id, data FROM events "
-                            "WHERE type = 'quickbooks.usage_threshold' ORDER BY seq")
+    events = await db.fetch(
+        "SELECT tenant_id, connection_id, data FROM events "
+        "WHERE type = 'quickbooks.usage_threshold' ORDER BY seq"
+    )
     assert [(e["tenant_id"], e["connection_id"]) for e in events] == [("*", None)] * 3
     published = [json.loads(e["data"]) for e in events]
     assert sorted(d["threshold_percent"] for d in published) == [80, 95, 100]
@@ -235,7 +258,8 @@ async def test_each_budget_threshold_is_logged_once_across_replicas(db, meters) 
 
 
 async def test_with_the_database_unreachable_known_tenants_keep_their_figures(
-        db, database_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    db, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from service.core.errors import database_unreachable
     from service.metering import meter as metering
 
@@ -284,7 +308,8 @@ async def test_concurrent_calls_on_one_replica_cannot_pass_the_cap_together(db, 
 
 
 async def test_an_admitted_call_that_never_reached_intuit_gives_its_place_back(
-        db, meters, monkeypatch: pytest.MonkeyPatch) -> None:
+    db, meters, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from service.metering import meter as metering
 
     meter = await meters(settings(BROKER_COREPLUS_TENANT_MONTHLY_CAP="1"))

@@ -10,10 +10,12 @@ from tests.conftest import ALICE, BOB, CAROL, COMPANY_1, COMPANY_2, DAVE, RETURN
 
 
 async def test_authorize_url_points_at_intuit_with_state_and_registered_redirect(
-        client: httpx.AsyncClient, new_connection, stack) -> None:
+    client: httpx.AsyncClient, new_connection, stack
+) -> None:
     conn = await new_connection()
-    response = await client.post(f"/connections/{conn['id']}/authorize",
-                                 json={"return_url": RETURN_URL}, headers=user_headers())
+    response = await client.post(
+        f"/connections/{conn['id']}/authorize", json={"return_url": RETURN_URL}, headers=user_headers()
+    )
     assert response.status_code == 200
     url = urlsplit(response.json()["authorization_url"])
     query = parse_qs(url.query)
@@ -22,8 +24,12 @@ async def test_authorize_url_points_at_intuit_with_state_and_registered_redirect
     assert query["redirect_uri"] == [f"{stack.settings.public_url}/callback"]
     assert query["response_type"] == ["code"]
     assert query["client_id"] == ["test-client-id"]
-    assert set(query["scope"][0].split()) == {"com.intuit.quickbooks.accounting", "openid",
-                                               "email", "profile"}
+    assert set(query["scope"][0].split()) == {
+        "com.intuit.quickbooks.accounting",
+        "openid",
+        "email",
+        "profile",
+    }
     assert len(query["state"][0]) >= 43  # 256 bits, base64url
 
 
@@ -45,8 +51,7 @@ async def test_first_connect_links_the_connection(client, new_connection, connec
     assert body["last_error"] is None
 
 
-async def test_callback_answers_carry_no_secrets_and_strict_headers(client, new_connection,
-                                                                    connect) -> None:
+async def test_callback_answers_carry_no_secrets_and_strict_headers(client, new_connection, connect) -> None:
     conn = await new_connection()
     result = await connect(conn["id"])
     callback = parse_qs(urlsplit(result.callback_url).query)
@@ -72,13 +77,13 @@ async def test_state_is_single_use(client, new_connection, connect) -> None:
 
 async def test_unknown_state_is_refused_without_calling_intuit(client, emulator) -> None:
     before = (await emulator.get("/stats")).json()
-    response = await client.get("/callback", params={"code": "abc", "state": "forged",
-                                                     "realmId": COMPANY_1})
+    response = await client.get("/callback", params={"code": "abc", "state": "forged", "realmId": COMPANY_1})
     assert response.status_code == 400
     assert "text/html" in response.headers["content-type"]
     assert response.headers["referrer-policy"] == "no-referrer"
-    json_answer = await client.get("/callback", params={"code": "abc", "state": "forged"},
-                                   headers={"Accept": "application/json"})
+    json_answer = await client.get(
+        "/callback", params={"code": "abc", "state": "forged"}, headers={"Accept": "application/json"}
+    )
     assert json_answer.status_code == 400
     assert json_answer.headers["content-type"].startswith("application/problem+json")
     assert json_answer.json()["code"] == "invalid_state"
@@ -107,7 +112,8 @@ async def test_non_admin_is_refused_with_the_admin_message(client, new_connectio
 
 
 async def test_same_quickbooks_user_reconnecting_links_without_confirmation(
-        client, new_connection, connect) -> None:
+    client, new_connection, connect
+) -> None:
     conn = await new_connection()
     await connect(conn["id"], email=BOB)
     again = await connect(conn["id"], email=BOB)
@@ -115,7 +121,8 @@ async def test_same_quickbooks_user_reconnecting_links_without_confirmation(
 
 
 async def test_different_quickbooks_user_needs_confirmation_and_keeps_old_credentials(
-        client, new_connection, connect, service_headers) -> None:
+    client, new_connection, connect, service_headers
+) -> None:
     conn = await new_connection()
     await connect(conn["id"], email=BOB)
     before = (await client.get(f"/connections/{conn['id']}", headers=user_headers())).json()
@@ -129,8 +136,7 @@ async def test_different_quickbooks_user_needs_confirmation_and_keeps_old_creden
     assert pending["quickbooks_user"]["email"] == ALICE
     assert pending["realm_id"] == COMPANY_1
 
-    confirmed = await client.post(f"/connections/{conn['id']}/pending-link/confirm",
-                                  headers=user_headers())
+    confirmed = await client.post(f"/connections/{conn['id']}/pending-link/confirm", headers=user_headers())
     assert confirmed.status_code == 200
     assert confirmed.json()["owner"]["quickbooks_user"]["email"] == ALICE
     assert confirmed.json()["pending_link"] is None
@@ -165,8 +171,9 @@ async def test_different_company_is_a_reason_too(client, new_connection, connect
     assert body["realm_id"] == COMPANY_1
 
 
-async def test_declining_a_pending_link_revokes_it_at_intuit(client, new_connection, connect,
-                                                             emulator) -> None:
+async def test_declining_a_pending_link_revokes_it_at_intuit(
+    client, new_connection, connect, emulator
+) -> None:
     conn = await new_connection()
     await connect(conn["id"], email=DAVE, realm_id=COMPANY_1)
     await connect(conn["id"], email=DAVE, realm_id=COMPANY_2)
@@ -176,24 +183,26 @@ async def test_declining_a_pending_link_revokes_it_at_intuit(client, new_connect
     assert COMPANY_2 not in grants and COMPANY_1 in grants
     again = await client.delete(f"/connections/{conn['id']}/pending-link", headers=user_headers())
     assert again.status_code == 404 and again.json()["code"] == "no_pending_link"
-    confirm = await client.post(f"/connections/{conn['id']}/pending-link/confirm",
-                                headers=user_headers())
+    confirm = await client.post(f"/connections/{conn['id']}/pending-link/confirm", headers=user_headers())
     assert confirm.json()["code"] == "no_pending_link"
 
 
 async def test_company_linked_by_another_connection_is_refused(client, new_connection, connect) -> None:
     first, second = await new_connection(), await new_connection(user="user-2")
     await connect(first["id"], email=BOB, realm_id=COMPANY_1)
-    result = await connect(second["id"], email=DAVE, realm_id=COMPANY_1, user="user-2",
-                           connect_anyway=True)
-    assert result.params == {"connection_id": second["id"], "result": "error",
-                             "error": "quickbooks_company_in_use"}
+    result = await connect(second["id"], email=DAVE, realm_id=COMPANY_1, user="user-2", connect_anyway=True)
+    assert result.params == {
+        "connection_id": second["id"],
+        "result": "error",
+        "error": "quickbooks_company_in_use",
+    }
     body = (await client.get(f"/connections/{second['id']}", headers=user_headers())).json()
     assert body["status"] == "pending" and body["last_error"]["code"] == "quickbooks_company_in_use"
 
 
 async def test_quickbooks_user_of_another_cietrade_user_is_refused_even_with_force(
-        client, new_connection, connect) -> None:
+    client, new_connection, connect
+) -> None:
     first = await new_connection()
     await connect(first["id"], email=DAVE, realm_id=COMPANY_1, user="user-1")
     second = await new_connection(user="user-2")
@@ -210,11 +219,13 @@ async def test_callback_without_return_url_shows_a_result_page(new_connection, c
     assert result.status_code == 200
     assert "Connected to QuickBooks" in result.body
     assert result.headers["content-security-policy"] == (
-        "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'; base-uri 'none'")
+        "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'; base-uri 'none'"
+    )
 
 
 async def test_declining_another_admins_takeover_is_truthful_about_the_old_grant(
-        client, new_connection, connect, emulator, service_headers) -> None:
+    client, new_connection, connect, emulator, service_headers
+) -> None:
     conn = await new_connection()
     await connect(conn["id"], email=BOB)
     # Alice clicks "Connect anyway" at Intuit: Intuit retires Bob's grant in favour of hers.
@@ -227,16 +238,15 @@ async def test_declining_another_admins_takeover_is_truthful_about_the_old_grant
     assert body["status"] == "reauthorization_required"
     assert body["owner"]["quickbooks_user"]["email"] == BOB  # still remembered
     assert body["last_error"]["code"] == "quickbooks_connection_revoked"
-    token = await client.get(f"/connections/{conn['id']}/token",
-                             headers=await service_headers("tokens:read"))
+    token = await client.get(f"/connections/{conn['id']}/token", headers=await service_headers("tokens:read"))
     assert token.json()["code"] == "reauthorization_required"
 
 
 async def test_intuit_outage_at_the_callback_is_503_with_retry_after(
-        client, new_connection, connect, cookie_connect, emulator) -> None:
+    client, new_connection, connect, cookie_connect, emulator
+) -> None:
     conn = await new_connection()
-    await emulator.post("/faults", json={"endpoint": "token", "kind": "status", "status": 503,
-                                         "count": 10})
+    await emulator.post("/faults", json={"endpoint": "token", "kind": "status", "status": 503, "count": 10})
     page = await cookie_connect(conn["id"], return_url=None)
     assert page.status_code == 503
     assert int(page.headers["retry-after"]) > 0

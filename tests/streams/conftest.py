@@ -20,8 +20,9 @@ OpenStream = Callable[..., Any]
 
 
 @asynccontextmanager
-async def stream(base_url: str, path: str, headers: dict[str, str],
-                 **params: str) -> AsyncIterator[EventReader]:
+async def stream(
+    base_url: str, path: str, headers: dict[str, str], **params: str
+) -> AsyncIterator[EventReader]:
     """An open stream whose answer was 200 (headers received: the broker has subscribed it)."""
     async with httpx.AsyncClient(base_url=base_url, timeout=httpx.Timeout(10, read=30)) as http:
         async with http.stream("GET", path, headers=headers, params=params) as response:
@@ -37,23 +38,35 @@ async def db(stack: Stack) -> AsyncIterator[asyncpg.Connection]:
     await conn.close()
 
 
-async def insert_event(conn: asyncpg.Connection, tenant_id: str, connection_id: str | None = None,
-                       event_type: str = "connection.modules_changed",
-                       data: dict[str, Any] | None = None) -> str:
+async def insert_event(
+    conn: asyncpg.Connection,
+    tenant_id: str,
+    connection_id: str | None = None,
+    event_type: str = "connection.modules_changed",
+    data: dict[str, Any] | None = None,
+) -> str:
     """One event row, as the outbox writes it in the transaction of a change."""
     event_id = str(uuid.uuid4())
     await conn.execute(
         "INSERT INTO events (id, type, occurred_at, tenant_id, connection_id, data)"
         " VALUES ($1, $2, now(), $3, $4, $5::jsonb)",
-        uuid.UUID(event_id), event_type, tenant_id,
-        uuid.UUID(connection_id) if connection_id else None, json.dumps(data or {}))
+        uuid.UUID(event_id),
+        event_type,
+        tenant_id,
+        uuid.UUID(connection_id) if connection_id else None,
+        json.dumps(data or {}),
+    )
     return event_id
 
 
 @pytest.fixture
 def emit(db: asyncpg.Connection) -> Callable[..., Awaitable[str]]:
-    async def run(tenant_id: str, connection_id: str | None = None,
-                  event_type: str = "connection.modules_changed",
-                  data: dict[str, Any] | None = None) -> str:
+    async def run(
+        tenant_id: str,
+        connection_id: str | None = None,
+        event_type: str = "connection.modules_changed",
+        data: dict[str, Any] | None = None,
+    ) -> str:
         return await insert_event(db, tenant_id, connection_id, event_type, data)
+
     return run

@@ -25,26 +25,30 @@ Emit = Callable[..., Awaitable[str]]
 def small_broker(stack: Stack) -> Iterator[str]:
     """A broker allowing two streams per tenant and three in all, with a fast heartbeat."""
     port = free_port()
-    settings = broker_settings(stack.database_url, port, stack.emulator_url,
-                               BROKER_STREAMS_PER_TENANT=2, BROKER_STREAMS_MAX=3,
-                               BROKER_STREAM_HEARTBEAT_SECONDS=0.2)
+    settings = broker_settings(
+        stack.database_url,
+        port,
+        stack.emulator_url,
+        BROKER_STREAMS_PER_TENANT=2,
+        BROKER_STREAMS_MAX=3,
+        BROKER_STREAM_HEARTBEAT_SECONDS=0.2,
+    )
     broker = ThreadedServer(create_app(settings), port).start()
     yield broker.url
     broker.stop()
 
 
 async def test_streams_are_capped_per_tenant_and_per_process(small_broker: str) -> None:
-    async with AsyncExitStack() as streams, httpx.AsyncClient(base_url=small_broker,
-                                                              timeout=10) as http:
+    async with AsyncExitStack() as streams, httpx.AsyncClient(base_url=small_broker, timeout=10) as http:
         for user in ("user-1", "user-2"):
-            await streams.enter_async_context(
-                stream(small_broker, "/status/stream", user_headers(user=user)))
+            await streams.enter_async_context(stream(small_broker, "/status/stream", user_headers(user=user)))
         third = await http.get("/status/stream", headers=user_headers(user="user-3"))
         assert third.status_code == 429
         assert third.json()["code"] == "too_many_streams"
         assert int(third.headers["retry-after"]) > 0
         await streams.enter_async_context(
-            stream(small_broker, "/status/stream", user_headers(tenant="tenant-b")))
+            stream(small_broker, "/status/stream", user_headers(tenant="tenant-b"))
+        )
         full = await http.get("/status/stream", headers=user_headers(tenant="tenant-c"))
         assert full.status_code == 503
         assert full.json()["code"] == "streams_unavailable"
@@ -52,8 +56,10 @@ async def test_streams_are_capped_per_tenant_and_per_process(small_broker: str) 
     # Closed by their clients: the slots are free again (once the broker has seen them go).
     async with asyncio.timeout(10):
         while True:
-            async with httpx.AsyncClient(base_url=small_broker, timeout=10) as http, \
-                    http.stream("GET", "/status/stream", headers=user_headers()) as again:
+            async with (
+                httpx.AsyncClient(base_url=small_broker, timeout=10) as http,
+                http.stream("GET", "/status/stream", headers=user_headers()) as again,
+            ):
                 if again.status_code == 200:
                     break
             await asyncio.sleep(0.05)
@@ -69,8 +75,14 @@ async def test_an_idle_stream_gets_heartbeats(small_broker: str) -> None:
 
 
 def _event(seq: int) -> StreamEvent:
-    return StreamEvent(seq=seq, id=str(uuid.uuid4()), type="connection.modules_changed",
-                       tenant_id="t", connection_id=None, message=b"")
+    return StreamEvent(
+        seq=seq,
+        id=str(uuid.uuid4()),
+        type="connection.modules_changed",
+        tenant_id="t",
+        connection_id=None,
+        message=b"",
+    )
 
 
 async def test_a_stream_that_falls_behind_is_ended_not_grown() -> None:
@@ -88,8 +100,14 @@ async def test_a_stream_that_falls_behind_is_ended_not_grown() -> None:
 
 
 async def test_the_hub_refuses_streams_beyond_its_caps_and_after_close() -> None:
-    hub = StreamHub("postgresql://unused", None, channel="unused", queue_size=2,  # type: ignore[arg-type]
-                    max_streams=2, max_streams_per_tenant=1)
+    hub = StreamHub(
+        "postgresql://unused",
+        None,
+        channel="unused",
+        queue_size=2,  # type: ignore[arg-type]
+        max_streams=2,
+        max_streams_per_tenant=1,
+    )
     first = hub.subscribe("a", None)
     with pytest.raises(StreamLimitReached) as tenant:
         hub.subscribe("a", None)

@@ -13,12 +13,25 @@ from sqlalchemy.engine import make_url
 
 from service.core.db.engine import asyncpg_dsn
 
-TABLES = ["webhook_deliveries", "webhook_endpoints", "events",
-          "connection_events", "pending_links", "authorization_states", "held_grants",
-          "quickbooks_usage", "quickbooks_budgets", "quickbooks_budget_alerts",
-          "pending_revocations", "quickbooks_realm_throttles",
-          "intuit_notifications", "intuit_entity_changes",
-          "quickbooks_user_claims", "api_keys", "connections"]
+TABLES = [
+    "webhook_deliveries",
+    "webhook_endpoints",
+    "events",
+    "connection_events",
+    "pending_links",
+    "authorization_states",
+    "held_grants",
+    "quickbooks_usage",
+    "quickbooks_budgets",
+    "quickbooks_budget_alerts",
+    "pending_revocations",
+    "quickbooks_realm_throttles",
+    "intuit_notifications",
+    "intuit_entity_changes",
+    "quickbooks_user_claims",
+    "api_keys",
+    "connections",
+]
 
 
 @contextmanager

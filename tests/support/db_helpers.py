@@ -27,5 +27,9 @@ async def fetchrow(database_url: str, sql: str, *args: Any) -> asyncpg.Record | 
 
 async def expire_access_token(database_url: str, connection_id: str, seconds_left: int = 60) -> None:
     """Make the stored access token look nearly expired, as time passing would."""
-    await execute(database_url, "UPDATE connections SET access_token_expires_at = now() + "
-                  "make_interval(secs => $2) WHERE id = $1", connection_id, seconds_left)
+    await execute(
+        database_url,
+        "UPDATE connections SET access_token_expires_at = now() + make_interval(secs => $2) WHERE id = $1",
+        connection_id,
+        seconds_left,
+    )

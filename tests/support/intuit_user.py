@@ -26,8 +26,13 @@ class CallbackResult:
 
 
 async def sign_in_and_decide(
-    authorization_url: str, *, email: str, realm_id: str | None = None,
-    decision: str = "allow", connect_anyway: bool = False, follow_to_broker: bool = True,
+    authorization_url: str,
+    *,
+    email: str,
+    realm_id: str | None = None,
+    decision: str = "allow",
+    connect_anyway: bool = False,
+    follow_to_broker: bool = True,
     cookies: dict[str, str] | None = None,
 ) -> CallbackResult:
     """Walk the emulator's flow like a browser; return what the broker answered at /callback."""
@@ -56,5 +61,12 @@ async def sign_in_and_decide(
         back = await browser.get(callback_url, headers=sent)
         location = back.headers.get("location")
         params = {k: v[0] for k, v in parse_qs(urlsplit(location).query).items()} if location else {}
-        return CallbackResult(back.status_code, location, params, back.text, callback_url,
-                              dict(back.headers), callback_params=dict(params))
+        return CallbackResult(
+            back.status_code,
+            location,
+            params,
+            back.text,
+            callback_url,
+            dict(back.headers),
+            callback_params=dict(params),
+        )

@@ -18,8 +18,10 @@ async def main(database_url: str, seed: int, count: int) -> None:
     pool = await create_reads_pool(database_url, max_size=4)
     meter = Meter(pool, Settings(), flush_interval=0.005)  # flushes overlap the other process's
     rng = random.Random(seed)
-    calls = [(f"tenant-{rng.randrange(5)}", f"realm-{rng.randrange(3)}",
-              rng.choice(["core", "coreplus"])) for _ in range(count)]
+    calls = [
+        (f"tenant-{rng.randrange(5)}", f"realm-{rng.randrange(3)}", rng.choice(["core", "coreplus"]))
+        for _ in range(count)
+    ]
 
     async def one(call: tuple[str, str, str]) -> None:
         await asyncio.sleep(rng.random() * 0.5)

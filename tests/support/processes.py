@@ -54,8 +54,7 @@ def process_env(env: Mapping[str, str]) -> dict[str, str]:
     libraries again, which takes seconds per start.
     """
     aliases = {field.alias for field in Settings.model_fields.values() if field.alias}
-    inherited = {k: v for k, v in os.environ.items()
-                 if k not in aliases and k != "PYTHONDONTWRITEBYTECODE"}
+    inherited = {k: v for k, v in os.environ.items() if k not in aliases and k != "PYTHONDONTWRITEBYTECODE"}
     return {**inherited, "PYTHONUNBUFFERED": "1", "PYTHONPYCACHEPREFIX": str(PYCACHE), **env}
 
 
@@ -85,10 +84,25 @@ class BrokerProcess:
             self._process = subprocess.Popen(  # noqa: S603 (a fixed command line)
                 # Keep-alive longer than any pause in a test, so a reused connection is never
                 # closed by the server at the moment the next request goes out on it.
-                [sys.executable, "-m", "uvicorn", "service.main:create_app", "--factory",
-                 "--host", "127.0.0.1", "--port", str(self.port), "--timeout-keep-alive", "120"],
-                cwd=REPO_ROOT, env=process_env(self.env), stdout=out, stderr=err,
-                stdin=subprocess.DEVNULL)
+                [
+                    sys.executable,
+                    "-m",
+                    "uvicorn",
+                    "service.main:create_app",
+                    "--factory",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.port),
+                    "--timeout-keep-alive",
+                    "120",
+                ],
+                cwd=REPO_ROOT,
+                env=process_env(self.env),
+                stdout=out,
+                stderr=err,
+                stdin=subprocess.DEVNULL,
+            )
 
     def wait_healthy(self, timeout: float = 90.0) -> None:
         """Block until GET /healthz answers 200; raise with the broker's output if it never does."""
@@ -103,8 +117,7 @@ class BrokerProcess:
                 except httpx.TransportError:
                     pass
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"broker {self.name} not healthy after {timeout}s:\n"
-                                       f"{self.output()}")
+                    raise RuntimeError(f"broker {self.name} not healthy after {timeout}s:\n{self.output()}")
                 time.sleep(0.05)
 
     def kill(self) -> None:
@@ -174,13 +187,21 @@ class CommandResult:
     stderr: str
 
 
-async def run_cli(args: list[str], env: Mapping[str, str], log_dir: Path, *,
-                  time_limit: float = 120.0) -> CommandResult:
+async def run_cli(
+    args: list[str], env: Mapping[str, str], log_dir: Path, *, time_limit: float = 120.0
+) -> CommandResult:
     """Run `python -m service ARGS` (the qbo-broker command) in its own process, off the loop."""
+
     def run() -> subprocess.CompletedProcess[str]:
         return subprocess.run(  # noqa: S603 (a fixed command line)
-            [sys.executable, "-m", "service", *args], cwd=REPO_ROOT, env=process_env(env),
-            capture_output=True, text=True, timeout=time_limit, check=False)
+            [sys.executable, "-m", "service", *args],
+            cwd=REPO_ROOT,
+            env=process_env(env),
+            capture_output=True,
+            text=True,
+            timeout=time_limit,
+            check=False,
+        )
 
     done = await asyncio.to_thread(run)
     (log_dir / f"cli-{args[0]}.out.log").write_text(done.stdout)

@@ -65,8 +65,9 @@ class Receiver:
                 self.active -= 1
                 self.active_ids[msg_id] -= 1
                 self.received.append(Received(headers, body, scope["path"]))
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"text/plain")]})
+        await send(
+            {"type": "http.response.start", "status": status, "headers": [(b"content-type", b"text/plain")]}
+        )
         await send({"type": "http.response.body", "body": b"ok"})
 
     def ids(self) -> list[str]:

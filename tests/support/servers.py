@@ -20,9 +20,11 @@ class ThreadedServer:
     def __init__(self, app: Any, port: int, **options: Any) -> None:
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
-        self._server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
-                                                     log_config=None, access_log=False,
-                                                     lifespan="on", **options))
+        self._server = uvicorn.Server(
+            uvicorn.Config(
+                app, host="127.0.0.1", port=port, log_config=None, access_log=False, lifespan="on", **options
+            )
+        )
         self._thread = threading.Thread(target=self._server.run, daemon=True)
 
     def start(self, timeout: float = 30.0) -> ThreadedServer:

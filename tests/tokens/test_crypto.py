@@ -50,12 +50,17 @@ def test_first_key_encrypts_all_decrypt() -> None:
     assert rotated.encrypt("v", "x").startswith("new.")
 
 
-@pytest.mark.parametrize("value,message", [
-    ("", "required"), ("nokid", "kid:base64key"), ("a:!!!", "base64"),
-    ("a:" + base64.b64encode(b"short").decode(), "32 bytes"),
-    (f"a:{generate_key()},a:{generate_key()}", "repeats"),
-    (f"a.b:{generate_key()}", "letters, digits"),
-])
+@pytest.mark.parametrize(
+    "value,message",
+    [
+        ("", "required"),
+        ("nokid", "kid:base64key"),
+        ("a:!!!", "base64"),
+        ("a:" + base64.b64encode(b"short").decode(), "32 bytes"),
+        (f"a:{generate_key()},a:{generate_key()}", "repeats"),
+        (f"a.b:{generate_key()}", "letters, digits"),
+    ],
+)
 def test_bad_key_configuration_is_a_clear_error(value: str, message: str) -> None:
     with pytest.raises(ConfigurationError, match=message):
         _ = Settings(BROKER_ENCRYPTION_KEYS=value).parsed_encryption_keys

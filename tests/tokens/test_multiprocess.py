@@ -29,8 +29,10 @@ from tests.support.processes import BrokerProcess, BrokerProcesses, run_cli, set
 from tests.support.waiting import until
 
 LOST = "qbo_broker_refresh_tokens_lost_total"
-LOCK_WAITERS = ("SELECT count(*) AS n FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                "AND datname = current_database()")
+LOCK_WAITERS = (
+    "SELECT count(*) AS n FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+    "AND datname = current_database()"
+)
 
 
 # A second encryption key: the rotation test's brokers encrypt under k2 and still read k1.
@@ -54,8 +56,9 @@ async def replicas(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> As
     try:
         env = settings_env(stack.settings)
         started = [processes.spawn(name, env) for name in ("a", "b", "doomed-1", "doomed-2")]
-        started.append(processes.spawn("short-timeout", settings_env(
-            stack.settings, INTUIT_TIMEOUT_SECONDS=1)))
+        started.append(
+            processes.spawn("short-timeout", settings_env(stack.settings, INTUIT_TIMEOUT_SECONDS=1))
+        )
         new_keys_env = settings_env(stack.settings, BROKER_ENCRYPTION_KEYS=NEW_KEYS)
         started += [processes.spawn(name, new_keys_env) for name in ("k2-a", "k2-b")]
         await processes.ready(*started)
@@ -74,8 +77,10 @@ async def http() -> AsyncIterator[httpx.AsyncClient]:
 
 # -- helpers ----------------------------------------------------------------------------------
 
-async def _link_many(linked_company: Callable[[int], Awaitable[tuple[str, str]]],
-                     count: int) -> list[tuple[str, str]]:
+
+async def _link_many(
+    linked_company: Callable[[int], Awaitable[tuple[str, str]]], count: int
+) -> list[tuple[str, str]]:
     """`count` connections, each to its own QuickBooks company with its own admin."""
     gate = asyncio.Semaphore(6)
 
@@ -94,8 +99,7 @@ def _refresh_outcomes(stats: dict[str, Any]) -> dict[str, int]:
     return dict(stats["token"].get("refresh_token", {}))
 
 
-async def _metric(http: httpx.AsyncClient, broker: BrokerProcess, name: str,
-                  **labels: str) -> float | None:
+async def _metric(http: httpx.AsyncClient, broker: BrokerProcess, name: str, **labels: str) -> float | None:
     text = (await http.get(f"{broker.url}/metrics")).text
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
@@ -109,18 +113,20 @@ async def _connection(client: httpx.AsyncClient, cid: str) -> dict[str, Any]:
 
 
 async def _stored_tokens(stack: Stack, cid: str) -> dict[str, Any]:
-    row = await fetchrow(stack.database_url, "SELECT access_token, refresh_token, status "
-                         "FROM connections WHERE id = $1", cid)
+    row = await fetchrow(
+        stack.database_url, "SELECT access_token, refresh_token, status FROM connections WHERE id = $1", cid
+    )
     assert row is not None
     return dict(row)
 
 
 async def _works_at_intuit(http: httpx.AsyncClient, body: dict[str, Any]) -> bool:
     realm = body["realm_id"]
-    info = await http.get(f"{body['api_base_url']}/v3/company/{realm}/companyinfo/{realm}",
-                          params={"minorversion": "75"},
-                          headers={"Authorization": f"Bearer {body['access_token']}",
-                                   "Accept": "application/json"})
+    info = await http.get(
+        f"{body['api_base_url']}/v3/company/{realm}/companyinfo/{realm}",
+        params={"minorversion": "75"},
+        headers={"Authorization": f"Bearer {body['access_token']}", "Accept": "application/json"},
+    )
     return info.status_code == 200
 
 
@@ -130,8 +136,10 @@ def _token_url(broker: BrokerProcess, cid: str) -> str:
 
 # -- one refresh per expiry, across processes ------------------------------------------------
 
+
 async def test_requests_across_two_processes_share_one_refresh(
-        replicas, http, client, linked, service_headers, emulator, stack) -> None:
+    replicas, http, client, linked, service_headers, emulator, stack
+) -> None:
     cid = await linked()
     headers = await service_headers("tokens:read")
     before = await _stored_tokens(stack, cid)
@@ -139,8 +147,9 @@ async def test_requests_across_two_processes_share_one_refresh(
     await expire_access_token(stack.database_url, cid, seconds_left=10)
 
     brokers = (replicas.a, replicas.b)
-    responses = await asyncio.gather(*(http.get(_token_url(brokers[i % 2], cid), headers=headers)
-                                       for i in range(120)))
+    responses = await asyncio.gather(
+        *(http.get(_token_url(brokers[i % 2], cid), headers=headers) for i in range(120))
+    )
 
     assert [r.status_code for r in responses] == [200] * 120, [r.text for r in responses[:3]]
     tokens = {r.json()["access_token"] for r in responses}
@@ -156,13 +165,17 @@ async def test_requests_across_two_processes_share_one_refresh(
     events = (await client.get(f"/connections/{cid}/events", headers=user_headers())).json()
     assert [e["type"] for e in events["items"]].count("refreshed") == 1
     assert "refresh_attempt" not in {e["type"] for e in events["items"]}  # not shown as history
-    unsettled = await fetchrow(stack.database_url, "SELECT count(*) AS n FROM connection_events "
-                               "WHERE type = 'refresh_attempt' AND connection_id = $1", cid)
+    unsettled = await fetchrow(
+        stack.database_url,
+        "SELECT count(*) AS n FROM connection_events WHERE type = 'refresh_attempt' AND connection_id = $1",
+        cid,
+    )
     assert unsettled["n"] == 0  # settled with the outcome, so gone
 
 
 async def test_fifty_expired_connections_are_refreshed_once_each(
-        replicas, http, linked_company, service_headers, emulator, stack) -> None:
+    replicas, http, linked_company, service_headers, emulator, stack
+) -> None:
     links = await _link_many(linked_company, 50)
     headers = await service_headers("tokens:read")
     for cid, _ in links:
@@ -171,11 +184,13 @@ async def test_fifty_expired_connections_are_refreshed_once_each(
 
     # Two requests per connection, one to each process, all at once.
     requests = [(cid, broker) for cid, _ in links for broker in (replicas.a, replicas.b)]
-    responses = await asyncio.gather(*(http.get(_token_url(broker, cid), headers=headers)
-                                       for cid, broker in requests))
+    responses = await asyncio.gather(
+        *(http.get(_token_url(broker, cid), headers=headers) for cid, broker in requests)
+    )
 
-    assert {r.status_code for r in responses} == {200}, [r.text for r in responses
-                                                         if r.status_code != 200][:3]
+    assert {r.status_code for r in responses} == {200}, [r.text for r in responses if r.status_code != 200][
+        :3
+    ]
     served: dict[str, set[str]] = {}
     for (cid, _), response in zip(requests, responses, strict=True):
         served.setdefault(cid, set()).add(response.json()["access_token"])
@@ -184,14 +199,17 @@ async def test_fifty_expired_connections_are_refreshed_once_each(
     stats = await _stats(emulator)
     assert _refresh_outcomes(stats) == {"ok": 50}
     assert {realm: stats["refresh_by_realm"][realm] for _, realm in links} == {
-        realm: {"ok": 1} for _, realm in links}
+        realm: {"ok": 1} for _, realm in links
+    }
     assert set(stats["max_concurrent_refresh"].values()) == {1}
 
 
 # -- crashes ---------------------------------------------------------------------------------
 
+
 async def test_process_killed_mid_refresh_leaves_nothing_stuck_and_reports_the_lost_token(
-        replicas, http, client, linked, service_headers, emulator, stack) -> None:
+    replicas, http, client, linked, service_headers, emulator, stack
+) -> None:
     doomed, survivor = replicas.doomed.pop(), replicas.b
     cid = await linked()
     headers = await service_headers("tokens:read")
@@ -229,7 +247,9 @@ async def test_process_killed_mid_refresh_leaves_nothing_stuck_and_reports_the_l
     assert await _metric(http, survivor, LOST) == (lost_before or 0) + 1
     after = await _stored_tokens(stack, cid)
     assert (after["access_token"], after["refresh_token"]) == (
-        before["access_token"], before["refresh_token"])
+        before["access_token"],
+        before["refresh_token"],
+    )
     events = (await client.get(f"/connections/{cid}/events", headers=user_headers())).json()
     assert events["items"][0]["type"] == "refresh_failed"
     assert events["items"][0]["details"]["code"] == "refresh_token_lost"
@@ -241,7 +261,8 @@ async def test_process_killed_mid_refresh_leaves_nothing_stuck_and_reports_the_l
 
 
 async def test_process_killed_before_its_refresh_left_loses_nothing(
-        replicas, http, client, linked, service_headers, emulator, stack) -> None:
+    replicas, http, client, linked, service_headers, emulator, stack
+) -> None:
     doomed, survivor = replicas.doomed.pop(), replicas.b
     cid = await linked()
     headers = await service_headers("tokens:read")
@@ -283,8 +304,10 @@ async def test_process_killed_before_its_refresh_left_loses_nothing(
 
 # -- Intuit failing --------------------------------------------------------------------------
 
+
 async def test_intuit_503_and_429_change_nothing_and_are_retried_a_bounded_number_of_times(
-        replicas, http, linked, service_headers, emulator, stack) -> None:
+    replicas, http, linked, service_headers, emulator, stack
+) -> None:
     cid = await linked()
     headers = await service_headers("tokens:read")
     attempts = stack.settings.intuit_max_attempts
@@ -293,8 +316,9 @@ async def test_intuit_503_and_429_change_nothing_and_are_retried_a_bounded_numbe
     for status in (503, 429):
         stored = await fetchrow(stack.database_url, row_sql, cid)
         fired_before = (await _stats(emulator))["faults_fired"].get("token", 0)
-        await emulator.post("/faults", json={"endpoint": "token", "kind": "status",
-                                             "status": status, "count": 10})
+        await emulator.post(
+            "/faults", json={"endpoint": "token", "kind": "status", "status": status, "count": 10}
+        )
         response = await http.get(_token_url(replicas.a, cid), headers=headers)
         assert response.status_code == 503, response.text
         assert response.json()["code"] == "intuit_unavailable"
@@ -308,11 +332,15 @@ async def test_intuit_503_and_429_change_nothing_and_are_retried_a_bounded_numbe
     recovered = await http.get(_token_url(replicas.b, cid), headers=headers)
     assert recovered.status_code == 200, recovered.text
     assert _refresh_outcomes(await _stats(emulator)) == {
-        "status_503": attempts, "status_429": attempts, "ok": 1}
+        "status_503": attempts,
+        "status_429": attempts,
+        "ok": 1,
+    }
 
 
 async def test_timeouts_are_reported_as_what_really_happened_at_intuit(
-        replicas, http, client, linked, service_headers, emulator, stack) -> None:
+    replicas, http, client, linked, service_headers, emulator, stack
+) -> None:
     slow, other = replicas.short_timeout, replicas.b  # slow times out after 1 s
     cid = await linked()
     headers = await service_headers("tokens:read")
@@ -322,8 +350,7 @@ async def test_timeouts_are_reported_as_what_really_happened_at_intuit(
     # One attempt times out (Intuit answers after 2 s, too late), the retry gets through: the
     # retry rotated first, so the late original finds its token dead. Nothing is lost.
     await expire_access_token(stack.database_url, cid, seconds_left=10)
-    await emulator.post("/faults", json={"endpoint": "token", "kind": "timeout", "delay_s": 2,
-                                         "count": 1})
+    await emulator.post("/faults", json={"endpoint": "token", "kind": "timeout", "delay_s": 2, "count": 1})
     recovered = await http.get(_token_url(slow, cid), headers=headers)
     assert recovered.status_code == 200, recovered.text
     assert await _works_at_intuit(http, recovered.json())
@@ -337,8 +364,9 @@ async def test_timeouts_are_reported_as_what_really_happened_at_intuit(
     # Every attempt times out: the first one did rotate at Intuit, after the broker gave up.
     await expire_access_token(stack.database_url, cid, seconds_left=10)
     stored = await _stored_tokens(stack, cid)
-    await emulator.post("/faults", json={"endpoint": "token", "kind": "timeout", "delay_s": 2,
-                                         "count": attempts})
+    await emulator.post(
+        "/faults", json={"endpoint": "token", "kind": "timeout", "delay_s": 2, "count": attempts}
+    )
     response = await http.get(_token_url(slow, cid), headers=headers)
     assert response.status_code == 503, response.text
     assert response.json()["code"] == "intuit_unavailable"
@@ -350,8 +378,9 @@ async def test_timeouts_are_reported_as_what_really_happened_at_intuit(
 
     await until(all_attempts_done, "the timed-out refreshes to finish at the emulator")
     # An outage in between (Intuit never sees those requests) does not make the broker forget.
-    await emulator.post("/faults", json={"endpoint": "token", "kind": "status", "status": 503,
-                                         "count": attempts})
+    await emulator.post(
+        "/faults", json={"endpoint": "token", "kind": "status", "status": 503, "count": attempts}
+    )
     outage = await http.get(_token_url(other, cid), headers=headers)
     assert outage.json()["code"] == "intuit_unavailable"
     # The stored refresh token is dead now; the next refresh (on another process) finds out,
@@ -366,11 +395,15 @@ async def test_timeouts_are_reported_as_what_really_happened_at_intuit(
     stored_after = await _stored_tokens(stack, cid)
     assert stored_after["refresh_token"] == stored["refresh_token"]
     assert _refresh_outcomes(await _stats(emulator)) == {
-        "ok": 2, "invalid_grant": attempts + 1, "status_503": attempts}
+        "ok": 2,
+        "invalid_grant": attempts + 1,
+        "status_503": attempts,
+    }
 
 
 async def test_an_answer_lost_early_in_the_retries_is_not_forgotten_by_a_later_one(
-        replicas, http, client, linked, service_headers, emulator, stack) -> None:
+    replicas, http, client, linked, service_headers, emulator, stack
+) -> None:
     cid = await linked()
     headers = await service_headers("tokens:read")
     lost_before = await _metric(http, replicas.short_timeout, LOST)
@@ -378,18 +411,17 @@ async def test_an_answer_lost_early_in_the_retries_is_not_forgotten_by_a_later_o
     # Attempt 1 times out (Intuit rotates at 2 s, unheard); attempt 2 gets 429 "retry after
     # 2 s"; attempt 3 then offers the rotated-away token and gets invalid_grant.
     await emulator.post("/faults", json={"endpoint": "token", "kind": "timeout", "delay_s": 2})
-    await emulator.post("/faults", json={"endpoint": "token", "kind": "status", "status": 429,
-                                         "delay_s": 2})
+    await emulator.post("/faults", json={"endpoint": "token", "kind": "status", "status": 429, "delay_s": 2})
     answer = await http.get(_token_url(replicas.short_timeout, cid), headers=headers)
     assert answer.status_code == 409, answer.text
-    assert _refresh_outcomes(await _stats(emulator)) == {
-        "ok": 1, "status_429": 1, "invalid_grant": 1}
+    assert _refresh_outcomes(await _stats(emulator)) == {"ok": 1, "status_429": 1, "invalid_grant": 1}
     assert (await _connection(client, cid))["last_error"]["code"] == "refresh_token_lost"
     assert await _metric(http, replicas.short_timeout, LOST) == (lost_before or 0) + 1
 
 
 async def test_invalid_grant_is_asked_once_across_processes(
-        replicas, http, client, linked, service_headers, emulator, stack) -> None:
+    replicas, http, client, linked, service_headers, emulator, stack
+) -> None:
     cid = await linked()
     headers = await service_headers("tokens:read")
     before = await _stored_tokens(stack, cid)
@@ -399,8 +431,9 @@ async def test_invalid_grant_is_asked_once_across_processes(
     await expire_access_token(stack.database_url, cid, seconds_left=10)
 
     brokers = (replicas.a, replicas.b)
-    responses = await asyncio.gather(*(http.get(_token_url(brokers[i % 2], cid), headers=headers)
-                                       for i in range(20)))
+    responses = await asyncio.gather(
+        *(http.get(_token_url(brokers[i % 2], cid), headers=headers) for i in range(20))
+    )
 
     assert {r.status_code for r in responses} == {409}
     assert {r.json()["code"] for r in responses} == {"reauthorization_required"}
@@ -410,7 +443,9 @@ async def test_invalid_grant_is_asked_once_across_processes(
     assert body["last_error"]["code"] == "invalid_grant"  # nothing was lost: it was revoked
     after = await _stored_tokens(stack, cid)
     assert (after["access_token"], after["refresh_token"]) == (
-        before["access_token"], before["refresh_token"])
+        before["access_token"],
+        before["refresh_token"],
+    )
     assert [await _metric(http, b, LOST) for b in brokers] == lost_before
     later = await http.get(_token_url(replicas.b, cid), headers=headers)
     assert later.json()["code"] == "reauthorization_required"
@@ -419,23 +454,30 @@ async def test_invalid_grant_is_asked_once_across_processes(
 
 # -- key rotation ----------------------------------------------------------------------------
 
+
 async def test_key_rotation_under_concurrent_reads_on_two_processes(
-        replicas, tmp_path, http, linked_company, service_headers, emulator,
-        stack) -> None:
+    replicas, tmp_path, http, linked_company, service_headers, emulator, stack
+) -> None:
     # Written by the in-thread broker, whose only key is k1.
     links = await _link_many(linked_company, 8)
     headers = await service_headers("tokens:read")
     ids = [cid for cid, _ in links]
-    key_count = ("SELECT count(*) FILTER (WHERE access_token LIKE $1) + "
-                 "count(*) FILTER (WHERE refresh_token LIKE $1) AS n FROM connections")
+    key_count = (
+        "SELECT count(*) FILTER (WHERE access_token LIKE $1) + "
+        "count(*) FILTER (WHERE refresh_token LIKE $1) AS n FROM connections"
+    )
     assert (await fetchrow(stack.database_url, key_count, "k1.%"))["n"] == 16
     first, second = replicas.new_keys  # k2 first: they encrypt under k2 and still read k1
     await expire_access_token(stack.database_url, ids[0], seconds_left=10)  # one refresh too
     await emulator.post("/config", json={"latency_ms": 50})
 
-    rotation = asyncio.create_task(run_cli(
-        ["rotate-keys", "--batch", "1"],
-        {"DATABASE_URL": stack.database_url, "BROKER_ENCRYPTION_KEYS": NEW_KEYS}, tmp_path))
+    rotation = asyncio.create_task(
+        run_cli(
+            ["rotate-keys", "--batch", "1"],
+            {"DATABASE_URL": stack.database_url, "BROKER_ENCRYPTION_KEYS": NEW_KEYS},
+            tmp_path,
+        )
+    )
     served: list[tuple[str, int, str]] = []
 
     async def reader(worker: int) -> None:
@@ -444,8 +486,13 @@ async def test_key_rotation_under_concurrent_reads_on_two_processes(
             cid, broker = ids[turn % len(ids)], (first, second)[turn % 2]
             turn += 5
             response = await http.get(_token_url(broker, cid), headers=headers)
-            served.append((cid, response.status_code, response.text if response.status_code
-                           != 200 else response.json()["access_token"]))
+            served.append(
+                (
+                    cid,
+                    response.status_code,
+                    response.text if response.status_code != 200 else response.json()["access_token"],
+                )
+            )
 
     await asyncio.gather(*(reader(w) for w in range(6)))
     result = await rotation

@@ -19,8 +19,14 @@ from tests.conftest import user_headers
 from tests.support.db_helpers import execute, expire_access_token, fetchrow
 
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
-MOMENTS = [None, NOW - timedelta(hours=1), NOW, NOW + timedelta(minutes=4),
-           NOW + timedelta(minutes=6), NOW + timedelta(hours=1)]
+MOMENTS = [
+    None,
+    NOW - timedelta(hours=1),
+    NOW,
+    NOW + timedelta(minutes=4),
+    NOW + timedelta(minutes=6),
+    NOW + timedelta(hours=1),
+]
 RULES = [
     _Due(valid_until=NOW + timedelta(minutes=5)),  # a request
     _Due(valid_until=NOW + timedelta(minutes=5), refreshed_after=NOW - timedelta(minutes=1)),  # forced
@@ -32,16 +38,23 @@ RULES = [
 
 async def test_the_rule_is_the_same_in_python_and_in_sql(stack) -> None:
     due = _due("$2::timestamptz", "$3::timestamptz", "$4::timestamptz")
-    query = (f"SELECT {due} AS due FROM (SELECT $1::text AS access_token, "
-             "$5::timestamptz AS access_token_expires_at, $6::timestamptz AS last_refreshed_at, "
-             "$7::timestamptz AS keepalive_due_at) AS c")
+    query = (
+        f"SELECT {due} AS due FROM (SELECT $1::text AS access_token, "
+        "$5::timestamptz AS access_token_expires_at, $6::timestamptz AS last_refreshed_at, "
+        "$7::timestamptz AS keepalive_due_at) AS c"
+    )
     db = await asyncpg.connect(asyncpg_dsn(stack.database_url))
     try:
         checked = 0
-        for rule, token, expires, refreshed, due in product(RULES, [None, "sealed"], MOMENTS,
-                                                             MOMENTS, MOMENTS):
-            row = SimpleNamespace(access_token=token, access_token_expires_at=expires,
-                                  last_refreshed_at=refreshed, keepalive_due_at=due)
+        for rule, token, expires, refreshed, due in product(
+            RULES, [None, "sealed"], MOMENTS, MOMENTS, MOMENTS
+        ):
+            row = SimpleNamespace(
+                access_token=token,
+                access_token_expires_at=expires,
+                last_refreshed_at=refreshed,
+                keepalive_due_at=due,
+            )
             in_sql = await db.fetchval(query, token, *rule.args(), expires, refreshed, due)
             assert bool(in_sql) == rule(row), (rule, row)
             checked += 1
@@ -51,31 +64,43 @@ async def test_the_rule_is_the_same_in_python_and_in_sql(stack) -> None:
 
 
 async def test_an_attempt_recorded_in_the_earlier_format_still_marks_the_token_lost(
-        client, linked, service_headers, emulator, stack) -> None:
+    client, linked, service_headers, emulator, stack
+) -> None:
     cid = await linked()
     headers = await service_headers("tokens:read")
-    row = await fetchrow(stack.database_url, "SELECT tenant_id, realm_id, refresh_token_issued_at "
-                         "FROM connections WHERE id = $1", cid)
+    row = await fetchrow(
+        stack.database_url,
+        "SELECT tenant_id, realm_id, refresh_token_issued_at FROM connections WHERE id = $1",
+        cid,
+    )
     assert row is not None
     # An attempt left behind by a process killed mid-refresh, recorded as earlier versions did
     # (the token's issue time in Python's isoformat).
-    await execute(stack.database_url,
-                  "INSERT INTO connection_events (connection_id, tenant_id, type, actor, details) "
-                  "VALUES ($1, $2, 'refresh_attempt', 'request', $3::jsonb)", cid, row["tenant_id"],
-                  json.dumps({"refresh_token_issued_at": row["refresh_token_issued_at"].isoformat()}))
+    await execute(
+        stack.database_url,
+        "INSERT INTO connection_events (connection_id, tenant_id, type, actor, details) "
+        "VALUES ($1, $2, 'refresh_attempt', 'request', $3::jsonb)",
+        cid,
+        row["tenant_id"],
+        json.dumps({"refresh_token_issued_at": row["refresh_token_issued_at"].isoformat()}),
+    )
     await emulator.post(f"/companies/{row['realm_id']}/disconnect")
     await expire_access_token(stack.database_url, cid)
     answer = await client.get(f"/connections/{cid}/token", headers=headers)
     assert answer.status_code == 409, answer.text
     body = (await client.get(f"/connections/{cid}", headers=user_headers())).json()
     assert body["last_error"]["code"] == "refresh_token_lost"
-    left = await fetchrow(stack.database_url, "SELECT count(*) AS n FROM connection_events "
-                          "WHERE connection_id = $1 AND type = 'refresh_attempt'", cid)
+    left = await fetchrow(
+        stack.database_url,
+        "SELECT count(*) AS n FROM connection_events WHERE connection_id = $1 AND type = 'refresh_attempt'",
+        cid,
+    )
     assert left is not None and left["n"] == 0
 
 
 async def test_decisions_gathered_in_one_statement_follow_each_ones_rule(
-        runtime, linked_company, stack) -> None:
+    runtime, linked_company, stack
+) -> None:
     (due, _), (fresh, _), (forced, _) = [await linked_company(i) for i in (1, 2, 3)]
     await expire_access_token(stack.database_url, due)
     now = datetime.now(UTC)
@@ -87,10 +112,13 @@ async def test_decisions_gathered_in_one_statement_follow_each_ones_rule(
         decide(uuid.UUID(due), *request.args(), "request"),
         decide(uuid.UUID(fresh), *request.args(), "request"),
         decide(uuid.UUID(forced), *force.args(), "forced"),
-        decide(uuid.uuid4(), *request.args(), "request"))
-    assert [row is not None and row["attempt"] is not None for row in rows] == [
-        True, False, True, False]
+        decide(uuid.uuid4(), *request.args(), "request"),
+    )
+    assert [row is not None and row["attempt"] is not None for row in rows] == [True, False, True, False]
     assert rows[3] is None
-    recorded = await fetchrow(stack.database_url, "SELECT array_agg(actor ORDER BY actor) AS actors "
-                              "FROM connection_events WHERE type = 'refresh_attempt'")
+    recorded = await fetchrow(
+        stack.database_url,
+        "SELECT array_agg(actor ORDER BY actor) AS actors "
+        "FROM connection_events WHERE type = 'refresh_attempt'",
+    )
     assert recorded is not None and recorded["actors"] == ["forced", "request"]

@@ -16,8 +16,12 @@ from tests.support.waiting import until
 
 async def _holder(database_url: str, key: int) -> int | None:
     """The backend holding an advisory lock (a bigint key shows as its high and low 32 bits)."""
-    row = await fetchrow(database_url, "SELECT pid FROM pg_locks WHERE locktype = 'advisory' "
-                         "AND granted AND ((classid::bigint << 32) | objid::bigint) = $1", key)
+    row = await fetchrow(
+        database_url,
+        "SELECT pid FROM pg_locks WHERE locktype = 'advisory' "
+        "AND granted AND ((classid::bigint << 32) | objid::bigint) = $1",
+        key,
+    )
     return None if row is None else int(row["pid"])
 
 
@@ -29,7 +33,8 @@ async def _end_backend(database_url: str, pid: int | None) -> None:
 
 
 async def test_a_disconnect_while_intuit_answers_a_refresh_stands(
-        client, linked, service_headers, emulator, stack) -> None:
+    client, linked, service_headers, emulator, stack
+) -> None:
     cid = await linked()
     headers = await service_headers("tokens:read")
     await emulator.post("/config", json={"latency_ms": 1500})
@@ -47,20 +52,31 @@ async def test_a_disconnect_while_intuit_answers_a_refresh_stands(
     answer = await asked
     assert answer.status_code == 409, answer.text
     assert answer.json()["code"] == "not_connected"
-    row = await fetchrow(stack.database_url, "SELECT status, access_token, refresh_token, "
-                         "keepalive_due_at FROM connections WHERE id = $1", cid)
-    assert row is not None and dict(row) == {"status": "disconnected", "access_token": None,
-                                             "refresh_token": None, "keepalive_due_at": None}
+    row = await fetchrow(
+        stack.database_url,
+        "SELECT status, access_token, refresh_token, keepalive_due_at FROM connections WHERE id = $1",
+        cid,
+    )
+    assert row is not None and dict(row) == {
+        "status": "disconnected",
+        "access_token": None,
+        "refresh_token": None,
+        "keepalive_due_at": None,
+    }
     events = (await client.get(f"/connections/{cid}/events", headers=user_headers())).json()
     assert [e["type"] for e in events["items"][:2]] == ["revoked", "disconnected"]
     assert "refreshed" not in [e["type"] for e in events["items"]]
-    left = await fetchrow(stack.database_url, "SELECT count(*) AS n FROM connection_events "
-                          "WHERE connection_id = $1 AND type = 'refresh_attempt'", cid)
+    left = await fetchrow(
+        stack.database_url,
+        "SELECT count(*) AS n FROM connection_events WHERE connection_id = $1 AND type = 'refresh_attempt'",
+        cid,
+    )
     assert left is not None and left["n"] == 0
 
 
 async def test_losing_the_lock_session_mid_refresh_loses_nothing(
-        client, linked, service_headers, emulator, stack) -> None:
+    client, linked, service_headers, emulator, stack
+) -> None:
     cid = await linked()
     headers = await service_headers("tokens:read")
     await emulator.post("/config", json={"latency_ms": 1000})
@@ -80,8 +96,7 @@ async def test_losing_the_lock_session_mid_refresh_loses_nothing(
     assert stats == {"ok": 1}
     # And the next refresh takes a lock on a new session, with nothing stuck.
     await emulator.post("/config", json={"latency_ms": 0})
-    forced = await client.get(f"/connections/{cid}/token", params={"force_refresh": "true"},
-                              headers=headers)
+    forced = await client.get(f"/connections/{cid}/token", params={"force_refresh": "true"}, headers=headers)
     assert forced.status_code == 200, forced.text
     assert forced.json()["access_token"] != answer.json()["access_token"]
     assert (await emulator.get("/stats")).json()["token"]["refresh_token"] == {"ok": 2}
@@ -141,11 +156,9 @@ async def test_refresh_locks_exclude_other_processes_and_die_with_their_session(
         await other.close()
 
 
-async def test_shutdown_lets_a_refresh_under_way_store_its_tokens(
-        runtime, linked, emulator, stack) -> None:
+async def test_shutdown_lets_a_refresh_under_way_store_its_tokens(runtime, linked, emulator, stack) -> None:
     cid = uuid.UUID(await linked())
-    before = await fetchrow(stack.database_url, "SELECT refresh_token FROM connections "
-                            "WHERE id = $1", cid)
+    before = await fetchrow(stack.database_url, "SELECT refresh_token FROM connections WHERE id = $1", cid)
     await emulator.post("/config", json={"latency_ms": 800})
     await expire_access_token(stack.database_url, str(cid))
     view = await runtime.refresher.view(cid)
@@ -158,8 +171,9 @@ async def test_shutdown_lets_a_refresh_under_way_store_its_tokens(
     await until(refreshing, "the refresh to reach Intuit", within=10.0)
     asked.cancel()  # the request goes away, as on shutdown; the refresh must not
     await runtime.refresher.aclose()
-    after = await fetchrow(stack.database_url, "SELECT refresh_token, status FROM connections "
-                           "WHERE id = $1", cid)
+    after = await fetchrow(
+        stack.database_url, "SELECT refresh_token, status FROM connections WHERE id = $1", cid
+    )
     assert after is not None and before is not None
     assert after["status"] == "connected" and after["refresh_token"] != before["refresh_token"]
     assert (await emulator.get("/stats")).json()["token"]["refresh_token"] == {"ok": 1}
@@ -173,26 +187,38 @@ async def test_shutdown_lets_a_refresh_under_way_store_its_tokens(
 
 
 async def test_a_keep_alive_and_a_forced_request_in_one_process_refresh_once(
-        runtime, linked, emulator, stack) -> None:
+    runtime, linked, emulator, stack
+) -> None:
     cid = uuid.UUID(await linked())
     await emulator.post("/config", json={"latency_ms": 300})
-    await fetchrow(stack.database_url, "UPDATE connections SET keepalive_due_at = now() - "
-                   "interval '1 minute' WHERE id = $1 RETURNING id", cid)
+    await fetchrow(
+        stack.database_url,
+        "UPDATE connections SET keepalive_due_at = now() - interval '1 minute' WHERE id = $1 RETURNING id",
+        cid,
+    )
     view = await runtime.refresher.view(cid)
     before = (await emulator.get("/stats")).json()["token"].get("refresh_token", {})
     # Two refreshes of one connection with different rules, at once, in one process.
-    kept, forced = await asyncio.gather(runtime.refresher.keep_alive(cid),
-                                        runtime.refresher.access_token(view, force=True))
+    kept, forced = await asyncio.gather(
+        runtime.refresher.keep_alive(cid), runtime.refresher.access_token(view, force=True)
+    )
     after = (await emulator.get("/stats")).json()["token"]["refresh_token"]
     assert after.get("ok", 0) == before.get("ok", 0) + 1  # one refresh served both
     assert after.get("invalid_grant", 0) == before.get("invalid_grant", 0)
-    row = await fetchrow(stack.database_url, "SELECT access_token_expires_at, keepalive_due_at "
-                         "FROM connections WHERE id = $1", cid)
+    row = await fetchrow(
+        stack.database_url,
+        "SELECT access_token_expires_at, keepalive_due_at FROM connections WHERE id = $1",
+        cid,
+    )
     assert row is not None and forced.expires_at == row["access_token_expires_at"]
     assert row["keepalive_due_at"] > forced.expires_at  # no longer due
     # Whichever took the lock refreshed, and the other used its outcome: the keep-alive reports
     # a refresh exactly when the one 'refreshed' event is its own.
-    events = await fetchrow(stack.database_url, "SELECT array_agg(actor) AS actors FROM "
-                            "connection_events WHERE connection_id = $1 AND type = 'refreshed'", cid)
+    events = await fetchrow(
+        stack.database_url,
+        "SELECT array_agg(actor) AS actors FROM "
+        "connection_events WHERE connection_id = $1 AND type = 'refreshed'",
+        cid,
+    )
     assert events is not None and len(events["actors"]) == 1
     assert kept == (events["actors"][0] == "keepalive")

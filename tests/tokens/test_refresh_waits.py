@@ -33,10 +33,10 @@ NO_POLL = 120.0
 async def replicas(stack: Stack) -> AsyncIterator[Callable[..., Awaitable[Runtime]]]:
     """Broker runtimes on the test database, each as a replica's process holds it."""
     async with AsyncExitStack() as stack_of:
+
         async def make(*, pool_size: int = 4, **settings: Any) -> Runtime:
             config = stack.settings.model_copy(update={"db_pool_size": pool_size, **settings})
-            return await stack_of.enter_async_context(
-                build_runtime(config, database_url=stack.database_url))
+            return await stack_of.enter_async_context(build_runtime(config, database_url=stack.database_url))
 
         yield make
 
@@ -60,7 +60,8 @@ async def _refreshes(emulator: Any) -> dict[str, int]:
 
 
 async def test_a_waiting_replica_is_woken_by_the_holders_commit(
-        replicas, linked, emulator, stack, no_poll) -> None:
+    replicas, linked, emulator, stack, no_poll
+) -> None:
     cid = uuid.UUID(await linked())
     one, other = await replicas(), await replicas()
     await emulator.post("/config", json={"latency_ms": 600})
@@ -76,7 +77,8 @@ async def test_a_waiting_replica_is_woken_by_the_holders_commit(
 
 
 async def test_a_commit_between_the_refused_lock_and_the_wait_is_not_missed(
-        replicas, linked, emulator, stack, no_poll, monkeypatch) -> None:
+    replicas, linked, emulator, stack, no_poll, monkeypatch
+) -> None:
     cid = uuid.UUID(await linked())
     one, other = await replicas(), await replicas()
     await emulator.post("/config", json={"latency_ms": 300})
@@ -98,15 +100,15 @@ async def test_a_commit_between_the_refused_lock_and_the_wait_is_not_missed(
         return hold
 
     monkeypatch.setattr(other.locks, "acquire", acquire_then_let_the_holder_finish)
-    waited = await asyncio.wait_for(
-        other.refresher.access_token(await other.refresher.view(cid)), timeout=10)
+    waited = await asyncio.wait_for(other.refresher.access_token(await other.refresher.view(cid)), timeout=10)
     assert delivered.is_set()
     assert waited.access_token == (await holding).access_token
     assert await _refreshes(emulator) == {"ok": 1}
 
 
 async def test_a_commit_before_the_wait_began_is_seen_by_looking_at_the_row(
-        replicas, linked, emulator, stack, no_poll) -> None:
+    replicas, linked, emulator, stack, no_poll
+) -> None:
     cid = uuid.UUID(await linked())
     one, other = await replicas(), await replicas()
     await expire_access_token(stack.database_url, str(cid))
@@ -137,14 +139,16 @@ async def test_a_waiter_needs_no_refresh_slot(replicas, linked, emulator, stack,
         holding = asyncio.create_task(one.refresher.access_token(await one.refresher.view(cid)))
         await until(await _at_intuit(emulator), "the first replica's refresh to reach Intuit")
         waited = await asyncio.wait_for(
-            other.refresher.access_token(await other.refresher.view(cid)), timeout=10)
+            other.refresher.access_token(await other.refresher.view(cid)), timeout=10
+        )
         assert waited.access_token == (await holding).access_token
     finally:
         other.refresher._slots.release()
 
 
 async def test_no_refresh_waits_for_a_pooled_connection_while_intuit_answers_another(
-        replicas, linked_company, emulator, stack) -> None:
+    replicas, linked_company, emulator, stack
+) -> None:
     (first, first_realm), (second, second_realm) = [await linked_company(i) for i in (1, 2)]
     replica = await replicas(pool_size=1)
     await emulator.post("/config", json={"latency_ms": 1500})
@@ -191,8 +195,10 @@ async def test_a_lock_freed_and_asked_for_again_in_one_round_is_held_once(stack)
 
 async def test_the_feed_wakes_waiters_when_it_goes_down_and_comes_back(stack) -> None:
     dsn = asyncpg_dsn(stack.database_url)
-    listening = ("SELECT array_agg(pid) AS pids FROM pg_stat_activity WHERE query LIKE 'LISTEN%' "
-                 "AND datname = current_database()")
+    listening = (
+        "SELECT array_agg(pid) AS pids FROM pg_stat_activity WHERE query LIKE 'LISTEN%' "
+        "AND datname = current_database()"
+    )
     before = set((await fetchrow(stack.database_url, listening))["pids"] or [])  # type: ignore[index]
     feed = ChangeFeed(dsn, Caches(), retry_seconds=0.1)
     await feed.start()
@@ -224,8 +230,7 @@ async def test_a_probe_tells_whether_another_process_holds_a_lock_and_takes_noth
         hold = await one.acquire(held)
         assert hold is not None
         # Probed together, in one round: one answer each, and probes of one key share it.
-        answers = await asyncio.gather(other.is_free(held), other.is_free(free),
-                                       other.is_free(free))
+        answers = await asyncio.gather(other.is_free(held), other.is_free(free), other.is_free(free))
         assert answers == [False, True, True]
         assert not await one.is_free(held)  # its own: not free either
         # The probe left nothing held: both processes can still take the free one.
@@ -251,15 +256,13 @@ async def test_a_probe_tells_whether_another_process_holds_a_lock_and_takes_noth
         await other.close()
 
 
-async def test_reads_gathered_in_one_statement_answer_each_caller(
-        replicas, linked_company, stack) -> None:
+async def test_reads_gathered_in_one_statement_answer_each_caller(replicas, linked_company, stack) -> None:
     first, second = [uuid.UUID((await linked_company(i))[0]) for i in (1, 2)]
     replica = await replicas(pool_size=1)
     missing = uuid.uuid4()
     # Cache misses of two connections and of one that does not exist, all at once and twice
     # over, on a pool of one connection: each caller gets its own row (or None).
-    views = await asyncio.gather(*(replica.refresher.view(cid)
-                                   for cid in (first, second, missing) * 2))
+    views = await asyncio.gather(*(replica.refresher.view(cid) for cid in (first, second, missing) * 2))
     assert [v.id if v else None for v in views] == [first, second, None] * 2
     # A read asked for after a change sees it, whatever was read before.
     await expire_access_token(stack.database_url, str(first), seconds_left=30)

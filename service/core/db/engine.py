@@ -57,18 +57,25 @@ def build_engine(database_url: str, *, pool_size: int = 10) -> AsyncEngine:
         # that died is discarded by the pool when it fails, and recycling bounds their age.
         pool_recycle=1800,
         # Named in pg_stat_activity, so operators can tell the broker's sessions apart.
-        connect_args={"server_settings": {"application_name": "qbo-broker",
-                                          "lock_timeout": LOCK_TIMEOUT,
-                                          "statement_timeout": STATEMENT_TIMEOUT},
-                      "timeout": CONNECT_TIMEOUT_SECONDS},
+        connect_args={
+            "server_settings": {
+                "application_name": "qbo-broker",
+                "lock_timeout": LOCK_TIMEOUT,
+                "statement_timeout": STATEMENT_TIMEOUT,
+            },
+            "timeout": CONNECT_TIMEOUT_SECONDS,
+        },
     )
 
 
-def build_sessionmaker(engine: AsyncEngine, caches: Caches | None = None
-                       ) -> async_sessionmaker[AsyncSession]:
+def build_sessionmaker(engine: AsyncEngine, caches: Caches | None = None) -> async_sessionmaker[AsyncSession]:
     """Sessions that, given caches, drop what they changed from them when they commit."""
-    return async_sessionmaker(engine, expire_on_commit=False, sync_session_class=TrackingSession,
-                              info={"caches": caches} if caches is not None else None)
+    return async_sessionmaker(
+        engine,
+        expire_on_commit=False,
+        sync_session_class=TrackingSession,
+        info={"caches": caches} if caches is not None else None,
+    )
 
 
 def after_commit(session: AsyncSession, work: Callable[[], Awaitable[None]]) -> None:
@@ -125,11 +132,18 @@ async def create_reads_pool(database_url: str, *, max_size: int) -> asyncpg.Pool
 
     Such reads leave nothing behind on a connection, so the pool skips asyncpg's default reset
     (`RESET ALL`, `UNLISTEN *`, … : one more round trip on every release)."""
-    return await asyncpg.create_pool(asyncpg_dsn(database_url), min_size=1, max_size=max_size,
-                                     reset=_nothing_to_reset, timeout=CONNECT_TIMEOUT_SECONDS,
-                                     server_settings={"application_name": "qbo-broker",
-                                                      "lock_timeout": LOCK_TIMEOUT,
-                                                      "statement_timeout": STATEMENT_TIMEOUT})
+    return await asyncpg.create_pool(
+        asyncpg_dsn(database_url),
+        min_size=1,
+        max_size=max_size,
+        reset=_nothing_to_reset,
+        timeout=CONNECT_TIMEOUT_SECONDS,
+        server_settings={
+            "application_name": "qbo-broker",
+            "lock_timeout": LOCK_TIMEOUT,
+            "statement_timeout": STATEMENT_TIMEOUT,
+        },
+    )
 
 
 class TrackingSession(Session):

@@ -25,8 +25,10 @@ def script_location() -> Path:
     for candidate in (package / "migrations", package.parent / "alembic"):
         if (candidate / "env.py").is_file():
             return candidate
-    raise FileNotFoundError(f"no Alembic migrations in {package / 'migrations'} (installed) or "
-                            f"{package.parent / 'alembic'} (checkout)")
+    raise FileNotFoundError(
+        f"no Alembic migrations in {package / 'migrations'} (installed) or "
+        f"{package.parent / 'alembic'} (checkout)"
+    )
 
 
 def alembic_config(database_url: str | None = None) -> Config:

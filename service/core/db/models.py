@@ -15,8 +15,10 @@ TZ = sa.DateTime(timezone=True)
 
 def _now_field() -> Any:
     # Set in Python (so new objects need no refresh) and defaulted in SQL (for raw inserts).
-    return Field(default_factory=lambda: datetime.now(UTC),
-                 sa_column=sa.Column(TZ, nullable=False, server_default=sa.func.now()))
+    return Field(
+        default_factory=lambda: datetime.now(UTC),
+        sa_column=sa.Column(TZ, nullable=False, server_default=sa.func.now()),
+    )
 
 
 def _ts(nullable: bool = True, **kwargs: Any) -> Any:
@@ -30,15 +32,26 @@ class Connection(SQLModel, table=True):
             "status IN ('pending', 'connected', 'reauthorization_required', 'disconnected')",
             name="connections_status_check",
         ),
-        sa.Index("ix_connections_tenant_created", "tenant_id", sa.text("created_at DESC"),
-                 sa.text("id DESC")),
+        sa.Index(
+            "ix_connections_tenant_created", "tenant_id", sa.text("created_at DESC"), sa.text("id DESC")
+        ),
         # One live link per QuickBooks company, as at Intuit: a race of two callbacks loses here.
-        sa.Index("uq_connections_live_realm", "realm_id", unique=True,
-                 postgresql_where=sa.text("status IN ('connected', 'reauthorization_required')")),
-        sa.Index("ix_connections_keepalive_due", "keepalive_due_at",
-                 postgresql_where=sa.text("status = 'connected'")),
-        sa.Index("ix_connections_access_expiry", "access_token_expires_at",
-                 postgresql_where=sa.text("status = 'connected'")),
+        sa.Index(
+            "uq_connections_live_realm",
+            "realm_id",
+            unique=True,
+            postgresql_where=sa.text("status IN ('connected', 'reauthorization_required')"),
+        ),
+        sa.Index(
+            "ix_connections_keepalive_due",
+            "keepalive_due_at",
+            postgresql_where=sa.text("status = 'connected'"),
+        ),
+        sa.Index(
+            "ix_connections_access_expiry",
+            "access_token_expires_at",
+            postgresql_where=sa.text("status = 'connected'"),
+        ),
     )
 
     id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
@@ -50,10 +63,12 @@ class Connection(SQLModel, table=True):
     owner_qb_sub: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
     owner_qb_email: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
     owner_qb_name: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
-    module_ar: bool = Field(default=False, sa_column=sa.Column(sa.Boolean, nullable=False,
-                                                               server_default=sa.false()))
-    module_ap: bool = Field(default=False, sa_column=sa.Column(sa.Boolean, nullable=False,
-                                                               server_default=sa.false()))
+    module_ar: bool = Field(
+        default=False, sa_column=sa.Column(sa.Boolean, nullable=False, server_default=sa.false())
+    )
+    module_ap: bool = Field(
+        default=False, sa_column=sa.Column(sa.Boolean, nullable=False, server_default=sa.false())
+    )
     access_token: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
     refresh_token: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
     access_token_expires_at: datetime | None = _ts()
@@ -77,8 +92,9 @@ class PendingLink(SQLModel, table=True):
     __table_args__ = (sa.Index("ix_pending_links_expires", "expires_at"),)
 
     connection_id: uuid.UUID = Field(
-        sa_column=sa.Column(pg.UUID(as_uuid=True),
-                            sa.ForeignKey("connections.id", ondelete="CASCADE"), primary_key=True)
+        sa_column=sa.Column(
+            pg.UUID(as_uuid=True), sa.ForeignKey("connections.id", ondelete="CASCADE"), primary_key=True
+        )
     )
     user_id: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
     reasons: list[str] = Field(sa_column=sa.Column(pg.ARRAY(sa.Text), nullable=False))
@@ -103,8 +119,9 @@ class AuthorizationState(SQLModel, table=True):
 
     state_hash: str = Field(sa_column=sa.Column(sa.Text, primary_key=True))
     connection_id: uuid.UUID = Field(
-        sa_column=sa.Column(pg.UUID(as_uuid=True),
-                            sa.ForeignKey("connections.id", ondelete="CASCADE"), nullable=False)
+        sa_column=sa.Column(
+            pg.UUID(as_uuid=True), sa.ForeignKey("connections.id", ondelete="CASCADE"), nullable=False
+        )
     )
     tenant_id: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
     user_id: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
@@ -127,8 +144,10 @@ class HeldGrant(SQLModel, table=True):
     No foreign key: a grant held for a connection deleted meanwhile must still be revoked."""
 
     __tablename__ = "held_grants"
-    __table_args__ = (sa.Index("ix_held_grants_expires", "expires_at"),
-                      sa.Index("ix_held_grants_connection", "connection_id"))
+    __table_args__ = (
+        sa.Index("ix_held_grants_expires", "expires_at"),
+        sa.Index("ix_held_grants_connection", "connection_id"),
+    )
 
     ticket_hash: str = Field(sa_column=sa.Column(sa.Text, primary_key=True))
     connection_id: uuid.UUID = Field(sa_column=sa.Column(pg.UUID(as_uuid=True), nullable=False))
@@ -150,20 +169,18 @@ class HeldGrant(SQLModel, table=True):
 
 class ConnectionEvent(SQLModel, table=True):
     __tablename__ = "connection_events"
-    __table_args__ = (sa.Index("ix_connection_events_connection", "connection_id",
-                               sa.text("id DESC")),)
+    __table_args__ = (sa.Index("ix_connection_events_connection", "connection_id", sa.text("id DESC")),)
 
-    id: int | None = Field(default=None, sa_column=sa.Column(sa.BigInteger, sa.Identity(),
-                                                              primary_key=True))
+    id: int | None = Field(default=None, sa_column=sa.Column(sa.BigInteger, sa.Identity(), primary_key=True))
     connection_id: uuid.UUID = Field(
-        sa_column=sa.Column(pg.UUID(as_uuid=True),
-                            sa.ForeignKey("connections.id", ondelete="CASCADE"), nullable=False)
+        sa_column=sa.Column(
+            pg.UUID(as_uuid=True), sa.ForeignKey("connections.id", ondelete="CASCADE"), nullable=False
+        )
     )
     tenant_id: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
     type: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
     actor: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
-    details: dict[str, Any] = Field(default_factory=dict,
-                                    sa_column=sa.Column(pg.JSONB, nullable=False))
+    details: dict[str, Any] = Field(default_factory=dict, sa_column=sa.Column(pg.JSONB, nullable=False))
     created_at: datetime = _now_field()
 
 
@@ -188,10 +205,8 @@ class PendingRevocation(SQLModel, table=True):
     connection_id: uuid.UUID = Field(sa_column=sa.Column(pg.UUID(as_uuid=True), nullable=False))
     token: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
     reason: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
-    attempts: int = Field(default=0, sa_column=sa.Column(sa.Integer, nullable=False,
-                                                         server_default="0"))
-    next_attempt_at: datetime = Field(sa_column=sa.Column(TZ, nullable=False,
-                                                           server_default=sa.func.now()))
+    attempts: int = Field(default=0, sa_column=sa.Column(sa.Integer, nullable=False, server_default="0"))
+    next_attempt_at: datetime = Field(sa_column=sa.Column(TZ, nullable=False, server_default=sa.func.now()))
     last_error: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
     created_at: datetime = _now_field()
 
@@ -261,13 +276,16 @@ class RealmThrottle(SQLModel, table=True):
 
     realm_id: str = Field(sa_column=sa.Column(sa.Text, primary_key=True))
     # The newest admissions, oldest first: as many as the largest window limit needs.
-    admitted: list[datetime] = Field(sa_column=sa.Column(
-        pg.ARRAY(TZ), nullable=False, server_default=sa.text("'{}'")))
-    batch_admitted: list[datetime] = Field(sa_column=sa.Column(
-        pg.ARRAY(TZ), nullable=False, server_default=sa.text("'{}'")))
+    admitted: list[datetime] = Field(
+        sa_column=sa.Column(pg.ARRAY(TZ), nullable=False, server_default=sa.text("'{}'"))
+    )
+    batch_admitted: list[datetime] = Field(
+        sa_column=sa.Column(pg.ARRAY(TZ), nullable=False, server_default=sa.text("'{}'"))
+    )
     # In-flight slots: slot i holds its lease's expiry, or NULL when free.
-    leases: list[datetime | None] = Field(sa_column=sa.Column(
-        pg.ARRAY(TZ), nullable=False, server_default=sa.text("'{}'")))
+    leases: list[datetime | None] = Field(
+        sa_column=sa.Column(pg.ARRAY(TZ), nullable=False, server_default=sa.text("'{}'"))
+    )
     # Set from Intuit's Retry-After on a 429: nothing is admitted before then.
     paused_until: datetime | None = _ts()
     # When the next call may go, keeping calls an interval apart.
