@@ -21,7 +21,6 @@ from service.core.errors import ErrorBoundary, Problem, install_error_handlers
 from service.core.observability import RequestContextMiddleware
 from service.docs import OPENAPI_PATH, install_docs
 from service.events import outbox
-from service.gateway import metering
 from service.gateway.proxy import Gateway
 from service.gateway.router import router as gateway_router
 from service.gateway.throttle import RealmThrottle
@@ -86,8 +85,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 settings,
                 runtime.refresher,
                 RealmThrottle(settings, runtime.reads),
-                meter=runtime.meter,
-                classify=metering.classify,
+                runtime.meter,
             )
             stop_metrics = (
                 await ops.serve_metrics(app.state, settings) if settings.metrics_port is not None else None

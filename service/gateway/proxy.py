@@ -37,8 +37,8 @@ from service.core.errors import (
     ValidationFailed,
 )
 from service.gateway import forwarding
-from service.gateway.meter_hook import CallClass, Classify, Meter, NoMeter, classify_by_method
 from service.gateway.throttle import Lease, RealmThrottle
+from service.metering.meter import CallClass, Meter, classify, outcome_for_status
 from service.tokens.refresh import AccessToken, TokenRefresher
 
 log = logging.getLogger(__name__)
@@ -162,16 +162,14 @@ class Gateway:
         settings: Settings,
         refresher: TokenRefresher,
         throttle: RealmThrottle,
+        meter: Meter,
         *,
-        meter: Meter | None = None,
-        classify: Classify = classify_by_method,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self._settings = settings
         self._refresher = refresher
         self._throttle = throttle
-        self._meter: Meter = meter or NoMeter()
-        self._classify = classify
+        self._meter = meter
         self._base = settings.intuit_api_base_url
         self._http = httpx.AsyncClient(
             transport=transport,
@@ -236,7 +234,7 @@ class Gateway:
             url,
             batch,
             body,
-            self._classify(method, path, body.buffered),
+            classify(method, path, body.buffered),
             list(request.headers.raw),
             request_id,
         )
@@ -344,7 +342,7 @@ class _Call:
                 throttle.release_soon(lease)
                 sent = not isinstance(exc, _NOT_SENT)
                 if sent:
-                    await self._record("no_answer")
+                    await self._record("network_error")
                 can_retry = replayable or not self.body.started
                 delay = self._backoff(attempt, None)
                 if can_retry and attempt + 1 < s.intuit_max_attempts and loop.time() + delay < deadline:
@@ -358,7 +356,7 @@ class _Call:
                 raise
             try:
                 status = upstream.status_code
-                await self._record(str(status))
+                await self._record(outcome_for_status(status))
                 if status == 401 and not refreshed:
                     refreshed = True
                     if replayable:

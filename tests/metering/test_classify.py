@@ -1,5 +1,5 @@
 """Intuit's class of each kind of Accounting API call (INTUIT.md, "Accounting API calls"), through
-the interface the gateway calls (service.gateway.metering)."""
+the classes the gateway meters calls by (service.metering.meter)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from service.gateway.metering import classify, outcome_for_status
+from service.metering.meter import classify, outcome_for_status
 
 
 def batch(*items: dict[str, object]) -> bytes:
