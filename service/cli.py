@@ -130,7 +130,8 @@ def serve(
 @app.command()
 def worker() -> None:
     """Migrate to head, then run the background work alone (keep-alive, pending-link and
-    ticket expiry, the revocation outbox) until SIGTERM or SIGINT. Run it beside `serve`
+    ticket expiry, the revocation outbox, the webhook sender, the processor of Intuit's
+    notifications) until SIGTERM or SIGINT. Run it beside `serve`
     processes started with BROKER_BACKGROUND_ENABLED=false, or not at all: every `serve` runs
     the same work unless told not to."""
     import signal
