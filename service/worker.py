@@ -1,7 +1,8 @@
 """Background work: keep links alive, expire pending links and completion tickets, send the
 revocation outbox, turn Intuit's notifications into events (service.intuit_webhooks.processor,
-woken as they are stored), deliver webhooks (service.events.delivery, woken by each event). It runs inside every `serve` process (unless BROKER_BACKGROUND_ENABLED=false),
-or alone as `qbo-broker worker` (run_worker).
+woken as they are stored), deliver webhooks (service.events.delivery, woken by each event).
+It runs inside every `serve` process (unless BROKER_BACKGROUND_ENABLED=false), or alone as
+`qbo-broker worker` (run_worker).
 
 Replicas share the work through PostgreSQL: a due connection whose refresh lock (or row) another
 replica holds is skipped, and the one that refreshes re-checks under the lock that it is still
