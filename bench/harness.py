@@ -1,5 +1,6 @@
-"""Plumbing shared by the benchmarks: a throwaway database, servers in their own processes on
-loopback ports, the real Connect flow walked over HTTP, seeding by COPY, and plain tables.
+"""Plumbing shared by the benchmarks: a throwaway database (created and dropped by the tests'
+own support code), servers in their own processes on loopback ports, the real Connect flow
+walked over HTTP, seeding by COPY, and plain tables.
 
 Not a benchmark itself; the scripts beside it import it (they run as `python bench/NAME.py`, so
 this directory is on sys.path).
@@ -14,13 +15,11 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Awaitable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,6 @@ from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
 import httpx
-from sqlalchemy.engine import make_url
 
 from service.auth.api_keys import create_api_key
 from service.auth.jwt import issue_dev_token
@@ -38,6 +36,10 @@ from service.core.db.migrations import upgrade_to_head
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH_DIR = ROOT / "bench"
+# The tests' support code (a database per run, free ports), shared rather than copied: the
+# benchmarks run as `python bench/NAME.py`, so the repository root is not on sys.path by itself.
+sys.path.insert(0, str(ROOT))
+from tests.support.database import create_database, drop_database  # noqa: E402
 
 # The same kind of values tests/conftest.py uses; nothing here is a real secret.
 JWT_SECRET = "bench-jwt-secret-" + "x" * 32
@@ -47,33 +49,6 @@ RETURN_ORIGIN = "https://app.cietrade.test"
 RETURN_URL = f"{RETURN_ORIGIN}/integrations/quickbooks"
 
 T = TypeVar("T")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-# -- database ----------------------------------------------------------------------------------
-
-
-async def _create_database(admin_url: str) -> str:
-    name = f"qbo_bench_{uuid.uuid4().hex[:10]}"
-    conn = await asyncpg.connect(asyncpg_dsn(admin_url))
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    return make_url(admin_url).set(database=name).render_as_string(hide_password=False)
-
-
-async def _drop_database(admin_url: str, database_url: str) -> None:
-    conn = await asyncpg.connect(asyncpg_dsn(admin_url))
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{make_url(database_url).database}" WITH (FORCE)')
-    finally:
-        await conn.close()
 
 
 @contextlib.contextmanager
@@ -94,12 +69,12 @@ def fresh_database() -> Iterator[str]:
         # Registered before pgserver registers its own stop, so it runs after the server stopped.
         atexit.register(shutil.rmtree, tmp, True)
         admin = start_embedded_postgres(tmp, database="postgres")
-    url = asyncio.run(_create_database(admin))
+    url = asyncio.run(create_database(admin))
     try:
         upgrade_to_head(url)
         yield url
     finally:
-        asyncio.run(_drop_database(admin, url))
+        asyncio.run(drop_database(admin, url))
 
 
 async def db_connect(database_url: str) -> asyncpg.Connection:
