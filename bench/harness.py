@@ -15,7 +15,6 @@ import contextlib
 import os
 import shutil
 import signal
-import ssl
 import subprocess
 import sys
 import tempfile
@@ -36,10 +35,13 @@ from service.core.db.migrations import upgrade_to_head
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH_DIR = ROOT / "bench"
-# The tests' support code (a database per run, free ports), shared rather than copied: the
-# benchmarks run as `python bench/NAME.py`, so the repository root is not on sys.path by itself.
+# The tests' support code (a database per run, free ports, the person at Intuit's pages), shared
+# rather than copied: the benchmarks run as `python bench/NAME.py`, so the repository root is not
+# on sys.path by itself. The scripts import free_port from here.
 sys.path.insert(0, str(ROOT))
 from tests.support.database import create_database, drop_database  # noqa: E402
+from tests.support.intuit_user import sign_in_and_decide  # noqa: E402
+from tests.support.servers import free_port  # noqa: E402, F401
 
 # The same kind of values tests/conftest.py uses; nothing here is a real secret.
 JWT_SECRET = "bench-jwt-secret-" + "x" * 32
@@ -338,9 +340,6 @@ async def emulator_stats(emulator_url: str) -> dict[str, Any]:
         return dict(response.json())
 
 
-_TLS = ssl.create_default_context()  # built once: httpx builds one per client otherwise
-
-
 async def connect_through_flow(
     broker: httpx.AsyncClient, *, tenant: str, user: str, admin: QuickBooksAdmin
 ) -> str:
@@ -355,19 +354,9 @@ async def connect_through_flow(
     )
     started.raise_for_status()
     authorization_url = started.json()["authorization_url"]
-    # A browser of its own per flow: the emulator's session cookie must not leak between flows.
-    async with httpx.AsyncClient(timeout=30, verify=_TLS) as browser:
-        start = await browser.get(authorization_url)
-        assert start.status_code == 302, start.text
-        flow_url = str(httpx.URL(authorization_url).join(start.headers["location"]))
-        signed = await browser.post(f"{flow_url}/signin", data={"email": admin.email})
-        assert signed.status_code in (302, 303), signed.text
-        page = await browser.get(flow_url)  # one company: Intuit skips the chooser
-        assert page.status_code == 200, page.text
-        answer = await browser.post(f"{flow_url}/consent", data={"decision": "allow"})
-        assert answer.status_code in (302, 303), answer.text
-        back = await browser.get(answer.headers["location"])
-    location = back.headers.get("location", "")
+    # The person at Intuit's pages, as the tests walk them (a browser of its own per flow).
+    back = await sign_in_and_decide(authorization_url, email=admin.email)
+    location = back.location or ""
     params = parse_qs(urlsplit(location).query)
     result = params.get("result", [""])[0]
     if result == "completion_required":  # ticket mode: the frontend finishes as the same user
