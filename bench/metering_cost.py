@@ -26,7 +26,7 @@ import asyncpg
 from harness import fresh_database, print_table
 
 from service.core.config import Settings
-from service.core.db.engine import create_reads_pool
+from service.core.db.engine import create_asyncpg_pool
 from service.metering import repository as repo
 from service.metering.meter import CallClass, Meter, month_of
 
@@ -72,7 +72,7 @@ async def drive(
 async def buffered(
     url: str, calls: list[tuple[str, str, CallClass]], concurrency: int, cap: int | None
 ) -> dict[str, Any]:
-    pool = await create_reads_pool(url, max_size=10)
+    pool = await create_asyncpg_pool(url, max_size=10)
     settings = Settings(BROKER_COREPLUS_TENANT_MONTHLY_CAP=cap)  # type: ignore[call-arg]
     meter = Meter(pool, settings)
     flushes: list[float] = []
@@ -101,7 +101,7 @@ async def buffered(
 
 async def synchronous(url: str, calls: list[tuple[str, str, CallClass]], concurrency: int) -> dict[str, Any]:
     """The alternative: one upsert per call, on the reads pool, before the answer."""
-    pool = await create_reads_pool(url, max_size=10)
+    pool = await create_asyncpg_pool(url, max_size=10)
     month = month_of(await _db_now(pool))
     async with pool.acquire() as conn:  # warm: every connection opened
         await conn.execute("SELECT 1")

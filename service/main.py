@@ -73,7 +73,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             runtime.meter.start()  # flushes, and the budget gauges, even before the first call
             streams = StreamHub(
                 asyncpg_dsn(runtime.database_url),
-                runtime.reads,
+                runtime.pool,
                 channel=outbox.CHANNEL,
                 queue_size=settings.stream_queue_size,
                 max_streams=settings.streams_max,
@@ -84,7 +84,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             gateway = app.state.gateway = Gateway(
                 settings,
                 runtime.refresher,
-                RealmThrottle(settings, runtime.reads),
+                RealmThrottle(settings, runtime.pool),
                 runtime.meter,
             )
             stop_metrics = (

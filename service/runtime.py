@@ -18,7 +18,7 @@ from service.core.cache import Caches, ChangeFeed
 from service.core.config import Settings
 from service.core.crypto import SecretBox
 from service.core.db.embedded import start_embedded_postgres
-from service.core.db.engine import asyncpg_dsn, build_engine, build_sessionmaker, create_reads_pool
+from service.core.db.engine import asyncpg_dsn, build_engine, build_sessionmaker, create_asyncpg_pool
 from service.intuit.client import IntuitClient
 from service.metering.meter import Meter
 from service.tokens.locks import RefreshLocks
@@ -31,7 +31,7 @@ class Runtime:
     database_url: str
     engine: AsyncEngine
     sessionmaker: async_sessionmaker[AsyncSession]
-    reads: asyncpg.Pool  # plain asyncpg, for the hot single-statement reads and writes
+    pool: asyncpg.Pool  # plain asyncpg (autocommit), for the hot single statements, reads and writes
     caches: Caches
     feed: ChangeFeed | None  # None: no change feed, so the caches stay off
     intuit: IntuitClient
@@ -65,9 +65,9 @@ async def build_runtime(
             feed = ChangeFeed(dsn, caches)
             await feed.start()
             stack.push_async_callback(feed.stop)
-        reads = await create_reads_pool(url, max_size=settings.db_pool_size)
-        stack.push_async_callback(reads.close)
-        meter = Meter(reads, settings)
+        pool = await create_asyncpg_pool(url, max_size=settings.db_pool_size)
+        stack.push_async_callback(pool.close)
+        meter = Meter(pool, settings)
         stack.push_async_callback(meter.aclose)  # writes what it counted, before the pool closes
         intuit = IntuitClient(settings)
         stack.push_async_callback(intuit.aclose)
@@ -75,7 +75,7 @@ async def build_runtime(
         stack.push_async_callback(locks.close)
         box = SecretBox(settings.parsed_encryption_keys)
         refresher = TokenRefresher(
-            settings, reads, intuit, box, locks, caches, watch=feed.watching if feed is not None else None
+            settings, pool, intuit, box, locks, caches, watch=feed.watching if feed is not None else None
         )
         stack.push_async_callback(refresher.aclose)  # first to close: refreshes finish first
         yield Runtime(
@@ -83,7 +83,7 @@ async def build_runtime(
             database_url=url,
             engine=engine,
             sessionmaker=build_sessionmaker(engine, caches),
-            reads=reads,
+            pool=pool,
             caches=caches,
             feed=feed,
             intuit=intuit,

@@ -73,7 +73,7 @@ class BackgroundWorker:
         # Webhooks go out from a task of their own, woken by each event's commit rather than on
         # this worker's interval.
         self._sender = (
-            WebhookSender(runtime.settings, runtime.reads, runtime.box, dsn=asyncpg_dsn(runtime.database_url))
+            WebhookSender(runtime.settings, runtime.pool, runtime.box, dsn=asyncpg_dsn(runtime.database_url))
             if runtime.settings.webhook_delivery_enabled
             else None
         )

@@ -152,7 +152,7 @@ async def link_status_body(rt: Runtime, tenant_id: str) -> bytes:
     async def load() -> bytes:
         # Creation stops at the cap; should the cap be lowered, the answer stays bounded.
         connections = await repo.read_tenant_status(
-            rt.reads, tenant_id, limit=rt.settings.max_connections_per_tenant
+            rt.pool, tenant_id, limit=rt.settings.max_connections_per_tenant
         )
         items = [
             ConnectionStatusOut(

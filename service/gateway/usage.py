@@ -108,7 +108,7 @@ async def usage(
         caller.require_scope(Scope.STATUS_READ)
         tenant = tenant_id
     first = date(int(month[:4]), int(month[5:]), 1) if month else rt.meter.current_month()
-    async with rt.reads.acquire() as conn:
+    async with rt.pool.acquire() as conn:
         totals = await repo.app_totals(conn, first)
         tenants = await repo.tenant_usage(conn, first, tenant)
     budget = rt.meter.budget
@@ -145,7 +145,7 @@ async def set_budget(
     rt: RuntimeDep, caller: CurrentCaller, tenant_id: TenantPath, body: BudgetIn
 ) -> BudgetOut:
     caller.require_scope(Scope.CONNECTIONS_WRITE)
-    async with rt.reads.acquire() as conn:
+    async with rt.pool.acquire() as conn:
         await repo.set_cap(conn, tenant_id, body.coreplus_monthly_cap, caller.actor)
     rt.meter.forget(tenant_id)
     log.info(

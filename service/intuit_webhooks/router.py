@@ -120,7 +120,7 @@ async def receive_notification(request: Request, runtime: RuntimeDep) -> dict[st
         raise InvalidSignature(
             "The intuit-signature does not match the body under any configured verifier token."
         )
-    await repo.store(runtime.reads, body)
-    _waker(request).wake(runtime.reads)
+    await repo.store(runtime.pool, body)
+    _waker(request).wake(runtime.pool)
     NOTIFICATIONS_RECEIVED.labels("accepted").inc()
     return {"status": "accepted"}

@@ -17,7 +17,7 @@ import asyncpg
 import pytest
 
 from service.core.config import Settings
-from service.core.db.engine import asyncpg_dsn, create_reads_pool
+from service.core.db.engine import asyncpg_dsn, create_asyncpg_pool
 from service.core.metrics import COREPLUS_BUDGET_THRESHOLD, COREPLUS_MONTH_CALLS, QUICKBOOKS_CALLS
 from service.metering.meter import Meter, QuickBooksBudgetExhausted, month_of
 from tests.support.logs import captured_json_logs
@@ -45,7 +45,7 @@ async def meters(database_url: str) -> AsyncIterator[Callable[..., Any]]:
     made: list[tuple[Meter, asyncpg.Pool]] = []
 
     async def make(config: Settings | None = None, **kwargs: Any) -> Meter:
-        pool = await create_reads_pool(database_url, max_size=4)
+        pool = await create_asyncpg_pool(database_url, max_size=4)
         meter = Meter(pool, config or settings(), **kwargs)
         made.append((meter, pool))
         return meter
@@ -263,7 +263,7 @@ async def test_with_the_database_unreachable_known_tenants_keep_their_figures(
     from service.core.errors import database_unreachable
     from service.metering import meter as metering
 
-    pool = await create_reads_pool(database_url, max_size=2)
+    pool = await create_asyncpg_pool(database_url, max_size=2)
     meter = Meter(pool, settings(BROKER_COREPLUS_TENANT_MONTHLY_CAP="2"), flush_interval=3600)
     await meter.admit("tenant-a", "r1", "coreplus")  # figures read
     await pool.close()  # the database gone, for this replica

@@ -10,12 +10,12 @@ import random
 import sys
 
 from service.core.config import Settings
-from service.core.db.engine import create_reads_pool
+from service.core.db.engine import create_asyncpg_pool
 from service.metering.meter import Meter
 
 
 async def main(database_url: str, seed: int, count: int) -> None:
-    pool = await create_reads_pool(database_url, max_size=4)
+    pool = await create_asyncpg_pool(database_url, max_size=4)
     meter = Meter(pool, Settings(), flush_interval=0.005)  # flushes overlap the other process's
     rng = random.Random(seed)
     calls = [

@@ -127,10 +127,11 @@ async def _nothing_to_reset(_connection: asyncpg.Connection) -> None:
     return None
 
 
-async def create_reads_pool(database_url: str, *, max_size: int) -> asyncpg.Pool:
-    """A plain asyncpg pool for the hot single-statement reads (autocommit, no session state).
+async def create_asyncpg_pool(database_url: str, *, max_size: int) -> asyncpg.Pool:
+    """A plain asyncpg pool for the hot single statements, reads and writes (autocommit, no
+    session state): the token endpoint's reads and the refresher's, metering, throttles, streams.
 
-    Such reads leave nothing behind on a connection, so the pool skips asyncpg's default reset
+    Such statements leave nothing behind on a connection, so the pool skips asyncpg's default reset
     (`RESET ALL`, `UNLISTEN *`, … : one more round trip on every release)."""
     return await asyncpg.create_pool(
         asyncpg_dsn(database_url),
