@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import uuid
 from collections.abc import Iterator
@@ -70,8 +71,19 @@ async def drop_database(admin_url: str, database_url: str) -> None:
 
 
 async def truncate_all(database_url: str) -> None:
+    """Empty every table. The suite's brokers keep working in the background meanwhile (metering
+    flushes, the webhook sender, Intuit's notification processor), and a transaction of theirs
+    can hold one table while the TRUNCATE holds another: PostgreSQL then aborts one of the two
+    as a deadlock. Ours is tried again."""
     conn = await asyncpg.connect(asyncpg_dsn(database_url))
     try:
-        await conn.execute(f"TRUNCATE {', '.join(TABLES)} CASCADE")
+        for attempt in range(10):
+            try:
+                await conn.execute(f"TRUNCATE {', '.join(TABLES)} CASCADE")
+                return
+            except asyncpg.DeadlockDetectedError:
+                if attempt == 9:
+                    raise
+                await asyncio.sleep(0.05)
     finally:
         await conn.close()
