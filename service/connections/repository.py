@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.core.db.locking import TENANT_LOCK_NAMESPACE
 from service.core.db.models import Connection, ConnectionEvent, PendingLink, QuickBooksUserClaim
-from service.core.pagination import encode_cursor, id_cursor, time_id_cursor
+from service.core.pagination import id_cursor, page, time_id_cursor, time_id_of
 from service.events import outbox
 
 C = Connection.__table__.c  # type: ignore[attr-defined]
@@ -79,12 +79,7 @@ async def list_connections(
     rows: list[tuple[Connection, PendingLink | None]] = [
         (row[0], row[1]) for row in (await session.execute(stmt)).all()
     ]
-    next_cursor = None
-    if len(rows) > limit:
-        rows = rows[:limit]
-        last = rows[-1][0]
-        next_cursor = encode_cursor(last.created_at.isoformat(), str(last.id))
-    return rows, next_cursor
+    return page(rows, limit, lambda row: time_id_of(row[0]))
 
 
 # The link icon's read goes straight to asyncpg, one statement in autocommit: no session, no
@@ -156,11 +151,7 @@ async def list_events(
     if cursor is not None:
         stmt = stmt.where(E.id < id_cursor(cursor))
     events = list((await session.execute(stmt)).scalars())
-    next_cursor = None
-    if len(events) > limit:
-        events = events[:limit]
-        next_cursor = encode_cursor(str(events[-1].id))
-    return events, next_cursor
+    return page(events, limit, lambda event: (str(event.id),))
 
 
 async def count_by_status(session: AsyncSession) -> dict[str, int]:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import base64
 import re
 import uuid
+from collections.abc import Callable
 from datetime import datetime, timedelta
+from typing import Protocol, TypeVar
 
 from service.core.errors import ValidationFailed
 
@@ -60,3 +62,25 @@ def id_cursor(cursor: str) -> int:
     if not _ROW_ID.fullmatch(before) or int(before) > _BIGINT_MAX:
         raise bad_cursor()
     return int(before)
+
+
+class _Stamped(Protocol):
+    created_at: datetime
+    id: uuid.UUID
+
+
+T = TypeVar("T")
+
+
+def time_id_of(row: _Stamped) -> tuple[str, ...]:
+    """The cursor parts of a row ordered by (created_at, id), as time_id_cursor reads them."""
+    return row.created_at.isoformat(), str(row.id)
+
+
+def page(rows: list[T], limit: int, cursor_of: Callable[[T], tuple[str, ...]]) -> tuple[list[T], str | None]:
+    """A page from up to `limit + 1` rows read in order: the first `limit`, and the cursor of the
+    last of them when there are more (else None)."""
+    if len(rows) <= limit:
+        return rows, None
+    rows = rows[:limit]
+    return rows, encode_cursor(*cursor_of(rows[-1]))

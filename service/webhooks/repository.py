@@ -8,7 +8,7 @@ import uuid
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from service.core.pagination import encode_cursor, time_id_cursor
+from service.core.pagination import page, time_id_cursor, time_id_of
 from service.events.models import Event, WebhookDelivery, WebhookEndpoint
 from service.events.repository import DELIVERIES_CHANNEL
 
@@ -44,11 +44,7 @@ async def list_endpoints(
     if cursor is not None:
         stmt = stmt.where(sa.tuple_(W.created_at, W.id) < sa.tuple_(*time_id_cursor(cursor)))
     rows = list((await session.execute(stmt)).scalars())
-    next_cursor = None
-    if len(rows) > limit:
-        rows = rows[:limit]
-        next_cursor = encode_cursor(rows[-1].created_at.isoformat(), str(rows[-1].id))
-    return rows, next_cursor
+    return page(rows, limit, time_id_of)
 
 
 async def list_deliveries(
@@ -66,12 +62,7 @@ async def list_deliveries(
     rows: list[tuple[WebhookDelivery, str]] = [
         (row[0], row[1]) for row in (await session.execute(stmt)).all()
     ]
-    next_cursor = None
-    if len(rows) > limit:
-        rows = rows[:limit]
-        last = rows[-1][0]
-        next_cursor = encode_cursor(last.created_at.isoformat(), str(last.id))
-    return rows, next_cursor
+    return page(rows, limit, lambda row: time_id_of(row[0]))
 
 
 async def cancel_pending(session: AsyncSession, endpoint_id: uuid.UUID) -> None:
