@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from service import ops
-from service.connections.router import direct_routes
+from service.connections.router import direct_routes as connection_direct_routes
 from service.connections.router import router as connections_router
 from service.core.body_limit import BodySizeLimitMiddleware
 from service.core.config import Settings
@@ -22,8 +22,8 @@ from service.core.observability import RequestContextMiddleware
 from service.docs import OPENAPI_PATH, install_docs
 from service.events import outbox
 from service.gateway.proxy import Gateway
+from service.gateway.router import direct_routes as gateway_direct_routes
 from service.gateway.router import router as gateway_router
-from service.gateway.throttle import RealmThrottle
 from service.gateway.usage import router as usage_router
 from service.intuit_webhooks import router as intuit_webhooks
 from service.oauth.router import router as oauth_router
@@ -84,7 +84,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             gateway = app.state.gateway = Gateway(
                 settings,
                 runtime.refresher,
-                RealmThrottle(settings, runtime.pool),
+                runtime.throttle,
                 runtime.meter,
             )
             stop_metrics = (
@@ -137,7 +137,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(ops.router)
     app.include_router(intuit_webhooks.router)
     # Ahead of the documented routes they stand for (service.core.routing).
-    app.router.routes[:0] = direct_routes
+    app.router.routes[:0] = [*connection_direct_routes, *gateway_direct_routes]
     # Around the app: any exception becomes a problem answer here, inside CORS
     # and the request context, so it carries their headers and the request id.
     app.add_middleware(ErrorBoundary)

@@ -1,4 +1,4 @@
-"""Direct routes: a documented GET endpoint's plain form, served without FastAPI's dependency
+"""Direct routes: a documented endpoint's plain form, served without FastAPI's dependency
 solving and validation, which cost more than everything else in a cached request.
 
 A direct route sits in the app's own router ahead of the FastAPI route it stands for, with the
@@ -11,7 +11,7 @@ reach the app's own handlers, and `scope["route"]` names it for the request metr
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from typing import Any
 
 from starlette.requests import Request
@@ -26,14 +26,17 @@ Endpoint = Callable[[Request, dict[str, Any]], Awaitable[Response]]
 
 
 class DirectRoute(BaseRoute):
-    def __init__(self, path: str, accept: Accept, endpoint: Endpoint) -> None:
+    def __init__(
+        self, path: str, accept: Accept, endpoint: Endpoint, *, methods: Collection[str] = ("GET",)
+    ) -> None:
         self.path = path  # the documented route's template: the metrics' route label
+        self.methods = frozenset(methods)
         self._accept = accept
         self.endpoint = endpoint
         self._answers = DIRECT_ANSWERS.labels(path)
 
     def matches(self, scope: Scope) -> tuple[Match, Scope]:
-        if scope["type"] != "http" or scope["method"] != "GET":
+        if scope["type"] != "http" or scope["method"] not in self.methods:
             return Match.NONE, {}
         arguments = self._accept(scope)
         if arguments is None:

@@ -7,9 +7,11 @@ import uuid
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Request, Response
+from starlette.types import Scope as ASGIScope
 
-from service.auth.dependencies import CurrentCaller
+from service.auth.dependencies import CurrentCaller, identify
 from service.core.errors import problem_responses
+from service.core.routing import DirectRoute
 from service.gateway.proxy import REQUEST_ID_HEADER, Gateway
 
 PATH = "/connections/{connection_id}/quickbooks/{path:path}"
@@ -103,3 +105,32 @@ for _method in METHODS:
         f"quickbooks:{'read' if _method == 'GET' else 'write'})",
         description=DESCRIPTION.strip(),
     )
+
+
+# Every call in its plain form (a canonical connection id) goes by a direct route
+# (service.core.routing): the same caller and the same Gateway.forward, without FastAPI's
+# dependency solving, which would cost a gateway call more than its admission statement. The
+# route above documents the endpoint and answers the forms the direct route declines (an id
+# written otherwise, which FastAPI validates).
+def _accept(scope: ASGIScope) -> dict[str, Any] | None:
+    if scope.get("root_path"):
+        return None
+    parts = scope["path"].split("/", 4)
+    if len(parts) != 5 or parts[0] or parts[1] != "connections" or parts[3] != "quickbooks":
+        return None
+    try:
+        connection_id = uuid.UUID(parts[2])
+    except ValueError:
+        return None
+    if str(connection_id) != parts[2]:
+        return None
+    return {"connection_id": connection_id, "path": parts[4]}
+
+
+async def _direct(request: Request, arguments: dict[str, Any]) -> Response:
+    caller = await identify(request)
+    gateway: Gateway = request.app.state.gateway
+    return await gateway.forward(request, arguments["connection_id"], caller)
+
+
+direct_routes = [DirectRoute(PATH, _accept, _direct, methods=METHODS)]
