@@ -37,8 +37,8 @@ from service.core.errors import (
     ValidationFailed,
 )
 from service.gateway import forwarding
-from service.gateway.throttle import Lease, RealmThrottle
 from service.metering.meter import CallClass, Meter, classify, outcome_for_status
+from service.metering.throttle import Lease, RealmThrottle
 from service.tokens.refresh import AccessToken, TokenRefresher
 
 log = logging.getLogger(__name__)
@@ -179,7 +179,6 @@ class Gateway:
         )
 
     async def aclose(self) -> None:
-        await self._throttle.aclose()
         await self._http.aclose()
 
     async def forward(self, request: Request, connection_id: uuid.UUID, caller: Caller) -> Response:
@@ -299,9 +298,9 @@ class _Call:
         headers = forwarding.request_headers(self.caller_headers, self.token.access_token)
         if self.body.buffered is None and self.body.length is not None:
             headers.append((b"content-length", str(self.body.length).encode()))
-        request = self.g._http.build_request(
-            self.method, self.url, headers=headers, content=self.body.content()
-        )
+        # A read without a body goes without one (not an empty one, which costs a second write).
+        content = None if self.method == "GET" and self.body.buffered == b"" else self.body.content()
+        request = self.g._http.build_request(self.method, self.url, headers=headers, content=content)
         return await self.g._http.send(request, stream=True)
 
     def _unavailable(self) -> IntuitUnavailableProblem:
