@@ -138,6 +138,8 @@ def main() -> None:
                 for name, (url, path, headers) in calls.items()
             }
             results: dict[tuple[str, int], LoadResult] = {}
+            cpu_ms: dict[tuple[str, int], float] = {}
+            servers = {"emulator": emulator, "raw_proxy": raw, "broker": broker}
             with running(raw):
                 for name, (url, path, headers) in calls.items():
                     check = httpx.get(url + path, headers=headers, timeout=10)
@@ -146,6 +148,7 @@ def main() -> None:
                 for concurrency in (1, args.concurrency):
                     for name, (url, path) in targets.items():
                         print(f"load: {name}, {concurrency} client(s)", flush=True)
+                        cpu_before = servers[name].cpu_seconds()
                         results[name, concurrency] = run_load(
                             client,
                             url,
@@ -153,6 +156,13 @@ def main() -> None:
                             concurrency=concurrency,
                             warmup=args.warmup,
                             duration=args.duration,
+                        )
+                        # The serving process's own CPU per request (for the broker and the raw
+                        # proxy this leaves out the emulator's share of each call).
+                        cpu_ms[name, concurrency] = (
+                            (servers[name].cpu_seconds() - cpu_before)
+                            * 1000
+                            / max(results[name, concurrency].all_requests, 1)
                         )
 
     print(
@@ -162,7 +172,17 @@ def main() -> None:
     )
     print_table(
         "Throughput and latency",
-        ["server", "clients", "requests", "req/s", "p50 ms", "p99 ms", "non-2xx", "socket errors"],
+        [
+            "server",
+            "clients",
+            "requests",
+            "req/s",
+            "p50 ms",
+            "p99 ms",
+            "CPU ms/req",
+            "non-2xx",
+            "socket errors",
+        ],
         [
             [
                 name,
@@ -171,6 +191,7 @@ def main() -> None:
                 f"{r.rps:.0f}",
                 f"{r.p50_ms:.2f}",
                 f"{r.p99_ms:.2f}",
+                f"{cpu_ms[name, c]:.2f}",
                 r.non_2xx,
                 r.socket_errors,
             ]

@@ -21,6 +21,7 @@ from service.core.db.embedded import start_embedded_postgres
 from service.core.db.engine import asyncpg_dsn, build_engine, build_sessionmaker, create_asyncpg_pool
 from service.intuit.client import IntuitClient
 from service.metering.meter import Meter
+from service.metering.throttle import RealmThrottle
 from service.tokens.locks import RefreshLocks
 from service.tokens.refresh import TokenRefresher
 
@@ -40,6 +41,7 @@ class Runtime:
     refresher: TokenRefresher
     jwt_verifier: JWTVerifier
     meter: Meter  # counts Accounting API calls, guards the tenants' CorePlus caps
+    throttle: RealmThrottle  # Intuit's per-company limits, shared by every replica
 
 
 def database_url_for(settings: Settings) -> str:
@@ -69,6 +71,8 @@ async def build_runtime(
         stack.push_async_callback(pool.close)
         meter = Meter(pool, settings)
         stack.push_async_callback(meter.aclose)  # writes what it counted, before the pool closes
+        throttle = RealmThrottle(settings, pool)
+        stack.push_async_callback(throttle.aclose)  # gives back its slots before the pool closes
         intuit = IntuitClient(settings)
         stack.push_async_callback(intuit.aclose)
         locks = RefreshLocks(dsn)
@@ -92,6 +96,7 @@ async def build_runtime(
             refresher=refresher,
             jwt_verifier=JWTVerifier(settings),
             meter=meter,
+            throttle=throttle,
         )
 
 

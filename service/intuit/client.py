@@ -14,6 +14,7 @@ import random
 import time
 import warnings
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -381,20 +382,23 @@ class IntuitClient:
         access_token: str,
         *,
         on_sent: Callable[[int | None], Awaitable[None]] | None = None,
+        admitted: Callable[[], AbstractAsyncContextManager[object]] | None = None,
     ) -> str | None:
         """The company's name. `on_sent` hears of every attempt that reached Intuit (an
-        Accounting API call Intuit meters): its status, or None when its answer was lost."""
+        Accounting API call Intuit meters): its status, or None when its answer was lost.
+        `admitted`, when given, is entered around each attempt (the company's throttle)."""
         url = f"{self.api_base_url}/v3/company/{realm_id}/companyinfo/{realm_id}"
 
         async def attempt() -> httpx.Response:
             try:
-                response: httpx.Response = await self._oauth.request(
-                    "GET",
-                    url,
-                    params={"minorversion": _MINOR_VERSION},
-                    headers={"Authorization": f"Bearer {access_token}", "Accept": "application/json"},
-                    withhold_token=True,
-                )
+                async with admitted() if admitted is not None else nullcontext():
+                    response: httpx.Response = await self._oauth.request(
+                        "GET",
+                        url,
+                        params={"minorversion": _MINOR_VERSION},
+                        headers={"Authorization": f"Bearer {access_token}", "Accept": "application/json"},
+                        withhold_token=True,
+                    )
             except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout):
                 raise  # never sent
             except httpx.TransportError:

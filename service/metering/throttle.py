@@ -125,6 +125,15 @@ class RealmThrottle:
             finally:
                 queue.lock.release()
 
+    @asynccontextmanager
+    async def admitted(self, realm_id: str, *, wait_seconds: float) -> AsyncIterator[Lease]:
+        """One call made within the realm's limits: admitted, then its slot given back."""
+        lease = await self.admit(realm_id, batch=False, wait_seconds=wait_seconds)
+        try:
+            yield lease
+        finally:
+            self.release_soon(lease)
+
     async def _admit_once(self, realm_id: str, batch: bool) -> asyncpg.Record:
         s = self._settings
         # Shielded: a caller that goes away mid-statement must not leave a slot it never uses.

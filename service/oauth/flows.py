@@ -42,6 +42,7 @@ from service.events import outbox
 from service.intuit import errors as intuit_errors
 from service.intuit.client import QuickBooksUser, TokenSet
 from service.metering.meter import outcome_for_status
+from service.metering.throttle import QuickBooksThrottled
 from service.oauth.state import consume_state, digest, nonce_matches, open_code_verifier
 from service.runtime import Runtime
 from service.tokens import credentials
@@ -232,16 +233,7 @@ async def _obtain_grant(rt: Runtime, *, code: str, realm_id: str, started: _Star
                 raise intuit_errors.InvalidIdToken("the id_token's nonce does not match")
             if claims.get("sub") != user.sub:
                 raise intuit_errors.InvalidIdToken("the id_token and userinfo name other users")
-        company_name = await rt.intuit.company_name(
-            realm_id,
-            tokens.access_token,
-            on_sent=lambda status: rt.meter.record(
-                started.tenant_id,
-                realm_id,
-                "coreplus",
-                "network_error" if status is None else outcome_for_status(status),
-            ),
-        )
+        company_name = await _company_name(rt, started.tenant_id, realm_id, tokens.access_token)
     except intuit_errors.InvalidIdToken as exc:
         log.warning("callback: id_token refused: %s", exc)
         await _revoke_refused_grant(rt, started.connection_id, tokens, "id_token_not_verified")
@@ -253,6 +245,29 @@ async def _obtain_grant(rt: Runtime, *, code: str, realm_id: str, started: _Star
         await _revoke_refused_grant(rt, started.connection_id, tokens, "callback_failed")
         raise _unavailable_or_rejected(exc) from None
     return _Grant(tokens=tokens, user=user, realm_id=realm_id, company_name=company_name)
+
+
+async def _company_name(rt: Runtime, tenant_id: str, realm_id: str, access_token: str) -> str | None:
+    """The company's name, read within the company's limits (Intuit counts the read against
+    them like any gateway call) and metered; None if the limits leave no room for it within
+    the gateway's queueing time: the link does not wait on a name it can do without."""
+    try:
+        return await rt.intuit.company_name(
+            realm_id,
+            access_token,
+            on_sent=lambda status: rt.meter.record(
+                tenant_id,
+                realm_id,
+                "coreplus",
+                "network_error" if status is None else outcome_for_status(status),
+            ),
+            admitted=lambda: rt.throttle.admitted(
+                realm_id, wait_seconds=rt.settings.quickbooks_queue_seconds
+            ),
+        )
+    except QuickBooksThrottled:
+        log.warning("callback: the company's limits left no room to read its name; linked without it")
+        return None
 
 
 def _unavailable_or_rejected(exc: intuit_errors.IntuitError) -> ProblemError:

@@ -443,13 +443,18 @@ def two_brokers(stack: Stack) -> Iterator[list[str]]:
 
 
 async def test_two_brokers_keep_one_company_within_its_limits(
-    qb: QuickBooks, two_brokers: list[str], emulator: httpx.AsyncClient
+    stack: Stack, qb: QuickBooks, two_brokers: list[str], emulator: httpx.AsyncClient
 ) -> None:
-    # Intuit's limits count the broker's own CompanyInfo read when it linked, which does not go
-    # through the gateway's throttle: out of Intuit's 1-second window before the burst, and
-    # within its minute, allowed for.
+    # The burst starts right after the Connect: the broker's own CompanyInfo read went through
+    # the same throttle, and counts in its windows as it does in Intuit's.
+    stamped = await fetchrow(
+        stack.database_url,
+        "SELECT cardinality(admitted) AS n FROM quickbooks_realm_throttles WHERE realm_id = $1",
+        COMPANY_1,
+    )
+    assert stamped is not None and stamped["n"] >= 1
+    burst = 30 - stamped["n"]
     before = (await accounting(emulator))["requests"]
-    await asyncio.sleep(1.2)
     await config(
         emulator,
         latency_ms=150,
@@ -460,27 +465,53 @@ async def test_two_brokers_keep_one_company_within_its_limits(
     clients = [httpx.AsyncClient(base_url=url, timeout=60) for url in two_brokers]
     try:
         callers = [QuickBooks(http, qb.base.split("/")[2], qb.headers) for http in clients]
-        answers = await asyncio.gather(*(callers[i % 2].get("customer/1") for i in range(30)))
-        assert [a.status_code for a in answers] == [200] * 30
+        answers = await asyncio.gather(*(callers[i % 2].get("customer/1") for i in range(burst)))
+        assert [a.status_code for a in answers] == [200] * burst
         observed = await accounting(emulator)
-        assert observed["requests"] == before + 30 and observed["throttled"] == 0
+        assert observed["requests"] == before + burst and observed["throttled"] == 0
         assert observed["max_in_flight"] <= 4 and observed["max_per_second"] <= 10
         # The minute is used up: the next call would wait longer than the queue allows.
         over = await callers[0].get("customer/1")
         assert over.status_code == 429 and over.json()["code"] == "quickbooks_throttled"
         assert int(over.headers["retry-after"]) >= 1
-        assert (await accounting(emulator))["requests"] == before + 30
+        assert (await accounting(emulator))["requests"] == before + burst
     finally:
         for http in clients:
             await http.aclose()
 
 
+async def test_a_connect_links_without_the_company_name_when_its_limits_leave_no_room(
+    stack: Stack,
+    client: httpx.AsyncClient,
+    linked: Callable[..., Awaitable[str]],
+    emulator: httpx.AsyncClient,
+) -> None:
+    """Intuit said 429 for the company a moment ago: every replica holds its calls back, the
+    Connect flow's CompanyInfo read included; the link is made without the name, rather than
+    waiting or failing."""
+    await fetchrow(
+        stack.database_url,
+        "INSERT INTO quickbooks_realm_throttles (realm_id, paused_until) "
+        "VALUES ($1, clock_timestamp() + interval '60 seconds') "
+        "ON CONFLICT (realm_id) DO UPDATE SET paused_until = excluded.paused_until RETURNING 1",
+        COMPANY_1,
+    )
+    before = (await accounting(emulator)).get("requests", 0)
+    connection_id = await linked()
+    answer = await client.get(f"/connections/{connection_id}", headers=user_headers())
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["status"] == "connected" and answer.json()["company_name"] is None
+    assert (await accounting(emulator)).get("requests", 0) == before
+
+
 async def test_slots_of_a_replica_that_died_come_back(stack: Stack, qb: QuickBooks) -> None:
-    # Every slot taken, by leases that have lapsed: a crashed replica's.
+    # Every slot taken, by leases that have lapsed: a crashed replica's (the row is there since
+    # the Connect's CompanyInfo read).
     await fetchrow(
         stack.database_url,
         "INSERT INTO quickbooks_realm_throttles (realm_id, leases) VALUES ($1, "
-        "array_fill(clock_timestamp() - interval '1 second', ARRAY[10])) RETURNING 1",
+        "array_fill(clock_timestamp() - interval '1 second', ARRAY[10])) "
+        "ON CONFLICT (realm_id) DO UPDATE SET leases = excluded.leases RETURNING 1",
         COMPANY_1,
     )
     assert (await qb.get("customer/1")).status_code == 200

@@ -269,7 +269,7 @@ class QuickBooksBudgetAlert(SQLModel, table=True):
 
 class RealmThrottle(SQLModel, table=True):
     """Intuit's per-company limits as the gateway shares them between replicas
-    (service.gateway.throttle; admission is the function in migration 0005)."""
+    (service.metering.throttle; admission is the function in migration 0005)."""
 
     __tablename__ = "quickbooks_realm_throttles"
     __table_args__ = {"prefixes": ["UNLOGGED"]}  # ephemeral: see migration 0005
