@@ -4,9 +4,16 @@ Each call is admitted by one statement (`qbo_broker_gateway_admit`, migration 00
 realm's row in `quickbooks_realm_throttles`: under the row lock it reads PostgreSQL's clock, one
 clock for every replica, and either stamps the call into the windows (the newest admissions, as
 many as the largest limit) and takes an in-flight slot, or answers how long to wait. A slot is a
-lease with an expiry: released by one statement when the answer has been read, renewed while a
-long answer streams, and lapsed (free again) if the replica holding it dies. A 429 from Intuit
-pauses the realm for every replica (`paused_until`).
+lease with an expiry: given back when the answer has been read, renewed while a long answer
+streams, and lapsed (free again) if the replica holding it dies. A 429 from Intuit pauses the
+realm for every replica (`paused_until`).
+
+Slots are given back by the replica's next admission on the realm, in its statement and under
+the same row lock before it looks for room (migration 0010), so a busy realm costs one statement
+per call, not two; what no admission picks up within `RETURN_SECONDS` goes back in one statement
+for all of it. Until then another replica sees the slot as taken a little longer than it is (the
+safe side of the limit); this replica's own waiters are woken at once, and their admission
+frees the slot before it looks.
 
 Inside a process, callers of one realm queue in a FIFO and only the head asks PostgreSQL, so a
 queue of fifty waiters costs one statement per admission, not fifty.
@@ -15,6 +22,7 @@ queue of fifty waiters costs one statement per admission, not fifty.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -26,12 +34,17 @@ import asyncpg
 from service.core.config import Settings
 from service.core.errors import ProblemError
 
+log = logging.getLogger(__name__)
+
 # How often the head of a queue looks again while every in-flight slot is taken by another
 # process (a release in this process wakes it at once).
 BUSY_POLL_SECONDS = 0.02
 
-_ADMIT = "SELECT * FROM qbo_broker_gateway_admit($1, $2, $3, $4, $5, $6, $7, $8, $9)"
-_RELEASE = "UPDATE quickbooks_realm_throttles SET leases[$2] = NULL WHERE realm_id = $1 AND leases[$2] = $3"
+# How long a finished call's slot waits for the realm's next admission to take it back.
+RETURN_SECONDS = 0.02
+
+_ADMIT = "SELECT * FROM qbo_broker_gateway_admit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+_RELEASE = "SELECT qbo_broker_gateway_release($1, $2, $3)"
 _RENEW = (
     "UPDATE quickbooks_realm_throttles "
     "SET leases[$2] = clock_timestamp() + make_interval(secs => $4) "
@@ -76,6 +89,10 @@ class RealmThrottle:
         self._queues: dict[tuple[str, bool], _Queue] = {}
         self._interval = settings.quickbooks_interval_seconds
         self._tasks: set[asyncio.Task[None]] = set()
+        # Per realm: the leases of finished calls not yet given back, and the timer that gives
+        # them back if no admission takes them first.
+        self._returned: dict[str, list[Lease]] = {}
+        self._timers: dict[str, asyncio.TimerHandle] = {}
 
     @asynccontextmanager
     async def _queue(self, realm_id: str, batch: bool) -> AsyncIterator[_Queue]:
@@ -136,6 +153,7 @@ class RealmThrottle:
 
     async def _admit_once(self, realm_id: str, batch: bool) -> asyncpg.Record:
         s = self._settings
+        returned = self._take_returned(realm_id)
         # Shielded: a caller that goes away mid-statement must not leave a slot it never uses.
         statement = asyncio.ensure_future(
             self._pool.fetchrow(
@@ -149,12 +167,19 @@ class RealmThrottle:
                 s.quickbooks_window_margin_seconds,
                 s.quickbooks_lease_seconds,
                 self._interval,
+                [lease.slot for lease in returned],
+                [lease.expires_at for lease in returned],
             )
         )
         try:
             return await asyncio.shield(statement)
         except asyncio.CancelledError:
             statement.add_done_callback(self._release_orphan(realm_id))
+            raise
+        except BaseException:
+            # Not given back by this statement: by the next one, or by the timer.
+            for lease in returned:
+                self._queue_return(lease)
             raise
 
     def _release_orphan(self, realm_id: str):  # type: ignore[no-untyped-def]
@@ -174,7 +199,9 @@ class RealmThrottle:
             realm_id=realm_id,
         )
 
-    async def release(self, lease: Lease) -> None:
+    def release_soon(self, lease: Lease) -> None:
+        """Give the call's slot back without making the caller wait (after an answer has been
+        sent): with the realm's next admission, or within RETURN_SECONDS."""
         if lease.released:
             return
         lease.released = True
@@ -183,13 +210,36 @@ class RealmThrottle:
             if queue is not None:
                 queue.released.set()
         if lease.slot is not None:
-            await self._pool.execute(_RELEASE, lease.realm_id, lease.slot, lease.expires_at)
+            self._queue_return(lease)
 
-    def release_soon(self, lease: Lease) -> None:
-        """Release without making the caller wait (after an answer has been sent)."""
-        task = asyncio.get_running_loop().create_task(self.release(lease))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    def _queue_return(self, lease: Lease) -> None:
+        realm_id = lease.realm_id
+        self._returned.setdefault(realm_id, []).append(lease)
+        if realm_id not in self._timers:
+            loop = asyncio.get_running_loop()
+            self._timers[realm_id] = loop.call_later(RETURN_SECONDS, self._return_now, realm_id)
+
+    def _take_returned(self, realm_id: str) -> list[Lease]:
+        timer = self._timers.pop(realm_id, None)
+        if timer is not None:
+            timer.cancel()
+        return self._returned.pop(realm_id, None) or []
+
+    def _return_now(self, realm_id: str) -> None:
+        leases = self._take_returned(realm_id)
+        if leases:
+            task = asyncio.get_running_loop().create_task(self._give_back(realm_id, leases))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _give_back(self, realm_id: str, leases: list[Lease]) -> None:
+        try:
+            await self._pool.fetchval(
+                _RELEASE, realm_id, [lease.slot for lease in leases], [lease.expires_at for lease in leases]
+            )
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            # The slots lapse with their leases; nothing else is lost.
+            log.warning("QuickBooks throttle slots not given back (%s); they lapse", type(exc).__name__)
 
     async def renew(self, lease: Lease) -> None:
         """Push a long call's slot expiry out again (a long answer still streaming)."""
@@ -206,5 +256,7 @@ class RealmThrottle:
         await self._pool.execute(_PAUSE, realm_id, seconds)
 
     async def aclose(self) -> None:
+        for realm_id in list(self._timers):
+            self._return_now(realm_id)
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=5)
