@@ -141,10 +141,9 @@ async def add_event(
 async def list_events(
     session: AsyncSession, *, connection_id: uuid.UUID, limit: int, cursor: str | None
 ) -> tuple[list[ConnectionEvent], str | None]:
-    # refresh_attempt rows are the refresher's bookkeeping (service.tokens.refresh), not history.
     stmt = (
         sa.select(ConnectionEvent)
-        .where(E.connection_id == connection_id, E.type != "refresh_attempt")
+        .where(E.connection_id == connection_id)
         .order_by(E.id.desc())
         .limit(limit + 1)
     )

@@ -59,7 +59,7 @@ QUICKBOOKS_ENTITY_CHANGED = EventType.QUICKBOOKS_ENTITY_CHANGED
 QUICKBOOKS_USAGE_THRESHOLD = EventType.QUICKBOOKS_USAGE_THRESHOLD
 
 # The audit trail's event types (connection_events.type) that are public events too. The others
-# (refreshed, revoked, refresh_attempt) are the broker's own business; refresh_failed is
+# (refreshed, revoked) are the broker's own business; refresh_failed is
 # published by the refresher's statement itself (service.tokens.refresh).
 _PUBLIC_OF_AUDIT: dict[str, EventType] = {
     "created": CONNECTION_CREATED,

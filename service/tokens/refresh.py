@@ -10,14 +10,15 @@ no pooled connection while it waits. A killed process releases its locks at once
 
 No pooled connection waits on Intuit. A refresh is three steps, in plain SQL on the asyncpg pool:
 1. one statement under the row lock (so a writer of the row, such as a disconnect, is done
-   first): re-read the row, decide, and record a `refresh_attempt` if a refresh is due (the
-   decisions of refreshes that come at once go in one statement, as do reads of rows);
+   first): re-read the row, decide, and record a refresh attempt (table refresh_attempts) if a
+   refresh is due (the decisions of refreshes that come at once go in one statement, as do
+   reads of rows);
 2. the call to Intuit, holding no database connection;
 3. one statement that stores the outcome (new tokens above all) if the row still holds the
    refresh token that was sent, settles the attempt records and logs the event. If the row
    changed meanwhile (a disconnect, a new link), its new state stands, and the refresh looks again.
 
-The `refresh_attempt` record is what a killed process cannot take back: Intuit may have rotated
+The refresh attempt record is what a killed process cannot take back: Intuit may have rotated
 the stored token for an answer that never arrived. A record left behind means "a refresh with
 the stored token may have reached Intuit": a later `invalid_grant` is then reported as
 `refresh_token_lost` (and counted), not blamed on a disconnect in QuickBooks.
@@ -258,7 +259,7 @@ def _decide_statement(lock: str) -> str:
     actor ($1 ids, $2 valid_until, $3 refreshed_after, $4 keepalive_by, $5 actors): for each
     connection, the row; whether a refresh attempt left behind names its stored refresh token
     (`unresolved`: the token may be dead already); and, if the connection is usable and a
-    refresh is due (_due), a new `refresh_attempt` record naming that token by its issue time,
+    refresh is due (_due), a new refresh_attempts record naming that token by its issue time,
     whose id is `attempt` (else NULL). Rows are locked in id order. Atomic like the transaction
     it replaces, in one round trip for all of them."""
     return f"""
@@ -269,15 +270,14 @@ c AS (
   SELECT c.id, c.tenant_id, c.status, c.realm_id, c.access_token, c.refresh_token,
          c.access_token_expires_at, c.refresh_token_issued_at, c.keepalive_due_at,
          c.last_refreshed_at, a.valid_until, a.refreshed_after, a.keepalive_by, a.actor,
-         EXISTS (SELECT 1 FROM connection_events e
-                 WHERE e.connection_id = c.id AND e.type = 'refresh_attempt'
-                   AND (e.details->>'refresh_token_issued_at')::timestamptz
-                       IS NOT DISTINCT FROM c.refresh_token_issued_at) AS unresolved
+         EXISTS (SELECT 1 FROM refresh_attempts r
+                 WHERE r.connection_id = c.id
+                   AND r.refresh_token_issued_at IS NOT DISTINCT FROM c.refresh_token_issued_at)
+           AS unresolved
   FROM connections c JOIN asked a ON a.id = c.id ORDER BY c.id {lock}),
 attempt AS (
-  INSERT INTO connection_events (connection_id, tenant_id, type, actor, details)
-  SELECT c.id, c.tenant_id, 'refresh_attempt', c.actor,
-         jsonb_build_object('refresh_token_issued_at', c.refresh_token_issued_at)
+  INSERT INTO refresh_attempts (connection_id, refresh_token_issued_at, actor)
+  SELECT c.id, c.refresh_token_issued_at, c.actor
   FROM c WHERE c.status = 'connected' AND c.refresh_token IS NOT NULL
     AND {_due("c.valid_until", "c.refreshed_after", "c.keepalive_by")}
   RETURNING id, connection_id)
@@ -294,7 +294,7 @@ _DECIDE_OR_SKIP = _decide_statement("FOR NO KEY UPDATE OF c SKIP LOCKED")
 def _outcome_statement(assignments: str, event: str, public_event: str | None = None) -> str:
     """One statement that stores a refresh's outcome: it changes the row (`assignments`, from
     $5 on) only if the row still holds the refresh token the refresh started from ($1 id, $2 its
-    refresh_token_issued_at), then drops every refresh_attempt record (the token's fate is
+    refresh_token_issued_at), then drops its refresh_attempts records (the token's fate is
     known), logs `event` ($3 actor, $4 details) and, if given, publishes `public_event` with the
     connection's new state (service.events.outbox). It returns the tenant id if it applied."""
     published = (
@@ -311,8 +311,7 @@ WITH changed AS (
   WHERE id = $1 AND status = 'connected' AND refresh_token IS NOT NULL
     AND refresh_token_issued_at IS NOT DISTINCT FROM $2
   RETURNING *),
-settled AS (DELETE FROM connection_events WHERE connection_id = $1 AND type = 'refresh_attempt'
-            AND EXISTS (SELECT 1 FROM changed)),
+settled AS (DELETE FROM refresh_attempts WHERE connection_id = $1 AND EXISTS (SELECT 1 FROM changed)),
 logged AS (INSERT INTO connection_events (connection_id, tenant_id, type, actor, details)
            SELECT id, tenant_id, '{event}', $3, $4::jsonb FROM changed){published}
 SELECT tenant_id FROM changed"""  # noqa: S608 (built from this module's literals only)
@@ -330,7 +329,7 @@ _MARK_REFUSED = _outcome_statement(
     "refresh_failed",
     outbox.CONNECTION_REAUTHORIZATION_REQUIRED,
 )
-_SETTLE_ONE = "DELETE FROM connection_events WHERE id = $1"
+_SETTLE_ONE = "DELETE FROM refresh_attempts WHERE id = $1"
 
 _LOST_MESSAGE = (
     "Intuit's answer to a refresh was lost after it may have issued a new refresh "
