@@ -13,7 +13,8 @@ from types import SimpleNamespace
 import asyncpg
 
 from service.core.db.engine import asyncpg_dsn
-from service.tokens.refresh import _Due, _due
+from service.store.connections import _due
+from service.tokens.refresh import _Due
 from tests.conftest import user_headers
 from tests.support.db_helpers import execute, expire_access_token, fetchrow
 
@@ -111,7 +112,7 @@ async def test_decisions_gathered_in_one_statement_follow_each_ones_rule(
         decide(uuid.UUID(forced), *force.args(), "forced"),
         decide(uuid.uuid4(), *request.args(), "request"),
     )
-    assert [row is not None and row["attempt"] is not None for row in rows] == [True, False, True, False]
+    assert [row is not None and row.attempt is not None for row in rows] == [True, False, True, False]
     assert rows[3] is None
     recorded = await fetchrow(
         stack.database_url,
