@@ -3,8 +3,9 @@ pending links, QuickBooks user claims, the audit trail (connection_events) and t
 refresh_attempts.
 
 Two ways in, one per kind of caller:
-- ORM functions on an AsyncSession, for the transactions of the API, the Connect flow and the
-  background worker; they return the models of service.core.db.models.
+- Functions on an AsyncSession (SQLAlchemy), for the transactions of the API, the Connect flow,
+  the revocation outbox, Intuit's notifications and the background worker; they return the
+  models of service.core.db.models (changed through the ORM by their callers), ids or counts.
 - Plain SQL on the asyncpg pool, for the hot paths (GET /status, the token endpoint and the
   refresher): one statement, one round trip each, returning typed rows (`StatusRow`,
   `ConnectionRow`, `DecisionRow`) built straight from asyncpg's records.
