@@ -1,7 +1,7 @@
 """Keep-alive at scale: 100,000 connections, of which 1,000 are due (connected, keepalive_due_at
 in the past); the rest are due later or in other states (some of those with a past due date).
 
-(a) The due-work query (service.worker.due_connections_query, limit 500, with and
+(a) The due-work query (service.store.connections.due_connections_query, limit 500, with and
     without the access-token branch) under EXPLAIN (ANALYZE, BUFFERS): its time, and that it
     reads through an index rather than a Seq Scan on connections.
 (b) The sweep: service.worker.keep_alive(runtime), run repeatedly until nothing is
@@ -55,7 +55,8 @@ from service.core.crypto import SecretBox
 from service.core.observability import configure_logging
 from service.domain import Sealed, sealed_aad
 from service.runtime import Runtime, build_runtime
-from service.worker import due_connections_query, keep_alive
+from service.store.connections import due_connections_query
+from service.worker import ACCESS_TOKEN_LEAD, keep_alive
 
 QUERY_TARGET_MS = 20.0
 SWEEP_FACTOR = 1.5
@@ -142,7 +143,9 @@ async def mark_due(database_url: str, ids: list[str]) -> None:
 async def explain(database_url: str, *, include_access: bool, runs: int = 5) -> dict[str, Any]:
     """EXPLAIN (ANALYZE, BUFFERS) of the due query as the broker sends it (bound parameters),
     `runs` times; and of the generic plan a prepared statement may switch to after five runs."""
-    compiled = due_connections_query(now=datetime.now(UTC), include_access=include_access, limit=500).compile(
+    now = datetime.now(UTC)
+    access_by = now + ACCESS_TOKEN_LEAD if include_access else None
+    compiled = due_connections_query(now=now, access_by=access_by, limit=500).compile(
         dialect=PGDialect_asyncpg()
     )
     params = [compiled.params[name] for name in (compiled.positiontup or [])]

@@ -19,7 +19,6 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.datastructures import State
 from starlette.types import Receive, Scope, Send
 
-from service.connections.repository import count_by_status
 from service.core.config import Settings
 from service.core.db.migrations import head_revision
 from service.core.errors import NotFound, ProblemError, problem_response
@@ -27,6 +26,7 @@ from service.core.httpserver import server_options
 from service.core.metrics import CONNECTIONS_BY_STATUS, METRICS_DATABASE_READS, SECRETS_BY_KEY
 from service.domain import Status
 from service.runtime import Runtime, RuntimeDep
+from service.store.connections import count_by_status
 from service.tokens.rotation import count_secrets_by_key
 
 router = APIRouter(tags=["operations"])

@@ -19,30 +19,28 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
-import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from service.connections import repository as repo
 from service.core.aio import cancel_and_wait
 from service.core.config import Settings
 from service.core.crypto import DecryptionError, printable_key_id
 from service.core.db.engine import asyncpg_dsn, transaction
-from service.core.db.models import Connection, PendingLink
+from service.core.db.models import PendingLink
 from service.core.errors import ProblemError
 from service.core.metrics import BACKGROUND_ROW_ERRORS, BACKGROUND_RUNS
 from service.events.delivery import WebhookSender
 from service.intuit_webhooks.processor import NotificationProcessor
 from service.oauth.flows import discard_pending_link, expire_held_grants
 from service.runtime import Runtime, build_runtime
+from service.store import connections as repo
 from service.tokens.revocation import retry_pending_revocations
 
 log = logging.getLogger(__name__)
 
-C = Connection.__table__.c  # type: ignore[attr-defined]
-P = PendingLink.__table__.c  # type: ignore[attr-defined]
+# Keep-alive with access tokens too: those that expire within this.
 ACCESS_TOKEN_LEAD = timedelta(minutes=10)
 
 
@@ -129,32 +127,6 @@ class BackgroundWorker:
         return done
 
 
-def due_connections_query(
-    *, now: datetime, include_access: bool, limit: int, key_ids: Sequence[str] | None = None
-) -> sa.Select:  # type: ignore[type-arg]
-    """Connections whose refresh token is old or near its end (or, optionally, whose access
-    token is about to expire). Each branch is served by a partial index on connected rows.
-    With key_ids, only connections whose tokens are sealed under one of them."""
-    # 'connected' as a literal, not a parameter: a generic plan could not use the partial indexes.
-    connected = sa.text("status = 'connected'")
-    readable = sa.func.split_part(C.refresh_token, ".", 1).in_(key_ids) if key_ids is not None else sa.true()
-    keepalive = (
-        sa.select(C.id)
-        .where(connected, C.keepalive_due_at <= now, readable)
-        .order_by(C.keepalive_due_at)
-        .limit(limit)
-    )
-    if not include_access:
-        return keepalive
-    access = (
-        sa.select(C.id)
-        .where(connected, C.access_token_expires_at <= now + ACCESS_TOKEN_LEAD, readable)
-        .order_by(C.access_token_expires_at)
-        .limit(limit)
-    )
-    return sa.union(keepalive, access).limit(limit)  # type: ignore[return-value]
-
-
 def _row_failed(task: str, row_id: object, exc: Exception) -> None:
     """Log (by id and error type only: no secret is in either) and count one row's failure."""
     reason = "undecryptable" if isinstance(exc, DecryptionError) else "error"
@@ -166,18 +138,14 @@ async def keep_alive(rt: Runtime, *, limit: int = 500) -> int:
     """Refresh due connections with bounded concurrency. The refresh itself takes the
     connection's lock and re-checks, so one another replica just refreshed is not refreshed
     again."""
+    now = datetime.now(UTC)
     async with rt.sessionmaker() as session:
-        ids: list[uuid.UUID] = list(
-            (
-                await session.execute(
-                    due_connections_query(
-                        now=datetime.now(UTC),
-                        include_access=rt.settings.keepalive_refresh_access_tokens,
-                        limit=limit,
-                        key_ids=rt.box.key_ids,
-                    )
-                )
-            ).scalars()
+        ids = await repo.due_connections(
+            session,
+            now=now,
+            access_by=now + ACCESS_TOKEN_LEAD if rt.settings.keepalive_refresh_access_tokens else None,
+            limit=limit,
+            key_ids=rt.box.key_ids,
         )
     if not ids:
         return 0
@@ -204,24 +172,11 @@ async def expire_pending_links(rt: Runtime, *, batch: int = 50) -> int:
     """Pending links older than 10 minutes: revoke their grants at Intuit and discard them.
     Each in a savepoint of its own: one that fails is left as it was for a later pass, and the
     pass goes on past it (in expiry order, batch by batch)."""
-    readable = sa.and_(
-        sa.func.split_part(P.access_token, ".", 1).in_(rt.box.key_ids),
-        sa.func.split_part(P.refresh_token, ".", 1).in_(rt.box.key_ids),
-    )
     expired = 0
     after: tuple[datetime, uuid.UUID] | None = None
     while True:
         async with transaction(rt.sessionmaker) as session:
-            stmt = (
-                sa.select(PendingLink)
-                .where(P.expires_at <= sa.func.now(), readable)
-                .order_by(P.expires_at, P.connection_id)
-                .limit(batch)
-                .with_for_update(skip_locked=True)
-            )
-            if after is not None:
-                stmt = stmt.where(sa.tuple_(P.expires_at, P.connection_id) > sa.tuple_(*after))
-            rows = list((await session.execute(stmt)).scalars())
+            rows = await repo.expired_pending_links(session, key_ids=rt.box.key_ids, after=after, limit=batch)
             for pending in rows:
                 if await _expire_one(session, rt, pending):
                     expired += 1
@@ -247,33 +202,11 @@ async def _expire_one(session: AsyncSession, rt: Runtime, pending: PendingLink) 
     return True
 
 
-# Due work sealed under key ids this process is not configured with, by task and key id.
-_UNKNOWN_KEYS = sa.text("""
-SELECT 'keepalive' AS task, split_part(refresh_token, '.', 1) AS kid, count(*) AS n
-FROM connections
-WHERE status = 'connected' AND keepalive_due_at <= now()
-  AND split_part(refresh_token, '.', 1) <> ALL(:kids)
-GROUP BY 2
-UNION ALL
-SELECT 'pending_link', kid, count(*) FROM (
-  SELECT CASE WHEN split_part(access_token, '.', 1) <> ALL(:kids)
-              THEN split_part(access_token, '.', 1) ELSE split_part(refresh_token, '.', 1) END
-  FROM pending_links
-  WHERE expires_at <= now() AND (split_part(access_token, '.', 1) <> ALL(:kids)
-                                 OR split_part(refresh_token, '.', 1) <> ALL(:kids))) p(kid)
-GROUP BY 2
-UNION ALL
-SELECT 'revocation', split_part(token, '.', 1), count(*) FROM pending_revocations
-WHERE next_attempt_at <= now() AND split_part(token, '.', 1) <> ALL(:kids)
-GROUP BY 2
-""")
-
-
 async def report_unknown_keys(rt: Runtime) -> int:
     """Count (and log, by key id) the due rows this process left alone because they are sealed
     under a key it lacks. A replica configured with that key does them."""
     async with rt.sessionmaker() as session:
-        rows = (await session.execute(_UNKNOWN_KEYS, {"kids": rt.box.key_ids})).all()
+        rows = await repo.due_under_unknown_keys(session, rt.box.key_ids)
     total = 0
     for task, kid, count in rows:
         total += count

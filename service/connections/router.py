@@ -12,7 +12,6 @@ from starlette.types import Scope as ASGIScope
 
 from service.auth.callers import Caller, Scope
 from service.auth.dependencies import CurrentCaller, identify
-from service.connections import repository as repo
 from service.connections import service
 from service.connections.schemas import (
     ConnectionCreate,
@@ -29,6 +28,7 @@ from service.core.errors import NotFound, problem_responses
 from service.core.routing import DirectRoute
 from service.domain import Status
 from service.runtime import Runtime, RuntimeDep
+from service.store import connections as repo
 from service.tokens.schemas import AccessTokenOut
 
 router = APIRouter(tags=["connections"])

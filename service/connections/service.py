@@ -8,7 +8,6 @@ from datetime import UTC, datetime
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.auth.callers import Caller
-from service.connections import repository as repo
 from service.connections.schemas import (
     AccountingLink,
     ConnectionOut,
@@ -25,6 +24,7 @@ from service.core.errors import ConnectionLimitReached, NotConnected, NotFound
 from service.domain import Status
 from service.events import outbox
 from service.runtime import Runtime
+from service.store import connections as repo
 from service.tokens import credentials
 from service.tokens.revocation import revoke_after_commit
 

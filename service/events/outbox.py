@@ -8,7 +8,7 @@ so streams and the webhook sender wake at once.
 commit out of `seq` order, so a reader that resumes after a `seq` must look a little behind it
 (event ids make a re-read harmless).
 
-Connection events are written from one place, `service.connections.repository.add_event`, which
+Connection events are written from one place, `service.store.connections.add_event`, which
 maps the audit trail's types to public ones (`public_event`); the refresher's single-statement
 writes use `CONNECTION_STATE_SQL` to give the same `data`.
 """
@@ -23,6 +23,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from service.domain import Status
 from service.events.models import Event
 
 CHANNEL = "qbo_events"
@@ -59,7 +60,7 @@ QUICKBOOKS_ENTITY_CHANGED = EventType.QUICKBOOKS_ENTITY_CHANGED
 QUICKBOOKS_USAGE_THRESHOLD = EventType.QUICKBOOKS_USAGE_THRESHOLD
 
 # The audit trail's event types (connection_events.type) that are public events too. The others
-# (refreshed, revoked, refresh_attempt) are the broker's own business; refresh_failed is
+# (refreshed, revoked) are the broker's own business; refresh_failed is
 # published by the refresher's statement itself (service.tokens.refresh).
 _PUBLIC_OF_AUDIT: dict[str, EventType] = {
     "created": CONNECTION_CREATED,
@@ -124,9 +125,9 @@ def connection_state(conn: Any) -> dict[str, Any]:
 
 
 # connection_state over a row `c` of connections, as jsonb (for single-statement writers).
-CONNECTION_STATE_SQL = """jsonb_build_object(
+CONNECTION_STATE_SQL = f"""jsonb_build_object(
   'status', c.status,
-  'accounting_link', CASE WHEN c.status = 'connected' AND (c.module_ar OR c.module_ap)
+  'accounting_link', CASE WHEN c.status = '{Status.CONNECTED.value}' AND (c.module_ar OR c.module_ap)
                           THEN 'enabled' ELSE 'disabled' END,
   'realm_id', c.realm_id,
   'company_name', c.company_name,

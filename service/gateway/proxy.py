@@ -39,7 +39,8 @@ from service.core.errors import (
 from service.gateway import forwarding
 from service.metering.meter import CallClass, Meter, classify, outcome_for_status
 from service.metering.throttle import Lease, RealmThrottle
-from service.tokens.refresh import AccessToken, TokenRefresher
+from service.tokens.refresh import TokenRefresher
+from service.tokens.view import AccessToken
 
 log = logging.getLogger(__name__)
 

@@ -35,6 +35,7 @@ from service.intuit_webhooks.metrics import (
 )
 from service.intuit_webhooks.payloads import EntityChange, parse
 from service.intuit_webhooks.waker import CHANNEL
+from service.store import connections
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +134,7 @@ async def _process(session: AsyncSession, rows: list[repo.Claimed]) -> Counter[s
                 per_row[row.id]["stale"] += 1
             else:
                 found.append((row.id, change))
-    holders = await repo.live_connections(session, sorted({c.realm_id for _, c in found}))
+    holders = await connections.live_connections(session, sorted({c.realm_id for _, c in found}))
     outcome_of = {c: "emitted" if c.realm_id in holders else "unknown_realm" for _, c in found}
     new = await repo.first_seen(session, found, outcome_of)
     for notification_id, change in found:

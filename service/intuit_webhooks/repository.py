@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -84,21 +83,6 @@ async def first_seen(
         .returning(K.realm_id, K.entity, K.entity_id, K.operation, K.occurred_second)
     )
     return {tuple(row) for row in inserted}
-
-
-async def live_connections(session: AsyncSession, realms: Sequence[str]) -> dict[str, tuple[uuid.UUID, str]]:
-    """realm id → (connection id, tenant id) of the live connection that holds it (live as in
-    uq_connections_live_realm, so at most one per realm)."""
-    if not realms:
-        return {}
-    rows = await session.execute(
-        sa.text(
-            "SELECT realm_id, id, tenant_id FROM connections "
-            "WHERE realm_id = ANY(:realms) AND status IN ('connected', 'reauthorization_required')"
-        ),
-        {"realms": list(realms)},
-    )
-    return {row.realm_id: (row.id, row.tenant_id) for row in rows}
 
 
 async def mark_processed(session: AsyncSession, outcomes: dict[int, dict[str, int]]) -> None:

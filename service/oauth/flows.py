@@ -17,7 +17,6 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.auth.callers import Caller, Scope
-from service.connections import repository as repo
 from service.core.crypto import DecryptionError
 from service.core.db.engine import transaction
 from service.core.db.models import Connection, HeldGrant, PendingLink
@@ -45,6 +44,7 @@ from service.metering.meter import outcome_for_status
 from service.metering.throttle import QuickBooksThrottled
 from service.oauth.state import consume_state, digest, nonce_matches, open_code_verifier
 from service.runtime import Runtime
+from service.store import connections as repo
 from service.tokens import credentials
 from service.tokens.revocation import queue_revocation, revoke_after_commit, revoke_queued
 

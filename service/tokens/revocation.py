@@ -13,11 +13,12 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from service.core.crypto import DecryptionError, SecretBox
 from service.core.db.engine import after_commit
-from service.core.db.models import Connection, ConnectionEvent, PendingRevocation
+from service.core.db.models import PendingRevocation
 from service.core.metrics import BACKGROUND_ROW_ERRORS, BACKGROUND_RUNS
 from service.domain import revocation_aad
 from service.intuit.client import IntuitClient
 from service.intuit.errors import IntuitError
+from service.store import connections
 
 log = logging.getLogger(__name__)
 
@@ -106,19 +107,8 @@ async def _settle(session: AsyncSession, row: PendingRevocation) -> None:
     ).first()
     if deleted is None:
         return  # another replica settled it first
-    C = Connection.__table__.c  # type: ignore[attr-defined]
-    E = ConnectionEvent.__table__.c  # type: ignore[attr-defined]
-    await session.execute(
-        sa.insert(ConnectionEvent).from_select(
-            [E.connection_id, E.tenant_id, E.type, E.actor, E.details],
-            sa.select(
-                C.id,
-                C.tenant_id,
-                sa.literal("revoked"),
-                sa.literal("broker"),
-                sa.func.jsonb_build_object("reason", row.reason),
-            ).where(C.id == row.connection_id),
-        )
+    await connections.add_event_if_exists(
+        session, row.connection_id, "revoked", actor="broker", reason=row.reason
     )
 
 

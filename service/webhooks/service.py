@@ -8,13 +8,13 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.auth.callers import Caller, Scope
-from service.connections.repository import lock_tenant
 from service.core.config import Settings
 from service.core.crypto import SecretBox
 from service.core.errors import NotFound, ProblemError, ValidationFailed
 from service.events import destinations, signing
 from service.events.delivery import secret_associated_data
 from service.events.models import WebhookDelivery, WebhookEndpoint
+from service.store.connections import lock_tenant
 from service.webhooks import repository as repo
 from service.webhooks.schemas import WebhookEndpointCreate
 

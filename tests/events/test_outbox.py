@@ -10,9 +10,9 @@ from typing import Any
 import asyncpg
 import pytest
 
-from service.connections import repository as repo
 from service.core.db.engine import asyncpg_dsn, transaction
 from service.events import outbox
+from service.store import connections as repo
 from service.worker import expire_pending_links, keep_alive
 from tests.conftest import COMPANY_1, COMPANY_2, DAVE, user_headers
 from tests.support.db_helpers import execute

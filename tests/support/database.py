@@ -19,6 +19,7 @@ TABLES = [
     "webhook_endpoints",
     "events",
     "connection_events",
+    "refresh_attempts",
     "pending_links",
     "authorization_states",
     "held_grants",

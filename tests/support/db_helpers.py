@@ -25,6 +25,14 @@ async def fetchrow(database_url: str, sql: str, *args: Any) -> asyncpg.Record | 
         await conn.close()
 
 
+async def fetch(database_url: str, sql: str, *args: Any) -> list[asyncpg.Record]:
+    conn = await asyncpg.connect(asyncpg_dsn(database_url))
+    try:
+        return list(await conn.fetch(sql, *args))
+    finally:
+        await conn.close()
+
+
 async def expire_access_token(database_url: str, connection_id: str, seconds_left: int = 60) -> None:
     """Make the stored access token look nearly expired, as time passing would."""
     await execute(

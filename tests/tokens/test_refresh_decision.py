@@ -5,7 +5,6 @@ whichever version of the broker recorded them."""
 from __future__ import annotations
 
 import asyncio
-import json
 import uuid
 from datetime import UTC, datetime, timedelta
 from itertools import product
@@ -14,7 +13,8 @@ from types import SimpleNamespace
 import asyncpg
 
 from service.core.db.engine import asyncpg_dsn
-from service.tokens.refresh import _Due, _due
+from service.store.connections import _due
+from service.tokens.refresh import _Due
 from tests.conftest import user_headers
 from tests.support.db_helpers import execute, expire_access_token, fetchrow
 
@@ -63,26 +63,24 @@ async def test_the_rule_is_the_same_in_python_and_in_sql(stack) -> None:
         await db.close()
 
 
-async def test_an_attempt_recorded_in_the_earlier_format_still_marks_the_token_lost(
+async def test_an_attempt_left_behind_marks_the_token_lost(
     client, linked, service_headers, emulator, stack
 ) -> None:
     cid = await linked()
     headers = await service_headers("tokens:read")
     row = await fetchrow(
         stack.database_url,
-        "SELECT tenant_id, realm_id, refresh_token_issued_at FROM connections WHERE id = $1",
+        "SELECT realm_id, refresh_token_issued_at FROM connections WHERE id = $1",
         cid,
     )
     assert row is not None
-    # An attempt left behind by a process killed mid-refresh, recorded as earlier versions did
-    # (the token's issue time in Python's isoformat).
+    # An attempt left behind by a process killed mid-refresh, naming the stored token.
     await execute(
         stack.database_url,
-        "INSERT INTO connection_events (connection_id, tenant_id, type, actor, details) "
-        "VALUES ($1, $2, 'refresh_attempt', 'request', $3::jsonb)",
+        "INSERT INTO refresh_attempts (connection_id, refresh_token_issued_at, actor) "
+        "VALUES ($1, $2, 'request')",
         cid,
-        row["tenant_id"],
-        json.dumps({"refresh_token_issued_at": row["refresh_token_issued_at"].isoformat()}),
+        row["refresh_token_issued_at"],
     )
     await emulator.post(f"/companies/{row['realm_id']}/disconnect")
     await expire_access_token(stack.database_url, cid)
@@ -92,7 +90,7 @@ async def test_an_attempt_recorded_in_the_earlier_format_still_marks_the_token_l
     assert body["last_error"]["code"] == "refresh_token_lost"
     left = await fetchrow(
         stack.database_url,
-        "SELECT count(*) AS n FROM connection_events WHERE connection_id = $1 AND type = 'refresh_attempt'",
+        "SELECT count(*) AS n FROM refresh_attempts WHERE connection_id = $1",
         cid,
     )
     assert left is not None and left["n"] == 0
@@ -114,11 +112,10 @@ async def test_decisions_gathered_in_one_statement_follow_each_ones_rule(
         decide(uuid.UUID(forced), *force.args(), "forced"),
         decide(uuid.uuid4(), *request.args(), "request"),
     )
-    assert [row is not None and row["attempt"] is not None for row in rows] == [True, False, True, False]
+    assert [row is not None and row.attempt is not None for row in rows] == [True, False, True, False]
     assert rows[3] is None
     recorded = await fetchrow(
         stack.database_url,
-        "SELECT array_agg(actor ORDER BY actor) AS actors "
-        "FROM connection_events WHERE type = 'refresh_attempt'",
+        "SELECT array_agg(actor ORDER BY actor) AS actors FROM refresh_attempts",
     )
     assert recorded is not None and recorded["actors"] == ["forced", "request"]

@@ -68,7 +68,7 @@ async def test_a_disconnect_while_intuit_answers_a_refresh_stands(
     assert "refreshed" not in [e["type"] for e in events["items"]]
     left = await fetchrow(
         stack.database_url,
-        "SELECT count(*) AS n FROM connection_events WHERE connection_id = $1 AND type = 'refresh_attempt'",
+        "SELECT count(*) AS n FROM refresh_attempts WHERE connection_id = $1",
         cid,
     )
     assert left is not None and left["n"] == 0

@@ -184,6 +184,24 @@ class ConnectionEvent(SQLModel, table=True):
     created_at: datetime = _now_field()
 
 
+class RefreshAttempt(SQLModel, table=True):
+    """A refresh that may have reached Intuit with the connection's refresh token (the one issued
+    at `refresh_token_issued_at`), until its outcome is stored (service.tokens.refresh)."""
+
+    __tablename__ = "refresh_attempts"
+    __table_args__ = (sa.Index("ix_refresh_attempts_connection", "connection_id"),)
+
+    id: int | None = Field(default=None, sa_column=sa.Column(sa.BigInteger, sa.Identity(), primary_key=True))
+    connection_id: uuid.UUID = Field(
+        sa_column=sa.Column(
+            pg.UUID(as_uuid=True), sa.ForeignKey("connections.id", ondelete="CASCADE"), nullable=False
+        )
+    )
+    refresh_token_issued_at: datetime | None = _ts()
+    actor: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
+    created_at: datetime = _now_field()
+
+
 class QuickBooksUserClaim(SQLModel, table=True):
     """Which cieTrade user first linked a QuickBooks user, per tenant (the own-credentials rule)."""
 

@@ -1,0 +1,1 @@
+"""The broker's statements on its connection tables, in one place (service.store.connections)."""
