@@ -36,6 +36,7 @@ from service.core.errors import (
     ProblemError,
     ValidationFailed,
 )
+from service.core.httpclient import SpreadTransport
 from service.gateway import forwarding
 from service.metering.meter import CallClass, Meter, classify, outcome_for_status
 from service.metering.throttle import Lease, RealmThrottle
@@ -173,10 +174,10 @@ class Gateway:
         self._meter = meter
         self._base = settings.intuit_api_base_url
         self._http = httpx.AsyncClient(
-            transport=transport,
+            transport=transport
+            or SpreadTransport(httpx.Limits(max_connections=200, max_keepalive_connections=50)),
             follow_redirects=False,
             timeout=httpx.Timeout(settings.intuit_timeout_seconds, connect=5.0, pool=5.0),
-            limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),
         )
 
     async def aclose(self) -> None:

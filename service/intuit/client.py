@@ -28,6 +28,7 @@ with warnings.catch_warnings():
     from authlib.integrations.httpx_client import AsyncOAuth2Client
 
 from service.core.config import Settings
+from service.core.httpclient import SpreadTransport
 from service.core.metrics import INTUIT_CALLS, INTUIT_LATENCY
 from service.intuit.errors import (
     IntuitError,
@@ -154,13 +155,15 @@ class IntuitClient:
             scope=settings.intuit_scopes,
             redirect_uri=settings.redirect_uri,
             timeout=httpx.Timeout(settings.intuit_timeout_seconds, connect=5.0),
-            transport=transport,
             # As many idle connections kept as refreshes may run at once: a storm of refreshes
             # then reuses connections instead of opening (in production, TLS-handshaking) new
-            # ones for all but the first 20.
-            limits=httpx.Limits(
-                max_connections=max(100, settings.refresh_concurrency),
-                max_keepalive_connections=settings.refresh_concurrency,
+            # ones for all but the first few; spread over small pools (SpreadTransport).
+            transport=transport
+            or SpreadTransport(
+                httpx.Limits(
+                    max_connections=max(100, settings.refresh_concurrency),
+                    max_keepalive_connections=settings.refresh_concurrency,
+                )
             ),
             event_hooks={"response": [self._log_response]},
         )
