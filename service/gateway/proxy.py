@@ -173,15 +173,17 @@ class Gateway:
         self._throttle = throttle
         self._meter = meter
         self._base = settings.intuit_api_base_url
-        self._http = httpx.AsyncClient(
-            transport=transport
-            or SpreadTransport(httpx.Limits(max_connections=200, max_keepalive_connections=50)),
-            follow_redirects=False,
-            timeout=httpx.Timeout(settings.intuit_timeout_seconds, connect=5.0, pool=5.0),
+        # Calls go to the transport itself, not through an httpx.AsyncClient: a client would
+        # keep one cookie jar for every tenant's calls (Intuit's cookies from one company's
+        # answer sent with the next company's call) and add default headers, redirects and
+        # auth hooks the gateway does not want, at a cost on every call.
+        self._transport = transport or SpreadTransport(
+            httpx.Limits(max_connections=200, max_keepalive_connections=50)
         )
+        self._timeout = httpx.Timeout(settings.intuit_timeout_seconds, connect=5.0, pool=5.0).as_dict()
 
     async def aclose(self) -> None:
-        await self._http.aclose()
+        await self._transport.aclose()
 
     async def forward(self, request: Request, connection_id: uuid.UUID, caller: Caller) -> Response:
         method = request.method
@@ -302,8 +304,12 @@ class _Call:
             headers.append((b"content-length", str(self.body.length).encode()))
         # A read without a body goes without one (not an empty one, which costs a second write).
         content = None if self.method == "GET" and self.body.buffered == b"" else self.body.content()
-        request = self.g._http.build_request(self.method, self.url, headers=headers, content=content)
-        return await self.g._http.send(request, stream=True)
+        request = httpx.Request(
+            self.method, self.url, headers=headers, content=content, extensions={"timeout": self.g._timeout}
+        )
+        response = await self.g._transport.handle_async_request(request)
+        response.request = request
+        return response
 
     def _unavailable(self) -> IntuitUnavailableProblem:
         return IntuitUnavailableProblem(
