@@ -113,7 +113,9 @@ def connection_state(conn: Any) -> dict[str, Any]:
     return {
         "status": str(conn.status),
         "accounting_link": (
-            "enabled" if conn.status == "connected" and (conn.module_ar or conn.module_ap) else "disabled"
+            "enabled"
+            if conn.status == Status.CONNECTED and (conn.module_ar or conn.module_ap)
+            else "disabled"
         ),
         "realm_id": conn.realm_id,
         "company_name": conn.company_name,
