@@ -39,7 +39,7 @@ class SpreadTransport(httpx.AsyncBaseTransport):
                     max_connections=None if total is None else math.ceil(total / pools),
                     max_keepalive_connections=None if idle is None else math.ceil(idle / pools),
                     keepalive_expiry=limits.keepalive_expiry,
-                )
+                ),
             )
             for _ in range(pools)
         ]
