@@ -10,7 +10,7 @@ import socket
 import httpx
 import pytest
 
-from service.core.httpclient import SpreadTransport
+from service.core.httpclient import SpreadTransport, environment_proxy
 from tests.conftest import Stack
 
 
@@ -52,3 +52,31 @@ async def test_a_request_that_fails_is_not_counted() -> None:
 def test_pools_are_sized_from_the_limits() -> None:
     transport = SpreadTransport(httpx.Limits(max_connections=100, max_keepalive_connections=50))
     assert len(transport.under_way) == 13  # 50 idle connections kept, four to a pool
+
+
+QUICKBOOKS = "https://quickbooks.api.intuit.com"
+
+
+@pytest.mark.parametrize(
+    ("environment", "url", "expected"),
+    [
+        ({"HTTPS_PROXY": "http://egress:3128"}, QUICKBOOKS, "http://egress:3128"),
+        ({"ALL_PROXY": "http://egress:3128"}, QUICKBOOKS, "http://egress:3128"),
+        ({"HTTPS_PROXY": "http://egress:3128"}, "http://127.0.0.1:9100", None),
+        (
+            {"HTTPS_PROXY": "http://egress:3128", "NO_PROXY": ".intuit.com"},
+            QUICKBOOKS,
+            None,
+        ),
+        ({}, QUICKBOOKS, None),
+    ],
+)
+def test_the_proxy_is_the_one_the_environment_names(
+    monkeypatch: pytest.MonkeyPatch, environment: dict[str, str], url: str, expected: str | None
+) -> None:
+    for name in ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    assert environment_proxy(url) == expected

@@ -14,6 +14,8 @@ waits for a connection while another pool has one free.
 from __future__ import annotations
 
 import math
+import urllib.parse
+import urllib.request
 from collections.abc import AsyncIterator
 
 import httpx
@@ -23,8 +25,19 @@ import httpx
 CONNECTIONS_PER_POOL = 4
 
 
+def environment_proxy(url: str) -> str | None:
+    """The proxy the environment names for `url` (HTTPS_PROXY, HTTP_PROXY, ALL_PROXY, less
+    NO_PROXY), as an httpx client that trusts the environment would use it; None: direct."""
+    parts = urllib.parse.urlsplit(url)
+    proxies = urllib.request.getproxies_environment()
+    proxy = proxies.get(parts.scheme) or proxies.get("all")
+    if not proxy or urllib.request.proxy_bypass(parts.hostname or ""):
+        return None
+    return proxy
+
+
 class SpreadTransport(httpx.AsyncBaseTransport):
-    def __init__(self, limits: httpx.Limits, *, pools: int | None = None) -> None:
+    def __init__(self, limits: httpx.Limits, *, pools: int | None = None, proxy: str | None = None) -> None:
         total = limits.max_connections
         idle = limits.max_keepalive_connections
         if pools is None:
@@ -35,6 +48,7 @@ class SpreadTransport(httpx.AsyncBaseTransport):
         self._pools = [
             httpx.AsyncHTTPTransport(
                 verify=tls,
+                proxy=proxy,
                 limits=httpx.Limits(
                     max_connections=None if total is None else math.ceil(total / pools),
                     max_keepalive_connections=None if idle is None else math.ceil(idle / pools),

@@ -36,7 +36,7 @@ from service.core.errors import (
     ProblemError,
     ValidationFailed,
 )
-from service.core.httpclient import SpreadTransport
+from service.core.httpclient import SpreadTransport, environment_proxy
 from service.gateway import forwarding
 from service.metering.meter import CallClass, Meter, classify, outcome_for_status
 from service.metering.throttle import Lease, RealmThrottle
@@ -176,9 +176,11 @@ class Gateway:
         # Calls go to the transport itself, not through an httpx.AsyncClient: a client would
         # keep one cookie jar for every tenant's calls (Intuit's cookies from one company's
         # answer sent with the next company's call) and add default headers, redirects and
-        # auth hooks the gateway does not want, at a cost on every call.
+        # auth hooks the gateway does not want, at a cost on every call. An egress proxy named
+        # by the environment is still used, as the Intuit client (an httpx client) uses it.
         self._transport = transport or SpreadTransport(
-            httpx.Limits(max_connections=200, max_keepalive_connections=50)
+            httpx.Limits(max_connections=200, max_keepalive_connections=50),
+            proxy=environment_proxy(self._base),  # as a client trusting the environment would
         )
         self._timeout = httpx.Timeout(settings.intuit_timeout_seconds, connect=5.0, pool=5.0).as_dict()
 
