@@ -34,12 +34,17 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id"),
     )
     op.create_index("ix_refresh_attempts_connection", "refresh_attempts", ["connection_id"])
+    # One statement: the rows deleted are exactly the rows copied, even if a replica still on
+    # the code before this revision commits another attempt meanwhile.
     op.execute("""
+        WITH moved AS (
+            DELETE FROM connection_events WHERE type = 'refresh_attempt'
+            RETURNING id, connection_id, details, actor, created_at
+        )
         INSERT INTO refresh_attempts (connection_id, refresh_token_issued_at, actor, created_at)
         SELECT connection_id, (details->>'refresh_token_issued_at')::timestamptz, actor, created_at
-        FROM connection_events WHERE type = 'refresh_attempt' ORDER BY id
+        FROM moved ORDER BY id
     """)
-    op.execute("DELETE FROM connection_events WHERE type = 'refresh_attempt'")
 
 
 def downgrade() -> None:

@@ -253,7 +253,9 @@ async def list_events(
 ) -> tuple[list[ConnectionEvent], str | None]:
     stmt = (
         sa.select(ConnectionEvent)
-        .where(E.connection_id == connection_id)
+        # A replica still on the code before migration 0009 (a rolling deploy) writes its
+        # refresh attempts here: they are its bookkeeping, not history.
+        .where(E.connection_id == connection_id, E.type != "refresh_attempt")
         .order_by(E.id.desc())
         .limit(limit + 1)
     )
