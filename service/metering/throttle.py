@@ -93,6 +93,7 @@ class RealmThrottle:
         # them back if no admission takes them first.
         self._returned: dict[str, list[Lease]] = {}
         self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._closing = False
 
     @asynccontextmanager
     async def _queue(self, realm_id: str, batch: bool) -> AsyncIterator[_Queue]:
@@ -174,7 +175,7 @@ class RealmThrottle:
         try:
             return await asyncio.shield(statement)
         except asyncio.CancelledError:
-            statement.add_done_callback(self._release_orphan(realm_id))
+            statement.add_done_callback(self._release_orphan(realm_id, returned))
             raise
         except BaseException:
             # Not given back by this statement: by the next one, or by the timer.
@@ -182,9 +183,12 @@ class RealmThrottle:
                 self._queue_return(lease)
             raise
 
-    def _release_orphan(self, realm_id: str):  # type: ignore[no-untyped-def]
+    def _release_orphan(self, realm_id: str, returned: list[Lease]):  # type: ignore[no-untyped-def]
         def done(statement: asyncio.Future[asyncpg.Record]) -> None:
             if statement.cancelled() or statement.exception() is not None:
+                # The slots it carried may not have gone back: with the next admission, or soon.
+                for lease in returned:
+                    self._queue_return(lease)
                 return
             row = statement.result()
             if row["admitted"]:
@@ -215,7 +219,9 @@ class RealmThrottle:
     def _queue_return(self, lease: Lease) -> None:
         realm_id = lease.realm_id
         self._returned.setdefault(realm_id, []).append(lease)
-        if realm_id not in self._timers:
+        if self._closing:  # no admission follows: give it back now
+            self._return_now(realm_id)
+        elif realm_id not in self._timers:
             loop = asyncio.get_running_loop()
             self._timers[realm_id] = loop.call_later(RETURN_SECONDS, self._return_now, realm_id)
 
@@ -237,7 +243,7 @@ class RealmThrottle:
             await self._pool.fetchval(
                 _RELEASE, realm_id, [lease.slot for lease in leases], [lease.expires_at for lease in leases]
             )
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except Exception as exc:  # a background task: whatever failed is logged, not raised
             # The slots lapse with their leases; nothing else is lost.
             log.warning("QuickBooks throttle slots not given back (%s); they lapse", type(exc).__name__)
 
@@ -256,7 +262,12 @@ class RealmThrottle:
         await self._pool.execute(_PAUSE, realm_id, seconds)
 
     async def aclose(self) -> None:
+        """Give back every slot still held here (calls finishing meanwhile included), before
+        the pool closes."""
+        self._closing = True
         for realm_id in list(self._timers):
             self._return_now(realm_id)
-        if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=5)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 5
+        while self._tasks and loop.time() < deadline:
+            await asyncio.wait(list(self._tasks), timeout=max(0.0, deadline - loop.time()))
