@@ -80,3 +80,27 @@ def test_the_proxy_is_the_one_the_environment_names(
     for name, value in environment.items():
         monkeypatch.setenv(name, value)
     assert environment_proxy(url) == expected
+
+
+async def test_requests_go_through_the_proxy_the_environment_names(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        dead_proxy = f"http://127.0.0.1:{unused.getsockname()[1]}"
+    for name in ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
+    monkeypatch.setenv("HTTP_PROXY", dead_proxy)
+    url = f"{stack.emulator_url}/.well-known/openid_configuration"
+    limits = httpx.Limits(max_connections=4, max_keepalive_connections=4)
+
+    async def get(transport: SpreadTransport) -> httpx.Response:
+        async with httpx.AsyncClient(transport=transport, timeout=5) as http:
+            return await http.get(url)
+
+    with pytest.raises(httpx.ConnectError):  # through the proxy, which is down
+        await get(SpreadTransport(limits))
+    assert (await get(SpreadTransport(limits, trust_env=False))).status_code == 200
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    assert (await get(SpreadTransport(limits))).status_code == 200

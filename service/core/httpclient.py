@@ -14,6 +14,7 @@ waits for a connection while another pool has one free.
 from __future__ import annotations
 
 import math
+import ssl
 import urllib.parse
 import urllib.request
 from collections.abc import AsyncIterator
@@ -36,16 +37,12 @@ def environment_proxy(url: str) -> str | None:
     return proxy
 
 
-class SpreadTransport(httpx.AsyncBaseTransport):
-    def __init__(self, limits: httpx.Limits, *, pools: int | None = None, proxy: str | None = None) -> None:
-        total = limits.max_connections
-        idle = limits.max_keepalive_connections
-        if pools is None:
-            pools = max(1, math.ceil((idle or total or CONNECTIONS_PER_POOL) / CONNECTIONS_PER_POOL))
-        # One TLS context for all the pools: each would otherwise load the CA bundle again
-        # (about 1 MB and 50 ms apiece).
-        tls = httpx.create_ssl_context()
-        self._pools = [
+class _Pools:
+    """Pools of connections through one proxy (or direct), and the requests each has under way."""
+
+    def __init__(self, limits: httpx.Limits, pools: int, tls: ssl.SSLContext, proxy: str | None) -> None:
+        total, idle = limits.max_connections, limits.max_keepalive_connections
+        self.transports = [
             httpx.AsyncHTTPTransport(
                 verify=tls,
                 proxy=proxy,
@@ -57,19 +54,53 @@ class SpreadTransport(httpx.AsyncBaseTransport):
             )
             for _ in range(pools)
         ]
-        self._under_way = [0] * pools
+        self.under_way = [0] * pools
+
+
+class SpreadTransport(httpx.AsyncBaseTransport):
+    """`limits` for all the pools together. With `trust_env`, a request goes through the proxy
+    the environment names for its host (HTTPS_PROXY, HTTP_PROXY, ALL_PROXY, less NO_PROXY), as
+    an httpx client's would: a proxy's connections are pools of their own."""
+
+    def __init__(self, limits: httpx.Limits, *, pools: int | None = None, trust_env: bool = True) -> None:
+        total, idle = limits.max_connections, limits.max_keepalive_connections
+        if pools is None:
+            pools = max(1, math.ceil((idle or total or CONNECTIONS_PER_POOL) / CONNECTIONS_PER_POOL))
+        self._limits, self._count, self._trust_env = limits, pools, trust_env
+        # One TLS context for all the pools: each would otherwise load the CA bundle again
+        # (about 1 MB and 50 ms apiece).
+        self._tls = httpx.create_ssl_context()
+        self._direct = _Pools(limits, pools, self._tls, None)
+        self._through: dict[str, _Pools] = {}  # by proxy
+        self._routes: dict[tuple[str, str, int | None], str | None] = {}  # origin -> proxy
 
     @property
     def under_way(self) -> tuple[int, ...]:
-        """Requests each pool has under way (sent, their answer not yet read or closed)."""
-        return tuple(self._under_way)
+        """Requests each direct pool has under way (sent, their answer not yet read or closed)."""
+        return tuple(self._direct.under_way)
+
+    def _pools_for(self, url: httpx.URL) -> _Pools:
+        if not self._trust_env:
+            return self._direct
+        origin = (url.scheme, url.host, url.port)
+        if origin in self._routes:
+            proxy = self._routes[origin]
+        else:
+            proxy = self._routes[origin] = environment_proxy(str(url))
+        if proxy is None:
+            return self._direct
+        pools = self._through.get(proxy)
+        if pools is None:
+            pools = self._through[proxy] = _Pools(self._limits, self._count, self._tls, proxy)
+        return pools
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        under_way = self._under_way
+        pools = self._pools_for(request.url)
+        under_way = pools.under_way
         index = under_way.index(min(under_way))
         under_way[index] += 1
         try:
-            response = await self._pools[index].handle_async_request(request)
+            response = await pools.transports[index].handle_async_request(request)
         except BaseException:
             under_way[index] -= 1
             raise
@@ -79,8 +110,9 @@ class SpreadTransport(httpx.AsyncBaseTransport):
         return response
 
     async def aclose(self) -> None:
-        for pool in self._pools:
-            await pool.aclose()
+        for pools in (self._direct, *self._through.values()):
+            for transport in pools.transports:
+                await transport.aclose()
 
 
 class _Counted(httpx.AsyncByteStream):

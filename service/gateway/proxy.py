@@ -36,7 +36,7 @@ from service.core.errors import (
     ProblemError,
     ValidationFailed,
 )
-from service.core.httpclient import SpreadTransport, environment_proxy
+from service.core.httpclient import SpreadTransport
 from service.gateway import forwarding
 from service.metering.meter import CallClass, Meter, classify, outcome_for_status
 from service.metering.throttle import Lease, RealmThrottle
@@ -177,10 +177,9 @@ class Gateway:
         # keep one cookie jar for every tenant's calls (Intuit's cookies from one company's
         # answer sent with the next company's call) and add default headers, redirects and
         # auth hooks the gateway does not want, at a cost on every call. An egress proxy named
-        # by the environment is still used, as the Intuit client (an httpx client) uses it.
+        # by the environment is still used (SpreadTransport picks it per host).
         self._transport = transport or SpreadTransport(
-            httpx.Limits(max_connections=200, max_keepalive_connections=50),
-            proxy=environment_proxy(self._base),  # as a client trusting the environment would
+            httpx.Limits(max_connections=200, max_keepalive_connections=50)
         )
         self._timeout = httpx.Timeout(settings.intuit_timeout_seconds, connect=5.0, pool=5.0).as_dict()
 
