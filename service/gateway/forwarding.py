@@ -124,6 +124,10 @@ def request_id_for(
     return uuid.uuid4().hex, True
 
 
+# Sent when the caller names no client of its own.
+USER_AGENT = b"qbo-broker"
+
+
 def request_headers(raw: list[tuple[bytes, bytes]], access_token: str) -> list[tuple[bytes, bytes]]:
     """The caller's end-to-end headers, with the broker's Authorization and JSON by default."""
     named_by_connection = {
@@ -132,9 +136,10 @@ def request_headers(raw: list[tuple[bytes, bytes]], access_token: str) -> list[t
         for name in value.split(b",")
     }
     headers: list[tuple[bytes, bytes]] = []
-    accept = encoding = False
+    accept = encoding = agent = False
     for name, value in raw:
         lowered = name.lower()
+        agent = agent or lowered == b"user-agent"
         if lowered == b"accept-encoding":
             encoding = True
             headers.append((b"accept-encoding", value))
@@ -151,6 +156,8 @@ def request_headers(raw: list[tuple[bytes, bytes]], access_token: str) -> list[t
     if not encoding:
         # The answer is relayed as received: ask for what the caller can read.
         headers.append((b"accept-encoding", b"identity"))
+    if not agent:
+        headers.append((b"user-agent", USER_AGENT))
     headers.append((b"authorization", b"Bearer " + access_token.encode()))
     return headers
 
