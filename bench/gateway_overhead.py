@@ -6,8 +6,9 @@ worker in a process of its own, on one PostgreSQL. A company is linked through t
 flow; the same read (`customer/1`) is then sent straight to the emulator, through the raw proxy
 and through the broker: first by one client at a time (the added p50), then by N concurrent
 clients (throughput). The broker's in-flight limit is on, far above the load, so each call still
-pays its admission statement and the release of its slot; the per-second and per-minute limits
-(and the pacing that follows from the latter) are off, or they would set the pace.
+pays its admission statement (which also gives back the slot of the call before); the
+per-second and per-minute limits (and the pacing that follows from the latter) are off, or they
+would set the pace.
 
     uv run python bench/gateway_overhead.py [--concurrency 32] [--duration 10] [--warmup 2]
 """
