@@ -466,12 +466,42 @@ logged AS (INSERT INTO connection_events (connection_id, tenant_id, type, actor,
 SELECT tenant_id FROM changed"""  # noqa: S608 (built from this module's literals only)
 
 
-_STORE_TOKENS = _outcome_statement(
-    "access_token = $5, refresh_token = $6, access_token_expires_at = $7, "
-    "refresh_token_expires_at = $8, refresh_token_issued_at = $9, last_refreshed_at = $9, "
-    "keepalive_due_at = $10, updated_at = $9",
-    "refreshed",
-)
+class StoredRow(NamedTuple):
+    """A connection whose refresh outcome was stored, and its tenant."""
+
+    id: uuid.UUID
+    tenant_id: str
+
+
+# The new tokens of several refreshes, in one statement (store_tokens). Rows are locked in id
+# order first, as the decisions lock them, so two such statements cannot deadlock.
+_STORE_TOKENS = f"""
+WITH asked AS (
+  SELECT DISTINCT ON (id) * FROM unnest($1::uuid[], $2::timestamptz[], $3::text[], $4::text[],
+                                        $5::text[], $6::timestamptz[], $7::timestamptz[],
+                                        $8::timestamptz[], $9::timestamptz[])
+    AS a(id, sent, actor, access_token, refresh_token, access_token_expires_at,
+         refresh_token_expires_at, now, keepalive_due_at)
+  ORDER BY id),
+locked AS MATERIALIZED (
+  SELECT c.id FROM connections c JOIN asked a ON a.id = c.id
+  WHERE c.status = {_CONNECTED} AND c.refresh_token IS NOT NULL
+    AND c.refresh_token_issued_at IS NOT DISTINCT FROM a.sent
+  ORDER BY c.id FOR NO KEY UPDATE OF c),
+changed AS (
+  UPDATE connections c
+  SET access_token = a.access_token, refresh_token = a.refresh_token,
+      access_token_expires_at = a.access_token_expires_at,
+      refresh_token_expires_at = a.refresh_token_expires_at, refresh_token_issued_at = a.now,
+      last_refreshed_at = a.now, keepalive_due_at = a.keepalive_due_at, updated_at = a.now
+  FROM asked a JOIN locked l ON l.id = a.id
+  WHERE c.id = a.id AND c.status = {_CONNECTED} AND c.refresh_token IS NOT NULL
+    AND c.refresh_token_issued_at IS NOT DISTINCT FROM a.sent
+  RETURNING c.id, c.tenant_id, a.actor),
+settled AS (DELETE FROM refresh_attempts r USING changed WHERE r.connection_id = changed.id),
+logged AS (INSERT INTO connection_events (connection_id, tenant_id, type, actor, details)
+           SELECT id, tenant_id, 'refreshed', actor, '{{}}'::jsonb FROM changed)
+SELECT id, tenant_id FROM changed"""  # noqa: S608 (this module's literals)
 _MARK_REFUSED = _outcome_statement(
     f"status = {_literal(Status.REAUTHORIZATION_REQUIRED)}, last_error_code = $5, "
     "last_error_message = $6, last_error_at = $7, updated_at = $7",
@@ -483,29 +513,34 @@ _SETTLE_ONE = "DELETE FROM refresh_attempts WHERE id = $1"
 
 async def store_tokens(
     pool: asyncpg.Pool,
-    connection_id: uuid.UUID,
-    sent: datetime | None,
-    *,
-    actor: str,
-    columns: dict[str, Any],
-    now: datetime,
-) -> str | None:
-    """A refresh's new tokens (service.tokens.credentials.sealed_tokens' `columns`), if the
-    row still holds the refresh token issued at `sent`; the tenant id if they were stored."""
-    tenant: str | None = await pool.fetchval(
+    ids: list[uuid.UUID],
+    sent: list[datetime | None],
+    actors: list[str],
+    access_tokens: list[str],
+    refresh_tokens: list[str],
+    access_token_expires_at: list[datetime],
+    refresh_token_expires_at: list[datetime],
+    now: list[datetime],
+    keepalive_due_at: list[datetime],
+) -> list[StoredRow]:
+    """Several refreshes' new tokens (sealed, as service.tokens.credentials.sealed_tokens makes
+    them), in one statement: each connection's only if its row still holds the refresh token
+    issued at its `sent`. For each that was stored, its attempts are dropped, a `refreshed`
+    event is logged, and its id and tenant are returned. The same connection twice: one is
+    stored, at most."""
+    rows = await pool.fetch(
         _STORE_TOKENS,
-        connection_id,
+        ids,
         sent,
-        actor,
-        "{}",
-        columns["access_token"],
-        columns["refresh_token"],
-        columns["access_token_expires_at"],
-        columns["refresh_token_expires_at"],
+        actors,
+        access_tokens,
+        refresh_tokens,
+        access_token_expires_at,
+        refresh_token_expires_at,
         now,
-        columns["keepalive_due_at"],
+        keepalive_due_at,
     )
-    return tenant
+    return [StoredRow._make(row) for row in rows]
 
 
 async def mark_refused(

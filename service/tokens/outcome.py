@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import asyncpg
 
@@ -21,8 +23,9 @@ from service.intuit import errors as intuit_errors
 from service.intuit.client import TokenSet
 from service.intuit.errors import IntuitError
 from service.store import connections as store
-from service.store.connections import DecisionRow
+from service.store.connections import DecisionRow, StoredRow
 from service.tokens import credentials
+from service.tokens.gathered import Gathered, columns
 from service.tokens.view import AccessToken
 
 log = logging.getLogger(__name__)
@@ -56,6 +59,14 @@ class Outcomes:
         self._pool = pool
         self._box = box
         self._caches = caches
+        # The new tokens of refreshes whose answers come at once (a storm's) go in one statement.
+        self._stored: Gathered[StoredRow] = Gathered(
+            lambda batch: store.store_tokens(pool, *columns(batch)), "qbo-broker-outcomes"
+        )
+
+    async def _store(self, connection_id: uuid.UUID, *args: Any) -> str | None:
+        row = await self._stored(connection_id, *args)
+        return None if row is None else row.tenant_id
 
     async def settle(self, attempt: int) -> None:
         """The attempt's refresh token did not reach Intuit, or its fate no longer matters."""
@@ -70,7 +81,7 @@ class Outcomes:
         sent = conn.refresh_token_issued_at
         if isinstance(outcome, TokenSet):
             now = datetime.now(UTC)
-            columns = credentials.sealed_tokens(
+            sealed = credentials.sealed_tokens(
                 conn,
                 outcome,
                 self._box,
@@ -80,8 +91,16 @@ class Outcomes:
             # Persist the new refresh token before anything else can happen.
             tenant = await self._write(
                 conn,
-                lambda: store.store_tokens(
-                    self._pool, conn.id, sent, actor=trigger, columns=columns, now=now
+                lambda: self._store(
+                    conn.id,
+                    sent,
+                    trigger,
+                    sealed["access_token"],
+                    sealed["refresh_token"],
+                    sealed["access_token_expires_at"],
+                    sealed["refresh_token_expires_at"],
+                    now,
+                    sealed["keepalive_due_at"],
                 ),
             )
             if tenant is None:
@@ -92,7 +111,7 @@ class Outcomes:
             assert conn.realm_id is not None
             return AccessToken(
                 access_token=outcome.access_token,
-                expires_at=columns["access_token_expires_at"],
+                expires_at=sealed["access_token_expires_at"],
                 realm_id=conn.realm_id,
             )
         if isinstance(outcome, intuit_errors.InvalidGrant):

@@ -18,6 +18,7 @@ pool (service.store.connections):
 3. one statement that stores the outcome (new tokens above all) if the row still holds the
    refresh token that was sent, settles the attempt records and logs the event. If the row
    changed meanwhile (a disconnect, a new link), its new state stands, and the refresh looks again.
+   The new tokens of refreshes whose answers come at once go in one statement too.
 
 The refresh attempt record is what a killed process cannot take back: Intuit may have rotated
 the stored token for an answer that never arrived. A record left behind means "a refresh with

@@ -119,3 +119,58 @@ async def test_decisions_gathered_in_one_statement_follow_each_ones_rule(
         "SELECT array_agg(actor ORDER BY actor) AS actors FROM refresh_attempts",
     )
     assert recorded is not None and recorded["actors"] == ["forced", "request"]
+
+
+async def test_outcomes_gathered_in_one_statement_store_only_rows_still_holding_the_sent_token(
+    runtime, linked_company, stack
+) -> None:
+    (kept, _), (moved, _) = [await linked_company(i) for i in (1, 2)]
+    sent = {
+        cid: (
+            await fetchrow(
+                stack.database_url, "SELECT refresh_token_issued_at AS t FROM connections WHERE id = $1", cid
+            )
+        )["t"]  # type: ignore[index]
+        for cid in (kept, moved)
+    }
+    for cid in (kept, moved):
+        await execute(
+            stack.database_url,
+            "INSERT INTO refresh_attempts (connection_id, refresh_token_issued_at, actor) "
+            "VALUES ($1, $2, 'request')",
+            cid,
+            sent[cid],
+        )
+    # `moved` was linked anew after its refresh started: its row no longer holds the sent token.
+    await execute(
+        stack.database_url,
+        "UPDATE connections SET refresh_token_issued_at = refresh_token_issued_at + interval '1 second' "
+        "WHERE id = $1",
+        moved,
+    )
+    now = datetime.now(UTC)
+    later = now + timedelta(hours=1)
+
+    def store(cid: str, token: str) -> object:
+        return runtime.refresher._outcomes._store(
+            uuid.UUID(cid), sent.get(cid), "request", f"a-{token}", f"r-{token}", later, later, now, later
+        )
+
+    # Three outcomes at once (one statement): stored, superseded, no such connection.
+    tenants = await asyncio.gather(store(kept, "k"), store(moved, "m"), store(str(uuid.uuid4()), "x"))
+    assert tenants[0] is not None and tenants[1:] == [None, None]
+    rows = {
+        cid: await fetchrow(
+            stack.database_url,
+            "SELECT access_token, refresh_token_issued_at AS t, "
+            "(SELECT count(*) FROM refresh_attempts WHERE connection_id = $1) AS attempts, "
+            "(SELECT count(*) FROM connection_events WHERE connection_id = $1 AND type = 'refreshed') "
+            "AS refreshed FROM connections WHERE id = $1",
+            cid,
+        )
+        for cid in (kept, moved)
+    }
+    assert rows[kept]["access_token"] == "a-k" and rows[kept]["t"] == now  # type: ignore[index]
+    assert (rows[kept]["attempts"], rows[kept]["refreshed"]) == (0, 1)  # type: ignore[index]
+    assert rows[moved]["access_token"] != "a-m" and rows[moved]["t"] != now  # type: ignore[index]
+    assert (rows[moved]["attempts"], rows[moved]["refreshed"]) == (1, 0)  # type: ignore[index]
