@@ -73,6 +73,7 @@ PHASES = {
     "stored": "storing the outcome",
     "notified": "other process's refresh (woken by notification)",
     "polled": "other process's refresh (woken by the poll)",
+    "notified_in_queue": "waiting for a slot, until another process's refresh (notified)",
     "read": "re-reading the row",
 }
 BEFORE = "HTTP in, auth (before the refresher)"

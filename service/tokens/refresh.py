@@ -41,7 +41,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Protocol
+from typing import Any, Protocol
 
 import asyncpg
 
@@ -388,8 +388,18 @@ class TokenRefresher:
                 if not free:
                     free = await self._locks.is_free(connection_id)
                     timeline.mark("probed" if free else "probed_busy")
+                if free and not await self._slot_unless_changed(watch):
+                    # The row changed while every slot was busy (another process's refresh was
+                    # committed, most likely): look at it before queueing for a slot again.
+                    timeline.mark("notified_in_queue")
+                    watch.changed.clear()
+                    due, conn = await due_after_look()
+                    if not due:
+                        return self._token_of(conn), False
+                    looked = True
+                    continue
                 if free:
-                    async with self._slots:
+                    try:
                         timeline.mark("slot")
                         hold = await self._locks.acquire(
                             connection_id,
@@ -410,6 +420,8 @@ class TokenRefresher:
                                 continue
                             finally:
                                 self._locks.release(hold)
+                    finally:
+                        self._slots.release()
                 if skip_locked:
                     return None, False
                 # Another process is refreshing (or this one, for another purpose). What made
@@ -434,6 +446,33 @@ class TokenRefresher:
                 if not due:
                     return self._token_of(conn), False
                 looked = True
+
+    async def _slot_unless_changed(self, watch: Watch) -> bool:
+        """Take a refresh slot (True), unless the watched row changes first (False, no slot
+        taken): a process waiting behind refreshes of other connections hears at once of the
+        commit of another process's refresh of this one, instead of when a slot comes free."""
+        if not self._slots.locked():
+            await self._slots.acquire()
+            return True
+        slot = asyncio.ensure_future(self._slots.acquire())
+        changed = asyncio.ensure_future(watch.changed.wait())
+        try:
+            await asyncio.wait((slot, changed), return_when=asyncio.FIRST_COMPLETED)
+            if not slot.done():
+                slot.cancel()  # a slot granted meanwhile is given back by the semaphore
+                await asyncio.wait((slot,))
+        except BaseException:
+            slot.cancel()
+            slot.add_done_callback(self._give_back)
+            raise
+        finally:
+            changed.cancel()
+        return not slot.cancelled()
+
+    def _give_back(self, slot: asyncio.Future[Any]) -> None:
+        """A slot taken for a caller that went away."""
+        if not slot.cancelled() and slot.exception() is None:
+            self._slots.release()
 
     async def _refresh_holding_lock(
         self,
