@@ -540,7 +540,7 @@ async def storm(
     # On a machine with few cores the CPU they all need is a floor of its own: the storm cannot
     # be over sooner than that CPU time spread over every core.
     total_cpu = sum(cpu.values()) + client_cpu
-    cores = os.cpu_count() or 1
+    cores = len(os.sched_getaffinity(0)) or 1  # those it may run on (taskset)
     print_table(
         "CPU seconds used during the storm",
         ["process", "CPU s"],
@@ -548,7 +548,7 @@ async def storm(
             *([name, f"{seconds:.2f}"] for name, seconds in cpu.items()),
             [f"this process (the {args.requests} clients)", f"{client_cpu:.2f}"],
             [
-                f"all of them; spread over {cores} cores: at least (s)",
+                f"all of them; spread over {cores} core{'s' if cores > 1 else ''}: at least (s)",
                 f"{total_cpu:.2f}; {total_cpu / cores:.2f}",
             ],
         ],
