@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from service.core.cache import Caches, ChangeFeed
+from service.core.cache import Caches, ChangeFeed, Watch
 from service.core.db.engine import asyncpg_dsn
 from service.runtime import Runtime, build_runtime
 from service.tokens import refresh
@@ -35,6 +35,9 @@ async def replicas(stack: Stack) -> AsyncIterator[Callable[..., Awaitable[Runtim
     async with AsyncExitStack() as stack_of:
 
         async def make(*, pool_size: int = 4, **settings: Any) -> Runtime:
+            # Settings by field name (model_copy would take any other name, and change nothing).
+            unknown = set(settings) - set(type(stack.settings).model_fields)
+            assert not unknown, f"not a setting: {unknown}"
             config = stack.settings.model_copy(update={"db_pool_size": pool_size, **settings})
             return await stack_of.enter_async_context(build_runtime(config, database_url=stack.database_url))
 
@@ -130,7 +133,7 @@ async def test_a_commit_before_the_wait_began_is_seen_by_looking_at_the_row(
 
 async def test_a_waiter_needs_no_refresh_slot(replicas, linked, emulator, stack, no_poll) -> None:
     cid = uuid.UUID(await linked())
-    one, other = await replicas(), await replicas(BROKER_REFRESH_CONCURRENCY=1)
+    one, other = await replicas(), await replicas(refresh_concurrency=1)
     await emulator.post("/config", json={"latency_ms": 300})
     await expire_access_token(stack.database_url, str(cid))
     # Every refresh slot of the other replica is busy (with refreshes of other connections).
@@ -144,6 +147,35 @@ async def test_a_waiter_needs_no_refresh_slot(replicas, linked, emulator, stack,
         assert waited.access_token == (await holding).access_token
     finally:
         other.refresher._slots.release()
+
+
+async def test_a_request_queued_for_a_slot_is_woken_by_another_replicas_commit(
+    replicas, linked, emulator, stack, no_poll
+) -> None:
+    cid = uuid.UUID(await linked())
+    one, other = await replicas(), await replicas(refresh_concurrency=1)
+    await expire_access_token(stack.database_url, str(cid))
+    # Every refresh slot of the other replica is busy, and no one holds the connection's lock
+    # yet: its request queues for a slot.
+    await other.refresher._slots.acquire()
+    try:
+        waiting = asyncio.create_task(other.refresher.access_token(await other.refresher.view(cid)))
+
+        async def queued() -> bool:
+            return len(other.refresher._slots._waiters or ()) == 1
+
+        await until(queued, "the other replica's request to queue for a slot")
+        token = await one.refresher.access_token(await one.refresher.view(cid))
+        # The slot is still taken: only the notification of the first replica's commit can
+        # end the queued request's wait.
+        waited = await asyncio.wait_for(waiting, timeout=10)
+        assert waited.access_token == token.access_token
+        assert not other.refresher._slots._waiters  # it left the queue
+    finally:
+        other.refresher._slots.release()
+    assert await _refreshes(emulator) == {"ok": 1}
+    # The slot it queued for was not taken and kept: the replica can refresh again.
+    assert not other.refresher._slots.locked()
 
 
 async def test_no_refresh_waits_for_a_pooled_connection_while_intuit_answers_another(
@@ -272,3 +304,20 @@ async def test_reads_gathered_in_one_statement_answer_each_caller(replicas, link
     assert again is not None and before.access_token_expires_at is not None
     assert again.access_token_expires_at is not None
     assert again.access_token_expires_at < before.access_token_expires_at
+
+
+@pytest.mark.parametrize("granted_as_cancelled", [False, True])
+async def test_a_slot_wait_cut_short_keeps_no_slot(replicas, granted_as_cancelled: bool) -> None:
+    refresher = (await replicas(refresh_concurrency=1)).refresher
+    await refresher._slots.acquire()
+    queued = asyncio.create_task(refresher._slot_unless_changed(Watch(None)))
+    await until(lambda: asyncio.sleep(0, bool(refresher._slots._waiters)), "the wait to queue for the slot")
+    if granted_as_cancelled:
+        refresher._slots.release()  # the slot goes to the queued wait, which is cancelled at once
+    queued.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await queued
+    await asyncio.sleep(0)  # the give-back, if any, runs as a callback
+    if not granted_as_cancelled:
+        refresher._slots.release()
+    assert refresher._slots._value == 1 and not refresher._slots._waiters
