@@ -467,15 +467,26 @@ SELECT tenant_id FROM changed"""  # noqa: S608 (built from this module's literal
 
 
 class StoredRow(NamedTuple):
-    """A connection whose refresh outcome was stored, and its tenant."""
+    """One refresh outcome given to store_tokens: the tenant if the new tokens were stored, else
+    None; `busy`: not stored because another transaction held the row's lock (only when asked
+    not to wait for it): store it again, waiting."""
 
     id: uuid.UUID
-    tenant_id: str
+    tenant_id: str | None
+    busy: bool
 
 
-# The new tokens of several refreshes, in one statement (store_tokens). Rows are locked in id
-# order first, as the decisions lock them, so two such statements cannot deadlock.
-_STORE_TOKENS = f"""
+# Whether a connection's row still holds the refresh token a refresh started from (`a.sent`).
+_HOLDS_SENT = f"""c.status = {_CONNECTED} AND c.refresh_token IS NOT NULL
+    AND c.refresh_token_issued_at IS NOT DISTINCT FROM a.sent"""
+
+
+def _store_tokens_statement(lock: str) -> str:
+    """The new tokens of several refreshes in one statement (store_tokens). Rows are locked in
+    id order first, as the decisions lock them; `lock` says what to do about a row another
+    transaction holds: wait for it, or skip it (and report it busy) so that one row a writer
+    holds does not hold up the outcomes of other connections."""
+    return f"""
 WITH asked AS (
   SELECT DISTINCT ON (id) * FROM unnest($1::uuid[], $2::timestamptz[], $3::text[], $4::text[],
                                         $5::text[], $6::timestamptz[], $7::timestamptz[],
@@ -484,10 +495,8 @@ WITH asked AS (
          refresh_token_expires_at, now, keepalive_due_at)
   ORDER BY id),
 locked AS MATERIALIZED (
-  SELECT c.id FROM connections c JOIN asked a ON a.id = c.id
-  WHERE c.status = {_CONNECTED} AND c.refresh_token IS NOT NULL
-    AND c.refresh_token_issued_at IS NOT DISTINCT FROM a.sent
-  ORDER BY c.id FOR NO KEY UPDATE OF c),
+  SELECT c.id FROM connections c JOIN asked a ON a.id = c.id WHERE {_HOLDS_SENT}
+  ORDER BY c.id {lock}),
 changed AS (
   UPDATE connections c
   SET access_token = a.access_token, refresh_token = a.refresh_token,
@@ -495,13 +504,17 @@ changed AS (
       refresh_token_expires_at = a.refresh_token_expires_at, refresh_token_issued_at = a.now,
       last_refreshed_at = a.now, keepalive_due_at = a.keepalive_due_at, updated_at = a.now
   FROM asked a JOIN locked l ON l.id = a.id
-  WHERE c.id = a.id AND c.status = {_CONNECTED} AND c.refresh_token IS NOT NULL
-    AND c.refresh_token_issued_at IS NOT DISTINCT FROM a.sent
+  WHERE c.id = a.id AND {_HOLDS_SENT}
   RETURNING c.id, c.tenant_id, a.actor),
 settled AS (DELETE FROM refresh_attempts r USING changed WHERE r.connection_id = changed.id),
 logged AS (INSERT INTO connection_events (connection_id, tenant_id, type, actor, details)
            SELECT id, tenant_id, 'refreshed', actor, '{{}}'::jsonb FROM changed)
-SELECT id, tenant_id FROM changed"""  # noqa: S608 (this module's literals)
+SELECT a.id, ch.tenant_id,
+       ch.id IS NULL AND NOT EXISTS (SELECT 1 FROM locked l WHERE l.id = a.id)
+         AND EXISTS (SELECT 1 FROM connections c WHERE c.id = a.id AND {_HOLDS_SENT}) AS busy
+FROM asked a LEFT JOIN changed ch ON ch.id = a.id"""  # noqa: S608 (this module's literals)
+
+
 _MARK_REFUSED = _outcome_statement(
     f"status = {_literal(Status.REAUTHORIZATION_REQUIRED)}, last_error_code = $5, "
     "last_error_message = $6, last_error_at = $7, updated_at = $7",
@@ -509,6 +522,8 @@ _MARK_REFUSED = _outcome_statement(
     outbox.CONNECTION_REAUTHORIZATION_REQUIRED,
 )
 _SETTLE_ONE = "DELETE FROM refresh_attempts WHERE id = $1"
+_STORE_TOKENS = _store_tokens_statement("FOR NO KEY UPDATE OF c")
+_STORE_TOKENS_OR_SKIP = _store_tokens_statement("FOR NO KEY UPDATE OF c SKIP LOCKED")
 
 
 async def store_tokens(
@@ -522,14 +537,17 @@ async def store_tokens(
     refresh_token_expires_at: list[datetime],
     now: list[datetime],
     keepalive_due_at: list[datetime],
+    *,
+    skip_locked: bool = False,
 ) -> list[StoredRow]:
     """Several refreshes' new tokens (sealed, as service.tokens.credentials.sealed_tokens makes
     them), in one statement: each connection's only if its row still holds the refresh token
-    issued at its `sent`. For each that was stored, its attempts are dropped, a `refreshed`
-    event is logged, and its id and tenant are returned. The same connection twice: one is
-    stored, at most."""
+    issued at its `sent`. For each that was stored, its attempts are dropped and a `refreshed`
+    event is logged. One row per connection asked about (the same connection twice: one is
+    stored, at most). With skip_locked, a row another transaction holds is left as it is and
+    reported busy, instead of waited for."""
     rows = await pool.fetch(
-        _STORE_TOKENS,
+        _STORE_TOKENS_OR_SKIP if skip_locked else _STORE_TOKENS,
         ids,
         sent,
         actors,

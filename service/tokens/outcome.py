@@ -39,6 +39,10 @@ _RETRIABLE = (
     asyncpg.InterfaceError,
     asyncpg.DeadlockDetectedError,
     asyncpg.SerializationError,
+    # lock_timeout and statement_timeout: the statement was rolled back, and a new token must
+    # not be dropped for a row that was busy for a while.
+    asyncpg.LockNotAvailableError,
+    asyncpg.QueryCanceledError,
 )
 
 _LOST_MESSAGE = (
@@ -59,13 +63,17 @@ class Outcomes:
         self._pool = pool
         self._box = box
         self._caches = caches
-        # The new tokens of refreshes whose answers come at once (a storm's) go in one statement.
+        # The new tokens of refreshes whose answers come at once (a storm's) go in one statement,
+        # which passes over a row another transaction holds (a disconnect under way, say) rather
+        # than make the others wait for it; that one is stored on its own, waiting for the row.
         self._stored: Gathered[StoredRow] = Gathered(
-            lambda batch: store.store_tokens(pool, *columns(batch)), "qbo-broker-outcomes"
+            lambda batch: store.store_tokens(pool, *columns(batch), skip_locked=True), "qbo-broker-outcomes"
         )
 
     async def _store(self, connection_id: uuid.UUID, *args: Any) -> str | None:
         row = await self._stored(connection_id, *args)
+        if row is not None and row.busy:
+            (row,) = await store.store_tokens(self._pool, *columns([(connection_id, args)]))
         return None if row is None else row.tenant_id
 
     async def settle(self, attempt: int) -> None:

@@ -174,3 +174,44 @@ async def test_outcomes_gathered_in_one_statement_store_only_rows_still_holding_
     assert (rows[kept]["attempts"], rows[kept]["refreshed"]) == (0, 1)  # type: ignore[index]
     assert rows[moved]["access_token"] != "a-m" and rows[moved]["t"] != now  # type: ignore[index]
     assert (rows[moved]["attempts"], rows[moved]["refreshed"]) == (1, 0)  # type: ignore[index]
+
+
+async def test_a_row_another_transaction_holds_does_not_hold_up_the_other_outcomes(
+    runtime, linked_company, stack
+) -> None:
+    (free, _), (held, _) = [await linked_company(i) for i in (1, 2)]
+    sent = {
+        cid: (
+            await fetchrow(
+                stack.database_url, "SELECT refresh_token_issued_at AS t FROM connections WHERE id = $1", cid
+            )
+        )["t"]  # type: ignore[index]
+        for cid in (free, held)
+    }
+    now = datetime.now(UTC)
+    later = now + timedelta(hours=1)
+
+    def store(cid: str) -> asyncio.Task[str | None]:
+        return asyncio.create_task(
+            runtime.refresher._outcomes._store(
+                uuid.UUID(cid), sent[cid], "request", f"a-{cid}", f"r-{cid}", later, later, now, later
+            )
+        )
+
+    writer = await asyncpg.connect(asyncpg_dsn(stack.database_url))
+    try:
+        transaction = writer.transaction()
+        await transaction.start()
+        # Another writer of `held` (a disconnect under way, say), not done yet.
+        await writer.execute("SELECT 1 FROM connections WHERE id = $1 FOR NO KEY UPDATE", uuid.UUID(held))
+        waiting, stored = store(held), store(free)
+        assert await asyncio.wait_for(stored, timeout=10) is not None
+        await asyncio.sleep(0.3)
+        assert not waiting.done()  # it waits for the row, and keeps its new tokens meanwhile
+        await transaction.commit()
+        assert await asyncio.wait_for(waiting, timeout=10) is not None
+    finally:
+        await writer.close()
+    for cid in (free, held):
+        row = await fetchrow(stack.database_url, "SELECT access_token FROM connections WHERE id = $1", cid)
+        assert row is not None and row["access_token"] == f"a-{cid}"
