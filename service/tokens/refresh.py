@@ -388,7 +388,11 @@ class TokenRefresher:
                 if not free:
                     free = await self._locks.is_free(connection_id)
                     timeline.mark("probed" if free else "probed_busy")
-                if free and not await self._slot_unless_changed(watch):
+                # A keep-alive (skip_locked) just queues: whatever happens to the row meanwhile,
+                # its decision under the row lock sees it.
+                if free and skip_locked:
+                    await self._slots.acquire()
+                elif free and not await self._slot_unless_changed(watch):
                     # The row changed while every slot was busy (another process's refresh was
                     # committed, most likely): look at it before queueing for a slot again.
                     timeline.mark("notified_in_queue")
