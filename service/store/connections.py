@@ -468,8 +468,9 @@ SELECT tenant_id FROM changed"""  # noqa: S608 (built from this module's literal
 
 class StoredRow(NamedTuple):
     """One refresh outcome given to store_tokens: the tenant if the new tokens were stored, else
-    None; `busy`: not stored because another transaction held the row's lock (only when asked
-    not to wait for it): store it again, waiting."""
+    None; `busy` (only when asked not to wait for locks): not stored, and the row may still hold
+    the token (another transaction held it, or changed it while the statement ran): store it
+    again, waiting."""
 
     id: uuid.UUID
     tenant_id: str | None
@@ -481,19 +482,27 @@ _HOLDS_SENT = f"""c.status = {_CONNECTED} AND c.refresh_token IS NOT NULL
     AND c.refresh_token_issued_at IS NOT DISTINCT FROM a.sent"""
 
 
-def _store_tokens_statement(lock: str) -> str:
+def _store_tokens_statement(*, skip_locked: bool) -> str:
     """The new tokens of several refreshes in one statement (store_tokens). Rows are locked in
-    id order first, as the decisions lock them; `lock` says what to do about a row another
-    transaction holds: wait for it, or skip it (and report it busy) so that one row a writer
-    holds does not hold up the outcomes of other connections."""
+    id order first, as the decisions lock them. A row another transaction holds is waited for,
+    or with skip_locked passed over (and reported busy), so that one row a writer holds does
+    not hold up the outcomes of other connections."""
+    lock = "FOR NO KEY UPDATE OF c" + (" SKIP LOCKED" if skip_locked else "")
+    # Passed over: not stored, and held the token as of the statement's start.
+    busy = (
+        f"""ch.id IS NULL AND NOT EXISTS (SELECT 1 FROM locked l WHERE l.id = a.id)
+         AND EXISTS (SELECT 1 FROM connections c WHERE c.id = a.id AND {_HOLDS_SENT})"""  # noqa: S608
+        if skip_locked
+        else "false"
+    )
     return f"""
 WITH asked AS (
   SELECT DISTINCT ON (id) * FROM unnest($1::uuid[], $2::timestamptz[], $3::text[], $4::text[],
                                         $5::text[], $6::timestamptz[], $7::timestamptz[],
-                                        $8::timestamptz[], $9::timestamptz[])
+                                        $8::timestamptz[], $9::timestamptz[]) WITH ORDINALITY
     AS a(id, sent, actor, access_token, refresh_token, access_token_expires_at,
-         refresh_token_expires_at, now, keepalive_due_at)
-  ORDER BY id),
+         refresh_token_expires_at, now, keepalive_due_at, n)
+  ORDER BY id, n),
 locked AS MATERIALIZED (
   SELECT c.id FROM connections c JOIN asked a ON a.id = c.id WHERE {_HOLDS_SENT}
   ORDER BY c.id {lock}),
@@ -509,9 +518,7 @@ changed AS (
 settled AS (DELETE FROM refresh_attempts r USING changed WHERE r.connection_id = changed.id),
 logged AS (INSERT INTO connection_events (connection_id, tenant_id, type, actor, details)
            SELECT id, tenant_id, 'refreshed', actor, '{{}}'::jsonb FROM changed)
-SELECT a.id, ch.tenant_id,
-       ch.id IS NULL AND NOT EXISTS (SELECT 1 FROM locked l WHERE l.id = a.id)
-         AND EXISTS (SELECT 1 FROM connections c WHERE c.id = a.id AND {_HOLDS_SENT}) AS busy
+SELECT a.id, ch.tenant_id, {busy} AS busy
 FROM asked a LEFT JOIN changed ch ON ch.id = a.id"""  # noqa: S608 (this module's literals)
 
 
@@ -522,8 +529,8 @@ _MARK_REFUSED = _outcome_statement(
     outbox.CONNECTION_REAUTHORIZATION_REQUIRED,
 )
 _SETTLE_ONE = "DELETE FROM refresh_attempts WHERE id = $1"
-_STORE_TOKENS = _store_tokens_statement("FOR NO KEY UPDATE OF c")
-_STORE_TOKENS_OR_SKIP = _store_tokens_statement("FOR NO KEY UPDATE OF c SKIP LOCKED")
+_STORE_TOKENS = _store_tokens_statement(skip_locked=False)
+_STORE_TOKENS_OR_SKIP = _store_tokens_statement(skip_locked=True)
 
 
 async def store_tokens(
@@ -543,9 +550,9 @@ async def store_tokens(
     """Several refreshes' new tokens (sealed, as service.tokens.credentials.sealed_tokens makes
     them), in one statement: each connection's only if its row still holds the refresh token
     issued at its `sent`. For each that was stored, its attempts are dropped and a `refreshed`
-    event is logged. One row per connection asked about (the same connection twice: one is
-    stored, at most). With skip_locked, a row another transaction holds is left as it is and
-    reported busy, instead of waited for."""
+    event is logged. One row per connection asked about (the same connection twice: the first
+    is stored, at most, and both get its row). With skip_locked, a row another transaction
+    holds is left as it is and reported busy, instead of waited for."""
     rows = await pool.fetch(
         _STORE_TOKENS_OR_SKIP if skip_locked else _STORE_TOKENS,
         ids,

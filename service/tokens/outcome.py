@@ -69,12 +69,26 @@ class Outcomes:
         self._stored: Gathered[StoredRow] = Gathered(
             lambda batch: store.store_tokens(pool, *columns(batch), skip_locked=True), "qbo-broker-outcomes"
         )
+        self._storing: set[uuid.UUID] = set()  # connections with an outcome in _stored
 
     async def _store(self, connection_id: uuid.UUID, *args: Any) -> str | None:
-        row = await self._stored(connection_id, *args)
+        if connection_id in self._storing:
+            # A second outcome for the same connection at once (possible only after a lock
+            # session was lost): on its own, so that each gets its own answer.
+            return await self._store_alone(connection_id, args)
+        self._storing.add(connection_id)
+        try:
+            row = await self._stored(connection_id, *args)
+        finally:
+            self._storing.discard(connection_id)
         if row is not None and row.busy:
-            (row,) = await store.store_tokens(self._pool, *columns([(connection_id, args)]))
+            return await self._store_alone(connection_id, args)
         return None if row is None else row.tenant_id
+
+    async def _store_alone(self, connection_id: uuid.UUID, args: tuple[Any, ...]) -> str | None:
+        """One outcome in a statement of its own, waiting for the row's lock."""
+        (row,) = await store.store_tokens(self._pool, *columns([(connection_id, args)]))
+        return row.tenant_id
 
     async def settle(self, attempt: int) -> None:
         """The attempt's refresh token did not reach Intuit, or its fate no longer matters."""

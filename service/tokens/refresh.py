@@ -392,16 +392,10 @@ class TokenRefresher:
                 # its decision under the row lock sees it.
                 if free and skip_locked:
                     await self._slots.acquire()
-                elif free and not await self._slot_unless_changed(watch):
-                    # The row changed while every slot was busy (another process's refresh was
-                    # committed, most likely): look at it before queueing for a slot again.
-                    timeline.mark("notified_in_queue")
-                    watch.changed.clear()
-                    due, conn = await due_after_look()
-                    if not due:
-                        return self._token_of(conn), False
-                    looked = True
-                    continue
+                elif free:
+                    ready = await self._slot_or_token(watch, due_after_look, timeline)
+                    if ready is not None:
+                        return ready, False
                 if free:
                     try:
                         timeline.mark("slot")
@@ -451,27 +445,43 @@ class TokenRefresher:
                     return self._token_of(conn), False
                 looked = True
 
-    async def _slot_unless_changed(self, watch: Watch) -> bool:
-        """Take a refresh slot (True), unless the watched row changes first (False, no slot
-        taken): a process waiting behind refreshes of other connections hears at once of the
-        commit of another process's refresh of this one, instead of when a slot comes free."""
+    async def _slot_or_token(
+        self,
+        watch: Watch,
+        look: Callable[[], Awaitable[tuple[bool, ConnectionRow]]],
+        timeline: Timeline,
+    ) -> AccessToken | None:
+        """Take a refresh slot (None), or, if the row changes meanwhile and needs no refresh
+        any more, give up the place in the queue and answer the row's token: a request waiting
+        behind refreshes of other connections hears at once of the commit of another process's
+        refresh of this one, instead of when a slot comes free. A change after which the row
+        is still due keeps the place in the queue."""
         if not self._slots.locked():
             await self._slots.acquire()
-            return True
+            return None
         slot = asyncio.ensure_future(self._slots.acquire())
-        changed = asyncio.ensure_future(watch.changed.wait())
         try:
-            await asyncio.wait((slot, changed), return_when=asyncio.FIRST_COMPLETED)
-            if not slot.done():
-                slot.cancel()  # a slot granted meanwhile is given back by the semaphore
-                await asyncio.wait((slot,))
+            while True:
+                changed = asyncio.ensure_future(watch.changed.wait())
+                try:
+                    await asyncio.wait((slot, changed), return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    changed.cancel()
+                if slot.done():
+                    return None
+                timeline.mark("notified_in_queue")
+                watch.changed.clear()  # before the look: a change after it wakes the next wait
+                due, conn = await look()
+                if not due:
+                    slot.cancel()  # a slot granted meanwhile is given back, below or by the semaphore
+                    await asyncio.wait((slot,))
+                    if not slot.cancelled():
+                        self._slots.release()
+                    return self._token_of(conn)
         except BaseException:
             slot.cancel()
             slot.add_done_callback(self._give_back)
             raise
-        finally:
-            changed.cancel()
-        return not slot.cancelled()
 
     def _give_back(self, slot: asyncio.Future[Any]) -> None:
         """A slot taken for a caller that went away."""

@@ -215,3 +215,28 @@ async def test_a_row_another_transaction_holds_does_not_hold_up_the_other_outcom
     for cid in (free, held):
         row = await fetchrow(stack.database_url, "SELECT access_token FROM connections WHERE id = $1", cid)
         assert row is not None and row["access_token"] == f"a-{cid}"
+
+
+async def test_two_outcomes_for_one_connection_at_once_get_their_own_answers(
+    runtime, linked_company, stack
+) -> None:
+    cid, _ = await linked_company(1)
+    row = await fetchrow(
+        stack.database_url, "SELECT refresh_token_issued_at AS t FROM connections WHERE id = $1", cid
+    )
+    assert row is not None
+    now = datetime.now(UTC)
+    later = now + timedelta(hours=1)
+    outcomes = runtime.refresher._outcomes
+    # Two refreshes of the same token whose answers come at once (only possible after a lock
+    # session was lost): one is stored, the other is told it was superseded.
+    tenants = await asyncio.gather(
+        *(
+            outcomes._store(uuid.UUID(cid), row["t"], "request", f"a-{n}", f"r-{n}", later, later, now, later)
+            for n in (1, 2, 3)
+        )
+    )
+    stored = [n for n, tenant in zip((1, 2, 3), tenants, strict=True) if tenant is not None]
+    assert len(stored) == 1
+    after = await fetchrow(stack.database_url, "SELECT access_token FROM connections WHERE id = $1", cid)
+    assert after is not None and after["access_token"] == f"a-{stored[0]}"

@@ -306,11 +306,15 @@ async def test_reads_gathered_in_one_statement_answer_each_caller(replicas, link
     assert again.access_token_expires_at < before.access_token_expires_at
 
 
+async def _not_asked() -> tuple[bool, Any]:
+    raise AssertionError("the row was looked at without a change")
+
+
 @pytest.mark.parametrize("granted_as_cancelled", [False, True])
 async def test_a_slot_wait_cut_short_keeps_no_slot(replicas, granted_as_cancelled: bool) -> None:
     refresher = (await replicas(refresh_concurrency=1)).refresher
     await refresher._slots.acquire()
-    queued = asyncio.create_task(refresher._slot_unless_changed(Watch(None)))
+    queued = asyncio.create_task(refresher._slot_or_token(Watch(None), _not_asked, refresh._OFF))
     await until(lambda: asyncio.sleep(0, bool(refresher._slots._waiters)), "the wait to queue for the slot")
     if granted_as_cancelled:
         refresher._slots.release()  # the slot goes to the queued wait, which is cancelled at once
@@ -321,3 +325,31 @@ async def test_a_slot_wait_cut_short_keeps_no_slot(replicas, granted_as_cancelle
     if not granted_as_cancelled:
         refresher._slots.release()
     assert refresher._slots._value == 1 and not refresher._slots._waiters
+
+
+async def test_a_change_after_which_a_refresh_is_still_due_keeps_the_place_in_the_queue(replicas) -> None:
+    refresher = (await replicas(refresh_concurrency=1)).refresher
+    await refresher._slots.acquire()
+    # Two requests queued for the one slot; the first hears of a change to its row, which is
+    # still due when it looks.
+    first_watch, looks = Watch(None), 0
+
+    async def still_due() -> tuple[bool, Any]:
+        nonlocal looks
+        looks += 1
+        return True, None
+
+    first = asyncio.create_task(refresher._slot_or_token(first_watch, still_due, refresh._OFF))
+    await until(lambda: asyncio.sleep(0, len(refresher._slots._waiters or ()) == 1), "the first to queue")
+    second = asyncio.create_task(refresher._slot_or_token(Watch(None), _not_asked, refresh._OFF))
+    await until(lambda: asyncio.sleep(0, len(refresher._slots._waiters or ()) == 2), "the second to queue")
+    first_watch.changed.set()
+    await until(lambda: asyncio.sleep(0, looks == 1), "the first to look at its row")
+    refresher._slots.release()
+    # The slot goes to the first, which never left its place ahead of the second.
+    assert await asyncio.wait_for(first, timeout=5) is None
+    assert not second.done()
+    refresher._slots.release()
+    assert await asyncio.wait_for(second, timeout=5) is None
+    refresher._slots.release()
+    assert refresher._slots._value == 1
