@@ -540,7 +540,9 @@ async def storm(
     # On a machine with few cores the CPU they all need is a floor of its own: the storm cannot
     # be over sooner than that CPU time spread over every core.
     total_cpu = sum(cpu.values()) + client_cpu
-    cores = len(os.sched_getaffinity(0)) or 1  # those it may run on (taskset)
+    # The cores it may run on (taskset), where the system tells.
+    affinity = getattr(os, "sched_getaffinity", None)
+    cores = (len(affinity(0)) if affinity else os.cpu_count()) or 1
     print_table(
         "CPU seconds used during the storm",
         ["process", "CPU s"],
