@@ -191,10 +191,17 @@ async def test_a_row_another_transaction_holds_does_not_hold_up_the_other_outcom
     now = datetime.now(UTC)
     later = now + timedelta(hours=1)
 
+    outcomes = runtime.refresher._outcomes
+
     def store(cid: str) -> asyncio.Task[str | None]:
+        # Through the retrying write, as a refresh stores its outcome (a slow machine's
+        # lock_timeout in the waiting store is then retried, as in service).
         return asyncio.create_task(
-            runtime.refresher._outcomes._store(
-                uuid.UUID(cid), sent[cid], "request", f"a-{cid}", f"r-{cid}", later, later, now, later
+            outcomes._write(
+                SimpleNamespace(id=cid),
+                lambda: outcomes._store(
+                    uuid.UUID(cid), sent[cid], "request", f"a-{cid}", f"r-{cid}", later, later, now, later
+                ),
             )
         )
 
