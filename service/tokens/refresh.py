@@ -388,15 +388,15 @@ class TokenRefresher:
                 if not free:
                     free = await self._locks.is_free(connection_id)
                     timeline.mark("probed" if free else "probed_busy")
-                # A keep-alive (skip_locked) just queues: whatever happens to the row meanwhile,
-                # its decision under the row lock sees it.
-                if free and skip_locked:
-                    await self._slots.acquire()
-                elif free:
-                    ready = await self._slot_or_token(watch, due_after_look, timeline)
-                    if ready is not None:
-                        return ready, False
                 if free:
+                    # A keep-alive (skip_locked) just queues: whatever happens to the row
+                    # meanwhile, its decision under the row lock sees it.
+                    if skip_locked:
+                        await self._slots.acquire()
+                    else:
+                        ready = await self._slot_or_token(watch, due_after_look, timeline)
+                        if ready is not None:
+                            return ready, False
                     try:
                         timeline.mark("slot")
                         hold = await self._locks.acquire(
@@ -473,10 +473,9 @@ class TokenRefresher:
                 watch.changed.clear()  # before the look: a change after it wakes the next wait
                 due, conn = await look()
                 if not due:
-                    slot.cancel()  # a slot granted meanwhile is given back, below or by the semaphore
+                    slot.cancel()  # a slot granted meanwhile is given back, here or by the semaphore
                     await asyncio.wait((slot,))
-                    if not slot.cancelled():
-                        self._slots.release()
+                    self._give_back(slot)
                     return self._token_of(conn)
         except BaseException:
             slot.cancel()
@@ -484,7 +483,8 @@ class TokenRefresher:
             raise
 
     def _give_back(self, slot: asyncio.Future[Any]) -> None:
-        """A slot taken for a caller that went away."""
+        """A slot taken by an acquire whose caller no longer wants it (gone away, or answered
+        from the row); an acquire that was cancelled took none."""
         if not slot.cancelled() and slot.exception() is None:
             self._slots.release()
 
