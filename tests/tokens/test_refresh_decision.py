@@ -15,7 +15,7 @@ import asyncpg
 from service.core.db.engine import asyncpg_dsn
 from service.store.connections import _due
 from service.tokens.refresh import _Due
-from tests.conftest import user_headers
+from tests.conftest import Stack, user_headers
 from tests.support.db_helpers import execute, expire_access_token, fetchrow
 
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
@@ -121,18 +121,23 @@ async def test_decisions_gathered_in_one_statement_follow_each_ones_rule(
     assert recorded is not None and recorded["actors"] == ["forced", "request"]
 
 
+async def _issued_at(stack: Stack, *cids: str) -> dict[str, datetime | None]:
+    """Each connection's refresh_token_issued_at: what a refresh of its stored token sends."""
+    issued = {}
+    for cid in cids:
+        row = await fetchrow(
+            stack.database_url, "SELECT refresh_token_issued_at AS t FROM connections WHERE id = $1", cid
+        )
+        assert row is not None
+        issued[cid] = row["t"]
+    return issued
+
+
 async def test_outcomes_gathered_in_one_statement_store_only_rows_still_holding_the_sent_token(
     runtime, linked_company, stack
 ) -> None:
     (kept, _), (moved, _) = [await linked_company(i) for i in (1, 2)]
-    sent = {
-        cid: (
-            await fetchrow(
-                stack.database_url, "SELECT refresh_token_issued_at AS t FROM connections WHERE id = $1", cid
-            )
-        )["t"]  # type: ignore[index]
-        for cid in (kept, moved)
-    }
+    sent = await _issued_at(stack, kept, moved)
     for cid in (kept, moved):
         await execute(
             stack.database_url,
@@ -180,14 +185,7 @@ async def test_a_row_another_transaction_holds_does_not_hold_up_the_other_outcom
     runtime, linked_company, stack
 ) -> None:
     (free, _), (held, _) = [await linked_company(i) for i in (1, 2)]
-    sent = {
-        cid: (
-            await fetchrow(
-                stack.database_url, "SELECT refresh_token_issued_at AS t FROM connections WHERE id = $1", cid
-            )
-        )["t"]  # type: ignore[index]
-        for cid in (free, held)
-    }
+    sent = await _issued_at(stack, free, held)
     now = datetime.now(UTC)
     later = now + timedelta(hours=1)
 
@@ -228,10 +226,7 @@ async def test_two_outcomes_for_one_connection_at_once_get_their_own_answers(
     runtime, linked_company, stack
 ) -> None:
     cid, _ = await linked_company(1)
-    row = await fetchrow(
-        stack.database_url, "SELECT refresh_token_issued_at AS t FROM connections WHERE id = $1", cid
-    )
-    assert row is not None
+    sent = (await _issued_at(stack, cid))[cid]
     now = datetime.now(UTC)
     later = now + timedelta(hours=1)
     outcomes = runtime.refresher._outcomes
@@ -239,7 +234,7 @@ async def test_two_outcomes_for_one_connection_at_once_get_their_own_answers(
     # session was lost): one is stored, the other is told it was superseded.
     tenants = await asyncio.gather(
         *(
-            outcomes._store(uuid.UUID(cid), row["t"], "request", f"a-{n}", f"r-{n}", later, later, now, later)
+            outcomes._store(uuid.UUID(cid), sent, "request", f"a-{n}", f"r-{n}", later, later, now, later)
             for n in (1, 2, 3)
         )
     )
