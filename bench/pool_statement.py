@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import resource
 import time
 from statistics import median
 
@@ -22,19 +21,14 @@ from harness import fresh_database, print_table
 from service.core.db.engine import asyncpg_dsn, create_asyncpg_pool
 
 
-def cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
 async def per_statement(fetchval: object, statements: int) -> tuple[float, float]:
     assert callable(fetchval)
     for _ in range(500):  # warm: the statement prepared, the connection open
         await fetchval("SELECT 1")
-    wall, cpu = time.perf_counter(), cpu_seconds()
+    wall, cpu = time.perf_counter(), time.process_time()
     for _ in range(statements):
         await fetchval("SELECT 1")
-    return (time.perf_counter() - wall) * 1e6 / statements, (cpu_seconds() - cpu) * 1e6 / statements
+    return (time.perf_counter() - wall) * 1e6 / statements, (time.process_time() - cpu) * 1e6 / statements
 
 
 async def measure(database_url: str, statements: int) -> dict[str, list[tuple[float, float]]]:
