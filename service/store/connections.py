@@ -439,6 +439,13 @@ async def decide(
     return [DecisionRow._make(row) for row in rows]
 
 
+def _holds_sent(sent: str) -> str:
+    """Whether the connection's row `c` still holds the refresh token a refresh started from
+    (the one issued at `sent`, an SQL expression): the condition on storing its outcome."""
+    return f"""c.status = {_CONNECTED} AND c.refresh_token IS NOT NULL
+    AND c.refresh_token_issued_at IS NOT DISTINCT FROM {sent}"""
+
+
 def _outcome_statement(assignments: str, event: str, public_event: str | None = None) -> str:
     """One statement that stores a refresh's outcome: it changes the row (`assignments`, from
     $5 on) only if the row still holds the refresh token the refresh started from ($1 id, $2 its
@@ -456,9 +463,8 @@ published AS (INSERT INTO events (id, type, tenant_id, connection_id, data)
     )
     return f"""
 WITH changed AS (
-  UPDATE connections SET {assignments}
-  WHERE id = $1 AND status = {_CONNECTED} AND refresh_token IS NOT NULL
-    AND refresh_token_issued_at IS NOT DISTINCT FROM $2
+  UPDATE connections c SET {assignments}
+  WHERE c.id = $1 AND {_holds_sent("$2")}
   RETURNING *),
 settled AS (DELETE FROM refresh_attempts WHERE connection_id = $1 AND EXISTS (SELECT 1 FROM changed)),
 logged AS (INSERT INTO connection_events (connection_id, tenant_id, type, actor, details)
@@ -477,11 +483,6 @@ class StoredRow(NamedTuple):
     busy: bool
 
 
-# Whether a connection's row still holds the refresh token a refresh started from (`a.sent`).
-_HOLDS_SENT = f"""c.status = {_CONNECTED} AND c.refresh_token IS NOT NULL
-    AND c.refresh_token_issued_at IS NOT DISTINCT FROM a.sent"""
-
-
 def _store_tokens_statement(*, skip_locked: bool) -> str:
     """The new tokens of several refreshes in one statement (store_tokens). Rows are locked in
     id order first, as the decisions lock them. A row another transaction holds is waited for,
@@ -491,7 +492,7 @@ def _store_tokens_statement(*, skip_locked: bool) -> str:
     # Passed over: not stored, and held the token as of the statement's start.
     busy = (
         f"""ch.id IS NULL AND NOT EXISTS (SELECT 1 FROM locked l WHERE l.id = a.id)
-         AND EXISTS (SELECT 1 FROM connections c WHERE c.id = a.id AND {_HOLDS_SENT})"""  # noqa: S608
+         AND EXISTS (SELECT 1 FROM connections c WHERE c.id = a.id AND {_holds_sent("a.sent")})"""  # noqa: S608
         if skip_locked
         else "false"
     )
@@ -504,7 +505,7 @@ WITH asked AS (
          refresh_token_expires_at, now, keepalive_due_at, n)
   ORDER BY id, n),
 locked AS MATERIALIZED (
-  SELECT c.id FROM connections c JOIN asked a ON a.id = c.id WHERE {_HOLDS_SENT}
+  SELECT c.id FROM connections c JOIN asked a ON a.id = c.id WHERE {_holds_sent("a.sent")}
   ORDER BY c.id {lock}),
 changed AS (
   UPDATE connections c
@@ -513,7 +514,7 @@ changed AS (
       refresh_token_expires_at = a.refresh_token_expires_at, refresh_token_issued_at = a.now,
       last_refreshed_at = a.now, keepalive_due_at = a.keepalive_due_at, updated_at = a.now
   FROM asked a JOIN locked l ON l.id = a.id
-  WHERE c.id = a.id AND {_HOLDS_SENT}
+  WHERE c.id = a.id AND {_holds_sent("a.sent")}
   RETURNING c.id, c.tenant_id, a.actor),
 settled AS (DELETE FROM refresh_attempts r USING changed WHERE r.connection_id = changed.id),
 logged AS (INSERT INTO connection_events (connection_id, tenant_id, type, actor, details)
