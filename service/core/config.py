@@ -138,6 +138,13 @@ class Settings(BaseSettings):
     )
     # An in-flight slot lapses after this long unless renewed (a replica killed mid-call).
     quickbooks_lease_seconds: float = Field(default=60.0, alias="BROKER_QUICKBOOKS_LEASE_SECONDS", ge=5)
+    # While the in-flight limit is the company's only one (the windows and the pace off), a
+    # finished call's slot goes to this replica's next call of the company without a statement,
+    # for this long after PostgreSQL last admitted a call on it: how late this replica may see a
+    # pause another replica set. 0: every call asks PostgreSQL.
+    quickbooks_slot_reuse_seconds: float = Field(
+        default=0.05, alias="BROKER_QUICKBOOKS_SLOT_REUSE_SECONDS", ge=0, le=1
+    )
 
     # Outgoing webhooks (service.events). Private destinations (and plain http) only in development.
     webhook_allow_private: bool = Field(default=False, alias="BROKER_WEBHOOK_ALLOW_PRIVATE")

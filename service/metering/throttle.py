@@ -17,6 +17,14 @@ frees the slot before it looks.
 
 Inside a process, callers of one realm queue in a FIFO and only the head asks PostgreSQL, so a
 queue of fifty waiters costs one statement per admission, not fifty.
+
+When the in-flight limit is the realm's only one (no windows, no pace), a call needs nothing
+from PostgreSQL that the replica does not already hold: a finished call's slot, still leased to
+this replica, goes to its next call of the realm as it is, without a statement (the statement
+would give it back and take it again under the row lock, so other replicas see the same). Only
+within `quickbooks_slot_reuse_seconds` of the statement that last admitted a call on the slot,
+which bounds how late a pause set by another replica is seen here; a 429 seen here stops it at
+once. With the windows on, every call is stamped into them, so every call has its statement.
 """
 
 from __future__ import annotations
@@ -73,6 +81,8 @@ class Lease:
     slot: int | None
     expires_at: datetime | None
     released: bool = False
+    # The event loop's time when the statement that admitted a call on this slot was sent.
+    admitted_at: float = 0.0
 
 
 @dataclass
@@ -94,6 +104,18 @@ class RealmThrottle:
         self._returned: dict[str, list[Lease]] = {}
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._closing = False
+        # Slots go from one call to the next without a statement only if nothing needs
+        # stamping: the windows and the pace off, the in-flight limit on.
+        self._reuse_seconds = (
+            settings.quickbooks_slot_reuse_seconds
+            if settings.quickbooks_max_in_flight > 0
+            and settings.quickbooks_per_second == 0
+            and settings.quickbooks_per_minute == 0
+            and self._interval == 0
+            else 0.0
+        )
+        # Realms a 429 paused, seen here (the event loop's time it ends): no reuse until then.
+        self._paused: dict[str, float] = {}
 
     @asynccontextmanager
     async def _queue(self, realm_id: str, batch: bool) -> AsyncIterator[_Queue]:
@@ -124,9 +146,13 @@ class RealmThrottle:
             try:
                 while True:
                     queue.released.clear()
+                    reused = self._reuse(realm_id, batch)
+                    if reused is not None:
+                        return reused
+                    sent_at = loop.time()
                     row = await self._admit_once(realm_id, batch)
                     if row["admitted"]:
-                        return Lease(realm_id, row["slot"], row["lease"])
+                        return Lease(realm_id, row["slot"], row["lease"], admitted_at=sent_at)
                     wait = float(row["wait_seconds"] or 0.0)
                     hint = max(wait, BUSY_POLL_SECONDS)
                     left = deadline - loop.time()
@@ -151,6 +177,29 @@ class RealmThrottle:
             yield lease
         finally:
             self.release_soon(lease)
+
+    def _reuse(self, realm_id: str, batch: bool) -> Lease | None:
+        """A finished call's slot for the next call, without a statement, when nothing needs
+        stamping and PostgreSQL admitted a call on it moments ago (see the module's text)."""
+        if not self._reuse_seconds or (batch and self._settings.quickbooks_batch_per_minute):
+            return None
+        returned = self._returned.get(realm_id)
+        if not returned:
+            return None
+        now = asyncio.get_running_loop().time()
+        paused = self._paused.get(realm_id)
+        if paused is not None:
+            if paused > now:
+                return None
+            del self._paused[realm_id]
+        for i in range(len(returned) - 1, -1, -1):  # the last to finish first
+            lease = returned[i]
+            if now - lease.admitted_at < self._reuse_seconds:
+                del returned[i]
+                if not returned:
+                    self._take_returned(realm_id)  # nothing left for the timer to give back
+                return Lease(realm_id, lease.slot, lease.expires_at, admitted_at=lease.admitted_at)
+        return None
 
     async def _admit_once(self, realm_id: str, batch: bool) -> asyncpg.Record:
         s = self._settings
@@ -259,6 +308,8 @@ class RealmThrottle:
 
     async def pause(self, realm_id: str, seconds: float) -> None:
         """Intuit said 429: no replica sends this realm anything for `seconds`."""
+        if self._reuse_seconds:
+            self._paused[realm_id] = asyncio.get_running_loop().time() + seconds
         await self._pool.execute(_PAUSE, realm_id, seconds)
 
     async def aclose(self) -> None:

@@ -33,14 +33,18 @@ async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
     await conn.close()
 
 
+# Every admission by a statement, even where a finished call's slot could go to the next one.
+NO_REUSE = {"BROKER_QUICKBOOKS_SLOT_REUSE_SECONDS": 0}
+
+
 @pytest.fixture
 async def replicas(database_url: str) -> AsyncIterator[Callable[..., Any]]:
     """Throttles as replicas have them: each on a pool of its own; closed at the end."""
     made: list[tuple[RealmThrottle, asyncpg.Pool]] = []
 
-    async def make() -> RealmThrottle:
+    async def make(**settings: Any) -> RealmThrottle:
         pool = await create_asyncpg_pool(database_url, max_size=2)
-        throttle = RealmThrottle(Settings(**ONE_SLOT), pool)
+        throttle = RealmThrottle(Settings(**{**ONE_SLOT, **settings}), pool)
         made.append((throttle, pool))
         return throttle
 
@@ -59,7 +63,7 @@ async def test_the_next_admission_takes_the_finished_calls_slot_back(
     db: asyncpg.Connection, replicas: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(throttle_module, "RETURN_SECONDS", 60.0)  # only an admission gives it back
-    throttle = await replicas()
+    throttle = await replicas(**NO_REUSE)
     first = await throttle.admit(REALM, batch=False, wait_seconds=0)
     throttle.release_soon(first)
     assert await held(db) == 1  # not given back by a statement of its own
@@ -87,7 +91,8 @@ async def test_a_slot_no_admission_takes_goes_back_on_its_own(
 async def test_a_late_give_back_leaves_a_slot_taken_since_alone(
     db: asyncpg.Connection, replicas: Callable[..., Any]
 ) -> None:
-    throttle = await replicas()
+    # (A reused slot cannot have lapsed: it is reused only moments after its admission.)
+    throttle = await replicas(**NO_REUSE)
 
     async def taken_by_another_call(slot: int | None) -> Any:
         # The lease lapsed (a stalled replica) and another replica's call took the slot.
@@ -118,3 +123,117 @@ async def test_a_late_give_back_leaves_a_slot_taken_since_alone(
     throttle.release_soon(lease)
     await throttle.aclose()
     assert await slot_lease(lease.slot) == taken
+
+
+async def slot_lease(db: asyncpg.Connection, slot: int | None) -> Any:
+    return await db.fetchval(
+        "SELECT leases[$2] FROM quickbooks_realm_throttles WHERE realm_id = $1", REALM, slot
+    )
+
+
+async def test_with_only_the_in_flight_limit_the_next_call_takes_the_slot_without_a_statement(
+    db: asyncpg.Connection, replicas: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(throttle_module, "RETURN_SECONDS", 60.0)
+    one, other = await replicas(), await replicas()
+    first = await one.admit(REALM, batch=False, wait_seconds=0)
+    one.release_soon(first)
+    second = await one.admit(REALM, batch=False, wait_seconds=0)
+    # The same lease, untouched in PostgreSQL: no statement gave it back and took it again.
+    assert (second.slot, second.expires_at) == (first.slot, first.expires_at)
+    assert await slot_lease(db, second.slot) == first.expires_at
+    # Still held for every other replica, and given back as usual once the call is over.
+    with pytest.raises(QuickBooksThrottled):
+        await other.admit(REALM, batch=False, wait_seconds=0)
+    one.release_soon(second)
+    await one.aclose()
+    assert await held(db) == 0
+
+
+async def test_a_slot_is_reused_only_shortly_after_postgresql_admitted_on_it(
+    db: asyncpg.Connection, replicas: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past the reuse time the next call asks PostgreSQL again, where another replica's pause
+    (or anything else the row says) is seen."""
+    monkeypatch.setattr(throttle_module, "RETURN_SECONDS", 60.0)
+    throttle = await replicas(BROKER_QUICKBOOKS_SLOT_REUSE_SECONDS=0.05)
+    first = await throttle.admit(REALM, batch=False, wait_seconds=0)
+    throttle.release_soon(first)
+    await asyncio.sleep(0.06)
+    second = await throttle.admit(REALM, batch=False, wait_seconds=0)
+    assert second.slot == first.slot and second.expires_at != first.expires_at
+    assert await slot_lease(db, second.slot) == second.expires_at
+    throttle.release_soon(second)
+
+    other = await replicas()
+    await other.pause(REALM, 5)
+    await asyncio.sleep(0.06)
+    with pytest.raises(QuickBooksThrottled):  # the pause, seen by the statement
+        await throttle.admit(REALM, batch=False, wait_seconds=0)
+
+
+async def test_a_429_seen_here_stops_reuse_at_once(
+    db: asyncpg.Connection, replicas: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(throttle_module, "RETURN_SECONDS", 60.0)
+    throttle = await replicas(BROKER_QUICKBOOKS_SLOT_REUSE_SECONDS=1)
+    lease = await throttle.admit(REALM, batch=False, wait_seconds=0)
+    throttle.release_soon(lease)
+    await throttle.pause(REALM, 5)
+    with pytest.raises(QuickBooksThrottled):
+        await throttle.admit(REALM, batch=False, wait_seconds=0)
+
+
+@pytest.mark.parametrize(
+    "limit",
+    [
+        "BROKER_QUICKBOOKS_PER_SECOND",
+        "BROKER_QUICKBOOKS_PER_MINUTE",
+        "BROKER_QUICKBOOKS_MIN_INTERVAL_SECONDS",
+    ],
+)
+async def test_with_a_window_or_the_pace_on_every_call_has_its_statement(
+    db: asyncpg.Connection, replicas: Callable[..., Any], monkeypatch: pytest.MonkeyPatch, limit: str
+) -> None:
+    monkeypatch.setattr(throttle_module, "RETURN_SECONDS", 60.0)
+    throttle = await replicas(**{limit: 1000 if "INTERVAL" not in limit else 0.001})
+    first = await throttle.admit(REALM, batch=False, wait_seconds=1)
+    throttle.release_soon(first)
+    second = await throttle.admit(REALM, batch=False, wait_seconds=1)
+    # A new lease: a statement gave the slot back and took it again, stamping the call.
+    assert second.slot == first.slot and second.expires_at != first.expires_at
+    assert await slot_lease(db, second.slot) == second.expires_at
+    throttle.release_soon(second)
+
+
+async def test_reused_slots_never_let_more_calls_in_flight_than_the_limit(
+    db: asyncpg.Connection, replicas: Callable[..., Any]
+) -> None:
+    """Two replicas, callers back to back on one realm: slots pass from call to call inside a
+    replica, and still no more than the limit are in flight at once, all replicas together."""
+    limit = 3
+    one = await replicas(BROKER_QUICKBOOKS_MAX_IN_FLIGHT=limit)
+    other = await replicas(BROKER_QUICKBOOKS_MAX_IN_FLIGHT=limit)
+    in_flight = most = calls = reused = 0
+    slots: set[tuple[int | None, Any]] = set()
+    seen: set[tuple[int | None, Any]] = set()
+
+    async def caller(throttle: RealmThrottle) -> None:
+        nonlocal in_flight, most, calls, reused
+        for _ in range(15):
+            lease = await throttle.admit(REALM, batch=False, wait_seconds=5)
+            assert (lease.slot, lease.expires_at) not in slots  # nobody else's lease
+            slots.add((lease.slot, lease.expires_at))
+            reused += (lease.slot, lease.expires_at) in seen
+            seen.add((lease.slot, lease.expires_at))
+            in_flight += 1
+            most = max(most, in_flight)
+            calls += 1
+            await asyncio.sleep(0.002)
+            in_flight -= 1
+            slots.discard((lease.slot, lease.expires_at))
+            throttle.release_soon(lease)
+
+    await asyncio.gather(*(caller(one if i % 2 else other) for i in range(8)))
+    assert calls == 8 * 15 and most == limit
+    assert reused > 0  # the slots did pass from call to call
