@@ -12,7 +12,7 @@ without a statement (`BROKER_QUICKBOOKS_SLOT_REUSE_SECONDS`); a second broker, `
 runs with that off, so each of its calls pays the admission statement it pays whenever the
 windows are on (which also gives back the slot of the call before).
 
-    uv run python bench/gateway_overhead.py [--concurrency 32] [--duration 10] [--warmup 2]
+    uv run python bench/gateway_overhead.py [--concurrency 32] [--duration 10] [--warmup 2] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -21,7 +21,9 @@ import argparse
 import asyncio
 import os
 import tempfile
+from dataclasses import replace
 from pathlib import Path
+from statistics import median
 
 import httpx
 from harness import (
@@ -52,6 +54,22 @@ def write_targets(path: Path, target: str, *headers: str) -> Path:
     return path
 
 
+def combined(runs: list[LoadResult]) -> LoadResult:
+    """Rounds of one load as one line: requests and time added up, each percentile the
+    median of the rounds'."""
+    return replace(
+        runs[0],
+        requests=sum(run.requests for run in runs),
+        seconds=sum(run.seconds for run in runs),
+        p50_ms=median(run.p50_ms for run in runs),
+        p99_ms=median(run.p99_ms for run in runs),
+        max_ms=max(run.max_ms for run in runs),
+        non_2xx=sum(run.non_2xx for run in runs),
+        socket_errors=sum(run.socket_errors for run in runs),
+        all_requests=sum(run.all_requests for run in runs),
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -59,6 +77,12 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--duration", type=float, default=10.0, help="measured seconds per run")
     parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds before each")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=5,
+        help="one-client turns per server (each --duration / rounds long, after --warmup / 2)",
+    )
     parser.add_argument("--client", choices=("auto", "wrk", "httpx"), default="auto")
     args = parser.parse_args()
     client = pick_client(args.client)
@@ -148,6 +172,7 @@ def main() -> None:
                 for name, (url, path, headers) in calls.items()
             }
             results: dict[tuple[str, int], LoadResult] = {}
+            added_by_round: dict[str, list[float]] = {}
             cpu_ms: dict[tuple[str, int], float] = {}
             servers = {"emulator": emulator, "raw_proxy": raw, "broker": broker, "broker_stmt": broker_stmt}
             with running(raw):
@@ -155,30 +180,57 @@ def main() -> None:
                     check = httpx.get(url + path, headers=headers, timeout=10)
                     if check.status_code != 200 or "Customer" not in check.json():
                         raise SystemExit(f"{name}: {check.status_code} {check.text[:300]}")
-                for concurrency in (1, args.concurrency):
-                    for name, (url, path) in targets.items():
-                        print(f"load: {name}, {concurrency} client(s)", flush=True)
+                # One client: the servers take turns, round after round, so that the machine's
+                # drift (large here from one minute to the next) falls on all of them alike.
+                one: dict[str, list[LoadResult]] = {name: [] for name in targets}
+                one_cpu = dict.fromkeys(targets, 0.0)
+                for round_ in range(1, args.rounds + 1):
+                    for name, (url, file) in targets.items():
+                        print(f"load: {name}, 1 client, round {round_}", flush=True)
                         cpu_before = servers[name].cpu_seconds()
-                        results[name, concurrency] = run_load(
-                            client,
-                            url,
-                            path,
-                            concurrency=concurrency,
-                            warmup=args.warmup,
-                            duration=args.duration,
+                        one[name].append(
+                            run_load(
+                                client,
+                                url,
+                                file,
+                                concurrency=1,
+                                warmup=args.warmup / 2,
+                                duration=args.duration / args.rounds,
+                            )
                         )
-                        # The serving process's own CPU per request (for the broker and the raw
-                        # proxy this leaves out the emulator's share of each call).
-                        cpu_ms[name, concurrency] = (
-                            (servers[name].cpu_seconds() - cpu_before)
-                            * 1000
-                            / max(results[name, concurrency].all_requests, 1)
-                        )
+                        one_cpu[name] += servers[name].cpu_seconds() - cpu_before
+                for name, runs in one.items():
+                    results[name, 1] = combined(runs)
+                    cpu_ms[name, 1] = one_cpu[name] * 1000 / max(results[name, 1].all_requests, 1)
+                    added_by_round[name] = [
+                        run.p50_ms - direct.p50_ms for run, direct in zip(runs, one["emulator"], strict=True)
+                    ]
+                for name, (url, file) in targets.items():
+                    print(f"load: {name}, {args.concurrency} clients", flush=True)
+                    cpu_before = servers[name].cpu_seconds()
+                    results[name, args.concurrency] = run_load(
+                        client,
+                        url,
+                        file,
+                        concurrency=args.concurrency,
+                        warmup=args.warmup,
+                        duration=args.duration,
+                    )
+                    # The serving process's own CPU per request (for the broker and the raw
+                    # proxy this leaves out the emulator's share of each call).
+                    cpu_ms[name, args.concurrency] = (
+                        (servers[name].cpu_seconds() - cpu_before)
+                        * 1000
+                        / max(results[name, args.concurrency].all_requests, 1)
+                    )
 
     print(
-        f"\none read (customer/1) per request; {client}; {args.duration:g} s measured after "
-        f"{args.warmup:g} s warm-up; one uvicorn worker each; emulator at zero latency; load "
-        f"average at the end {' '.join(f'{x:.2f}' for x in os.getloadavg())}"
+        f"\none read (customer/1) per request; {client}; {args.duration:g} s measured per server "
+        f"and load (one client: {args.rounds} rounds of {args.duration / args.rounds:g} s, each "
+        f"after {args.warmup / 2:g} s warm-up, servers in turn; p50 and p99 the rounds' median); "
+        f"{args.concurrency} clients after {args.warmup:g} s warm-up; one uvicorn worker each; "
+        f"emulator at zero latency; load average at the end "
+        f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}"
     )
     print_table(
         "Throughput and latency",
@@ -208,8 +260,15 @@ def main() -> None:
             for (name, c), r in results.items()
         ],
     )
-    direct = results["emulator", 1].p50_ms
-    added = {name: results[name, 1].p50_ms - direct for name in ("raw_proxy", "broker", "broker_stmt")}
+    # Each round's p50 less the emulator's in the same round; the median of the rounds.
+    added = {name: median(added_by_round[name]) for name in ("raw_proxy", "broker", "broker_stmt")}
+    print(
+        "\nadded p50 by round (ms): "
+        + "; ".join(
+            f"{name} {' '.join(f'{x:.2f}' for x in added_by_round[name])}"
+            for name in ("raw_proxy", "broker", "broker_stmt")
+        )
+    )
     raw_rps = max(results["raw_proxy", args.concurrency].rps, 1e-9)
     ratio = {name: results[name, args.concurrency].rps / raw_rps for name in ("broker", "broker_stmt")}
     rows = []
