@@ -141,7 +141,9 @@ class Settings(BaseSettings):
     # While the in-flight limit is the company's only one (the windows and the pace off), a
     # finished call's slot goes to this replica's next call of the company without a statement,
     # for this long after PostgreSQL last admitted a call on it: how late this replica may see a
-    # pause another replica set. 0: every call asks PostgreSQL.
+    # pause another replica set. 0: every call asks PostgreSQL. Batches keep their statement
+    # while their own limit is on. At most 1 s: a reused lease can then neither have lapsed
+    # (leases last at least 5 s) nor have been renewed (first after a third of one).
     quickbooks_slot_reuse_seconds: float = Field(
         default=0.05, alias="BROKER_QUICKBOOKS_SLOT_REUSE_SECONDS", ge=0, le=1
     )

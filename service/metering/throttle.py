@@ -23,8 +23,10 @@ from PostgreSQL that the replica does not already hold: a finished call's slot, 
 this replica, goes to its next call of the realm as it is, without a statement (the statement
 would give it back and take it again under the row lock, so other replicas see the same). Only
 within `quickbooks_slot_reuse_seconds` of the statement that last admitted a call on the slot,
-which bounds how late a pause set by another replica is seen here; a 429 seen here stops it at
-once. With the windows on, every call is stamped into them, so every call has its statement.
+which bounds how late a pause set by another replica is seen here; a 429 a gateway call meets
+here stops it at once. With the windows on, every call is stamped into them, so every call has
+its statement; so does every batch while the batch limit is on. A slot carried by a statement
+that failed is never reused (the statement may have freed it before failing).
 """
 
 from __future__ import annotations
@@ -81,8 +83,10 @@ class Lease:
     slot: int | None
     expires_at: datetime | None
     released: bool = False
-    # The event loop's time when the statement that admitted a call on this slot was sent.
-    admitted_at: float = 0.0
+    # The event loop's time when the statement that admitted a call on this slot was sent
+    # (-inf: never to be reused). A reused lease cannot have lapsed nor been renewed: reuse
+    # lasts at most 1 s, a lease at least 5 s and its first renewal comes after a third of it.
+    admitted_at: float = -math.inf
 
 
 @dataclass
@@ -228,16 +232,22 @@ class RealmThrottle:
             raise
         except BaseException:
             # Not given back by this statement: by the next one, or by the timer.
-            for lease in returned:
-                self._queue_return(lease)
+            self._return_again(returned)
             raise
+
+    def _return_again(self, leases: list[Lease]) -> None:
+        """Leases a failed statement carried: it may have freed them in PostgreSQL before it
+        failed (and another replica taken them since), so they are only given back again,
+        never reused."""
+        for lease in leases:
+            lease.admitted_at = -math.inf
+            self._queue_return(lease)
 
     def _release_orphan(self, realm_id: str, returned: list[Lease]):  # type: ignore[no-untyped-def]
         def done(statement: asyncio.Future[asyncpg.Record]) -> None:
             if statement.cancelled() or statement.exception() is not None:
                 # The slots it carried may not have gone back: with the next admission, or soon.
-                for lease in returned:
-                    self._queue_return(lease)
+                self._return_again(returned)
                 return
             row = statement.result()
             if row["admitted"]:
@@ -309,7 +319,10 @@ class RealmThrottle:
     async def pause(self, realm_id: str, seconds: float) -> None:
         """Intuit said 429: no replica sends this realm anything for `seconds`."""
         if self._reuse_seconds:
-            self._paused[realm_id] = asyncio.get_running_loop().time() + seconds
+            now = asyncio.get_running_loop().time()
+            # Forget the pauses that are over (a realm that pauses and then goes quiet).
+            self._paused = {realm: until for realm, until in self._paused.items() if until > now}
+            self._paused[realm_id] = max(self._paused.get(realm_id, now), now + seconds)
         await self._pool.execute(_PAUSE, realm_id, seconds)
 
     async def aclose(self) -> None:

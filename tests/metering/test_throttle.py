@@ -135,7 +135,7 @@ async def test_with_only_the_in_flight_limit_the_next_call_takes_the_slot_withou
     db: asyncpg.Connection, replicas: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(throttle_module, "RETURN_SECONDS", 60.0)
-    one, other = await replicas(), await replicas()
+    one, other = await replicas(BROKER_QUICKBOOKS_SLOT_REUSE_SECONDS=1), await replicas()
     first = await one.admit(REALM, batch=False, wait_seconds=0)
     one.release_soon(first)
     second = await one.admit(REALM, batch=False, wait_seconds=0)
@@ -185,18 +185,23 @@ async def test_a_429_seen_here_stops_reuse_at_once(
 
 
 @pytest.mark.parametrize(
-    "limit",
+    "limits",
     [
-        "BROKER_QUICKBOOKS_PER_SECOND",
-        "BROKER_QUICKBOOKS_PER_MINUTE",
-        "BROKER_QUICKBOOKS_MIN_INTERVAL_SECONDS",
+        {"BROKER_QUICKBOOKS_PER_SECOND": 1000},
+        # The per-minute window alone (it would also set a pace of its own).
+        {"BROKER_QUICKBOOKS_PER_MINUTE": 1000, "BROKER_QUICKBOOKS_MIN_INTERVAL_SECONDS": 0},
+        {"BROKER_QUICKBOOKS_MIN_INTERVAL_SECONDS": 0.001},
     ],
+    ids=["per-second", "per-minute", "pace"],
 )
 async def test_with_a_window_or_the_pace_on_every_call_has_its_statement(
-    db: asyncpg.Connection, replicas: Callable[..., Any], monkeypatch: pytest.MonkeyPatch, limit: str
+    db: asyncpg.Connection,
+    replicas: Callable[..., Any],
+    monkeypatch: pytest.MonkeyPatch,
+    limits: dict[str, float],
 ) -> None:
     monkeypatch.setattr(throttle_module, "RETURN_SECONDS", 60.0)
-    throttle = await replicas(**{limit: 1000 if "INTERVAL" not in limit else 0.001})
+    throttle = await replicas(BROKER_QUICKBOOKS_SLOT_REUSE_SECONDS=1, **limits)
     first = await throttle.admit(REALM, batch=False, wait_seconds=1)
     throttle.release_soon(first)
     second = await throttle.admit(REALM, batch=False, wait_seconds=1)
@@ -212,8 +217,8 @@ async def test_reused_slots_never_let_more_calls_in_flight_than_the_limit(
     """Two replicas, callers back to back on one realm: slots pass from call to call inside a
     replica, and still no more than the limit are in flight at once, all replicas together."""
     limit = 3
-    one = await replicas(BROKER_QUICKBOOKS_MAX_IN_FLIGHT=limit)
-    other = await replicas(BROKER_QUICKBOOKS_MAX_IN_FLIGHT=limit)
+    one = await replicas(BROKER_QUICKBOOKS_MAX_IN_FLIGHT=limit, BROKER_QUICKBOOKS_SLOT_REUSE_SECONDS=1)
+    other = await replicas(BROKER_QUICKBOOKS_MAX_IN_FLIGHT=limit, BROKER_QUICKBOOKS_SLOT_REUSE_SECONDS=1)
     in_flight = most = calls = reused = 0
     slots: set[tuple[int | None, Any]] = set()
     seen: set[tuple[int | None, Any]] = set()
@@ -237,3 +242,81 @@ async def test_reused_slots_never_let_more_calls_in_flight_than_the_limit(
     await asyncio.gather(*(caller(one if i % 2 else other) for i in range(8)))
     assert calls == 8 * 15 and most == limit
     assert reused > 0  # the slots did pass from call to call
+
+
+async def test_batches_keep_their_statement_while_their_limit_is_on(
+    db: asyncpg.Connection, replicas: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(throttle_module, "RETURN_SECONDS", 60.0)
+    throttle = await replicas(BROKER_QUICKBOOKS_BATCH_PER_MINUTE=120, BROKER_QUICKBOOKS_SLOT_REUSE_SECONDS=1)
+    first = await throttle.admit(REALM, batch=True, wait_seconds=0)
+    throttle.release_soon(first)
+    second = await throttle.admit(REALM, batch=True, wait_seconds=0)
+    assert second.slot == first.slot and second.expires_at != first.expires_at  # a statement
+    batches = await db.fetchval(
+        "SELECT cardinality(batch_admitted) FROM quickbooks_realm_throttles WHERE realm_id = $1", REALM
+    )
+    assert batches == 2
+    throttle.release_soon(second)
+    # A call that is not a batch takes the slot the batch finished with, as it is.
+    other = await throttle.admit(REALM, batch=False, wait_seconds=0)
+    assert (other.slot, other.expires_at) == (second.slot, second.expires_at)
+    throttle.release_soon(other)
+
+
+class _AnswerLost:
+    """A pool whose next fetchrow runs its statement (which commits) and then fails, as when the
+    connection drops while the answer comes back."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    async def fetchrow(self, *args: Any) -> Any:
+        await self._pool.fetchrow(*args)
+        raise asyncpg.ConnectionDoesNotExistError("connection was closed in the middle of operation")
+
+
+async def test_a_slot_carried_by_a_statement_that_failed_is_never_reused(
+    db: asyncpg.Connection, replicas: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The failed statement freed the slot before it failed, and another replica took it: the
+    replica that carried it must not hand it to its next call."""
+    monkeypatch.setattr(throttle_module, "RETURN_SECONDS", 60.0)
+    settings = {"BROKER_QUICKBOOKS_BATCH_PER_MINUTE": 1, "BROKER_QUICKBOOKS_SLOT_REUSE_SECONDS": 1}
+    one, other = await replicas(**settings), await replicas(**settings)
+    batch = await one.admit(REALM, batch=True, wait_seconds=0)  # the minute's only batch
+    one.release_soon(batch)
+    lease = await one.admit(REALM, batch=False, wait_seconds=0)  # reused
+    assert lease.expires_at == batch.expires_at
+    one.release_soon(lease)
+    # A batch carries the slot back (a batch is not given one by reuse): the statement frees
+    # it, finds the batch window full, and its answer is lost.
+    pool = one._pool
+    one._pool = _AnswerLost(pool)  # type: ignore[assignment]
+    with pytest.raises(asyncpg.ConnectionDoesNotExistError):
+        await one.admit(REALM, batch=True, wait_seconds=0)
+    one._pool = pool
+    assert await held(db) == 0
+    taken = await other.admit(REALM, batch=False, wait_seconds=0)
+    assert taken.slot == lease.slot
+    with pytest.raises(QuickBooksThrottled):  # the only slot is the other replica's
+        await one.admit(REALM, batch=False, wait_seconds=0)
+    other.release_soon(taken)
+
+
+async def test_pauses_seen_here_are_forgotten_once_over(
+    db: asyncpg.Connection, replicas: Callable[..., Any]
+) -> None:
+    """A realm that was paused and went quiet leaves nothing behind; a shorter pause does not
+    cut a longer one short."""
+    quiet = "9341450000000002"
+    throttle = await replicas(BROKER_QUICKBOOKS_SLOT_REUSE_SECONDS=1)
+    try:
+        await throttle.pause(quiet, 0.01)
+        await throttle.pause(REALM, 5)
+        await asyncio.sleep(0.02)
+        await throttle.pause(REALM, 1)
+        assert set(throttle._paused) == {REALM}
+        assert throttle._paused[REALM] - asyncio.get_running_loop().time() > 4
+    finally:
+        await db.execute("DELETE FROM quickbooks_realm_throttles WHERE realm_id = $1", quiet)
