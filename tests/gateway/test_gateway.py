@@ -429,17 +429,35 @@ LIMITS = {
 }
 
 
+# The in-flight limit alone: slots pass from call to call inside each broker.
+IN_FLIGHT_ONLY = {
+    "BROKER_QUICKBOOKS_MAX_IN_FLIGHT": 3,
+    "BROKER_QUICKBOOKS_PER_SECOND": 0,
+    "BROKER_QUICKBOOKS_PER_MINUTE": 0,
+    "BROKER_QUICKBOOKS_QUEUE_SECONDS": 20,
+}
+
+
 @pytest.fixture
-def two_brokers(stack: Stack) -> Iterator[list[str]]:
-    """Two more brokers on the same database and emulator, with small limits."""
-    servers = []
-    for _ in range(2):
-        port = free_port()
-        settings = broker_settings(stack.database_url, port, stack.emulator_url, **LIMITS)
-        servers.append(ThreadedServer(create_app(settings), port).start())
-    yield [server.url for server in servers]
+def brokers(stack: Stack) -> Iterator[Callable[[dict[str, Any]], list[str]]]:
+    """Two more brokers on the same database and emulator, with the limits given."""
+    servers: list[ThreadedServer] = []
+
+    def start(limits: dict[str, Any]) -> list[str]:
+        for _ in range(2):
+            port = free_port()
+            settings = broker_settings(stack.database_url, port, stack.emulator_url, **limits)
+            servers.append(ThreadedServer(create_app(settings), port).start())
+        return [server.url for server in servers[-2:]]
+
+    yield start
     for server in servers:
         server.stop()
+
+
+@pytest.fixture
+def two_brokers(brokers: Callable[[dict[str, Any]], list[str]]) -> list[str]:
+    return brokers(LIMITS)
 
 
 async def test_two_brokers_keep_one_company_within_its_limits(
@@ -475,6 +493,30 @@ async def test_two_brokers_keep_one_company_within_its_limits(
         assert over.status_code == 429 and over.json()["code"] == "quickbooks_throttled"
         assert int(over.headers["retry-after"]) >= 1
         assert (await accounting(emulator))["requests"] == before + burst
+    finally:
+        for http in clients:
+            await http.aclose()
+
+
+async def test_two_brokers_passing_slots_from_call_to_call_keep_the_in_flight_limit(
+    qb: QuickBooks, brokers: Callable[[dict[str, Any]], list[str]], emulator: httpx.AsyncClient
+) -> None:
+    urls = brokers(IN_FLIGHT_ONLY)
+    before = await accounting(emulator)
+    await config(emulator, latency_ms=20, throttle_concurrent=3, throttle_per_second=0, throttle_per_minute=0)
+    clients = [httpx.AsyncClient(base_url=url, timeout=60) for url in urls]
+    try:
+        callers = [QuickBooks(http, qb.base.split("/")[2], qb.headers) for http in clients]
+
+        async def back_to_back(caller: QuickBooks) -> list[int]:
+            return [(await caller.get("customer/1")).status_code for _ in range(8)]
+
+        answers = await asyncio.gather(*(back_to_back(callers[i % 2]) for i in range(12)))
+        assert [status for caller in answers for status in caller] == [200] * 96
+        observed = await accounting(emulator)
+        assert observed["requests"] == before["requests"] + 96
+        assert observed.get("throttled", 0) == before.get("throttled", 0)
+        assert observed["max_in_flight"] == 3  # every slot used, never one more
     finally:
         for http in clients:
             await http.aclose()
