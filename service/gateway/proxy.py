@@ -46,8 +46,6 @@ from service.tokens.view import AccessToken
 log = logging.getLogger(__name__)
 
 REQUEST_ID_HEADER = "QuickBooks-Request-Id"
-# Longest pause an Intuit 429 imposes on a realm, whatever its Retry-After says.
-MAX_PAUSE_SECONDS = 60.0
 # A batch is read whole (to classify it) up to this size at least.
 BATCH_BUFFER_BYTES = 1024 * 1024
 # Errors raised before a request could reach Intuit: nothing was sent.
@@ -377,7 +375,7 @@ class _Call:
                     self.token = await g._token_after_401(self.connection_id, self.token)
                 retry_after = _retry_after(upstream)
                 if status == 429:
-                    await throttle.pause(realm, min(MAX_PAUSE_SECONDS, max(1.0, retry_after or 1.0)))
+                    await throttle.paused_by_intuit(realm, retry_after)
                 if status == 429 or status >= 500:
                     delay = self._backoff(attempt, retry_after)
                     if replayable and attempt + 1 < s.intuit_max_attempts and loop.time() + delay < deadline:

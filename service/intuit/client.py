@@ -386,10 +386,12 @@ class IntuitClient:
         *,
         on_sent: Callable[[int | None], Awaitable[None]] | None = None,
         admitted: Callable[[], AbstractAsyncContextManager[object]] | None = None,
+        on_throttled: Callable[[int | None], Awaitable[None]] | None = None,
     ) -> str | None:
         """The company's name. `on_sent` hears of every attempt that reached Intuit (an
         Accounting API call Intuit meters): its status, or None when its answer was lost.
-        `admitted`, when given, is entered around each attempt (the company's throttle)."""
+        `admitted`, when given, is entered around each attempt (the company's throttle);
+        `on_throttled` hears of each 429, with its Retry-After (before the attempt after it)."""
         url = f"{self.api_base_url}/v3/company/{realm_id}/companyinfo/{realm_id}"
 
         async def attempt() -> httpx.Response:
@@ -410,6 +412,8 @@ class IntuitClient:
                 raise
             if on_sent is not None:
                 await on_sent(response.status_code)
+            if on_throttled is not None and response.status_code == 429:
+                await on_throttled(_retry_after(response))
             return response
 
         response = await self._with_retries("companyinfo", attempt, retry_after_send=True)

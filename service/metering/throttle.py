@@ -6,7 +6,8 @@ clock for every replica, and either stamps the call into the windows (the newest
 many as the largest limit) and takes an in-flight slot, or answers how long to wait. A slot is a
 lease with an expiry: given back when the answer has been read, renewed while a long answer
 streams, and lapsed (free again) if the replica holding it dies. A 429 from Intuit pauses the
-realm for every replica (`paused_until`).
+realm for every replica (`paused_until`), whichever call met it (a gateway call, the Connect
+flow's CompanyInfo read).
 
 Slots are given back by the replica's next admission on the realm, in its statement and under
 the same row lock before it looks for room (migration 0010), so a busy realm costs one statement
@@ -23,8 +24,8 @@ from PostgreSQL that the replica does not already hold: a finished call's slot, 
 this replica, goes to its next call of the realm as it is, without a statement (the statement
 would give it back and take it again under the row lock, so other replicas see the same). Only
 within `quickbooks_slot_reuse_seconds` of the statement that last admitted a call on the slot,
-which bounds how late a pause set by another replica is seen here; a 429 a gateway call meets
-here stops it at once. With the windows on, every call is stamped into them, so every call has
+which bounds how late a pause set by another replica is seen here; a 429 met here stops it at
+once. With the windows on, every call is stamped into them, so every call has
 its statement; so does every batch while the batch limit is on. A slot carried by a statement
 that failed is never reused (the statement may have freed it before failing).
 """
@@ -52,6 +53,9 @@ BUSY_POLL_SECONDS = 0.02
 
 # How long a finished call's slot waits for the realm's next admission to take it back.
 RETURN_SECONDS = 0.02
+
+# Longest pause an Intuit 429 imposes on a realm, whatever its Retry-After says.
+MAX_PAUSE_SECONDS = 60.0
 
 _ADMIT = "SELECT * FROM qbo_broker_gateway_admit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
 _RELEASE = "SELECT qbo_broker_gateway_release($1, $2, $3)"
@@ -324,6 +328,11 @@ class RealmThrottle:
             self._paused = {realm: until for realm, until in self._paused.items() if until > now}
             self._paused[realm_id] = max(self._paused.get(realm_id, now), now + seconds)
         await self._pool.execute(_PAUSE, realm_id, seconds)
+
+    async def paused_by_intuit(self, realm_id: str, retry_after: float | None) -> None:
+        """Intuit answered a call on the realm 429: pause it for its Retry-After, at least 1 s
+        and at most MAX_PAUSE_SECONDS."""
+        await self.pause(realm_id, min(MAX_PAUSE_SECONDS, max(1.0, retry_after or 1.0)))
 
     async def aclose(self) -> None:
         """Give back every slot still held here (calls finishing meanwhile included), before

@@ -264,6 +264,8 @@ async def _company_name(rt: Runtime, tenant_id: str, realm_id: str, access_token
             admitted=lambda: rt.throttle.admitted(
                 realm_id, wait_seconds=rt.settings.quickbooks_queue_seconds
             ),
+            # Every replica holds the company's calls back, as after a gateway call's 429.
+            on_throttled=lambda retry_after: rt.throttle.paused_by_intuit(realm_id, retry_after),
         )
     except QuickBooksThrottled:
         log.warning("callback: the company's limits left no room to read its name; linked without it")

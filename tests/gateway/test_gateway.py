@@ -546,6 +546,27 @@ async def test_a_connect_links_without_the_company_name_when_its_limits_leave_no
     assert (await accounting(emulator)).get("requests", 0) == before
 
 
+async def test_a_429_to_the_connects_company_read_pauses_the_company_for_every_replica(
+    stack: Stack,
+    client: httpx.AsyncClient,
+    linked: Callable[..., Awaitable[str]],
+    emulator: httpx.AsyncClient,
+) -> None:
+    """As after a gateway call's 429; the read is tried again once the pause allows, and the
+    link gets the company's name."""
+    await fault(emulator, endpoint="companyinfo", kind="status", status=429, count=1)
+    connection_id = await linked()
+    row = await fetchrow(
+        stack.database_url,
+        "SELECT paused_until FROM quickbooks_realm_throttles WHERE realm_id = $1",
+        COMPANY_1,
+    )
+    assert row is not None and row["paused_until"] is not None
+    answer = await client.get(f"/connections/{connection_id}", headers=user_headers())
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["company_name"]
+
+
 async def test_slots_of_a_replica_that_died_come_back(stack: Stack, qb: QuickBooks) -> None:
     # Every slot taken, by leases that have lapsed: a crashed replica's (the row is there since
     # the Connect's CompanyInfo read).
