@@ -320,3 +320,39 @@ async def test_pauses_seen_here_are_forgotten_once_over(
         assert throttle._paused[REALM] - asyncio.get_running_loop().time() > 4
     finally:
         await db.execute("DELETE FROM quickbooks_realm_throttles WHERE realm_id = $1", quiet)
+
+
+async def test_admission_times_are_compressed_with_lz4_where_the_server_has_it(
+    db: asyncpg.Connection, replicas: Callable[..., Any]
+) -> None:
+    """Migration 0011: lz4 on a server built with it; elsewhere (the embedded server) the
+    migration went through and the column keeps the default. Either way a company's 500 newest
+    admissions are kept, compressed."""
+    try:
+        await db.execute("CREATE TEMP TABLE lz4_probe (a int[] COMPRESSION lz4)")
+        has_lz4 = True
+    except asyncpg.FeatureNotSupportedError:
+        has_lz4 = False
+    methods = dict(
+        await db.fetch(
+            "SELECT attname, attcompression::text FROM pg_attribute "
+            "WHERE attrelid = 'quickbooks_realm_throttles'::regclass "
+            "AND attname IN ('admitted', 'batch_admitted')"
+        )
+    )
+    assert methods == dict.fromkeys(("admitted", "batch_admitted"), "l" if has_lz4 else "")
+
+    throttle = await replicas(
+        BROKER_QUICKBOOKS_MAX_IN_FLIGHT=0,
+        BROKER_QUICKBOOKS_PER_MINUTE=500,
+        BROKER_QUICKBOOKS_MIN_INTERVAL_SECONDS=0,
+    )
+    for _ in range(500):
+        await throttle.admit(REALM, batch=False, wait_seconds=0)
+    row = await db.fetchrow(
+        "SELECT cardinality(admitted) AS n, pg_column_size(admitted) AS stored, "
+        "pg_column_compression(admitted) AS method FROM quickbooks_realm_throttles WHERE realm_id = $1",
+        REALM,
+    )
+    assert row["n"] == 500 and row["stored"] < 500 * 8
+    assert row["method"] == ("lz4" if has_lz4 else "pglz")

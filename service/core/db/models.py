@@ -294,6 +294,7 @@ class RealmThrottle(SQLModel, table=True):
 
     realm_id: str = Field(sa_column=sa.Column(sa.Text, primary_key=True))
     # The newest admissions, oldest first: as many as the largest window limit needs.
+    # Compressed with lz4 where the server has it (migration 0011).
     admitted: list[datetime] = Field(
         sa_column=sa.Column(pg.ARRAY(TZ), nullable=False, server_default=sa.text("'{}'"))
     )
