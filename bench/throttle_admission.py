@@ -3,8 +3,8 @@ company's row then keeps its 500 newest admission times (4 KB), which PostgreSQL
 The statement as migrated (lz4 where the server has it, migration 0011) against the same with
 the column set back to pglz; one caller on a connection of its own, each admission admitted
 (the minute window shortened so that it never refuses, while the row still keeps 500 times);
-the two alternate, three runs each. Also the table's size after each run: an update that fits
-its page leaves little behind.
+the two alternate, three runs each. Also the table's size after each run (1,000 warm-up and
+the measured admissions, back to back: admission times further apart compress less well).
 
     uv run python bench/throttle_admission.py [--admissions 5000]
 """
@@ -43,8 +43,8 @@ async def run(conn: asyncpg.Connection, compression: str, admissions: int) -> tu
     )
     await conn.execute("TRUNCATE quickbooks_realm_throttles")
     # realm, batch, in flight (off), per second (off), per minute, batches per minute, window
-    # margin (the minute shortened to 0.05 s: always room), lease, pace (off), slots given back.
-    args = (REALM, False, 0, 0, KEPT, 0, -59.95, 60.0, 0.0, [], [])
+    # margin (the minute shortened to nothing: always room), lease, pace (off), slots given back.
+    args = (REALM, False, 0, 0, KEPT, 0, -60.0, 60.0, 0.0, [], [])
     for _ in range(KEPT + 500):  # warm: the row full, the statement prepared
         await conn.fetchrow(_ADMIT, *args)
     times = []
@@ -71,8 +71,8 @@ async def measure(database_url: str, admissions: int) -> tuple[bool, Runs]:
         has_lz4 = await lz4_available(conn)
         methods = ("lz4", "pglz") if has_lz4 else ("pglz",)
         results: Runs = {}
-        for _ in range(3):
-            for method in methods:
+        for round_ in range(3):
+            for method in methods if round_ % 2 == 0 else methods[::-1]:  # each goes first in turn
                 results.setdefault(method, []).append(await run(conn, method, admissions))
         return has_lz4, results
     finally:

@@ -391,7 +391,7 @@ class IntuitClient:
         """The company's name. `on_sent` hears of every attempt that reached Intuit (an
         Accounting API call Intuit meters): its status, or None when its answer was lost.
         `admitted`, when given, is entered around each attempt (the company's throttle);
-        `on_throttled` hears of each 429, with its Retry-After (before the attempt after it)."""
+        `on_throttled` hears of each 429, with its Retry-After (inside `admitted`)."""
         url = f"{self.api_base_url}/v3/company/{realm_id}/companyinfo/{realm_id}"
 
         async def attempt() -> httpx.Response:
@@ -404,6 +404,9 @@ class IntuitClient:
                         headers={"Authorization": f"Bearer {access_token}", "Accept": "application/json"},
                         withhold_token=True,
                     )
+                    if on_throttled is not None and response.status_code == 429:
+                        # Paused before the slot goes back, so no call waiting for it goes first.
+                        await on_throttled(_retry_after(response))
             except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout):
                 raise  # never sent
             except httpx.TransportError:
@@ -412,8 +415,6 @@ class IntuitClient:
                 raise
             if on_sent is not None:
                 await on_sent(response.status_code)
-            if on_throttled is not None and response.status_code == 429:
-                await on_throttled(_retry_after(response))
             return response
 
         response = await self._with_retries("companyinfo", attempt, retry_after_send=True)

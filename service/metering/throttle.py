@@ -331,8 +331,14 @@ class RealmThrottle:
 
     async def paused_by_intuit(self, realm_id: str, retry_after: float | None) -> None:
         """Intuit answered a call on the realm 429: pause it for its Retry-After, at least 1 s
-        and at most MAX_PAUSE_SECONDS."""
-        await self.pause(realm_id, min(MAX_PAUSE_SECONDS, max(1.0, retry_after or 1.0)))
+        and at most MAX_PAUSE_SECONDS. Best effort: a pause the database cannot take is
+        logged, and the call goes on as Intuit's answer says (this replica stops reusing
+        slots; the others hear of the limit from Intuit)."""
+        seconds = min(MAX_PAUSE_SECONDS, max(1.0, retry_after or 1.0))
+        try:
+            await self.pause(realm_id, seconds)
+        except Exception as exc:  # noqa: BLE001 (advisory: never turns Intuit's 429 into an error)
+            log.warning("QuickBooks 429: the company's pause not stored (%s)", type(exc).__name__)
 
     async def aclose(self) -> None:
         """Give back every slot still held here (calls finishing meanwhile included), before

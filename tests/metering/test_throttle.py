@@ -328,8 +328,10 @@ async def test_admission_times_are_compressed_with_lz4_where_the_server_has_it(
     """Migration 0011: lz4 on a server built with it; elsewhere (the embedded server) the
     migration went through and the column keeps the default. Either way a company's 500 newest
     admissions are kept, compressed."""
+    # Asked of the server another way than the migration asks it.
     try:
         await db.execute("CREATE TEMP TABLE lz4_probe (a int[] COMPRESSION lz4)")
+        await db.execute("DROP TABLE lz4_probe")
         has_lz4 = True
     except asyncpg.FeatureNotSupportedError:
         has_lz4 = False
@@ -356,3 +358,43 @@ async def test_admission_times_are_compressed_with_lz4_where_the_server_has_it(
     )
     assert row["n"] == 500 and row["stored"] < 500 * 8
     assert row["method"] == ("lz4" if has_lz4 else "pglz")
+
+
+async def test_an_intuit_429_pauses_the_realm_for_its_retry_after_within_1_to_60_seconds(
+    db: asyncpg.Connection, replicas: Callable[..., Any]
+) -> None:
+    throttle = await replicas()
+
+    async def paused_for() -> float:
+        return float(
+            await db.fetchval(
+                "SELECT extract(epoch FROM paused_until - clock_timestamp()) "
+                "FROM quickbooks_realm_throttles WHERE realm_id = $1",
+                REALM,
+            )
+        )
+
+    await throttle.paused_by_intuit(REALM, None)
+    assert 0.5 < await paused_for() <= 1.0
+    await throttle.paused_by_intuit(REALM, 3600)
+    assert 59 < await paused_for() <= 60
+
+
+class _ReadOnly:
+    async def execute(self, *args: Any) -> Any:
+        raise asyncpg.ReadOnlySQLTransactionError("cannot execute INSERT in a read-only transaction")
+
+
+async def test_a_pause_the_database_cannot_take_is_logged_and_the_call_goes_on(
+    replicas: Callable[..., Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Intuit's 429 is the call's answer; a failed pause must not turn it into an error."""
+    throttle = await replicas(BROKER_QUICKBOOKS_SLOT_REUSE_SECONDS=1)
+    pool = throttle._pool
+    throttle._pool = _ReadOnly()  # type: ignore[assignment]
+    try:
+        await throttle.paused_by_intuit(REALM, 5)
+    finally:
+        throttle._pool = pool
+    assert "pause not stored (ReadOnlySQLTransactionError)" in caplog.text
+    assert throttle._paused[REALM] - asyncio.get_running_loop().time() > 4  # no reuse here meanwhile
