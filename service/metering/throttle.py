@@ -123,6 +123,7 @@ class RealmThrottle:
             else 0.0
         )
         # Realms a 429 paused, seen here (the event loop's time it ends): no reuse until then.
+        # Ended pauses are dropped by the next pause.
         self._paused: dict[str, float] = {}
 
     @asynccontextmanager
@@ -195,11 +196,8 @@ class RealmThrottle:
         if not returned:
             return None
         now = asyncio.get_running_loop().time()
-        paused = self._paused.get(realm_id)
-        if paused is not None:
-            if paused > now:
-                return None
-            del self._paused[realm_id]
+        if self._paused.get(realm_id, -math.inf) > now:
+            return None
         for i in range(len(returned) - 1, -1, -1):  # the last to finish first
             lease = returned[i]
             if now - lease.admitted_at < self._reuse_seconds:

@@ -59,6 +59,12 @@ async def held(db: asyncpg.Connection) -> int:
     return sum(1 for lease in leases or [] if lease is not None)
 
 
+async def slot_lease(db: asyncpg.Connection, slot: int | None) -> Any:
+    return await db.fetchval(
+        "SELECT leases[$2] FROM quickbooks_realm_throttles WHERE realm_id = $1", REALM, slot
+    )
+
+
 async def test_the_next_admission_takes_the_finished_calls_slot_back(
     db: asyncpg.Connection, replicas: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -103,18 +109,13 @@ async def test_a_late_give_back_leaves_a_slot_taken_since_alone(
             slot,
         )
 
-    async def slot_lease(slot: int | None) -> Any:
-        return await db.fetchval(
-            "SELECT leases[$2] FROM quickbooks_realm_throttles WHERE realm_id = $1", REALM, slot
-        )
-
     # Carried by the next admission: the slot stays the other call's, so there is no room.
     lease = await throttle.admit(REALM, batch=False, wait_seconds=0)
     taken = await taken_by_another_call(lease.slot)
     throttle.release_soon(lease)
     with pytest.raises(QuickBooksThrottled):
         await throttle.admit(REALM, batch=False, wait_seconds=0)
-    assert await slot_lease(lease.slot) == taken
+    assert await slot_lease(db, lease.slot) == taken
 
     # Given back on its own (here by the close, which gives back whatever is pending).
     await db.execute("UPDATE quickbooks_realm_throttles SET leases = '{}' WHERE realm_id = $1", REALM)
@@ -122,13 +123,7 @@ async def test_a_late_give_back_leaves_a_slot_taken_since_alone(
     taken = await taken_by_another_call(lease.slot)
     throttle.release_soon(lease)
     await throttle.aclose()
-    assert await slot_lease(lease.slot) == taken
-
-
-async def slot_lease(db: asyncpg.Connection, slot: int | None) -> Any:
-    return await db.fetchval(
-        "SELECT leases[$2] FROM quickbooks_realm_throttles WHERE realm_id = $1", REALM, slot
-    )
+    assert await slot_lease(db, lease.slot) == taken
 
 
 async def test_with_only_the_in_flight_limit_the_next_call_takes_the_slot_without_a_statement(
